@@ -1,0 +1,73 @@
+"""The messages between the engine and the workers for one step.
+
+`SchedulerOutput` carries only what changed since the last step: new (or resumed) requests in
+full, running ones as ids plus new block ids. Workers keep their own copy of each request's
+tokens and block table, and append the tokens they sample, so the bytes sent per step do not
+grow with context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the workers have not seen, or one resumed after preemption (its earlier
+    state was dropped, so it comes again with every token it has)."""
+
+    req_id: str
+    token_ids: list[int]
+    """Prompt plus the output tokens generated so far."""
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the workers already hold: only its newly allocated blocks."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    """Tokens to compute this step, per request id. Order of iteration = batch order."""
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)
+    """Requests finished, aborted or preempted since the last step: workers drop their state."""
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probabilities of some positions: for each position, the chosen token first, then the
+    top-k tokens. Plain lists so the message crosses processes cheaply."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+    """Rank of the chosen token at each position (1 = most likely)."""
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, list[int]]
+    """Per scheduled request: the token sampled this step, or [] while its prompt is still
+    being prefilled in chunks."""
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    """Per request that asked for logprobs and sampled a token this step."""
+    prompt_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    """Per request that asked for prompt logprobs: the positions computed this step."""

@@ -1,0 +1,62 @@
+"""Environment variables, read here only. Each PAGEDLLM_* name also accepts the VLLM_* name
+a vLLM user already sets (the PAGEDLLM_* one wins when both are set). Values are read when
+asked for, so a variable set after import still counts."""
+
+from __future__ import annotations
+
+import os
+
+
+def _get(name: str) -> str | None:
+    value = os.environ.get(f"PAGEDLLM_{name}")
+    if value is None:
+        value = os.environ.get(f"VLLM_{name}")
+    return value
+
+
+def _get_bool(name: str, default: bool = False) -> bool:
+    value = _get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def cpu_kvcache_space_bytes() -> int:
+    """PAGEDLLM_CPU_KVCACHE_SPACE (alias VLLM_CPU_KVCACHE_SPACE): KV cache GiB on CPU, default 4."""
+    value = _get("CPU_KVCACHE_SPACE")
+    if value is None or value.strip() in ("", "0"):
+        return 4 << 30
+    try:
+        gib = float(value)
+    except ValueError:
+        raise ValueError(
+            f"PAGEDLLM_CPU_KVCACHE_SPACE={value!r} is not a number of GiB; set e.g. 4."
+        ) from None
+    if gib <= 0:
+        raise ValueError(f"PAGEDLLM_CPU_KVCACHE_SPACE={value!r} must be a positive number of GiB.")
+    return int(gib * (1 << 30))
+
+
+def allow_long_max_model_len() -> bool:
+    """PAGEDLLM_ALLOW_LONG_MAX_MODEL_LEN: accept a max_model_len above the model's context."""
+    return _get_bool("ALLOW_LONG_MAX_MODEL_LEN")
+
+
+def hf_hub_offline() -> bool:
+    """HF_HUB_OFFLINE (huggingface_hub's own variable): use only the local hub cache."""
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def cache_root() -> str:
+    """PAGEDLLM_CACHE_ROOT: where pagedllm keeps files it derives (default ~/.cache/pagedllm)."""
+    value = _get("CACHE_ROOT")
+    if value:
+        return os.path.expanduser(value)
+    xdg = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return os.path.join(xdg, "pagedllm")
+
+
+def logging_level() -> str:
+    """PAGEDLLM_LOGGING_LEVEL: level of the pagedllm logger (default INFO)."""
+    return (_get("LOGGING_LEVEL") or "INFO").upper()
