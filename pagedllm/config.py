@@ -174,10 +174,254 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineConfig:
-        """Build and validate every config from `LLM(...)`'s keyword arguments."""
-        from pagedllm.config_builder import build_engine_config
+        """Build and validate every config from `LLM(...)`'s keyword arguments (vLLM's names).
+        Unknown names are a TypeError; bad values a ValueError naming the option."""
+        unknown = sorted(set(kwargs) - set(ENGINE_ARG_DEFAULTS))
+        if unknown:
+            raise TypeError(
+                f"Unknown engine option(s) {', '.join(unknown)}; supported options: "
+                f"{', '.join(sorted(ENGINE_ARG_DEFAULTS))}."
+            )
+        args = {**ENGINE_ARG_DEFAULTS, **kwargs}
+        if model is None:
+            from pagedllm.model_loader.default_model import default_model_path
 
-        return build_engine_config(model, kwargs)
+            model = default_model_path()
+        return _build(str(model), args)
+
+
+# Every option LLM(...) takes, with its default. Options a vLLM user may pass that change
+# nothing here (swap_space, disable_log_stats) are accepted so scripts run unchanged.
+ENGINE_ARG_DEFAULTS: dict[str, Any] = {
+    "tokenizer": None,
+    "tokenizer_mode": "auto",
+    "skip_tokenizer_init": False,
+    "trust_remote_code": False,
+    "tensor_parallel_size": 1,
+    "distributed_executor_backend": None,
+    "dtype": "auto",
+    "quantization": None,
+    "revision": None,
+    "tokenizer_revision": None,
+    "seed": 0,
+    "gpu_memory_utilization": 0.9,
+    "kv_cache_memory_bytes": None,
+    "swap_space": None,
+    "enforce_eager": False,
+    "compilation_config": None,
+    "max_model_len": None,
+    "max_num_seqs": None,
+    "max_num_batched_tokens": None,
+    "enable_chunked_prefill": True,
+    "block_size": None,
+    "enable_prefix_caching": None,
+    "load_format": "auto",
+    "download_dir": None,
+    "device": "auto",
+    "max_logprobs": 20,
+    "disable_log_stats": True,
+}
+# vLLM's default decode batch sizes for CUDA graphs: 1, 2, 4, then every 8 up to 512.
+_DEFAULT_CAPTURE_SIZES = (1, 2, 4, *range(8, 513, 8))
+
+
+def _build(model: str, args: dict[str, Any]) -> EngineConfig:
+    from pagedllm.model_loader.discovery import resolve_model, resolve_tokenizer
+
+    device = _resolve_device(args["device"])
+    load_format = args["load_format"]
+    _check_choice("load_format", load_format, LOAD_FORMATS)
+    _check_choice("tokenizer_mode", args["tokenizer_mode"], TOKENIZER_MODES)
+    if args["quantization"] is not None:
+        raise ValueError(
+            f"quantization={args['quantization']!r} is not supported yet; leave it None."
+        )
+    resolved = resolve_model(model, args["revision"], args["download_dir"], load_format)
+    if resolved.gguf_file is not None and load_format not in ("auto", "gguf"):
+        raise ValueError(f"model={model!r} is a GGUF file: use load_format='auto' or 'gguf', not {load_format!r}.")
+    if resolved.gguf_file is None and load_format == "gguf":
+        raise ValueError(f"load_format='gguf' needs model= to be a .gguf file, got {model!r}.")
+    load_config = LoadConfig(
+        load_format="gguf" if resolved.gguf_file else load_format,
+        download_dir=args["download_dir"],
+    )
+    hf_config = read_hf_config(resolved.model_path, resolved.gguf_file, args["trust_remote_code"], args["revision"])
+    model_config = _build_model_config(model, resolved, hf_config, args, device)
+    scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
+    cache_config = _build_cache_config(args, device)
+    parallel_config = _build_parallel_config(args, hf_config)
+    compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs)
+    if args["tokenizer"] is not None and not args["skip_tokenizer_init"]:
+        tokenizer = resolve_tokenizer(args["tokenizer"], args["tokenizer_revision"], args["download_dir"])
+        model_config = dataclasses.replace(model_config, tokenizer=tokenizer)
+    logger.info(
+        "Model %s (%s): dtype %s, max_model_len %d, device %s, max_num_seqs %d, "
+        "max_num_batched_tokens %d, block_size %d, prefix caching %s.",
+        model, model_config.architecture, str(model_config.dtype).removeprefix("torch."),
+        model_config.max_model_len, device, scheduler_config.max_num_seqs,
+        scheduler_config.max_num_batched_tokens, cache_config.block_size,
+        "on" if cache_config.enable_prefix_caching else "off",
+    )
+    return EngineConfig(
+        model_config=model_config,
+        load_config=load_config,
+        cache_config=cache_config,
+        parallel_config=parallel_config,
+        scheduler_config=scheduler_config,
+        compilation_config=compilation_config,
+        device_config=DeviceConfig(device=device),
+    )
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device={device!r} is not supported; use 'auto', 'cuda' or 'cpu'.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'.")
+    return torch.device(device)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}.")
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, args: dict[str, Any], device: torch.device) -> ModelConfig:
+    dtype = resolve_dtype(args["dtype"], config_dtype_of(hf_config), device)
+    if device.type == "cpu" and dtype == torch.float16:
+        logger.warning("float16 is slow on CPU and may overflow; consider dtype='bfloat16' or 'float32'.")
+    derived_len = derive_max_model_len(hf_config)
+    max_model_len = args["max_model_len"]
+    if max_model_len is None:
+        max_model_len = derived_len
+    else:
+        max_model_len = _check_positive_int("max_model_len", max_model_len)
+        if max_model_len > derived_len and not envs.allow_long_max_model_len():
+            raise ValueError(
+                f"max_model_len={max_model_len} is larger than the model's context length "
+                f"({derived_len}, from its config.json); use max_model_len <= {derived_len}, or "
+                "set PAGEDLLM_ALLOW_LONG_MAX_MODEL_LEN=1 if you know the model handles it."
+            )
+    seed = args["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+    max_logprobs = args["max_logprobs"]
+    if not isinstance(max_logprobs, int) or max_logprobs < -1:
+        raise ValueError(f"max_logprobs must be -1 (no limit) or an integer >= 0, got {max_logprobs!r}.")
+    tokenizer = resolved.model_path
+    return ModelConfig(
+        model=model,
+        model_path=resolved.model_path,
+        gguf_file=resolved.gguf_file,
+        tokenizer=tokenizer,
+        tokenizer_mode=args["tokenizer_mode"],
+        trust_remote_code=bool(args["trust_remote_code"]),
+        revision=args["revision"],
+        tokenizer_revision=args["tokenizer_revision"],
+        skip_tokenizer_init=bool(args["skip_tokenizer_init"]),
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
+        hf_config=hf_config,
+    )
+
+
+def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: torch.device) -> SchedulerConfig:
+    max_num_seqs = args["max_num_seqs"]
+    max_num_seqs = 256 if max_num_seqs is None else _check_positive_int("max_num_seqs", max_num_seqs)
+    max_num_batched_tokens = args["max_num_batched_tokens"]
+    if max_num_batched_tokens is None:
+        # Chunked prefill splits longer prompts, so this only bounds a step's activations.
+        max_num_batched_tokens = 8192 if device.type == "cuda" else 4096
+        if not args["enable_chunked_prefill"]:
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+    else:
+        max_num_batched_tokens = _check_positive_int("max_num_batched_tokens", max_num_batched_tokens)
+    if not args["enable_chunked_prefill"] and max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"enable_chunked_prefill=False needs max_num_batched_tokens ({max_num_batched_tokens}) "
+            f">= max_model_len ({max_model_len}); raise max_num_batched_tokens, lower "
+            "max_model_len, or leave chunked prefill on."
+        )
+    return SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+    )
+
+
+def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConfig:
+    block_size = args["block_size"]
+    block_size = 16 if block_size is None else _check_positive_int("block_size", block_size)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two (e.g. 16), got {block_size}.")
+    utilization = args["gpu_memory_utilization"]
+    if not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}.")
+    kv_bytes = args["kv_cache_memory_bytes"]
+    if kv_bytes is not None:
+        kv_bytes = _check_positive_int("kv_cache_memory_bytes", kv_bytes)
+    enable_prefix_caching = args["enable_prefix_caching"]
+    return CacheConfig(
+        block_size=block_size,
+        enable_prefix_caching=True if enable_prefix_caching is None else bool(enable_prefix_caching),
+        gpu_memory_utilization=float(utilization),
+        kv_cache_memory_bytes=kv_bytes,
+        cpu_kv_cache_bytes=envs.cpu_kvcache_space_bytes() if device.type == "cpu" else 0,
+    )
+
+
+def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig) -> ParallelConfig:
+    tp_size = _check_positive_int("tensor_parallel_size", args["tensor_parallel_size"])
+    backend = args["distributed_executor_backend"]
+    if backend is None:
+        backend = "uni" if tp_size == 1 else "mp"
+    _check_choice("distributed_executor_backend", backend, EXECUTOR_BACKENDS)
+    if tp_size > 1:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} is not supported yet; use tensor_parallel_size=1."
+        )
+    return ParallelConfig(tensor_parallel_size=tp_size, distributed_executor_backend=backend)
+
+
+def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int) -> CompilationConfig:
+    raw = args["compilation_config"] or {}
+    if isinstance(raw, int):
+        raw = {"mode": raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"compilation_config must be a dict (e.g. {{'cudagraph_capture_sizes': [1, 2, 4]}}), got {raw!r}.")
+    known = {"cudagraph_capture_sizes", "max_cudagraph_capture_size", "cudagraph_mode", "mode", "level"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"compilation_config has unknown key(s) {unknown}; known keys: {sorted(known)}.")
+    mode = str(raw.get("cudagraph_mode", "FULL")).upper()
+    if mode not in ("NONE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE"):
+        raise ValueError(f"compilation_config['cudagraph_mode']={mode!r}: use 'NONE' or 'FULL_DECODE_ONLY'.")
+    use_cudagraph = device.type == "cuda" and not args["enforce_eager"] and mode != "NONE"
+    max_size = raw.get("max_cudagraph_capture_size")
+    sizes = raw.get("cudagraph_capture_sizes")
+    if sizes is None:
+        cap = min(max_num_seqs, max_size if max_size is not None else 512)
+        sizes = [size for size in _DEFAULT_CAPTURE_SIZES if size <= cap]
+    elif not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"compilation_config['cudagraph_capture_sizes'] must be positive integers, got {sizes!r}.")
+    elif max_size is not None:
+        sizes = [size for size in sizes if size <= max_size]
+    return CompilationConfig(
+        cudagraph_capture_sizes=tuple(sorted(set(sizes))) if use_cudagraph else (),
+        use_cudagraph=use_cudagraph,
+    )
 
 
 def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -1,0 +1,97 @@
+"""Turns a user's prompt into token ids and checks it before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.config import ModelConfig
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.inputs import PromptType
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    max_tokens: int
+    """sampling_params.max_tokens capped so prompt + output fits max_model_len."""
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+
+    def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
+        """Tokenize and validate; raises ValueError naming what is wrong and what would work."""
+        text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        room = self.model_config.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return ProcessedPrompt(prompt=text, prompt_token_ids=token_ids, max_tokens=max_tokens)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = None
+        elif isinstance(prompt, Mapping):
+            text = prompt.get("prompt")
+            token_ids = prompt.get("prompt_token_ids")
+            if text is None and token_ids is None:
+                raise ValueError(
+                    f"A prompt dict needs 'prompt' (text) or 'prompt_token_ids', got keys {sorted(prompt)}."
+                )
+        else:
+            raise TypeError(
+                f"A prompt must be a str, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
+                f"got {type(prompt).__name__}."
+            )
+        if token_ids is not None:
+            if isinstance(token_ids, (str, bytes)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in token_ids
+            ):
+                raise ValueError("prompt_token_ids must be a list of integers.")
+            return text, list(token_ids)
+        if self.tokenizer is None:
+            raise ValueError(
+                "skip_tokenizer_init=True, so prompts must be token ids: pass "
+                "{'prompt_token_ids': [...]} instead of text."
+            )
+        if not isinstance(text, str):
+            raise TypeError(f"'prompt' must be a str, got {type(text).__name__}.")
+        return text, self.tokenizer.encode(text)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_model_len = self.model_config.max_model_len
+        if not token_ids:
+            raise ValueError("The prompt is empty: give at least one token.")
+        if len(token_ids) >= max_model_len:
+            raise ValueError(
+                f"The prompt has {len(token_ids)} tokens, but max_model_len is {max_model_len} "
+                "and at least one token must remain for the output: shorten the prompt or raise "
+                "max_model_len."
+            )
+        vocab_size = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"Token id {bad[0]} is outside the model's vocabulary (0..{vocab_size - 1})."
+            )
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad_stop:
+            raise ValueError(
+                f"stop_token_ids has id {bad_stop[0]} outside the vocabulary (0..{vocab_size - 1})."
+            )
+        max_logprobs = self.model_config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            requested = getattr(params, name)
+            if requested is None or max_logprobs == -1:
+                continue
+            if requested == -1 or requested > max_logprobs:
+                raise ValueError(
+                    f"SamplingParams.{name}={requested} exceeds max_logprobs={max_logprobs}; ask "
+                    f"for at most {max_logprobs} or raise max_logprobs in LLM(...)."
+                )

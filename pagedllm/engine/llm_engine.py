@@ -1,0 +1,118 @@
+"""The engine loop: requests in, scheduler step, workers, outputs back."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
+from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
+from pagedllm.engine.outputs import RequestOutput
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.scheduler import Scheduler
+from pagedllm.engine.tokenizer import init_tokenizer
+from pagedllm.executor.base import Executor
+from pagedllm.inputs import PromptType
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, engine_config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = engine_config
+        model_config = engine_config.model_config
+        self.tokenizer = init_tokenizer(model_config)
+        self.input_processor = InputProcessor(model_config, self.tokenizer)
+        self.executor = Executor.create(engine_config)
+        try:
+            self.num_kv_blocks = self.executor.initialize()
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.scheduler = Scheduler(
+            engine_config.scheduler_config, engine_config.cache_config, self.num_kv_blocks
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
+        logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
+
+    @classmethod
+    def from_engine_args(cls, model: str | None = None, **kwargs: Any) -> LLMEngine:
+        return cls(EngineConfig.from_kwargs(model, **kwargs))
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.tokenizer
+
+    def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
+        """Tokenizes and validates one prompt (ValueError when it cannot run)."""
+        return self.input_processor.process(prompt, params)
+
+    def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> None:
+        """Queues one prompt; a bad prompt raises ValueError and leaves other requests alone."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
+        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_input(prompt, params)
+        child_ids = child_request_ids(request_id, params.n)
+        child_params = [child_sampling_params(params, index) for index in range(params.n)]
+        self.output_processor.add_request(
+            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params
+        )
+        for child_id, child_param in zip(child_ids, child_params):
+            self.scheduler.add_request(
+                Request(
+                    request_id=child_id,
+                    prompt_token_ids=list(processed.prompt_token_ids),
+                    sampling_params=child_param,
+                    eos_token_id=self.eos_token_id,
+                    max_tokens=processed.max_tokens,
+                )
+            )
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            child_ids = self.output_processor.abort_request(request_id)
+            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns the outputs of requests that changed."""
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        results: list[RequestOutput] = []
+        for core_output in core_outputs:
+            try:
+                updated, stopped = self.output_processor.process_outputs([core_output])
+            except Exception as error:  # one request's bad output must not end the others
+                logger.exception("Request %s failed while processing its output.", core_output.request_id)
+                failed = self.output_processor.fail_request(core_output.request_id, repr(error))
+                self.scheduler.finish_requests([core_output.request_id], RequestStatus.FINISHED_ERROR)
+                if failed is not None:
+                    results.append(failed)
+                continue
+            if stopped:
+                self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            results.extend(updated)
+        return results
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _eos_token_id(tokenizer: PreTrainedTokenizerBase | None, hf_config: Any) -> int | None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    eos = getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        return int(eos[0]) if eos else None
+    return None if eos is None else int(eos)

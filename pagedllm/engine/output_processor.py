@@ -1,0 +1,195 @@
+"""Turns the scheduler's token-level outputs into `RequestOutput`s: detokenizes, applies stop
+strings, gathers logprobs, and joins the n completions of one prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.engine.detokenizer import IncrementalDetokenizer, decode_logprobs
+from pagedllm.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.scheduler import EngineCoreOutput
+
+
+@dataclass
+class _CompletionState:
+    index: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: SampleLogprobs | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.detokenizer.output_text if self.detokenizer else "",
+            token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclass
+class _PromptState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    completions: dict[str, _CompletionState]
+    """Keyed by the child request id the scheduler knows."""
+    prompt_logprobs: PromptLogprobs | None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions.values())
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=self.prompt_logprobs,
+            outputs=[c.to_output() for c in sorted(self.completions.values(), key=lambda c: c.index)],
+            finished=self.finished,
+            error=self.error,
+        )
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """Scheduler-level ids of the n completions of one prompt (vLLM's "{index}_{id}")."""
+    return [request_id] if n == 1 else [f"{index}_{request_id}" for index in range(n)]
+
+
+def child_sampling_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Each completion samples on its own; a seeded prompt gives completion i the seed + i so
+    the n completions differ yet stay reproducible."""
+    child = params.clone()
+    child.n = 1
+    if params.seed is not None:
+        child.seed = params.seed + index
+    return child
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        self.tokenizer = tokenizer
+        self._prompts: dict[str, _PromptState] = {}
+        self._parent_of: dict[str, str] = {}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        child_ids: list[str],
+        child_params: list[SamplingParams],
+    ) -> None:
+        completions = {}
+        for index, (child_id, params) in enumerate(zip(child_ids, child_params, strict=True)):
+            detokenizer = None
+            if self.tokenizer is not None and params.detokenize:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+            completions[child_id] = _CompletionState(
+                index=index,
+                params=params,
+                detokenizer=detokenizer,
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            self._parent_of[child_id] = request_id
+        wants_prompt_logprobs = child_params[0].prompt_logprobs is not None
+        self._prompts[request_id] = _PromptState(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            completions=completions,
+            # The first prompt token has no logprob: nothing comes before it.
+            prompt_logprobs=[None] if wants_prompt_logprobs else None,
+        )
+
+    def has_unfinished(self) -> bool:
+        return bool(self._prompts)
+
+    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the updated RequestOutputs and the child ids that a stop string finished
+        (the engine must tell the scheduler to stop them)."""
+        updated: dict[str, _PromptState] = {}
+        stopped_by_string: list[str] = []
+        for output in outputs:
+            parent_id = self._parent_of.get(output.request_id)
+            if parent_id is None:
+                continue
+            state = self._prompts[parent_id]
+            completion = state.completions[output.request_id]
+            if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None and completion.index == 0:
+                state.prompt_logprobs.extend(decode_logprobs(self.tokenizer, output.new_prompt_logprobs))
+            if self._append_tokens(completion, output):
+                stopped_by_string.append(output.request_id)
+            updated[parent_id] = state
+        results = []
+        for parent_id, state in updated.items():
+            results.append(state.to_output())
+            if state.finished:
+                self._forget(parent_id)
+        return results, stopped_by_string
+
+    def _append_tokens(self, completion: _CompletionState, output: EngineCoreOutput) -> bool:
+        if completion.finish_reason is not None:
+            return False
+        completion.token_ids.extend(output.new_token_ids)
+        if output.new_logprobs is not None and completion.logprobs is not None:
+            completion.logprobs.extend(decode_logprobs(self.tokenizer, output.new_logprobs))
+            completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + sum(
+                row[0] for row in output.new_logprobs.logprobs
+            )
+        stop_string = None
+        if completion.detokenizer is not None:
+            # EOS or a stop token id ended the request: as in vLLM, its text is left out.
+            stop_terminated = output.finish_reason == "stop" and not isinstance(output.stop_reason, str)
+            stop_string = completion.detokenizer.update(output.new_token_ids, stop_terminated)
+            if output.finish_reason is not None or stop_string is not None:
+                completion.detokenizer.flush()
+        if stop_string is not None:
+            completion.finish_reason = "stop"
+            completion.stop_reason = stop_string
+            return output.finish_reason is None
+        if output.finish_reason is not None:
+            completion.finish_reason = output.finish_reason
+            completion.stop_reason = output.stop_reason
+        return False
+
+    def fail_request(self, child_id: str, reason: str) -> RequestOutput | None:
+        """Marks one completion as failed so its prompt returns with the reason while the other
+        requests go on."""
+        parent_id = self._parent_of.get(child_id)
+        if parent_id is None:
+            return None
+        state = self._prompts[parent_id]
+        state.error = reason
+        for completion in state.completions.values():
+            if completion.finish_reason is None:
+                completion.finish_reason = "error"
+        output = state.to_output()
+        self._forget(parent_id)
+        return output
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forgets a prompt; returns its child ids for the scheduler."""
+        state = self._prompts.pop(request_id, None)
+        if state is None:
+            return []
+        for child_id in state.completions:
+            self._parent_of.pop(child_id, None)
+        return list(state.completions)
+
+    def _forget(self, parent_id: str) -> None:
+        state = self._prompts.pop(parent_id)
+        for child_id in state.completions:
+            self._parent_of.pop(child_id, None)

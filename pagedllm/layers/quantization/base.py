@@ -1,0 +1,122 @@
+"""The quantization seam: a linear layer holds a `LinearMethodBase` that creates its
+parameters and computes `x @ W.T + b`; the layer only owns the tensor-parallel split.
+Also the helpers every `weight_loader` uses to slice and copy checkpoint tensors.
+
+Parameters carry attributes that tell the layer's `weight_loader` how to shard them:
+  output_dim   the dimension split across ranks by column-parallel layers (None: not split)
+  input_dim    the dimension split across ranks by row-parallel layers (None: not split)
+  packed_dim, pack_factor   for packed integer weights: that dimension holds pack_factor
+               logical elements per stored element, so shard offsets along it are divided
+A method that needs its own loading rule sets `weight_loader` on the parameter itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
+    """Attach loading attributes (output_dim, input_dim, weight_loader, ...) to a parameter."""
+    for key, value in attrs.items():
+        if hasattr(param, key) and key != "weight_loader":
+            raise AttributeError(f"Parameter already has attribute {key!r}.")
+        setattr(param, key, value)
+
+
+# A checkpoint tensor, or an object that slices like one without reading the file
+# (safetensors' `get_slice`), so a rank reads only its shard.
+LoadedWeight = Any
+
+
+def loaded_shape(loaded: LoadedWeight) -> tuple[int, ...]:
+    if isinstance(loaded, torch.Tensor):
+        return tuple(loaded.shape)
+    return tuple(loaded.get_shape())
+
+
+def narrow_loaded_weight(loaded: LoadedWeight, dim: int, start: int, length: int) -> LoadedWeight:
+    """Rows start:start+length of `loaded` along `dim`: the one place checkpoint tensors are
+    sliced, so lazily sliceable ones read only this part."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, length)
+    index = [slice(None)] * len(loaded_shape(loaded))
+    index[dim] = slice(start, start + length)
+    return loaded[tuple(index)]
+
+
+def copy_loaded_weight(dst: torch.Tensor, loaded: LoadedWeight, name: str) -> None:
+    if not isinstance(loaded, torch.Tensor):
+        loaded = loaded[tuple(slice(None) for _ in loaded_shape(loaded))]
+    if tuple(dst.shape) != tuple(loaded.shape):
+        raise ValueError(
+            f"Checkpoint tensor for {name} has shape {tuple(loaded.shape)} but this rank's "
+            f"parameter shard has shape {tuple(dst.shape)}; the checkpoint does not match the "
+            "model config."
+        )
+    dst.copy_(loaded)
+
+
+class LinearMethodBase(ABC):
+    """How a linear layer stores its weight and computes its output."""
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        """Register this rank's parameters on `layer`. `output_partition_sizes` has one entry
+        per fused sub-matrix (e.g. q, k, v), each already divided by the tensor-parallel size."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's `x @ W.T (+ bias)`."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repack or convert weights once every shard is loaded (default: nothing to do)."""
+        return None
+
+
+class QuantizationConfig(ABC):
+    """A checkpoint's quantization scheme; picks the linear method of each layer."""
+
+    @abstractmethod
+    def get_name(self) -> str:
+        """The name users pass as `quantization=` (e.g. "fp8", "awq")."""
+
+    @abstractmethod
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
+        """The method for the linear layer named `prefix` (return `UnquantizedLinearMethod()`
+        for layers the checkpoint keeps in full precision)."""
+
+
+class UnquantizedLinearMethod(LinearMethodBase):
+    """A plain [output, input] weight in the model's dtype."""
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        weight = nn.Parameter(
+            torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            requires_grad=False,
+        )
+        set_weight_attrs(weight, {"output_dim": 0, "input_dim": 1})
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)

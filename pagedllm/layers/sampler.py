@@ -1,0 +1,421 @@
+"""Turns a step's logits into sampled token ids (and their logprobs), vLLM's way.
+
+The model runner builds one `SamplingMetadata` per step for the rows that sample; `Sampler`
+then does, in float32: raw logprobs (if asked), min_tokens bans, penalties, greedy argmax for
+greedy rows, and for the others temperature, top-k, top-p, min-p and an exponential race
+(argmax of probs / Exp(1) noise). Rows with their own generator draw their noise from it
+alone, so a seeded request samples the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+
+import torch
+from torch import nn
+
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.scheduler_output import TokenLogprobs
+
+# Rows of prompt logprobs handled at once, so a long prompt never holds a second
+# [num_tokens, vocab] float32 tensor (8k tokens x 150k vocab would be 4.9 GB).
+_PROMPT_LOGPROBS_CHUNK_ROWS = 512
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    """What the sampler needs about the rows of one step. A tensor that no row needs is None,
+    so the hot path skips that work; greedy rows carry neutral top-k/top-p/min-p values."""
+
+    all_greedy: bool
+    all_random: bool
+    is_greedy: torch.Tensor | None
+    """bool [rows]; None when all rows are greedy or all are random."""
+    temperature: torch.Tensor | None
+    """float32 [rows], 1.0 on greedy rows; None when all rows are greedy."""
+    top_k: torch.Tensor | None
+    """int64 [rows], 0 = disabled for that row."""
+    max_top_k: int
+    top_k_on_every_row: bool
+    """No row has top-k disabled (lets top-p sort only the top-k candidates)."""
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    presence_penalties: torch.Tensor | None
+    frequency_penalties: torch.Tensor | None
+    repetition_penalties: torch.Tensor | None
+    prompt_token_mask: torch.Tensor | None
+    """bool [rows, vocab]: the token occurs in the prompt (only for repetition penalties)."""
+    output_token_counts: torch.Tensor | None
+    """float32 [rows, vocab]: occurrences in the output so far (only when a penalty is on)."""
+    banned_token_index: torch.Tensor | None
+    """int64 [2, n]: (row, token id) pairs that min_tokens forbids this step."""
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    """Random rows that sample from their own generator."""
+    default_generator: torch.Generator | None = None
+    num_logprobs: list[int | None] = field(default_factory=list)
+    """Per row: top tokens to return besides the sampled one (-1 resolved to the vocab size)."""
+    max_num_logprobs: int | None = None
+
+    @property
+    def no_top_k(self) -> bool:
+        return self.top_k is None
+
+    @property
+    def no_top_p(self) -> bool:
+        return self.top_p is None
+
+    @property
+    def no_min_p(self) -> bool:
+        return self.min_p is None
+
+    @property
+    def no_penalties(self) -> bool:
+        return self.output_token_counts is None
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        default_generator: torch.Generator | None,
+        eos_token_id: int | None,
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingMetadata:
+        num_rows = len(params)
+        if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == num_rows):
+            raise ValueError(
+                "SamplingMetadata.build needs one entry per row in params, prompt_token_ids, "
+                f"output_token_ids and generators; got {num_rows}, {len(prompt_token_ids)}, "
+                f"{len(output_token_ids)} and {len(generators)}."
+            )
+        greedy = [p.greedy for p in params]
+        random_rows = [p for p, g in zip(params, greedy) if not g]
+        all_greedy = not random_rows
+        all_random = len(random_rows) == num_rows
+
+        use_top_k = any(p.top_k > 0 for p in random_rows)
+        use_top_p = any(p.top_p < 1.0 for p in random_rows)
+        use_min_p = any(p.min_p > 0.0 for p in random_rows)
+        use_repetition = any(p.repetition_penalty != 1.0 for p in params)
+        use_penalties = use_repetition or any(
+            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
+        )
+
+        # Every per-row float travels in one [7, rows] tensor: one host-to-device copy.
+        scalars = [
+            [float(g) for g in greedy],
+            [1.0 if g else p.temperature for p, g in zip(params, greedy)],
+            [1.0 if g else p.top_p for p, g in zip(params, greedy)],
+            [0.0 if g else p.min_p for p, g in zip(params, greedy)],
+            [p.presence_penalty for p in params],
+            [p.frequency_penalty for p in params],
+            [p.repetition_penalty for p in params],
+        ]
+        (is_greedy, temperature, top_p, min_p, presence, frequency, repetition) = _to_device(
+            scalars, torch.float32, device
+        ).unbind(0)
+
+        top_k = None
+        max_top_k = 0
+        top_k_on_every_row = False
+        if use_top_k:
+            # Greedy rows get top_k=1 so that "every row has a top-k" stays true for them;
+            # their argmax replaces whatever the random path picks.
+            ks = [1 if g else min(p.top_k, vocab_size) for p, g in zip(params, greedy)]
+            max_top_k = max(ks)
+            top_k_on_every_row = min(ks) > 0
+            top_k = _to_device(ks, torch.int64, device)
+
+        prompt_mask = None
+        output_counts = None
+        if use_penalties:
+            output_counts = _token_counts(output_token_ids, vocab_size, device)
+            if use_repetition:
+                prompt_mask = _token_counts(prompt_token_ids, vocab_size, device) > 0
+
+        banned_rows: list[int] = []
+        banned_tokens: list[int] = []
+        for row, (p, output) in enumerate(zip(params, output_token_ids)):
+            if len(output) >= p.min_tokens:
+                continue
+            # With ignore_eos, EOS does not end the request, so there is nothing to ban.
+            stop_ids = set(p.stop_token_ids or ())
+            if eos_token_id is not None and not p.ignore_eos:
+                stop_ids.add(eos_token_id)
+            stop_ids = {t for t in stop_ids if t < vocab_size}
+            banned_rows.extend([row] * len(stop_ids))
+            banned_tokens.extend(stop_ids)
+        banned = _to_device([banned_rows, banned_tokens], torch.int64, device) if banned_rows else None
+
+        num_logprobs = [
+            None if p.logprobs is None else (vocab_size if p.logprobs == -1 else min(p.logprobs, vocab_size))
+            for p in params
+        ]
+        requested = [k for k in num_logprobs if k is not None]
+
+        return cls(
+            all_greedy=all_greedy,
+            all_random=all_random,
+            is_greedy=None if all_greedy or all_random else is_greedy > 0.5,
+            temperature=None if all_greedy else temperature,
+            top_k=top_k,
+            max_top_k=max_top_k,
+            top_k_on_every_row=top_k_on_every_row,
+            top_p=top_p if use_top_p else None,
+            min_p=min_p if use_min_p else None,
+            presence_penalties=presence if use_penalties else None,
+            frequency_penalties=frequency if use_penalties else None,
+            repetition_penalties=repetition if use_penalties else None,
+            prompt_token_mask=prompt_mask,
+            output_token_counts=output_counts,
+            banned_token_index=banned,
+            generators={row: g for row, g in enumerate(generators) if g is not None and not greedy[row]},
+            default_generator=default_generator,
+            num_logprobs=num_logprobs,
+            max_num_logprobs=max(requested) if requested else None,
+        )
+
+
+def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Pinned staging memory lets the copy run asynchronously on CUDA; the caching host
+    # allocator keeps the buffer alive until the copy has finished.
+    pin = device.type == "cuda"
+    return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
+
+
+def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """float32 [rows, vocab]: how often each token occurs in each row's list."""
+    num_rows = len(token_ids)
+    lengths = [len(ids) for ids in token_ids]
+    total = sum(lengths)
+    if total == 0:
+        return torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
+    # Lengths and ids share one tensor: one host-to-device copy.
+    packed = _to_device(list(chain(lengths, *token_ids)), torch.int64, device)
+    rows = torch.repeat_interleave(
+        torch.arange(num_rows, device=device), packed[:num_rows], output_size=total
+    )
+    ids = packed[num_rows:]
+    # Ids past the logits' width (a tokenizer larger than the model's vocab) cannot be
+    # penalised; they go to a spill column that is dropped.
+    ids = torch.where(ids < vocab_size, ids, vocab_size)
+    spill = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=device)
+    spill.view(-1).scatter_add_(0, rows * (vocab_size + 1) + ids, torch.ones(total, device=device))
+    return spill[:, :vocab_size]
+
+
+@dataclass(slots=True)
+class LogprobsTensors:
+    """Per row: the chosen token first, then the top-k tokens (columns), and the chosen
+    token's rank (1 = most likely)."""
+
+    token_ids: torch.Tensor
+    """int64 [rows, 1 + k]"""
+    logprobs: torch.Tensor
+    """float32 [rows, 1 + k]"""
+    ranks: torch.Tensor
+    """int64 [rows]"""
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor
+    """int64 [rows]"""
+    logprobs: LogprobsTensors | None
+    """Raw logprobs (of the model's logits, before penalties and temperature), with
+    max_num_logprobs top tokens per row; None when no row asked for them."""
+
+
+class Sampler(nn.Module):
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        logits = logits.to(torch.float32)
+        # vLLM's default "raw_logprobs": the model's distribution, before any processing.
+        raw_logprobs = None
+        if metadata.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        logits = apply_min_tokens(logits, metadata.banned_token_index)
+        if not metadata.no_penalties:
+            logits = apply_penalties(logits, metadata)
+
+        if metadata.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self._sample_random(logits, metadata)
+            if not metadata.all_random:
+                assert metadata.is_greedy is not None
+                sampled = torch.where(metadata.is_greedy, logits.argmax(dim=-1), sampled)
+
+        logprobs = None
+        if raw_logprobs is not None and metadata.max_num_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    @staticmethod
+    def _sample_random(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        assert metadata.temperature is not None
+        logits = logits / metadata.temperature.unsqueeze(1)
+        logits = apply_top_k_top_p(
+            logits, metadata.top_k, metadata.max_top_k, metadata.top_p, metadata.top_k_on_every_row
+        )
+        probs = torch.softmax(logits, dim=-1)
+        if metadata.min_p is not None:
+            probs = apply_min_p(probs, metadata.min_p)
+        return exponential_race(probs, metadata.generators, metadata.default_generator)
+
+
+def apply_min_tokens(logits: torch.Tensor, banned_token_index: torch.Tensor | None) -> torch.Tensor:
+    if banned_token_index is None:
+        return logits
+    rows, tokens = banned_token_index
+    # torch.full fills on the device; torch.tensor(-inf, device=...) would be a tiny copy.
+    return logits.index_put((rows, tokens), torch.full((), float("-inf"), device=logits.device))
+
+
+def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens (divides positive logits, multiplies
+    negative ones, as in HF and vLLM), then frequency and presence penalties over output
+    tokens: logits -= frequency * count + presence * (count > 0)."""
+    counts = metadata.output_token_counts
+    assert counts is not None
+    assert metadata.repetition_penalties is not None
+    assert metadata.frequency_penalties is not None and metadata.presence_penalties is not None
+    occurred = counts > 0
+    if metadata.prompt_token_mask is not None:
+        seen = occurred | metadata.prompt_token_mask
+        penalty = torch.where(seen, metadata.repetition_penalties.unsqueeze(1), 1.0)
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits = logits - metadata.frequency_penalties.unsqueeze(1) * counts
+    return logits - metadata.presence_penalties.unsqueeze(1) * occurred
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    max_top_k: int,
+    top_p: torch.Tensor | None,
+    top_k_on_every_row: bool = False,
+) -> torch.Tensor:
+    """Masks (to -inf) the tokens outside each row's top-k and nucleus. top_k rows with 0
+    keep everything. Only top-p needs a sorted vocabulary; with a top-k on every row it sorts
+    just the max_top_k candidates."""
+    if top_k is None and top_p is None:
+        return logits
+    if top_p is None:
+        assert top_k is not None
+        return _apply_top_k_only(logits, top_k, max_top_k)
+    if top_k is not None and top_k_on_every_row:
+        # The nucleus of a top-k row lies inside its top-k, so the candidates suffice.
+        values, indices = logits.topk(max_top_k, dim=-1)
+        values = _mask_beyond_k(values, top_k)
+        values = _mask_outside_nucleus(values, top_p)
+        return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    # The general path sorts the whole vocabulary; a fused kernel can replace it later.
+    values, indices = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        values = _mask_beyond_k(values, torch.where(top_k > 0, top_k, logits.shape[-1]))
+    values = _mask_outside_nucleus(values, top_p)
+    return torch.empty_like(logits).scatter_(-1, indices, values)
+
+
+def _apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    # The k-th largest value is the threshold; ties with it are kept, as with a sort.
+    top_values = logits.topk(max_top_k, dim=-1).values
+    kth = top_values.gather(-1, (top_k.clamp(min=1) - 1).unsqueeze(1))
+    kth = torch.where(top_k.unsqueeze(1) > 0, kth, float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _mask_beyond_k(sorted_values: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(sorted_values.shape[-1], device=sorted_values.device)
+    return sorted_values.masked_fill(positions.unsqueeze(0) >= top_k.unsqueeze(1), float("-inf"))
+
+
+def _mask_outside_nucleus(sorted_values: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """sorted_values: descending per row. Keeps the smallest prefix whose probability reaches
+    top_p: a token is dropped when the mass before it already does. The first token always
+    stays (the mass before it is exactly 0)."""
+    probs = torch.softmax(sorted_values, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    return sorted_values.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zeroes tokens below min_p times the row's top probability. The result is not
+    renormalised: the exponential race is invariant to a row's scale."""
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def exponential_race(
+    probs: torch.Tensor, generators: dict[int, torch.Generator], default_generator: torch.Generator | None
+) -> torch.Tensor:
+    """argmax(probs / E) with E ~ Exp(1) i.i.d. samples token i with probability
+    probs[i] / sum(probs). Each row in `generators` draws its vocab-sized noise from its own
+    generator only."""
+    noise = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        noise.exponential_(generator=default_generator)
+    for row, generator in generators.items():
+        noise[row].exponential_(generator=generator)
+    # An Exp(1) draw of exactly 0 would make 0 / 0 = NaN on a masked token, and argmax
+    # picks NaN; the smallest normal float keeps it a finite, very likely winner instead.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int) -> LogprobsTensors:
+    """logprobs: [n, vocab]; token_ids: [n]. The chosen token's logprob and rank (1 + the
+    number of tokens strictly more likely), then the num_logprobs most likely tokens."""
+    token_ids = token_ids.to(torch.int64).unsqueeze(1)
+    chosen = logprobs.gather(-1, token_ids)
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    if num_logprobs <= 0:
+        return LogprobsTensors(token_ids=token_ids, logprobs=chosen, ranks=ranks)
+    top_values, top_ids = logprobs.topk(min(num_logprobs, logprobs.shape[-1]), dim=-1)
+    return LogprobsTensors(
+        token_ids=torch.cat([token_ids, top_ids], dim=1),
+        logprobs=torch.cat([chosen, top_values], dim=1),
+        ranks=ranks,
+    )
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor, num_logprobs: int) -> TokenLogprobs:
+    """Raw logprobs of each target token (logits row i scores target i): the target first,
+    then the top num_logprobs (-1 = the whole vocabulary)."""
+    vocab_size = logits.shape[-1]
+    k = vocab_size if num_logprobs == -1 else min(num_logprobs, vocab_size)
+    parts = []
+    for start in range(0, logits.shape[0], _PROMPT_LOGPROBS_CHUNK_ROWS):
+        chunk = torch.log_softmax(logits[start : start + _PROMPT_LOGPROBS_CHUNK_ROWS].to(torch.float32), dim=-1)
+        parts.append(gather_logprobs(chunk, target_token_ids[start : start + _PROMPT_LOGPROBS_CHUNK_ROWS], k))
+    if not parts:
+        return TokenLogprobs(token_ids=[], logprobs=[], ranks=[])
+    merged = LogprobsTensors(
+        token_ids=torch.cat([p.token_ids for p in parts]),
+        logprobs=torch.cat([p.logprobs for p in parts]),
+        ranks=torch.cat([p.ranks for p in parts]),
+    )
+    return to_token_logprobs(merged)
+
+
+def to_token_logprobs(
+    tensors: LogprobsTensors, num_logprobs: int | Sequence[int | None] | None = None
+) -> TokenLogprobs:
+    """The plain-list form for the engine, one .tolist() per tensor. num_logprobs trims the
+    top-k columns: None keeps them all, an int applies to every row, a sequence gives each
+    row its own (None there keeps only the chosen token)."""
+    token_ids = tensors.token_ids.tolist()
+    logprobs = tensors.logprobs.tolist()
+    ranks = tensors.ranks.tolist()
+    if num_logprobs is not None:
+        per_row = [num_logprobs] * len(ranks) if isinstance(num_logprobs, int) else list(num_logprobs)
+        keeps = [1 + (k or 0) for k in per_row]
+        token_ids = [ids[:keep] for ids, keep in zip(token_ids, keeps)]
+        logprobs = [lps[:keep] for lps, keep in zip(logprobs, keeps)]
+    return TokenLogprobs(token_ids=token_ids, logprobs=logprobs, ranks=ranks)

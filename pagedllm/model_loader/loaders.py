@@ -1,0 +1,145 @@
+"""Build a model and fill its weights, by load format.
+
+`get_model` builds the skeleton directly on the target device in the model's dtype, then the
+loader for `load_config.load_format` streams checkpoint tensors into it through the model's
+`load_weights`. Loading is strict: every checkpoint tensor must find a parameter (the model's
+`load_weights` raises on unexpected names) and every parameter must be filled (checked here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from types import MappingProxyType
+from typing import Any, Protocol, cast
+
+import torch
+
+from pagedllm.config import LoadConfig, ModelConfig
+from pagedllm.model_loader.weight_utils import (
+    find_weight_files,
+    initialize_dummy_weights,
+    pt_weights_iterator,
+    safetensors_weights_iterator,
+)
+from pagedllm.worker.memory_profiler import format_gib
+
+logger = logging.getLogger(__name__)
+
+# How many missing parameter names an error lists before it just counts them.
+_MAX_NAMES_SHOWN = 10
+
+
+class LoadableModel(Protocol):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Consume checkpoint tensors (HF names); return the names of the parameters filled.
+        Raises ValueError on a name that matches no parameter."""
+        ...
+
+
+@contextlib.contextmanager
+def set_default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Make `dtype` torch's default floating dtype inside the block, restoring the previous
+    one after (even on error), so parameters created with torch.empty get the model dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def get_model(
+    model_config: ModelConfig, load_config: LoadConfig, device: torch.device | str, quant_config: Any = None
+) -> torch.nn.Module:
+    """The model of `model_config` on `device`, weights loaded per `load_config`, in eval mode."""
+    from pagedllm.models.registry import get_model_class
+
+    start = time.perf_counter()
+    load_format = "gguf" if model_config.gguf_file is not None else load_config.load_format
+    if load_format == "sharded_state":
+        raise ValueError(
+            "load_format='sharded_state' is not supported yet; use load_format='auto' with the "
+            "original checkpoint."
+        )
+    loader = _LOADERS.get(load_format)
+    if loader is None:
+        raise ValueError(
+            f"load_format={load_format!r} is not supported; use one of {', '.join(map(repr, _LOADERS))}."
+        )
+    model_class = get_model_class(model_config.architecture)
+    with torch.device(device), set_default_dtype(model_config.dtype):
+        model = model_class(model_config.hf_config, quant_config=quant_config)
+    loader(model, model_config, load_config)
+    for module in model.modules():
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None and hasattr(quant_method, "process_weights_after_loading"):
+            quant_method.process_weights_after_loading(module)
+    # Inference only: no autograd graph is ever wanted through the weights.
+    model.requires_grad_(False).eval()
+    logger.info(
+        "Loaded %s (%s, load_format %s) on %s: %s of weights in %.1f s.",
+        model_config.architecture, str(model_config.dtype).removeprefix("torch."), load_format,
+        device, format_gib(model_weight_bytes(model)), time.perf_counter() - start,
+    )
+    return model
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters (tied parameters counted once)."""
+    return sum(param.numel() * param.element_size() for param in model.parameters())
+
+
+def load_weights_strict(
+    model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str
+) -> None:
+    """Feed `weights` to `model.load_weights` and check that every parameter was filled;
+    `source` (the checkpoint folder or file) goes into the error."""
+    loaded = cast(LoadableModel, model).load_weights(weights)
+    if not isinstance(loaded, set):
+        raise TypeError(
+            f"{type(model).__name__}.load_weights must return the set of parameter names it filled."
+        )
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if missing:
+        shown = ", ".join(missing[:_MAX_NAMES_SHOWN])
+        more = f" and {len(missing) - _MAX_NAMES_SHOWN} more" if len(missing) > _MAX_NAMES_SHOWN else ""
+        raise ValueError(
+            f"The checkpoint {source} lacks {len(missing)} parameter(s) of {type(model).__name__}: "
+            f"{shown}{more}. The checkpoint is incomplete or belongs to another architecture; "
+            "use a complete checkpoint, or load_format='dummy' for random weights."
+        )
+
+
+def _load_checkpoint(model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig) -> None:
+    files, weight_format = find_weight_files(model_config.model_path, load_config.load_format)
+    iterator = safetensors_weights_iterator if weight_format == "safetensors" else pt_weights_iterator
+    load_weights_strict(model, iterator(files), model_config.model_path)
+
+
+def _load_gguf(model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig) -> None:
+    from pagedllm.model_loader.gguf import gguf_weights_iterator
+
+    if model_config.gguf_file is None:
+        raise ValueError(f"load_format='gguf' needs model= to be a .gguf file, got {model_config.model!r}.")
+    weights = gguf_weights_iterator(model_config.gguf_file, model_config.hf_config)
+    load_weights_strict(model, weights, model_config.gguf_file)
+
+
+def _load_dummy(model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig) -> None:
+    initialize_dummy_weights(model)
+
+
+_Loader = Callable[[torch.nn.Module, ModelConfig, LoadConfig], None]
+# load_format -> loader; read-only so no caller can change how another engine loads.
+_LOADERS: MappingProxyType[str, _Loader] = MappingProxyType(
+    {
+        "auto": _load_checkpoint,
+        "safetensors": _load_checkpoint,
+        "pt": _load_checkpoint,
+        "dummy": _load_dummy,
+        "gguf": _load_gguf,
+    }
+)

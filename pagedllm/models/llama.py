@@ -1,0 +1,205 @@
+"""Llama (and Mistral, which has the same layout): pre-norm decoder layers of grouped-query
+attention with rope and a SiLU-gated MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.attention.layer import Attention
+from pagedllm.layers.layernorm import RMSNorm
+from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.logits_processor import LogitsProcessor
+from pagedllm.layers.quantization.base import QuantizationConfig
+from pagedllm.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_parameters_of
+from pagedllm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.utils import (
+    head_dim_of,
+    load_weights_by_mapping,
+    maybe_prefix,
+    sliding_window_of,
+)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False,
+        quant_config: QuantizationConfig | None = None, prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act={hidden_act!r} in config.json is not supported; only 'silu' is.")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=bias, quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=bias, quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: Any, rotary_emb: RotaryEmbedding, layer_idx: int, qkv_bias: bool,
+        o_bias: bool, quant_config: QuantizationConfig | None = None, prefix: str = "",
+    ) -> None:
+        super().__init__()
+        total_num_heads = config.num_attention_heads
+        total_num_kv_heads = getattr(config, "num_key_value_heads", None) or total_num_heads
+        self.head_dim = head_dim_of(config)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, total_num_heads, total_num_kv_heads,
+            bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(
+            total_num_heads * self.head_dim, config.hidden_size, bias=o_bias,
+            quant_config=quant_config, prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads,
+            prefix=f"{prefix}.attn", sliding_window=sliding_window_of(config, layer_idx),
+        )
+
+    def position_encode(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rope on q and k; families that normalise q/k per head first override this."""
+        return self.rotary_emb(positions, q, k)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.position_encode(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: Any, rotary_emb: RotaryEmbedding, layer_idx: int,
+        quant_config: QuantizationConfig | None = None, prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.self_attn = self.make_attention(
+            config, rotary_emb, layer_idx, quant_config, f"{prefix}.self_attn"
+        )
+        self.mlp = LlamaMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act,
+            bias=bool(getattr(config, "mlp_bias", False)), quant_config=quant_config,
+            prefix=f"{prefix}.mlp",
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def make_attention(
+        self, config: Any, rotary_emb: RotaryEmbedding, layer_idx: int,
+        quant_config: QuantizationConfig | None, prefix: str,
+    ) -> nn.Module:
+        bias = bool(getattr(config, "attention_bias", False))
+        return LlamaAttention(config, rotary_emb, layer_idx, bias, bias, quant_config, prefix)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it is added): the add is
+        fused into the next norm."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self, config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "",
+        decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "embed_tokens")
+        )
+        # One rope table shared by every layer.
+        self.rotary_emb = get_rope(
+            head_dim_of(config), config.max_position_embeddings, rope_parameters_of(config)
+        )
+        self.layers = nn.ModuleList(
+            decoder_layer_cls(
+                config, self.rotary_emb, i, quant_config, prefix=maybe_prefix(prefix, f"layers.{i}")
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if residual is None:
+            return self.norm(hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
+    def __init__(
+        self, hf_config: Any, quant_config: QuantizationConfig | None = None, prefix: str = ""
+    ) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.model = LlamaModel(
+            hf_config, quant_config, prefix=maybe_prefix(prefix, "model"),
+            decoder_layer_cls=self.decoder_layer_cls,
+        )
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(
+            hf_config.vocab_size, hf_config.hidden_size, prefix=maybe_prefix(prefix, "lm_head")
+        )
+        if self.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(hf_config.vocab_size)
+
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] (a flat batch) → hidden states [T, hidden_size]."""
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, hidden_size] → [N, vocab_size]."""
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Tied checkpoints may still carry a copy of the embedding as lm_head.weight.
+        skip = ("lm_head.",) if self.tie_word_embeddings else ()
+        return load_weights_by_mapping(self, weights, self.packed_modules_mapping, skip)

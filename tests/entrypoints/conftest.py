@@ -1,0 +1,85 @@
+"""Tiny random-weight checkpoints of each supported family, written with transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def make_tiny_checkpoint(
+    path: Path,
+    family: str = "llama",
+    *,
+    tie_word_embeddings: bool = False,
+    num_key_value_heads: int = 2,
+    safe_serialization: bool = True,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """A 2-layer model of the family with weights large enough (initializer_range 0.2) that
+    greedy choices are not near-ties, so our tokens can be compared with transformers'."""
+    common = dict(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if family == "llama":
+        config = transformers.LlamaConfig(**common, rope_theta=10000.0)
+        model_class = transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common, rope_theta=10000.0)
+        model_class = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(**common, head_dim=32, rope_theta=10000.0)
+        model_class = transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(family)
+    config.architectures = [model_class.__name__]
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    kwargs = {}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    if safe_serialization:
+        model.save_pretrained(path, **kwargs)
+    else:
+        # transformers 5 writes only safetensors; a .bin checkpoint is a torch.save'd state dict.
+        path.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    return path
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            # No EOS: like ignore_eos=True (min_new_tokens would instead ban EOS).
+            config = transformers.GenerationConfig(
+                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+            out = model.generate(torch.tensor([prompt]), generation_config=config)
+            results.append(out[0, len(prompt):].tolist())
+    return results
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    return {family: make_tiny_checkpoint(root / family, family) for family in FAMILIES}

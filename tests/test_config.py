@@ -1,0 +1,60 @@
+"""EngineConfig.from_kwargs: dtype rules, context length, and option errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from pagedllm.config import EngineConfig, resolve_dtype
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg")
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, dtype="bfloat16",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(path)
+    return path
+
+
+def test_auto_dtype_follows_vllm_rules():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert resolve_dtype("auto", torch.float32, cpu) == torch.float32
+    assert resolve_dtype("auto", torch.float16, cpu) == torch.float32
+    assert resolve_dtype("auto", torch.float16, cuda) == torch.float16
+    assert resolve_dtype("half", torch.float32, cpu) == torch.float16
+    with pytest.raises(ValueError, match="dtype='int3'"):
+        resolve_dtype("int3", None, cpu)
+
+
+def test_max_model_len_defaults_to_context_and_larger_is_an_error(bf16_checkpoint):
+    config = EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy")
+    assert config.model_config.max_model_len == 256
+    assert config.model_config.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"max_model_len=1000.*\(256"):
+        EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy", max_model_len=1000)
+
+
+def test_unknown_option_is_a_type_error_and_bad_values_name_the_option(bf16_checkpoint):
+    with pytest.raises(TypeError, match="max_num_seq"):
+        EngineConfig.from_kwargs(str(bf16_checkpoint), max_num_seq=4)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig.from_kwargs(str(bf16_checkpoint), gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="load_format"):
+        EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="zip")
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig.from_kwargs(str(bf16_checkpoint), block_size=12)
+
+
+def test_cpu_kv_cache_space_env_and_vllm_alias(bf16_checkpoint, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    config = EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy", device="cpu")
+    assert config.cache_config.cpu_kv_cache_bytes == 2 << 30
+    monkeypatch.setenv("PAGEDLLM_CPU_KVCACHE_SPACE", "1")
+    config = EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy", device="cpu")
+    assert config.cache_config.cpu_kv_cache_bytes == 1 << 30
