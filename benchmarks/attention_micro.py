@@ -87,7 +87,7 @@ def decode_case(batch: int, context: int, configs: list[tuple[str, DecodeConfig,
             s = i % num_sets
             paged_decode_attention(
                 out[s], query[s], kv_cache, tables[s], query_start_loc, seq_lens, batch,
-                HEAD_SIZE**-0.5, num_splits, config,
+                HEAD_SIZE**-0.5, num_splits, config=config,
             )
 
         seconds = time_graph(fn, num_sets)

@@ -6,6 +6,8 @@ Exports:
   text, and saves it as a transformers tokenizer in `directory`. Deterministic, ~0.1 s.
 - fixture `tiny_bpe_tokenizer_dir` (session): a directory holding that tokenizer, for
   `AutoTokenizer.from_pretrained`.
+- fixture `tiny_checkpoints` (session): {family: folder} of tiny random-weight checkpoints
+  (tests/tiny_models.py builds them; import builders from `tiny_models`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 from pathlib import Path
 
 import pytest
+from tiny_models import FAMILIES, make_tiny_checkpoint
 
 TINY_BPE_VOCAB_SIZE = 512
 
@@ -63,3 +66,9 @@ def build_tiny_bpe_tokenizer(directory: str | Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bpe_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bpe_tokenizer(tmp_path_factory.mktemp("tiny_bpe_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    return {family: make_tiny_checkpoint(root / family, family) for family in FAMILIES}

@@ -210,6 +210,7 @@ class Scheduler:
                     sampling_params=request.sampling_params,
                     block_ids=kv.get_block_ids(request),
                     num_computed_tokens=num_hit_tokens,
+                    eos_token_id=request.eos_token_id,
                 )
             )
             num_scheduled_tokens[request.request_id] = num_new

@@ -25,6 +25,8 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    eos_token_id: int | None
+    """The engine's EOS id (from the tokenizer), which min_tokens keeps from being sampled."""
 
 
 @dataclass(slots=True)

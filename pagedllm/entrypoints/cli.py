@@ -68,7 +68,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pagedllm.model_loader.default_model import DEFAULT_MODEL_NAME
 
     if args.model is None:
-        print(f"Using the embedded default model {DEFAULT_MODEL_NAME} (trained weights, 4-bit GGUF).", file=sys.stderr)
+        print(f"Using the embedded default model {DEFAULT_MODEL_NAME}.", file=sys.stderr)
     llm = LLM(model=args.model, **_engine_kwargs(args))
     prompts = args.prompt or ["What is the capital of France?"]
     params = SamplingParams(

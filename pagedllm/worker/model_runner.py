@@ -28,9 +28,8 @@ class ModelRunner:
         self.device = device
         self.block_size = engine_config.cache_config.block_size
         self.vocab_size = self.model_config.vocab_size
-        self.eos_token_id = getattr(self.model_config.hf_config, "eos_token_id", None)
-        if isinstance(self.eos_token_id, list):
-            self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
+        # Learned from the requests: the engine resolves EOS from the tokenizer.
+        self.eos_token_id: int | None = None
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device=device)
@@ -122,6 +121,7 @@ class ModelRunner:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
         for new in scheduler_output.scheduled_new_reqs:
+            self.eos_token_id = new.eos_token_id
             generator = None
             if new.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, hf_greedy, make_tiny_checkpoint
+from tiny_models import FAMILIES, hf_greedy, make_tiny_checkpoint
 
 from pagedllm import LLM, SamplingParams
 

@@ -136,10 +136,12 @@ def reference_attention(
     kv_cache: torch.Tensor | None,
     md: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """fp32 causal attention of the first num_actual_tokens rows: each request's K/V gathered
     from its blocks (or taken from key/value when kv_cache is None), the query at row j of
-    request i placed at position seq_len - query_len + j."""
+    request i placed at position seq_len - query_len + j; with sliding_window it sees only
+    keys above position - sliding_window."""
     num_heads = query.shape[1]
     out = torch.empty(md.num_actual_tokens, num_heads, query.shape[2], dtype=torch.float32, device=query.device)
     for i in range(md.num_reqs):
@@ -158,7 +160,10 @@ def reference_attention(
         v = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
         q = query[q_start:q_end].float().transpose(0, 1)
         q_pos = s_len - q_len + torch.arange(q_len, device=query.device)
-        visible = torch.arange(s_len, device=query.device)[None, :] <= q_pos[:, None]
+        key_pos = torch.arange(s_len, device=query.device)[None, :]
+        visible = key_pos <= q_pos[:, None]
+        if sliding_window is not None:
+            visible &= key_pos > q_pos[:, None] - sliding_window
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
         out[q_start:q_end] = o.transpose(0, 1)
     return out
@@ -171,13 +176,15 @@ def relative_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]
     return max_rel, fro_rel
 
 
-def run_and_check(batch: Batch, dtype: torch.dtype, label: str, **backend_kwargs) -> None:
+def run_and_check(
+    batch: Batch, dtype: torch.dtype, label: str, sliding_window: int | None = None, **backend_kwargs
+) -> None:
     from pagedllm.layers.attention.backends.triton_paged import TritonPagedAttention
 
     md = batch.metadata
     output = torch.full_like(batch.query, float("nan"))
     kv_cache = batch.kv_cache.clone()
-    result = TritonPagedAttention(**backend_kwargs).forward(
+    result = TritonPagedAttention(sliding_window=sliding_window, **backend_kwargs).forward(
         batch.query, batch.key, batch.value, kv_cache, md, batch.scale, output=output
     )
     torch.cuda.synchronize()
@@ -187,7 +194,9 @@ def run_and_check(batch: Batch, dtype: torch.dtype, label: str, **backend_kwargs
     real = output[: md.num_actual_tokens]
     assert not real.isnan().any(), f"{label}: {real.isnan().sum().item()} output values unwritten or NaN"
     assert (output[md.num_actual_tokens :] == 0).all(), "padding rows must be zeroed"
-    ref = reference_attention(batch.query, batch.key, batch.value, batch.expected_cache, md, batch.scale)
+    ref = reference_attention(
+        batch.query, batch.key, batch.value, batch.expected_cache, md, batch.scale, sliding_window
+    )
     max_rel, fro_rel = relative_errors(real, ref)
     print(f"ERR {label}: max_rel={max_rel:.2e} fro_rel={fro_rel:.2e}")
     max_bound, fro_bound = _TOLERANCES[dtype]
@@ -219,6 +228,23 @@ def test_paged_attention_matches_gather_sdpa_reference(name: str) -> None:
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     batch = make_batch(query_lens, seq_lens, h, hkv, d, bs, dtype, num_padding_rows=padding, generator=gen)
     run_and_check(batch, dtype, name)
+
+
+# name: (query_lens, seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, window)
+_WINDOW_CASES = {
+    "window_mixed": ([1, 300, 1, 40, 1], [5000, 300, 100, 1000, 4], 16, 8, 128, 16, torch.bfloat16, 256),
+    "window_unaligned_d64": ([130, 1, 7], [130, 777, 2000], 8, 2, 64, 16, torch.float16, 100),
+    "window_decode_long": ([1, 1], [32768, 1000], 16, 8, 128, 16, torch.bfloat16, 4096),
+    "window_of_one": ([20, 1], [50, 9], 4, 4, 64, 16, torch.float16, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(_WINDOW_CASES))
+def test_sliding_window_matches_reference(name: str) -> None:
+    query_lens, seq_lens, h, hkv, d, bs, dtype, window = _WINDOW_CASES[name]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    batch = make_batch(query_lens, seq_lens, h, hkv, d, bs, dtype, num_padding_rows=1, generator=gen)
+    run_and_check(batch, dtype, name, sliding_window=window)
 
 
 @pytest.mark.parametrize("max_decode_splits", [1, 4])
@@ -292,19 +318,23 @@ def test_decode_step_replays_in_a_cuda_graph_at_new_lengths() -> None:
         assert max_rel < _TOLERANCES[torch.bfloat16][0] and fro_rel < _TOLERANCES[torch.bfloat16][1]
 
 
-def test_matches_torch_sdpa_backend_when_available() -> None:
+@pytest.mark.parametrize("sliding_window", [None, 100])
+def test_matches_torch_sdpa_backend(sliding_window: int | None) -> None:
+    """Same inputs through the CPU-reference backend (run on the GPU): both bf16, so the bound
+    covers the rounding of both."""
     torch_sdpa = pytest.importorskip("pagedllm.layers.attention.backends.torch_sdpa")
     from pagedllm.layers.attention.backends.triton_paged import TritonPagedAttention
 
     gen = torch.Generator().manual_seed(5)
-    batch = make_batch([1, 37, 1, 120], [3000, 37, 9, 500], 16, 8, 128, 16, torch.bfloat16, generator=gen)
+    batch = make_batch([1, 37, 1, 120], [3000, 37, 9, 500], 16, 8, 128, 16, torch.bfloat16, num_padding_rows=2, generator=gen)
     md = batch.metadata
-    ours = TritonPagedAttention().forward(
+    ours = TritonPagedAttention(sliding_window=sliding_window).forward(
         batch.query, batch.key, batch.value, batch.kv_cache.clone(), md, batch.scale
     )
-    theirs = torch_sdpa.TorchSDPAAttention().forward(
+    theirs = torch_sdpa.TorchSDPAAttention(sliding_window=sliding_window).forward(
         batch.query, batch.key, batch.value, batch.kv_cache.clone(), md, batch.scale
     )
+    assert not ours.isnan().any() and not theirs.isnan().any()
     max_rel, fro_rel = relative_errors(ours, theirs.float())
-    print(f"ERR vs TorchSDPAAttention: max_rel={max_rel:.2e} fro_rel={fro_rel:.2e}")
+    print(f"ERR vs TorchSDPAAttention window={sliding_window}: max_rel={max_rel:.2e} fro_rel={fro_rel:.2e}")
     assert max_rel < 2e-2 and fro_rel < 1e-2

@@ -39,13 +39,17 @@ class TritonPagedAttention:
 
     name = "TRITON_PAGED"
 
-    def __init__(self, max_decode_splits: int = MAX_NUM_SPLITS) -> None:
-        """max_decode_splits: upper bound (a power of two) on how many programs share one
-        decode request's context; 1 disables split-K."""
+    def __init__(self, sliding_window: int | None = None, max_decode_splits: int = MAX_NUM_SPLITS) -> None:
+        """sliding_window: each query sees only its last sliding_window keys (itself included);
+        None for full causal attention. max_decode_splits: upper bound (a power of two) on how
+        many programs share one decode request's context; 1 disables split-K."""
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or a positive number of tokens, got {sliding_window}.")
         if max_decode_splits < 1 or max_decode_splits & (max_decode_splits - 1):
             raise ValueError(
                 f"max_decode_splits must be a power of two >= 1 (e.g. {MAX_NUM_SPLITS}), got {max_decode_splits}."
             )
+        self.sliding_window = sliding_window
         self.max_decode_splits = max_decode_splits
         self._num_sms: dict[torch.device, int] = {}
 
@@ -90,7 +94,7 @@ class TritonPagedAttention:
             # Profiling run: no cache, every request attends causally to its fresh tokens.
             paged_prefill_attention(
                 out, query, key, value, md.block_table, md.query_start_loc, md.seq_lens, md.num_reqs,
-                scale, kv_from_cache=False, skip_decode=False,
+                scale, kv_from_cache=False, skip_decode=False, sliding_window=self.sliding_window,
             )
         else:
             reshape_and_cache(key, value, kv_cache, md.slot_mapping)
@@ -100,13 +104,13 @@ class TritonPagedAttention:
                 mixed = md.num_reqs > 1
                 paged_prefill_attention(
                     out, query, kv_cache[0], kv_cache[1], md.block_table, md.query_start_loc, md.seq_lens,
-                    md.num_reqs, scale, kv_from_cache=True, skip_decode=mixed,
+                    md.num_reqs, scale, kv_from_cache=True, skip_decode=mixed, sliding_window=self.sliding_window,
                 )
             if md.max_query_len == 1 or md.num_reqs > 1:
                 num_splits = self.num_decode_splits(md.num_reqs, kv_cache.shape[3], query.device)
                 paged_decode_attention(
                     out, query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.num_reqs,
-                    scale, num_splits,
+                    scale, num_splits, sliding_window=self.sliding_window,
                 )
         if md.num_actual_tokens < num_tokens:
             out[md.num_actual_tokens :].zero_()

@@ -63,6 +63,7 @@ def _paged_decode_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     scale_log2,
+    window,
     num_tokens,
     num_heads,
     stride_q_token,
@@ -80,6 +81,7 @@ def _paged_decode_kernel(
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One split of the context of one decode request, for all query heads of one KV head.
@@ -90,9 +92,10 @@ def _paged_decode_kernel(
     and part_max/part_sum [num_reqs, num_heads, NUM_SPLITS] fp32 (log2-domain running max and
     softmax denominator). With NUM_SPLITS == 1 the normalised result goes straight to out.
     Grid: (num_reqs, num_kv_heads, NUM_SPLITS); requests whose query length is not 1 exit.
-    The split covers keys [split * chunk, (split + 1) * chunk), chunk = seq_len / NUM_SPLITS
-    rounded up to BLOCK_N. Bytes: 2 * seq_len * head_size * elem per (request, KV head), the
-    whole KV once; FLOPs: 4 * seq_len * head_size per query head (negligible).
+    The split covers keys [start + split * chunk, start + (split + 1) * chunk), chunk =
+    (seq_len - start) / NUM_SPLITS rounded up to BLOCK_N; start is 0, or with USE_WINDOW
+    seq_len - window (sliding window). Bytes: 2 * keys * head_size * elem per (request, KV
+    head), the visible KV read once; FLOPs: 4 * keys * head_size per query head (negligible).
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -102,8 +105,13 @@ def _paged_decode_kernel(
     if (q_len != 1) | (q_start >= num_tokens):
         return
     seq_len = tl.load(seq_lens_ptr + req)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    split_start = split * chunk
+    if USE_WINDOW:
+        # The query (position seq_len - 1) sees keys seq_len - window .. seq_len - 1.
+        range_start = tl.maximum(seq_len - window, 0)
+    else:
+        range_start = 0
+    chunk = tl.cdiv(tl.cdiv(seq_len - range_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_start = range_start + split * chunk
     split_end = tl.minimum(split_start + chunk, seq_len)
 
     rows = tl.arange(0, BLOCK_M)
@@ -215,6 +223,7 @@ def paged_decode_attention(
     num_reqs: int,
     scale: float,
     num_splits: int,
+    sliding_window: int | None = None,
     config: DecodeConfig | None = None,
 ) -> None:
     """Attention of every request whose query length is 1 (other rows untouched).
@@ -223,6 +232,7 @@ def paged_decode_attention(
     num_kv_heads, head_size]. The grid is (num_reqs, num_kv_heads, num_splits) and the
     partial buffers are sized from the same host ints, so for a fixed padded batch size the
     launch is identical at every step (CUDA-graph safe). num_splits must be a power of two.
+    sliding_window: the query sees only the last sliding_window keys.
     """
     num_tokens, num_heads, head_size = query.shape
     if num_tokens == 0 or num_reqs == 0:
@@ -254,6 +264,7 @@ def paged_decode_attention(
         query_start_loc,
         seq_lens,
         scale * LOG2_E,
+        sliding_window or 0,
         num_tokens,
         num_heads,
         query.stride(0),
@@ -271,6 +282,7 @@ def paged_decode_attention(
         BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1],
         NUM_SPLITS=num_splits,
+        USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -36,14 +36,16 @@ def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr)
 
 @triton.jit
 def _attend_tile(
-    q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, kv_head, dims, dim_valid,
+    q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
     scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_FROM_CACHE: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over keys start_n .. start_n + BLOCK_N. Without MASKED every
-    key is below kv_end and visible to every row. With KV_FROM_CACHE table_row points at the
-    request's block-table row; otherwise it is the request's first token row in the fresh K/V."""
+    key is below kv_end and visible to every row (causally and within the window). With
+    MASKED a row sees key n when n <= q_pos and, with USE_WINDOW, n > q_pos - window.
+    With KV_FROM_CACHE table_row points at the request's block-table row; otherwise it is
+    the request's first token row in the fresh K/V."""
     n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
         n_valid = n < kv_end
@@ -63,6 +65,8 @@ def _attend_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         visible = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        if USE_WINDOW:
+            visible = visible & (n[None, :] > q_pos[:, None] - window)
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     if MASKED:
@@ -88,6 +92,7 @@ def _paged_prefill_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     scale_log2,
+    window,
     num_reqs,
     num_tokens,
     stride_q_token,
@@ -112,6 +117,7 @@ def _paged_prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     KV_FROM_CACHE: tl.constexpr,
     SKIP_DECODE: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Flash-attention forward for BLOCK_Q query tokens x all query heads of one KV head.
@@ -122,7 +128,8 @@ def _paged_prefill_kernel(
     [num_tokens, num_kv_heads, head_size] tensors (stride_*_slot unused) and every seq_len
     equals its query length. Tile rows are (token, head-in-group) pairs: row m is query token
     m // QUERIES_PER_KV_P2 of the block and head kv_head * QUERIES_PER_KV + m % QUERIES_PER_KV_P2,
-    so each K/V tile is loaded once for the whole GQA group.
+    so each K/V tile is loaded once for the whole GQA group. With USE_WINDOW a query at
+    position p sees keys p - window + 1 .. p (sliding window), and tiles outside are skipped.
     Grid: ((num_tokens // BLOCK_Q + num_reqs) * NUM_KV_HEADS,); surplus programs exit at once.
     Work per request of q query tokens over s keys: 4 * q * (s - q/2) * head_size * num_heads
     FLOPs; bytes: Q and out once, K/V of the visible prefix once per q block and KV head.
@@ -166,24 +173,38 @@ def _paged_prefill_kernel(
 
     first_q_pos = context_len + local_block * BLOCK_Q
     kv_end = tl.minimum(seq_len, first_q_pos + BLOCK_Q)
-    # Keys below first_q_pos + 1 are visible to every row of the block: those whole tiles
-    # run without any mask; only the diagonal band and the tail are masked.
+    # Keys in [mid_start, full_end) are visible to every row of the block, so those whole
+    # tiles run without any mask; [lo, mid_start) (the window's trailing edge) and
+    # [full_end, kv_end) (the causal diagonal) are masked.
     full_end = ((first_q_pos + 1) // BLOCK_N) * BLOCK_N
+    if USE_WINDOW:
+        lo = (tl.maximum(first_q_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        mid_start = tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N
+        mid_start = tl.minimum(tl.maximum(mid_start, lo), full_end)
+    else:
+        lo = 0
+        mid_start = 0
     if KV_FROM_CACHE:
         table_row = block_table_ptr + req.to(tl.int64) * stride_block_table
     else:
         table_row = q_start
-    for start_n in range(0, full_end, BLOCK_N):
+    for start_n in range(lo, mid_start, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, kv_head, dims, dim_valid,
+            q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
             scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, False, DOT_PRECISION,
+            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, True, USE_WINDOW, DOT_PRECISION,
+        )
+    for start_n in range(mid_start, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
+            scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
+            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, False, USE_WINDOW, DOT_PRECISION,
         )
     for start_n in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, kv_head, dims, dim_valid,
+            q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
             scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, True, DOT_PRECISION,
+            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, True, USE_WINDOW, DOT_PRECISION,
         )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -207,6 +228,7 @@ def paged_prefill_attention(
     scale: float,
     kv_from_cache: bool,
     skip_decode: bool,
+    sliding_window: int | None = None,
     config: TileConfig | None = None,
 ) -> None:
     """Causal varlen attention, written into out [num_tokens, num_heads, head_size].
@@ -215,6 +237,7 @@ def paged_prefill_attention(
     [num_blocks, block_size, num_kv_heads, head_size]; otherwise they are the step's
     key/value [num_tokens, num_kv_heads, head_size] and seq_lens must equal the query lengths.
     skip_decode leaves rows of requests with query length 1 unwritten (decode kernel's job).
+    sliding_window: each query sees only its last sliding_window keys (itself included).
     The grid uses only num_tokens (query.shape[0]) and the host int num_reqs.
     """
     num_tokens, num_heads, head_size = query.shape
@@ -246,6 +269,7 @@ def paged_prefill_attention(
         query_start_loc,
         seq_lens,
         scale * LOG2_E,
+        sliding_window or 0,
         num_reqs,
         num_tokens,
         query.stride(0),
@@ -266,6 +290,7 @@ def paged_prefill_attention(
         PAGE_SIZE=page_size,
         KV_FROM_CACHE=kv_from_cache,
         SKIP_DECODE=skip_decode,
+        USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 
@@ -20,11 +20,13 @@ def make_tiny_checkpoint(
     safe_serialization: bool = True,
     max_shard_size: str | None = None,
     seed: int = 0,
+    vocab_size: int = 384,
+    tokenizer_dir: Path | None = None,
 ) -> Path:
     """A 2-layer model of the family with weights large enough (initializer_range 0.2) that
     greedy choices are not near-ties, so our tokens can be compared with transformers'."""
     common = dict(
-        vocab_size=384,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -61,6 +63,9 @@ def make_tiny_checkpoint(
         path.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(path)
         torch.save(model.state_dict(), path / "pytorch_model.bin")
+    if tokenizer_dir is not None:
+        for item in Path(tokenizer_dir).iterdir():
+            shutil.copy(item, path / item.name)
     return path
 
 
@@ -77,9 +82,3 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
             out = model.generate(torch.tensor([prompt]), generation_config=config)
             results.append(out[0, len(prompt):].tolist())
     return results
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_checkpoints")
-    return {family: make_tiny_checkpoint(root / family, family) for family in FAMILIES}
