@@ -97,32 +97,34 @@ def decode_case(batch: int, context: int, configs: list[tuple[str, DecodeConfig,
     return results
 
 
-def prefill_case(query_len: int, context: int, configs: list[TileConfig | None]) -> list[dict]:
+def prefill_case(
+    query_len: int, context: int, configs: list[TileConfig | None], head_size: int = HEAD_SIZE
+) -> list[dict]:
     seq_len = query_len + context
     blocks = -(-seq_len // BLOCK_SIZE)
-    kv_cache = torch.randn(2, blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
+    kv_cache = torch.randn(2, blocks, BLOCK_SIZE, NUM_KV_HEADS, head_size, dtype=DTYPE, device="cuda")
     table = torch.randperm(blocks, device="cuda").to(torch.int32)[None]
-    query = torch.randn(query_len, NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
+    query = torch.randn(query_len, NUM_HEADS, head_size, dtype=DTYPE, device="cuda")
     out = torch.empty_like(query)
     qsl = torch.tensor([0, query_len], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([seq_len], dtype=torch.int32, device="cuda")
 
     pairs = query_len * context + query_len * (query_len + 1) / 2
-    flops = 4 * pairs * HEAD_SIZE * NUM_HEADS
+    flops = 4 * pairs * head_size * NUM_HEADS
     rows = []
     for config in configs:
         def ours(i: int) -> None:
-            paged_prefill_attention(out, query, kv_cache[0], kv_cache[1], table, qsl, seq_lens, 1, HEAD_SIZE**-0.5,
+            paged_prefill_attention(out, query, kv_cache[0], kv_cache[1], table, qsl, seq_lens, 1, head_size**-0.5,
                                     kv_from_cache=True, skip_decode=False, config=config)
 
         seconds = time_graph(ours, 1, replays=10)
         label = "default" if config is None else f"m{config.block_m}n{config.block_n}w{config.num_warps}s{config.num_stages}"
-        rows.append(dict(kind="prefill", query_len=query_len, context=context, config=label, us=seconds * 1e6,
+        rows.append(dict(kind="prefill", head_size=head_size, query_len=query_len, context=context, config=label, us=seconds * 1e6,
                          tflops=flops / seconds / 1e12))
     row = rows[0]
     if context == 0:
         q = query.transpose(0, 1)[None]
-        k = torch.randn(1, NUM_KV_HEADS, query_len, HEAD_SIZE, dtype=DTYPE, device="cuda")
+        k = torch.randn(1, NUM_KV_HEADS, query_len, head_size, dtype=DTYPE, device="cuda")
         v = torch.randn_like(k)
         try:
             sdpa = time_graph(lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), 1, 10)
@@ -134,9 +136,13 @@ def prefill_case(query_len: int, context: int, configs: list[TileConfig | None])
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="also try other tile shapes and split counts")
+    parser.add_argument("--sweep", action="store_true", help="--sweep-decode and --sweep-prefill")
+    parser.add_argument("--sweep-decode", action="store_true", help="also try other decode tiles and split counts")
+    parser.add_argument("--sweep-prefill", action="store_true", help="also try other prefill tiles and head sizes")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    sweep_decode = args.sweep or args.sweep_decode
+    sweep_prefill = args.sweep or args.sweep_prefill
     from pagedllm.layers.attention.backends.triton_paged import TritonPagedAttention
 
     backend = TritonPagedAttention()
@@ -148,9 +154,11 @@ def main() -> None:
         for context in (4096, 32768):
             auto = backend.num_decode_splits(batch, NUM_KV_HEADS, device)
             default = decode_config(HEAD_SIZE, DTYPE)
-            # default twice: the spread between the two is the noise floor of the table.
-            configs = [("default", default, auto), ("default", default, auto)]
-            if args.sweep:
+            configs = [("default", default, auto)]
+            if sweep_decode:
+                # default twice: the spread between the two is the noise floor of the table.
+                configs.append(("default", default, auto))
+            if sweep_decode:
                 for splits in sorted({max(1, auto // 4), max(1, auto // 2), auto * 2} - {auto}):
                     configs.append(("default", default, min(splits, 128)))
                 for bn, warps, stages in ((128, 4, 3), (64, 8, 3), (32, 4, 4), (128, 8, 2), (64, 4, 4)):
@@ -158,11 +166,18 @@ def main() -> None:
             rows += decode_case(batch, context, configs)
             torch.cuda.empty_cache()
     prefill_configs: list[TileConfig | None] = [None]
-    if args.sweep:
-        prefill_configs += [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3),
-                            TileConfig(64, 128, 4, 2), TileConfig(128, 32, 4, 3)]
+    if sweep_prefill:
+        prefill_configs += [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3),
+                            TileConfig(64, 32, 4, 3), TileConfig(64, 64, 4, 4)]
     for query_len, context in ((8192, 0), (2048, 30720)):
         rows += prefill_case(query_len, context, prefill_configs)
+    if sweep_prefill:
+        other_head_sizes = {
+            64: [None, TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3), TileConfig(64, 128, 4, 3)],
+            256: [None, TileConfig(64, 32, 4, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 2)],
+        }
+        for head_size, configs in other_head_sizes.items():
+            rows += prefill_case(8192, 0, configs, head_size)
 
     print(f"\ncopy bandwidth (read+write): {copy_bps / 1e9:.0f} GB/s, read-only (sum): {read_bps / 1e9:.0f} GB/s "
           f"on {torch.cuda.get_device_name()}")
@@ -174,7 +189,7 @@ def main() -> None:
     for r in rows:
         if r["kind"] == "prefill":
             extra = f", torch SDPA (contiguous K/V) {r['sdpa_tflops']:.0f} TFLOP/s" if "sdpa_tflops" in r else ""
-            print(f"prefill q={r['query_len']} ctx={r['context']} {r['config']}: {r['us']:.0f} us, "
+            print(f"prefill D={r['head_size']} q={r['query_len']} ctx={r['context']} {r['config']}: {r['us']:.0f} us, "
                   f"{r['tflops']:.0f} TFLOP/s{extra}")
     if args.json:
         with open(args.json, "w") as f:

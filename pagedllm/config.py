@@ -250,6 +250,10 @@ def _build(model: str, args: dict[str, Any]) -> EngineConfig:
     scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
     cache_config = _build_cache_config(args, device)
     parallel_config = _build_parallel_config(args, hf_config)
+    if load_config.load_format == "sharded_state":
+        from pagedllm.model_loader.sharded_state import check_sharded_state_folder
+
+        check_sharded_state_folder(resolved.model_path, parallel_config.tensor_parallel_size)
     compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs)
     if args["tokenizer"] is not None and not args["skip_tokenizer_init"]:
         tokenizer = resolve_tokenizer(args["tokenizer"], args["tokenizer_revision"], args["download_dir"])
@@ -388,11 +392,71 @@ def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig) ->
     if backend is None:
         backend = "uni" if tp_size == 1 else "mp"
     _check_choice("distributed_executor_backend", backend, EXECUTOR_BACKENDS)
-    if tp_size > 1:
+    if backend == "uni" and tp_size > 1:
         raise ValueError(
-            f"tensor_parallel_size={tp_size} is not supported yet; use tensor_parallel_size=1."
+            f"distributed_executor_backend='uni' runs one rank in this process, but "
+            f"tensor_parallel_size={tp_size}; use distributed_executor_backend='mp' (one process "
+            "per rank, the default) or 'ray'."
+        )
+    if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(
+                "distributed_executor_backend='ray' needs the ray package: "
+                "pip install 'pagedllm[ray]', or use distributed_executor_backend='mp'."
+            )
+    _check_tensor_parallel_split(hf_config, tp_size)
+    device = _resolve_device(args["device"])
+    if device.type == "cuda" and backend != "ray" and tp_size > torch.cuda.device_count():
+        # Ray may place ranks on other machines; one host must see every rank's GPU.
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} needs {tp_size} GPUs but "
+            f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower tensor_parallel_size or "
+            "use distributed_executor_backend='ray' across machines."
         )
     return ParallelConfig(tensor_parallel_size=tp_size, distributed_executor_backend=backend)
+
+
+def _check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> None:
+    """Fail at start-up, before any process starts, when the model's layers cannot be split
+    into `tp_size` equal shards (the layers would only fail later, inside the workers)."""
+    if tp_size == 1:
+        return
+    if getattr(hf_config, "num_attention_heads", None) is None:
+        return  # not a decoder config this check understands; the layers check when built
+    architecture = (getattr(hf_config, "architectures", None) or ["the model"])[0]
+    num_heads = int(hf_config.num_attention_heads)
+    num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
+    sizes = {"num_attention_heads": num_heads}
+    intermediate_size = getattr(hf_config, "intermediate_size", None)
+    if isinstance(intermediate_size, int):
+        sizes["intermediate_size"] = intermediate_size
+
+    def splits(size: int) -> bool:
+        return all(value % size == 0 for value in sizes.values()) and (
+            num_kv_heads % size == 0 if size <= num_kv_heads else size % num_kv_heads == 0
+        )
+
+    bad = [(name, value) for name, value in sizes.items() if value % tp_size]
+    kv_bad = num_kv_heads % tp_size if tp_size <= num_kv_heads else tp_size % num_kv_heads
+    if not bad and not kv_bad:
+        return
+    working = [size for size in range(1, num_heads + 1) if splits(size)]
+    if bad:
+        name, value = bad[0]
+        problem = f"{name} ({value}) of {architecture} is not divisible by tensor_parallel_size ({tp_size})"
+    else:
+        # Fewer KV heads than ranks is fine when each head is replicated a whole number of times.
+        problem = (
+            f"num_key_value_heads ({num_kv_heads}) of {architecture} and tensor_parallel_size "
+            f"({tp_size}) do not divide one another"
+        )
+    raise ValueError(
+        f"{problem}, so the model cannot be split across {tp_size} ranks; use "
+        f"tensor_parallel_size in {working}."
+    )
 
 
 def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int) -> CompilationConfig:

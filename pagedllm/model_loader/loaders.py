@@ -19,10 +19,12 @@ import torch
 
 from pagedllm.config import LoadConfig, ModelConfig
 from pagedllm.model_loader.weight_utils import (
+    ReadStats,
+    counted_weights_iterator,
     find_weight_files,
     initialize_dummy_weights,
     pt_weights_iterator,
-    safetensors_weights_iterator,
+    sharded_safetensors_iterator,
 )
 from pagedllm.worker.memory_profiler import format_gib
 
@@ -59,11 +61,6 @@ def get_model(
 
     start = time.perf_counter()
     load_format = "gguf" if model_config.gguf_file is not None else load_config.load_format
-    if load_format == "sharded_state":
-        raise ValueError(
-            "load_format='sharded_state' is not supported yet; use load_format='auto' with the "
-            "original checkpoint."
-        )
     loader = _LOADERS.get(load_format)
     if loader is None:
         raise ValueError(
@@ -72,19 +69,33 @@ def get_model(
     model_class = get_model_class(model_config.architecture)
     with torch.device(device), set_default_dtype(model_config.dtype):
         model = model_class(model_config.hf_config, quant_config=quant_config)
-    loader(model, model_config, load_config)
+    # A sharded state was saved after post-processing (as vLLM's is): give the parameters
+    # their processed shapes first, then copy the saved values over them.
+    process_first = load_format == "sharded_state"
+    if process_first:
+        _process_weights_after_loading(model)
+    stats = ReadStats()
+    loader(model, model_config, load_config, stats)
+    if not process_first:
+        _process_weights_after_loading(model)
+    # Inference only: no autograd graph is ever wanted through the weights.
+    model.requires_grad_(False).eval()
+    # The worker reports what this rank read (tests check that ranks read only their shards).
+    model.load_stats = stats
+    logger.info(
+        "Loaded %s (%s, load_format %s) on %s: %s of weights, %s read from checkpoint files, in %.1f s.",
+        model_config.architecture, str(model_config.dtype).removeprefix("torch."), load_format,
+        device, format_gib(model_weight_bytes(model)), format_gib(stats.bytes_read),
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def _process_weights_after_loading(model: torch.nn.Module) -> None:
     for module in model.modules():
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None and hasattr(quant_method, "process_weights_after_loading"):
             quant_method.process_weights_after_loading(module)
-    # Inference only: no autograd graph is ever wanted through the weights.
-    model.requires_grad_(False).eval()
-    logger.info(
-        "Loaded %s (%s, load_format %s) on %s: %s of weights in %.1f s.",
-        model_config.architecture, str(model_config.dtype).removeprefix("torch."), load_format,
-        device, format_gib(model_weight_bytes(model)), time.perf_counter() - start,
-    )
-    return model
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
@@ -113,26 +124,47 @@ def load_weights_strict(
         )
 
 
-def _load_checkpoint(model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig) -> None:
+def _load_checkpoint(
+    model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
+) -> None:
     files, weight_format = find_weight_files(model_config.model_path, load_config.load_format)
-    iterator = safetensors_weights_iterator if weight_format == "safetensors" else pt_weights_iterator
-    load_weights_strict(model, iterator(files), model_config.model_path)
+    if weight_format == "safetensors":
+        # Sliced reads: each tensor-parallel rank reads only the rows or columns it keeps.
+        weights: Iterable[tuple[str, Any]] = sharded_safetensors_iterator(files, stats)
+    else:
+        # A pickled .bin cannot be read in part: every rank reads every tensor whole.
+        weights = counted_weights_iterator(pt_weights_iterator(files), stats)
+    load_weights_strict(model, weights, model_config.model_path)
 
 
-def _load_gguf(model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig) -> None:
+def _load_gguf(
+    model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
+) -> None:
     from pagedllm.model_loader.gguf import gguf_weights_iterator
 
     if model_config.gguf_file is None:
         raise ValueError(f"load_format='gguf' needs model= to be a .gguf file, got {model_config.model!r}.")
     weights = gguf_weights_iterator(model_config.gguf_file, model_config.hf_config)
-    load_weights_strict(model, weights, model_config.gguf_file)
+    load_weights_strict(model, counted_weights_iterator(weights, stats), model_config.gguf_file)
 
 
-def _load_dummy(model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig) -> None:
+def _load_dummy(
+    model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
+) -> None:
     initialize_dummy_weights(model)
 
 
-_Loader = Callable[[torch.nn.Module, ModelConfig, LoadConfig], None]
+def _load_sharded_state(
+    model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
+) -> None:
+    from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size
+    from pagedllm.model_loader.sharded_state import check_sharded_state_folder, load_rank_state
+
+    check_sharded_state_folder(model_config.model_path, get_tp_size())
+    load_rank_state(model, model_config.model_path, get_tp_rank(), stats)
+
+
+_Loader = Callable[[torch.nn.Module, ModelConfig, LoadConfig, ReadStats], None]
 # load_format -> loader; read-only so no caller can change how another engine loads.
 _LOADERS: MappingProxyType[str, _Loader] = MappingProxyType(
     {
@@ -141,5 +173,6 @@ _LOADERS: MappingProxyType[str, _Loader] = MappingProxyType(
         "pt": _load_checkpoint,
         "dummy": _load_dummy,
         "gguf": _load_gguf,
+        "sharded_state": _load_sharded_state,
     }
 )

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -152,6 +153,78 @@ def safetensors_slices_iterator(files: list[str], use_tqdm: bool = True) -> Iter
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_slice(name)
+
+
+@dataclass
+class ReadStats:
+    """What a loader read from checkpoint files (one per load, owned by the caller)."""
+
+    bytes_read: int = 0
+    """Bytes of tensor data materialised from the files (slices count only their part)."""
+    num_tensors: int = 0
+    """Checkpoint tensors seen."""
+
+
+class CountingSlice:
+    """A safetensors slice that adds the bytes of every part read through it to `stats`.
+    It offers what weight loaders use of a slice: `get_shape()`, `get_dtype()`, indexing,
+    and `shape` / `ndim` for loaders that only check sizes."""
+
+    __slots__ = ("_slice", "_stats")
+
+    def __init__(self, sliced: Any, stats: ReadStats) -> None:
+        self._slice = sliced
+        self._stats = stats
+
+    def get_shape(self) -> list[int]:
+        return list(self._slice.get_shape())
+
+    def get_dtype(self) -> str:
+        return str(self._slice.get_dtype())
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._slice.get_shape())
+
+    @property
+    def ndim(self) -> int:
+        return len(self._slice.get_shape())
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        tensor = self._slice[index]
+        self._stats.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def sharded_safetensors_iterator(
+    files: list[str], stats: ReadStats, use_tqdm: bool = True
+) -> Iterator[tuple[str, Any]]:
+    """The checkpoint for a tensor-parallel rank: matrices as `CountingSlice`s, so each
+    weight_loader reads only its rank's rows or columns; vectors and scalars (norms, biases,
+    quantization scales) whole, since they are small and often replicated. `stats` counts the
+    bytes actually read. Like `safetensors_slices_iterator`, consume each item at once."""
+    for path in _progress(files, "Loading safetensors checkpoint shards", use_tqdm):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                stats.num_tensors += 1
+                sliced = f.get_slice(name)
+                if len(sliced.get_shape()) < 2:
+                    tensor = f.get_tensor(name)
+                    stats.bytes_read += tensor.numel() * tensor.element_size()
+                    yield name, tensor
+                else:
+                    yield name, CountingSlice(sliced, stats)
+
+
+def counted_weights_iterator(
+    weights: Iterable[tuple[str, torch.Tensor]], stats: ReadStats
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights` unchanged, adding each whole tensor's bytes to `stats` (formats without
+    sliced reads, such as .bin files, which every rank reads whole)."""
+    for name, tensor in weights:
+        stats.num_tensors += 1
+        stats.bytes_read += tensor.numel() * tensor.element_size()
+        yield name, tensor
 
 
 def _load_pt_file(path: str) -> Any:

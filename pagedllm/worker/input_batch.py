@@ -38,12 +38,37 @@ class StepInputs:
     """Position of each request's first token this step (= its computed tokens before it)."""
 
 
+class HostStager:
+    """Copies a step's packed int64 inputs to the device through one pinned buffer that is
+    reused across steps (allocating pinned memory per step costs more than the copy)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned: torch.Tensor | None = None
+        self._copy_done: torch.cuda.Event | None = None
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return host
+        if self._pinned is None or self._pinned.numel() < host.numel():
+            self._pinned = torch.empty(max(host.numel(), 1 << 16), dtype=torch.int64, pin_memory=True)
+        elif self._copy_done is not None:
+            # The previous step's copy must have left the buffer before it is overwritten.
+            self._copy_done.synchronize()
+        staging = self._pinned[: host.numel()]
+        staging.copy_(host)
+        result = staging.to(self.device, non_blocking=True)
+        self._copy_done = torch.cuda.Event()
+        self._copy_done.record()
+        return result
+
+
 def build_step_inputs(
     scheduler_output: SchedulerOutput,
     requests: dict[str, CachedRequestState],
     block_size: int,
-    device: torch.device,
-    num_padded_tokens: int | None = None,
+    stager: HostStager,
 ) -> StepInputs:
     """Flattens the scheduled tokens of every request into one batch. Per-request work is a
     list slice; per-token values (positions, slots) are computed with array ops."""
@@ -56,7 +81,6 @@ def build_step_inputs(
         assert start + length <= len(state.token_ids), (req_id, start, length, len(state.token_ids))
         token_ids.extend(state.token_ids[start : start + length])
     num_tokens = len(token_ids)
-    num_rows = max(num_tokens, num_padded_tokens or 0)
 
     query_lens_np = np.asarray(query_lens, dtype=np.int64)
     starts_np = np.asarray(starts, dtype=np.int64)
@@ -71,37 +95,31 @@ def build_step_inputs(
     for row, req_id in enumerate(req_ids):
         blocks = requests[req_id].block_ids
         block_table[row, : len(blocks)] = blocks
-    slot_mapping = np.full(num_rows, -1, dtype=np.int64)
-    if num_tokens:
-        block_of_token = block_table[request_index, positions // block_size].astype(np.int64)
-        slot_mapping[:num_tokens] = block_of_token * block_size + positions % block_size
+    block_of_token = block_table[request_index, positions // block_size].astype(np.int64)
+    slot_mapping = block_of_token * block_size + positions % block_size
+    input_ids = np.asarray(token_ids, dtype=np.int64)
 
-    input_ids = np.zeros(num_rows, dtype=np.int64)
-    input_ids[:num_tokens] = token_ids
-    padded_positions = np.zeros(num_rows, dtype=np.int64)
-    padded_positions[:num_tokens] = positions
-
-    def to_device(array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if device.type == "cuda":
-            return tensor.pin_memory().to(device, non_blocking=True)
-        return tensor
-
+    # One host-to-device copy for every per-step array, split into views on the device.
+    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel()]
+    packed = stager.to_device(np.concatenate(parts).astype(np.int64, copy=False))
+    (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table) = torch.split(
+        packed, [len(part) for part in parts]
+    )
     attn_metadata = AttentionMetadata(
         num_actual_tokens=num_tokens,
         num_reqs=len(req_ids),
         max_query_len=max(query_lens, default=0),
         max_seq_len=int(seq_lens.max()) if len(req_ids) else 0,
-        query_start_loc=to_device(query_start_loc.astype(np.int32)),
-        seq_lens=to_device(seq_lens.astype(np.int32)),
-        block_table=to_device(block_table),
-        slot_mapping=to_device(slot_mapping),
+        query_start_loc=dev_query_start_loc.to(torch.int32),
+        seq_lens=dev_seq_lens.to(torch.int32),
+        block_table=dev_block_table.view(block_table.shape).to(torch.int32),
+        slot_mapping=dev_slots,
         query_start_loc_cpu=query_start_loc.tolist(),
         seq_lens_cpu=seq_lens.tolist(),
     )
     return StepInputs(
-        input_ids=to_device(input_ids),
-        positions=to_device(padded_positions),
+        input_ids=dev_input_ids,
+        positions=dev_positions,
         attn_metadata=attn_metadata,
         req_ids=req_ids,
         query_starts=query_start_loc[:-1].tolist(),

@@ -60,6 +60,22 @@ def profile_cuda_memory(
     return profile
 
 
+# Per captured graph: kernel parameters and the graph's own bookkeeping (measured on an H100
+# with a 28-layer model; see BENCHMARKS.md).
+_CUDA_GRAPH_OVERHEAD_BYTES = 2 << 20
+
+
+def estimate_cuda_graph_bytes(engine_config: EngineConfig, profile: MemoryProfile) -> int:
+    """Graphs share one pool sized by the largest captured batch's activations, which scale
+    with tokens like the profiled peak; plus a fixed cost per graph."""
+    compilation_config = engine_config.compilation_config
+    if not compilation_config.use_cudagraph:
+        return 0
+    max_tokens = engine_config.scheduler_config.max_num_batched_tokens
+    activations = profile.peak_activation_bytes * compilation_config.max_cudagraph_capture_size // max_tokens
+    return activations + _CUDA_GRAPH_OVERHEAD_BYTES * len(compilation_config.cudagraph_capture_sizes)
+
+
 def cpu_kv_cache_bytes(engine_config: EngineConfig) -> int:
     override = engine_config.cache_config.kv_cache_memory_bytes
     kv_bytes = override if override is not None else engine_config.cache_config.cpu_kv_cache_bytes

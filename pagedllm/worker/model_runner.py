@@ -16,7 +16,14 @@ from pagedllm.layers.attention.kv_cache_spec import KVCacheSpec
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, to_token_logprobs
 from pagedllm.model_loader.loaders import get_model
-from pagedllm.worker.input_batch import CachedRequestState, StepInputs, build_profile_inputs, build_step_inputs
+from pagedllm.worker.cuda_graphs import CUDAGraphRunner
+from pagedllm.worker.input_batch import (
+    CachedRequestState,
+    HostStager,
+    StepInputs,
+    build_profile_inputs,
+    build_step_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,7 @@ class ModelRunner:
         self.eos_token_id: int | None = None
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
+        self.stager = HostStager(device)
         self.default_generator = torch.Generator(device=device)
         seed = self.model_config.seed
         if seed is None:
@@ -41,6 +49,7 @@ class ModelRunner:
         self.model: nn.Module | None = None
         self.attention_layers: list[Attention] = []
         self.kv_caches: list[torch.Tensor] = []
+        self.cuda_graphs: CUDAGraphRunner | None = None
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
@@ -64,6 +73,19 @@ class ModelRunner:
             cache = allocate(shape, dtype=spec.dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
+
+    def capture_cuda_graphs(self) -> int:
+        """Captures the decode graphs of compilation_config; returns the bytes they took."""
+        compilation_config = self.config.compilation_config
+        if not compilation_config.use_cudagraph or self.device.type != "cuda":
+            return 0
+        assert self.model is not None and self.kv_caches, "initialize_kv_cache() first"
+        max_blocks = -(-self.model_config.max_model_len // self.block_size)
+        self.cuda_graphs = CUDAGraphRunner(
+            self.model, compilation_config.cudagraph_capture_sizes, max_blocks, self.device
+        )
+        self.cuda_graphs.capture()
+        return self.cuda_graphs.graph_memory_bytes
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -96,7 +118,7 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
-        inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.device)
+        inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.stager)
         hidden_states = self._forward(inputs)
 
         sample_rows, sample_req_ids = [], []
@@ -141,6 +163,10 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         assert self.model is not None, "load_model() first"
+        if self.cuda_graphs is not None:
+            batch_size = self.cuda_graphs.padded_size(inputs)
+            if batch_size is not None:
+                return self.cuda_graphs.run(inputs, batch_size)
         with set_forward_context(inputs.attn_metadata):
             return self.model(inputs.input_ids, inputs.positions)
 
@@ -196,6 +222,7 @@ class ModelRunner:
         return results
 
     def shutdown(self) -> None:
+        self.cuda_graphs = None
         for layer in self.attention_layers:
             layer.kv_cache = None
         self.kv_caches = []

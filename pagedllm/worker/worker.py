@@ -22,6 +22,7 @@ class Worker:
         self.local_rank = local_rank
         self.device = engine_config.device_config.device
         self.model_runner: ModelRunner | None = None
+        self._graph_reserve_bytes = 0
 
     def init_device(self) -> None:
         if self.device.type == "cuda":
@@ -42,6 +43,9 @@ class Worker:
                 self.config, self.device, model_weight_bytes(runner.model), runner.profile_run
             )
             kv_bytes = profile.kv_cache_bytes
+            if self.config.cache_config.kv_cache_memory_bytes is None:
+                self._graph_reserve_bytes = memory_profiler.estimate_cuda_graph_bytes(self.config, profile)
+                kv_bytes = max(0, kv_bytes - self._graph_reserve_bytes)
         else:
             # On CPU the budget is set by the user; a profiling forward of
             # max_num_batched_tokens would cost seconds and decide nothing.
@@ -58,7 +62,13 @@ class Worker:
         self._runner().initialize_kv_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
-        """CUDA graph capture comes with the GPU backend; the CPU path has nothing to do."""
+        """Captures the decode CUDA graphs (nothing to do on CPU or with enforce_eager)."""
+        graph_bytes = self._runner().capture_cuda_graphs()
+        if graph_bytes:
+            logger.info(
+                "CUDA graphs took %s (%s was reserved for them).",
+                memory_profiler.format_gib(graph_bytes), memory_profiler.format_gib(self._graph_reserve_bytes),
+            )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._runner().execute_model(scheduler_output)

@@ -22,13 +22,15 @@ class TileConfig:
 
 
 def tile_config(block_d: int, dtype: torch.dtype, queries_per_kv_p2: int) -> TileConfig:
-    """Prefill tiles for a padded head dim. Chosen so that the fp32 accumulator
-    (block_m x block_d) stays at <= 64 registers a thread and K/V tiles double-buffer in
-    shared memory on Hopper (228 KiB per SM)."""
+    """Prefill tiles for a padded head dim: the fp32 accumulator (block_m x block_d) stays at
+    <= 64 registers a thread and K/V tiles are multi-buffered in shared memory (228 KiB per
+    SM on Hopper). For head_dim 128, 64x64 with 4 warps and 3 stages measured 355-369 TFLOP/s
+    on an H100 (bf16, 8k causal and 2k-after-30k chunks, 16/8 heads) against 296-268 for
+    128x64 with 8 warps; the other rows are untuned."""
     if block_d <= 64:
         config = TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     elif block_d <= 128:
-        config = TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+        config = TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     else:
         config = TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
     block_m, block_n = config.block_m, config.block_n

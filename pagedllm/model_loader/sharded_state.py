@@ -1,0 +1,229 @@
+"""Sharded checkpoints: each tensor-parallel rank's parameters saved as its own safetensors
+files, so loading them reads exactly the bytes a rank holds and slices nothing.
+
+Layout of a folder (vLLM's save_sharded_state layout):
+  model-rank-{rank}-part-{part}.safetensors   rank's parameters by name, files <= max size
+  sharded_state.json                          {"tensor_parallel_size": N, ...}
+  config.json, tokenizer files, ...           copied from the source model
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pagedllm.model_loader.weight_utils import ReadStats
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FILE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
+METADATA_FILE = "sharded_state.json"
+# vLLM's default part size: large enough that parts are few, small enough for any filesystem.
+DEFAULT_MAX_FILE_SIZE = 5 << 30
+# Files of the source folder that are weights (never copied next to a sharded state).
+_WEIGHT_FILE_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json",
+    "*.bin.index.json", "*.msgpack", "*.h5",
+)
+
+
+def rank_file_glob(rank: int, pattern: str = DEFAULT_FILE_PATTERN) -> str:
+    return pattern.format(rank=rank, part="*")
+
+
+def save_rank_state(
+    model: torch.nn.Module,
+    output_dir: str,
+    rank: int,
+    tensor_parallel_size: int,
+    pattern: str | None = None,
+    max_file_size: int | None = None,
+) -> list[str]:
+    """Write this rank's parameters (its shards, tied parameters once) into parts of at most
+    `max_file_size` bytes (a single tensor larger than that gets a part of its own). Rank 0
+    also writes sharded_state.json. Returns the paths written."""
+    pattern = pattern or DEFAULT_FILE_PATTERN
+    max_file_size = DEFAULT_MAX_FILE_SIZE if max_file_size is None else max_file_size
+    if max_file_size < 1:
+        raise ValueError(f"max_file_size must be a positive number of bytes, got {max_file_size}.")
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for part, tensors in enumerate(_parts(model, max_file_size)):
+        path = os.path.join(output_dir, pattern.format(rank=rank, part=part))
+        save_file(tensors, path)
+        paths.append(path)
+    if rank == 0:
+        metadata = {"format": "pagedllm-sharded-state", "tensor_parallel_size": tensor_parallel_size, "file_pattern": pattern}
+        with open(os.path.join(output_dir, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2)
+    logger.info("Rank %d saved %d file(s) to %s.", rank, len(paths), output_dir)
+    return paths
+
+
+def _parts(model: torch.nn.Module, max_file_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    part: dict[str, torch.Tensor] = {}
+    part_bytes = 0
+    # named_parameters() yields a tied parameter once, under its first name.
+    for name, param in model.named_parameters():
+        tensor = param.detach().cpu().contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if part and part_bytes + size > max_file_size:
+            yield part
+            part, part_bytes = {}, 0
+        part[name] = tensor
+        part_bytes += size
+    if part:
+        yield part
+
+
+def read_saved_tensor_parallel_size(folder: str) -> int | None:
+    """The tensor_parallel_size recorded in a sharded-state folder (None if it has no record)."""
+    path = os.path.join(folder, METADATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["tensor_parallel_size"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"Cannot read {path} ({error}); save the sharded state again.") from None
+
+
+def check_sharded_state_folder(folder: str, tensor_parallel_size: int) -> None:
+    """Start-up check for load_format='sharded_state': the folder holds a state saved with this
+    tensor_parallel_size."""
+    saved = read_saved_tensor_parallel_size(folder)
+    if saved is None:
+        # Folders written by vLLM's example carry no metadata: count the ranks' files instead.
+        ranks = {
+            int(name.split("-")[2]) for name in os.listdir(folder)
+            if fnmatch.fnmatch(name, "model-rank-*-part-*.safetensors") and name.split("-")[2].isdigit()
+        }
+        if not ranks:
+            raise ValueError(
+                f"load_format='sharded_state' but {folder} holds no model-rank-*-part-*.safetensors "
+                "files; write them with `pagedllm save-sharded`, or use load_format='auto'."
+            )
+        saved = max(ranks) + 1
+    if saved != tensor_parallel_size:
+        raise ValueError(
+            f"The sharded state in {folder} was saved with tensor_parallel_size={saved} but "
+            f"loading with tensor_parallel_size={tensor_parallel_size}; pass "
+            f"tensor_parallel_size={saved}, or save it again with --tensor-parallel-size "
+            f"{tensor_parallel_size}."
+        )
+
+
+@torch.no_grad()
+def load_rank_state(model: torch.nn.Module, folder: str, rank: int, stats: ReadStats, pattern: str | None = None) -> None:
+    """Copy this rank's saved tensors straight into the parameters of the same names (no
+    slicing: they are already this rank's shards). Every parameter must be filled and every
+    saved tensor used."""
+    pattern = pattern or _saved_pattern(folder)
+    files = sorted(glob.glob(os.path.join(glob.escape(folder), rank_file_glob(rank, pattern))))
+    if not files:
+        raise ValueError(
+            f"{folder} has no files for rank {rank} ({rank_file_glob(rank, pattern)}); the sharded "
+            "state is incomplete: save it again with `pagedllm save-sharded`."
+        )
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                param = params.get(name)
+                if param is None:
+                    raise ValueError(
+                        f"{path} holds {name!r}, which is no parameter of {type(model).__name__}; "
+                        "the sharded state was saved from another model or configuration."
+                    )
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"{path}: {name} has shape {tuple(tensor.shape)} but this rank's parameter "
+                        f"has {tuple(param.shape)}; save the sharded state again for this model."
+                    )
+                param.data.copy_(tensor)
+                stats.num_tensors += 1
+                stats.bytes_read += tensor.numel() * tensor.element_size()
+                filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ValueError(
+            f"The sharded state in {folder} lacks {len(missing)} parameter(s) of rank {rank}: "
+            f"{', '.join(missing[:10])}; save it again with `pagedllm save-sharded`."
+        )
+
+
+def _saved_pattern(folder: str) -> str:
+    path = os.path.join(folder, METADATA_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            pattern = json.load(f).get("file_pattern")
+        if isinstance(pattern, str):
+            return pattern
+    return DEFAULT_FILE_PATTERN
+
+
+def copy_metadata_files(source_dir: str, output_dir: str) -> list[str]:
+    """Copy everything of the source model folder that is not weights (config.json, tokenizer
+    and generation files, chat templates, custom code) into `output_dir`; returns the names."""
+    copied = []
+    for name in sorted(os.listdir(source_dir)):
+        skip = name == METADATA_FILE or name.startswith(".")
+        if skip or any(fnmatch.fnmatch(name, pattern) for pattern in _WEIGHT_FILE_PATTERNS):
+            continue
+        source = os.path.join(source_dir, name)
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+        copied.append(name)
+    return copied
+
+
+def save_sharded_checkpoint(
+    model: str, output_dir: str, tensor_parallel_size: int, max_file_size: int | None = None, **engine_kwargs: Any
+) -> None:
+    """Load `model` split over `tensor_parallel_size` ranks and save each rank's shards to
+    `output_dir`, with the source's config and tokenizer files, for
+    `LLM(model=output_dir, load_format="sharded_state", tensor_parallel_size=...)`.
+    No KV cache is allocated: the workers only load and save."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.executor.base import Executor
+
+    engine_kwargs.setdefault("skip_tokenizer_init", True)
+    config = EngineConfig.from_kwargs(model, tensor_parallel_size=tensor_parallel_size, **engine_kwargs)
+    if config.model_config.gguf_file is not None:
+        raise ValueError(
+            f"save-sharded reads a model folder (config.json and weights), got the GGUF file {model!r}."
+        )
+    output_dir = os.path.abspath(output_dir)
+    if os.path.abspath(config.model_config.model_path) == output_dir:
+        raise ValueError(f"--output {output_dir} is the model folder itself; choose another folder.")
+    os.makedirs(output_dir, exist_ok=True)
+    stale = glob.glob(os.path.join(glob.escape(output_dir), "model-rank-*-part-*.safetensors"))
+    if stale:
+        raise ValueError(
+            f"{output_dir} already holds {len(stale)} model-rank-*.safetensors file(s); pass an "
+            "empty or new --output folder."
+        )
+    executor = Executor.create(config)
+    try:
+        executor.collective_rpc("init_device")
+        executor.collective_rpc("load_model")
+        executor.save_sharded_state(output_dir, max_size=max_file_size)
+    finally:
+        executor.shutdown()
+    copied = copy_metadata_files(config.model_config.model_path, output_dir)
+    logger.info("Saved the sharded state of %s (%d ranks) to %s; copied %s.", model, tensor_parallel_size, output_dir, ", ".join(copied) or "nothing")
