@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q -x --durations=15 tests
 
 test-gpu:
-	PYTHONPATH=. python3 -m pytest -q -m gpu tests/gpu
+	PYTHONPATH=. python3 -m pytest -q -m gpu tests
 
 clean:
 	rm -rf $(VENV)

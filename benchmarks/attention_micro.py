@@ -18,8 +18,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from pagedllm.layers.attention.ops.decode_attention import DecodeConfig, decode_config, paged_decode_attention
 from pagedllm.layers.attention.ops.common import TileConfig
+from pagedllm.layers.attention.ops.decode_attention import DecodeConfig, decode_config, paged_decode_attention
 from pagedllm.layers.attention.ops.prefill_attention import paged_prefill_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 16, 8, 128, 16
@@ -118,9 +118,12 @@ def prefill_case(
                                     kv_from_cache=True, skip_decode=False, config=config)
 
         seconds = time_graph(ours, 1, replays=10)
-        label = "default" if config is None else f"m{config.block_m}n{config.block_n}w{config.num_warps}s{config.num_stages}"
-        rows.append(dict(kind="prefill", head_size=head_size, query_len=query_len, context=context, config=label, us=seconds * 1e6,
-                         tflops=flops / seconds / 1e12))
+        label = (
+            "default" if config is None
+            else f"m{config.block_m}n{config.block_n}w{config.num_warps}s{config.num_stages}"
+        )
+        rows.append(dict(kind="prefill", head_size=head_size, query_len=query_len, context=context, config=label,
+                         us=seconds * 1e6, tflops=flops / seconds / 1e12))
     row = rows[0]
     if context == 0:
         q = query.transpose(0, 1)[None]
@@ -185,7 +188,8 @@ def main() -> None:
     for r in rows:
         if r["kind"] == "decode":
             print(f"{r['batch']:>5} {r['context']:>7} {r['config']:>10} {r['splits']:>6} {r['us']:>9.1f} "
-                  f"{r['gbps']:>7.0f} {100 * r['gbps'] * 1e9 / copy_bps:>6.1f} {100 * r['gbps'] * 1e9 / read_bps:>6.1f}")
+                  f"{r['gbps']:>7.0f} {100 * r['gbps'] * 1e9 / copy_bps:>6.1f} "
+                  f"{100 * r['gbps'] * 1e9 / read_bps:>6.1f}")
     for r in rows:
         if r["kind"] == "prefill":
             extra = f", torch SDPA (contiguous K/V) {r['sdpa_tflops']:.0f} TFLOP/s" if "sdpa_tflops" in r else ""

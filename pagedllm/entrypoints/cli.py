@@ -1,4 +1,6 @@
-"""The `pagedllm` command: `pagedllm generate --model M --prompt "..." [--max-tokens N ...]`.
+"""The `pagedllm` command: `pagedllm generate --model M --prompt "..." [--max-tokens N ...]`,
+and `pagedllm save-sharded --model M --tensor-parallel-size N --output DIR` (each rank's
+shards written to their own files, for load_format="sharded_state").
 
 Engine options are spelled like LLM's keyword arguments with dashes (`--max-model-len`)."""
 
@@ -53,7 +55,27 @@ def _build_parser() -> argparse.ArgumentParser:
     for flag, help_text in _ENGINE_FLAGS:
         generate.add_argument(flag, action="store_true", default=None, help=help_text)
     generate.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
+    _add_save_sharded_parser(commands)
     return parser
+
+
+def _add_save_sharded_parser(commands: Any) -> None:
+    save = commands.add_parser(
+        "save-sharded",
+        help="save each tensor-parallel rank's weights to its own files (load_format='sharded_state')",
+    )
+    save.add_argument("--model", required=True, help="model folder or hub id")
+    save.add_argument("--tensor-parallel-size", type=int, required=True, help="number of ranks to split into")
+    save.add_argument("--output", required=True, help="folder to write (new or empty)")
+    save.add_argument("--max-file-size", type=int, default=None,
+                      help="largest file in bytes (default 5 GiB); a rank's state is split into parts")
+    save.add_argument("--dtype", type=str, default=None, help="auto | float32 | bfloat16 | float16")
+    save.add_argument("--load-format", type=str, default=None, help="auto | safetensors | pt")
+    save.add_argument("--distributed-executor-backend", type=str, default=None, help="mp (default) | ray | uni")
+    save.add_argument("--revision", type=str, default=None, help="hub revision of the model")
+    save.add_argument("--download-dir", type=str, default=None, help="hub cache folder")
+    save.add_argument("--device", type=str, default=None, help="auto | cuda | cpu")
+    save.add_argument("--trust-remote-code", action="store_true", default=None)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,10 +111,23 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_save_sharded(args: argparse.Namespace) -> int:
+    from pagedllm.model_loader.sharded_state import save_sharded_checkpoint
+
+    names = ("dtype", "load_format", "distributed_executor_backend", "revision", "download_dir", "device", "trust_remote_code")
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    save_sharded_checkpoint(args.model, args.output, args.tensor_parallel_size, args.max_file_size, **kwargs)
+    print(f"Saved {args.tensor_parallel_size} rank(s) of {args.model} to {args.output}; load it with "
+          f"LLM(model={args.output!r}, load_format='sharded_state', tensor_parallel_size={args.tensor_parallel_size}).")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "save-sharded":
+        return run_save_sharded(args)
     return 2
 
 

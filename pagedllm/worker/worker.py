@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+import torch.distributed as dist
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed.parallel_state import destroy_distributed, get_tp_group, init_distributed
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.model_loader.loaders import model_weight_bytes
 from pagedllm.worker import memory_profiler
@@ -16,18 +19,45 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, engine_config: EngineConfig, rank: int, local_rank: int) -> None:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        rank: int,
+        local_rank: int,
+        distributed_init_method: str | None = None,
+    ) -> None:
+        """`distributed_init_method` (e.g. "tcp://127.0.0.1:29500") is where the ranks meet to
+        form their process group; needed when tensor_parallel_size > 1."""
         self.config = engine_config
         self.rank = rank
         self.local_rank = local_rank
+        self.world_size = engine_config.parallel_config.tensor_parallel_size
+        self.distributed_init_method = distributed_init_method
         self.device = engine_config.device_config.device
         self.model_runner: ModelRunner | None = None
         self._graph_reserve_bytes = 0
 
     def init_device(self) -> None:
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.local_rank)
+            # One rank uses the device the user named (cuda:1); several use one GPU each, in
+            # CUDA_VISIBLE_DEVICES order.
+            index = self.device.index if self.world_size == 1 and self.device.index is not None else self.local_rank
+            self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
+        elif self.world_size > 1:
+            # N ranks on one CPU each take an equal share of the cores; torch's default (every
+            # core per process) oversubscribes and runs several times slower.
+            torch.set_num_threads(max(1, _num_usable_cpus() // self.world_size))
+        if self.world_size > 1:
+            if self.distributed_init_method is None:
+                raise ValueError(
+                    f"tensor_parallel_size={self.world_size} needs a distributed_init_method "
+                    "(tcp://host:port) for the ranks to meet; the executor passes one."
+                )
+            init_distributed(
+                self.world_size, self.rank, "nccl" if self.device.type == "cuda" else "gloo",
+                self.distributed_init_method, self.local_rank,
+            )
         seed = self.config.model_config.seed
         if seed is not None:
             torch.manual_seed(seed)
@@ -35,6 +65,18 @@ class Worker:
     def load_model(self) -> None:
         self.model_runner = ModelRunner(self.config, self.device)
         self.model_runner.load_model()
+        if self.world_size > 1:
+            self._agree_on_sampling_seed(self.model_runner)
+
+    def _agree_on_sampling_seed(self, runner: ModelRunner) -> None:
+        """Every rank samples from the same all-gathered logits and appends the token it drew
+        to its own copy of each request; the ranks stay in step only if they draw the same
+        tokens, so they share rank 0's generator seed (seed=None draws a fresh one per rank)."""
+        seed = torch.tensor(
+            [runner.default_generator.initial_seed() % (1 << 63)], dtype=torch.int64, device=self.device
+        )
+        dist.broadcast(seed, src=0, group=get_tp_group())
+        runner.default_generator.manual_seed(int(seed.item()))
 
     def determine_num_kv_blocks(self) -> int:
         runner = self._runner()
@@ -58,6 +100,13 @@ class Worker:
         """Bytes one block takes summed over this rank's attention layers."""
         return self._runner().kv_cache_block_bytes()
 
+    def kv_cache_bytes(self) -> int:
+        return sum(cache.numel() * cache.element_size() for cache in self._runner().kv_caches)
+
+    def graph_memory_bytes(self) -> int:
+        graphs = self._runner().cuda_graphs
+        return graphs.graph_memory_bytes if graphs is not None else 0
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._runner().initialize_kv_cache(num_blocks)
 
@@ -73,12 +122,37 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._runner().execute_model(scheduler_output)
 
+    def loaded_weight_bytes(self) -> int:
+        """Bytes of tensor data this rank read from checkpoint files while loading (its shards
+        of the sliced matrices plus the small tensors it reads whole)."""
+        stats = getattr(self._runner().model, "load_stats", None)
+        return 0 if stats is None else stats.bytes_read
+
+    def save_sharded_state(self, path: str, pattern: str | None = None, max_size: int | None = None) -> list[str]:
+        """Write this rank's parameters to `path` (see model_loader/sharded_state.py)."""
+        from pagedllm.model_loader.sharded_state import save_rank_state
+
+        model = self._runner().model
+        assert model is not None
+        return save_rank_state(model, path, self.rank, self.world_size, pattern, max_size)
+
+    def get_pid(self) -> int:
+        return os.getpid()
+
     def shutdown(self) -> None:
         if self.model_runner is not None:
             self.model_runner.shutdown()
             self.model_runner = None
+        if self.world_size > 1:
+            destroy_distributed()
 
     def _runner(self) -> ModelRunner:
         if self.model_runner is None:
             raise RuntimeError("load_model() must run before this call.")
         return self.model_runner
+
+
+def _num_usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -299,7 +299,9 @@ def test_decode_step_replays_in_a_cuda_graph_at_new_lengths() -> None:
         step()
 
     for seq_lens in ([1, 7, 300, 4000, 20000, 16, 17, 999], [12000, 1, 2, 3, 64, 65, 5000, 128]):
-        new = make_batch([1] * 8, seq_lens, **shape, num_blocks=num_blocks, max_blocks_per_req=table_width, generator=gen)
+        new = make_batch(
+            [1] * 8, seq_lens, **shape, num_blocks=num_blocks, max_blocks_per_req=table_width, generator=gen
+        )
         static.query.copy_(new.query)
         static.key.copy_(new.key)
         static.value.copy_(new.value)
@@ -326,7 +328,9 @@ def test_matches_torch_sdpa_backend(sliding_window: int | None) -> None:
     from pagedllm.layers.attention.backends.triton_paged import TritonPagedAttention
 
     gen = torch.Generator().manual_seed(5)
-    batch = make_batch([1, 37, 1, 120], [3000, 37, 9, 500], 16, 8, 128, 16, torch.bfloat16, num_padding_rows=2, generator=gen)
+    batch = make_batch(
+        [1, 37, 1, 120], [3000, 37, 9, 500], 16, 8, 128, 16, torch.bfloat16, num_padding_rows=2, generator=gen
+    )
     md = batch.metadata
     ours = TritonPagedAttention(sliding_window=sliding_window).forward(
         batch.query, batch.key, batch.value, batch.kv_cache.clone(), md, batch.scale

@@ -6,18 +6,21 @@ the cache pages, and decode rows (query length 1) through a split-K kernel whose
 depend on sequence lengths.
 
 Host-side values of AttentionMetadata that this backend reads, and what for:
-- num_reqs: first grid dimension of every kernel (under CUDA graphs: the padded batch size;
+- num_reqs: sizes every kernel's grid (under CUDA graphs: the padded batch size;
   padded requests must have query length 0 or 1 and a seq_len >= 0 with valid block ids).
 - max_query_len: == 1 selects the decode-only path (the only one meant for CUDA graphs).
 - num_actual_tokens: rows past it are padding; their output is zeroed.
 seq_lens_cpu, query_start_loc_cpu and max_seq_len are never read, so no kernel's grid depends
 on a sequence length. The decode grid is (num_reqs, num_kv_heads, num_splits) with num_splits
 from choose_num_splits(num_reqs, num_kv_heads, num_sms): static for a given padded batch size.
+
+Also supported: sliding-window attention (constructor argument, as the Attention layer passes
+it), head sizes 16..256 (padded to a power of two inside the kernels), fp16/bf16/fp32, any
+power-of-two block size, and an optional preallocated `output` (a static buffer under graphs).
+The ops modules import triton, so import this module only where a CUDA backend is wanted.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
@@ -25,8 +28,6 @@ from pagedllm.forward_context import AttentionMetadata
 from pagedllm.layers.attention.ops.decode_attention import MAX_NUM_SPLITS, choose_num_splits, paged_decode_attention
 from pagedllm.layers.attention.ops.prefill_attention import paged_prefill_attention
 from pagedllm.layers.attention.ops.reshape_and_cache import reshape_and_cache
-
-logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_SIZE = 256

@@ -1,0 +1,273 @@
+"""One spawned process per tensor-parallel rank, each holding a Worker; the engine's process
+holds no model and talks to the ranks over one pipe each.
+
+Processes are spawned, never forked, so a parent that has touched CUDA cannot break them
+("Cannot re-initialize CUDA in forked subprocess"). Like every spawn-based launcher, this
+imports the user's main module in each child: a script must create its LLM under
+`if __name__ == "__main__":`.
+
+An RPC is `(method, args, kwargs, reply_rank)`, pickled once and sent to every rank; each rank
+answers `("ok", result)` or `("error", exception, traceback text)`. While waiting, the engine
+also watches every process's sentinel, so a rank that dies (killed, out of memory, a crash in
+native code) becomes a `WorkerDiedError` at once instead of a hang, and the other ranks, which
+may be blocked in a collective waiting for it, are stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, NoReturn
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.executor.base import (
+    Executor,
+    RemoteTraceback,
+    WorkerDiedError,
+    describe_exit_code,
+    get_open_port,
+)
+
+logger = logging.getLogger(__name__)
+
+_SHUTDOWN = "__shutdown__"
+# Once one rank has raised, how long the others get to answer before they are presumed stuck
+# in a collective that the failed rank never joined, and are stopped.
+_FAILURE_GRACE_S = 10.0
+# How long a rank gets to leave on its own at shutdown before it is terminated.
+_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _WorkerProcess:
+    rank: int
+    process: BaseProcess
+    conn: Connection
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, engine_config: EngineConfig) -> None:
+        super().__init__(engine_config)
+        world_size = engine_config.parallel_config.tensor_parallel_size
+        context = multiprocessing.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{get_open_port()}"
+        self._workers: list[_WorkerProcess] = []
+        self._failure: str | None = None
+        # Numbers each call, so answers to a call the engine stopped waiting for (Ctrl-C)
+        # are recognised and dropped instead of being taken for the next call's.
+        self._call_id = 0
+        # The finalizer holds the list, not the executor, so dropping the executor (or the
+        # interpreter exiting) still stops the processes.
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, True)
+        start = time.perf_counter()
+        for rank in range(world_size):
+            parent_conn, child_conn = context.Pipe(duplex=True)
+            process = context.Process(
+                target=_worker_main,
+                args=(engine_config, rank, rank, init_method, child_conn),
+                name=f"pagedllm-worker-rank-{rank}",
+                daemon=True,
+            )
+            try:
+                process.start()
+            except BaseException:
+                self._finalizer()
+                raise
+            finally:
+                child_conn.close()
+            self._workers.append(_WorkerProcess(rank, process, parent_conn))
+        logger.info(
+            "Started %d worker processes (pids %s) in %.1f s; ranks meet at %s.",
+            world_size, ", ".join(str(w.process.pid) for w in self._workers),
+            time.perf_counter() - start, init_method,
+        )
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process id of each rank, in rank order."""
+        return [int(w.process.pid or 0) for w in self._workers]
+
+    def collective_rpc(self, method: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
+        return self._call(method, args, kwargs or {}, reply_rank=None)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        # Every rank computes the same output; only rank 0's crosses the pipe back.
+        return self._call("execute_model", (scheduler_output,), {}, reply_rank=0)[0]
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], reply_rank: int | None) -> list[Any]:
+        if self._failure is not None:
+            raise RuntimeError(f"The workers were stopped after an earlier failure ({self._failure}); create a new LLM.")
+        if not self._finalizer.alive:
+            raise RuntimeError("The executor was shut down.")
+        self._call_id += 1
+        payload = pickle.dumps((self._call_id, method, args, kwargs, reply_rank), protocol=pickle.HIGHEST_PROTOCOL)
+        for worker in self._workers:
+            try:
+                worker.conn.send_bytes(payload)
+            except OSError:  # the pipe broke: the process is gone
+                self._raise_died(worker, method)
+        return self._collect(method)
+
+    def _collect(self, method: str) -> list[Any]:
+        results: list[Any] = [None] * len(self._workers)
+        errors: dict[int, tuple[BaseException, str]] = {}
+        pending = {worker.rank: worker for worker in self._workers}
+        deadline: float | None = None
+        while pending:
+            waitables: list[Any] = [w.conn for w in pending.values()]
+            waitables += [w.process.sentinel for w in pending.values()]
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = multiprocessing.connection.wait(waitables, timeout)
+            if not ready:
+                break  # the grace after an error ran out
+            for worker in list(pending.values()):
+                # A rank may have answered and then exited: read its answer first.
+                if worker.conn in ready or worker.conn.poll():
+                    try:
+                        reply = pickle.loads(worker.conn.recv_bytes())
+                    except (EOFError, OSError):
+                        self._raise_died(worker, method)
+                    call_id, status, *value = reply
+                    if call_id != self._call_id:
+                        continue  # an answer to an interrupted earlier call
+                    del pending[worker.rank]
+                    if status == "ok":
+                        results[worker.rank] = value[0]
+                    else:
+                        errors[worker.rank] = (value[0], value[1])
+                        if deadline is None:
+                            deadline = time.monotonic() + _FAILURE_GRACE_S
+                elif worker.process.sentinel in ready:
+                    self._raise_died(worker, method)
+        if errors:
+            rank = min(errors)
+            error, remote_traceback = errors[rank]
+            if pending:
+                # The ranks still running are most likely blocked in a collective the failed
+                # rank never reached: they cannot be reused.
+                stuck = sorted(pending)
+                self._fail(f"rank {rank} raised {type(error).__name__} in {method}")
+                _add_note(error, f"Worker ranks {stuck} did not finish {method} within {_FAILURE_GRACE_S:.0f} s and were stopped.")
+            _add_note(error, f"Raised by worker rank {rank} in {method}.")
+            raise error from RemoteTraceback(remote_traceback)
+        return results
+
+    def _raise_died(self, worker: _WorkerProcess, method: str) -> NoReturn:
+        worker.process.join(timeout=1.0)
+        how = describe_exit_code(worker.process.exitcode)
+        message = f"Worker rank {worker.rank} (pid {worker.process.pid}) died with {how} during {method}"
+        self._fail(message)
+        hint = ""
+        if method == "init_device":
+            hint = (
+                " If this happened while a script started, create the LLM under "
+                "`if __name__ == '__main__':` (workers are spawned processes that import the "
+                "main module)."
+            )
+        raise WorkerDiedError(
+            f"{message}; the other workers were stopped. Look above for the worker's own error "
+            f"(signal SIGKILL often means the out-of-memory killer).{hint}"
+        )
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        _stop_workers(self._workers, False)
+        self._finalizer.detach()
+
+
+def _stop_workers(workers: list[_WorkerProcess], graceful: bool) -> None:
+    """Ask each rank to leave, then terminate and finally kill those that did not; every
+    process is joined, so none is left behind. Safe to call more than once."""
+    if graceful:
+        message = pickle.dumps((0, _SHUTDOWN, (), {}, None))
+        for worker in workers:
+            if worker.process.is_alive():
+                try:
+                    worker.conn.send_bytes(message)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + _SHUTDOWN_TIMEOUT_S
+        for worker in workers:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for stop in ("terminate", "kill"):
+        alive = [worker for worker in workers if worker.process.is_alive()]
+        for worker in alive:
+            getattr(worker.process, stop)()
+        for worker in alive:
+            worker.process.join(timeout=2.0)
+    for worker in workers:
+        worker.conn.close()
+
+
+def _worker_main(engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, conn: Connection) -> None:
+    """The body of each worker process: answer RPCs until told to stop or the engine is gone."""
+    # Ctrl-C reaches the whole process group; the engine decides what happens and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
+    from pagedllm.worker.worker import Worker
+
+    worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
+    try:
+        while True:
+            try:
+                message = conn.recv_bytes()
+            except (EOFError, OSError):
+                break  # the engine's end closed
+            call_id, method, args, kwargs, reply_rank = pickle.loads(message)
+            if method == _SHUTDOWN:
+                break
+            try:
+                result = getattr(worker, method)(*args, **kwargs)
+                answer = pickle.dumps(
+                    (call_id, "ok", result if reply_rank in (None, rank) else None),
+                    protocol=pickle.HIGHEST_PROTOCOL,
+                )
+            except Exception as error:
+                answer = pickle.dumps((call_id, "error", _picklable(error), traceback.format_exc()))
+            conn.send_bytes(answer)
+    finally:
+        worker.shutdown()
+        conn.close()
+
+
+def _exit_with_parent() -> None:
+    """End this process when the engine's process ends, even if it was killed and this rank is
+    blocked in a collective (where it would never read the closed pipe)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pagedllm-parent-watch", daemon=True).start()
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """`error` if it survives pickling (most do), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(note)

@@ -1,0 +1,256 @@
+"""One Ray actor per tensor-parallel rank, placed by a placement group, so ranks may sit on
+several machines (`ray start` on each, then `LLM(..., distributed_executor_backend="ray")`).
+
+Ray is imported only when this executor is built: the package works without it. The actors
+run `RayWorkerWrapper`, a thin host for a `Worker`; the ranks meet over TCP at rank 0's node.
+Ranks are numbered node by node (the driver's node first), so a node's ranks are contiguous;
+on GPUs each actor then sees every GPU Ray gave the actors of its node, in the same order, and
+uses the one at its local rank, so NCCL can find peer-to-peer paths between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.executor.base import Executor, RemoteTraceback, WorkerDiedError, get_open_port
+
+logger = logging.getLogger(__name__)
+
+# How long start-up waits for the cluster to offer one bundle per rank.
+_PLACEMENT_TIMEOUT_S = 120.0
+# Once one rank has raised, how long the others get before they are presumed stuck.
+_FAILURE_GRACE_S = 10.0
+
+
+class RayWorkerWrapper:
+    """The body of each Ray actor: hosts one Worker and runs its methods by name."""
+
+    def __init__(self) -> None:
+        self.worker: Any = None
+
+    def node_info(self) -> tuple[str, str, list[str], int]:
+        """(node id, node IP, GPU ids Ray assigned, pid)."""
+        import ray
+
+        gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), gpu_ids, os.getpid()
+
+    def free_port(self) -> int:
+        return get_open_port("0.0.0.0")
+
+    def init_worker(
+        self, engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, env: dict[str, str]
+    ) -> None:
+        # Before torch touches CUDA, which reads CUDA_VISIBLE_DEVICES once.
+        os.environ.update(env)
+        from pagedllm.worker.worker import Worker
+
+        self.worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
+
+    def execute_method(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], reply: bool = True) -> Any:
+        result = getattr(self.worker, method)(*args, **kwargs)
+        return result if reply else None
+
+    def execute_model(self, scheduler_output: SchedulerOutput, reply: bool) -> ModelRunnerOutput | None:
+        # Its own method so the step's message can be an ObjectRef passed at the top level,
+        # which Ray resolves (refs nested in a tuple are not).
+        output = self.worker.execute_model(scheduler_output)
+        return output if reply else None
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+
+
+@dataclass
+class _Actor:
+    rank: int
+    handle: Any
+    node_id: str
+    pid: int
+
+
+class RayExecutor(Executor):
+    def __init__(self, engine_config: EngineConfig) -> None:
+        super().__init__(engine_config)
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        world_size = engine_config.parallel_config.tensor_parallel_size
+        use_gpu = engine_config.device_config.device.type == "cuda"
+        if not ray.is_initialized():
+            # Joins the cluster RAY_ADDRESS or `ray start` names, else starts a local one.
+            ray.init()
+        start = time.perf_counter()
+        bundle = {"GPU": 1.0} if use_gpu else {"CPU": 1.0}
+        self._placement_group = placement_group([bundle] * world_size, strategy="PACK")
+        self._actors: list[_Actor] = []
+        self._failure: str | None = None
+        self._finalizer = weakref.finalize(self, _stop_actors, self._actors, self._placement_group)
+        try:
+            ray.get(self._placement_group.ready(), timeout=_PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self._finalizer()
+            raise ValueError(
+                f"Ray could not place tensor_parallel_size={world_size} ranks ({bundle} each) "
+                f"within {_PLACEMENT_TIMEOUT_S:.0f} s; the cluster offers {ray.available_resources()}. "
+                "Add nodes, or lower tensor_parallel_size."
+            ) from None
+        actor_class = ray.remote(RayWorkerWrapper)
+        handles = [
+            actor_class.options(
+                num_cpus=0 if use_gpu else 1,
+                num_gpus=1 if use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._placement_group, placement_group_bundle_index=index
+                ),
+            ).remote()
+            for index in range(world_size)
+        ]
+        infos = ray.get([handle.node_info.remote() for handle in handles])
+        driver_node = ray.get_runtime_context().get_node_id()
+        order = sorted(
+            range(world_size),
+            key=lambda i: (infos[i][0] != driver_node, infos[i][0], [int(g) for g in infos[i][2] if g.isdigit()]),
+        )
+        for rank, index in enumerate(order):
+            self._actors.append(_Actor(rank, handles[index], infos[index][0], infos[index][3]))
+        envs, local_ranks = _placement_env([infos[i] for i in order], use_gpu)
+        master_ip = infos[order[0]][1]
+        port = ray.get(self._actors[0].handle.free_port.remote())
+        init_method = f"tcp://{master_ip}:{port}"
+        config_ref = ray.put(engine_config)
+        self._get(
+            [
+                actor.handle.init_worker.remote(config_ref, actor.rank, local_ranks[actor.rank], init_method, envs[actor.rank])
+                for actor in self._actors
+            ],
+            "init_worker",
+        )
+        logger.info(
+            "Started %d Ray actors (pids %s) in %.1f s; ranks meet at %s.",
+            world_size, ", ".join(str(a.pid) for a in self._actors), time.perf_counter() - start, init_method,
+        )
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [actor.pid for actor in self._actors]
+
+    def collective_rpc(self, method: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
+        self._check_usable()
+        refs = [actor.handle.execute_method.remote(method, args, kwargs or {}) for actor in self._actors]
+        return self._get(refs, method)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._check_usable()
+        import ray
+
+        # Put once, so Ray serialises the step's message once for all ranks.
+        message = ray.put(scheduler_output)
+        refs = [actor.handle.execute_model.remote(message, actor.rank == 0) for actor in self._actors]
+        return self._get(refs, "execute_model")[0]
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"The workers were stopped after an earlier failure ({self._failure}); create a new LLM.")
+        if not self._finalizer.alive:
+            raise RuntimeError("The executor was shut down.")
+
+    def _get(self, refs: list[Any], method: str) -> list[Any]:
+        """Results in rank order; a dead actor or a raising rank ends the wait at once (the
+        other ranks get a short grace, since they may be blocked in a collective)."""
+        import ray
+
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                rank = rank_of[ref]
+                try:
+                    results[rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    self._raise_died(rank, method, error)
+                except ray.exceptions.RayTaskError as error:
+                    self._raise_task_error(rank, method, error, pending)
+        return results
+
+    def _raise_task_error(self, rank: int, method: str, error: Any, pending: list[Any]) -> NoReturn:
+        import ray
+
+        if pending:
+            _, stuck = ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
+            if stuck:
+                self._fail(f"rank {rank} raised in {method}")
+        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
+        if cause is None:
+            raise RuntimeError(f"Worker rank {rank} failed in {method}: {error}") from None
+        if hasattr(cause, "add_note"):
+            cause.add_note(f"Raised by worker rank {rank} (Ray actor) in {method}.")
+        raise cause from RemoteTraceback(str(error))
+
+    def _raise_died(self, rank: int, method: str, error: Exception) -> NoReturn:
+        actor = self._actors[rank] if rank < len(self._actors) else None
+        pid = actor.pid if actor is not None else "?"
+        message = f"Worker rank {rank} (Ray actor, pid {pid}) died during {method}"
+        self._fail(message)
+        raise WorkerDiedError(f"{message}; the other workers were stopped. Ray says: {error}") from None
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        self._finalizer()
+
+
+def _placement_env(infos: list[tuple[str, str, list[str], int]], use_gpu: bool) -> tuple[list[dict[str, str]], list[int]]:
+    """Per rank (in rank order): environment to set before the worker starts, and local rank."""
+    by_node: dict[str, list[str]] = defaultdict(list)
+    for node_id, _, gpu_ids, _ in infos:
+        by_node[node_id].extend(gpu_ids)
+    envs, local_ranks = [], []
+    seen: dict[str, int] = defaultdict(int)
+    for node_id, _, gpu_ids, _ in infos:
+        if use_gpu and gpu_ids:
+            visible = sorted(set(by_node[node_id]), key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else 0, g))
+            envs.append({"CUDA_VISIBLE_DEVICES": ",".join(visible)})
+            local_ranks.append(visible.index(gpu_ids[0]))
+        else:
+            envs.append({})
+            local_ranks.append(seen[node_id])
+        seen[node_id] += 1
+    return envs, local_ranks
+
+
+def _stop_actors(actors: list[_Actor], placement_group: Any) -> None:
+    """Let each worker leave its process group, then kill the actors and free their bundles.
+    Safe at interpreter exit, when Ray may already be down."""
+    try:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if not ray.is_initialized():
+            return
+        if actors:
+            try:
+                ray.wait([actor.handle.shutdown.remote() for actor in actors], num_returns=len(actors), timeout=5.0)
+            except Exception:
+                pass
+        for actor in actors:
+            ray.kill(actor.handle)
+        actors.clear()
+        remove_placement_group(placement_group)
+    except Exception as error:  # shutdown must never raise (it runs in finalizers)
+        logger.debug("Stopping the Ray actors: %s", error)

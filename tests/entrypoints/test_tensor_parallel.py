@@ -1,0 +1,116 @@
+"""Tensor parallelism end to end: LLM(tensor_parallel_size=2) over two spawned CPU processes
+(gloo) gives transformers' greedy tokens, and the same tokens as one rank, for every family,
+including key/value heads split across ranks, one key/value head replicated on both ranks
+(fewer KV heads than ranks) and tied embeddings; a model that cannot be split fails at
+start-up, before any process starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+import transformers
+from tiny_models import FAMILIES, hf_greedy, make_tiny_checkpoint
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineConfig
+
+PROMPTS = [[5, 17, 99, 23, 8], list(range(30, 100)), [300, 301]]
+MAX_TOKENS = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+ENGINE = dict(skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=1 << 24)
+# family -> checkpoint variant: KV heads split (2 over 2 ranks), tied embeddings, and one KV
+# head replicated on both ranks (Qwen3's per-head q/k norms ride along).
+VARIANTS = {
+    "llama": dict(num_key_value_heads=2),
+    "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(num_key_value_heads=1),
+}
+
+
+def _tokens(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_two_ranks_give_the_greedy_tokens_of_one_rank_and_transformers(tmp_path):
+    assert set(VARIANTS) == set(FAMILIES)
+    for family in FAMILIES:
+        path = make_tiny_checkpoint(tmp_path / family, family, seed=5, **VARIANTS[family])
+        expected = hf_greedy(path, PROMPTS, MAX_TOKENS)
+        one_rank = LLM(str(path), **ENGINE)
+        assert _tokens(one_rank) == expected, family
+        one_rank.shutdown()
+        start = time.perf_counter()
+        two_ranks = LLM(str(path), tensor_parallel_size=2, **ENGINE)
+        assert two_ranks.llm_engine.config.parallel_config.distributed_executor_backend == "mp"
+        assert _tokens(two_ranks) == expected, family
+        two_ranks.shutdown()
+        print(f"{family}: two-rank LLM start, generate and shutdown took {time.perf_counter() - start:.1f} s")
+
+
+def test_random_sampling_keeps_ranks_in_step_without_a_seed(tiny_checkpoints):
+    """With seed=None each rank would draw its own generator seed; if the ranks sampled
+    different tokens their copies of the requests would diverge and the all-reduced
+    activations would turn to garbage. The logprob of every sampled token must equal
+    transformers' on the sampled sequence (1e-4), which holds only if the ranks agree."""
+    path = tiny_checkpoints["llama"]
+    llm = LLM(str(path), tensor_parallel_size=2, seed=None, **ENGINE)
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    output = llm.generate({"prompt_token_ids": PROMPTS[0]}, params, use_tqdm=False)[0].outputs[0]
+    llm.shutdown()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    sequence = PROMPTS[0] + list(output.token_ids)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([sequence])).logits[0].float(), dim=-1)
+    for step, token_id in enumerate(output.token_ids):
+        expected = logprobs[len(PROMPTS[0]) - 1 + step, token_id].item()
+        assert math.isclose(output.logprobs[step][token_id].logprob, expected, abs_tol=1e-4), step
+
+
+def _write_config(tmp_path, **overrides):
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.architectures = ["LlamaForCausalLM"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("tp_size", "overrides", "message"),
+    [
+        (4, {}, r"num_attention_heads \(6\) .* tensor_parallel_size \(4\).*\[1, 2, 6\]"),
+        (3, {}, r"num_key_value_heads \(2\) .* tensor_parallel_size \(3\) do not divide"),
+        (2, {"intermediate_size": 191}, r"intermediate_size \(191\) .* tensor_parallel_size \(2\)"),
+    ],
+    ids=["heads", "kv-heads", "intermediate"],
+)
+def test_a_model_that_cannot_be_split_fails_in_config_validation(tmp_path, tp_size, overrides, message):
+    folder = _write_config(tmp_path, **overrides)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.from_kwargs(folder, load_format="dummy", tensor_parallel_size=tp_size, device="cpu")
+    assert time.perf_counter() - start < 2.0  # no process was started
+
+
+def test_more_ranks_than_kv_heads_is_accepted_when_they_divide(tmp_path):
+    folder = _write_config(tmp_path, num_attention_heads=4, num_key_value_heads=1, hidden_size=64)
+    config = EngineConfig.from_kwargs(folder, load_format="dummy", tensor_parallel_size=4, device="cpu")
+    assert config.parallel_config.tensor_parallel_size == 4
+
+
+def test_uni_backend_with_two_ranks_is_rejected(tmp_path):
+    folder = _write_config(tmp_path)
+    with pytest.raises(ValueError, match="distributed_executor_backend='uni'.*tensor_parallel_size=2"):
+        EngineConfig.from_kwargs(
+            folder, load_format="dummy", tensor_parallel_size=2, distributed_executor_backend="uni", device="cpu"
+        )
+    assert json.loads((tmp_path / "config.json").read_text())["num_attention_heads"] == 6

@@ -1,0 +1,117 @@
+"""The multiprocessing executor (one spawned CPU process per rank, gloo): a worker's exception
+comes back with the worker's traceback, a worker killed mid-run becomes a clear error instead
+of a hang, and no worker process outlives its LLM (garbage collection, interpreter exit, or
+the engine's process being killed)."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.executor.base import RemoteTraceback, WorkerDiedError
+
+ENGINE = dict(skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=1 << 24, tensor_parallel_size=2)
+PROMPTS = [{"prompt_token_ids": [5, 17, 99, 23, 8]}, {"prompt_token_ids": list(range(30, 60))}]
+PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _still_alive_after(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if _alive(pid)]
+
+
+def test_worker_exceptions_carry_their_traceback_and_workers_exit_on_garbage_collection(tiny_checkpoints):
+    llm = LLM(str(tiny_checkpoints["llama"]), **ENGINE)
+    executor = llm.llm_engine.executor
+    pids = executor.worker_pids
+    assert len(pids) == 2 and os.getpid() not in pids and all(_alive(pid) for pid in pids)
+    assert executor.collective_rpc("get_pid") == pids
+
+    with pytest.raises(AttributeError, match="no_such_method") as info:
+        executor.collective_rpc("no_such_method")
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "Traceback" in str(info.value.__cause__) and "_worker_main" in str(info.value.__cause__)
+    del info, executor
+
+    # Every rank answered, so the engine is still usable.
+    outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outputs)
+
+    del llm, outputs
+    gc.collect()
+    # The finalizer joins the processes before it returns; allow a moment for the reaping.
+    assert _still_alive_after(pids, timeout_s=2.0) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_mid_run_raises_instead_of_hanging(tiny_checkpoints, monkeypatch):
+    llm = LLM(str(tiny_checkpoints["llama"]), **ENGINE)
+    executor = llm.llm_engine.executor
+    pids = executor.worker_pids
+    steps = itertools.count()
+    execute_model = executor.execute_model
+
+    def kill_rank_1_at_step_3(scheduler_output):
+        if next(steps) == 3:
+            os.kill(pids[1], signal.SIGKILL)
+        return execute_model(scheduler_output)
+
+    monkeypatch.setattr(executor, "execute_model", kill_rank_1_at_step_3)
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=rf"Worker rank 1 \(pid {pids[1]}\) died with signal SIGKILL"):
+        llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert time.monotonic() - start < 30
+    # Rank 0, possibly blocked in an all-reduce with the dead rank, was stopped too.
+    assert _still_alive_after(pids, timeout_s=5.0) == []
+    with pytest.raises(RuntimeError, match="stopped after an earlier failure"):
+        llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm.shutdown()
+
+
+_SCRIPT = """
+import os, signal, sys
+from pagedllm import LLM
+
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=1 << 24,
+              tensor_parallel_size=2)
+    print(" ".join(map(str, llm.llm_engine.executor.worker_pids)), flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    # "exit": leave without shutting the LLM down; atexit must stop the workers.
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_workers_do_not_outlive_the_engine_process(tiny_checkpoints, tmp_path, how):
+    script = tmp_path / "engine.py"
+    script.write_text(textwrap.dedent(_SCRIPT))
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_checkpoints["llama"]), how],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == (-signal.SIGKILL if how == "kill" else 0), result.stderr[-2000:]
+    pids = [int(pid) for pid in result.stdout.split()]
+    assert len(pids) == 2
+    # On "kill" each worker sees its parent's sentinel close and exits at once.
+    assert _still_alive_after(pids, timeout_s=10.0) == []
