@@ -54,6 +54,11 @@ class Worker:
                     f"tensor_parallel_size={self.world_size} needs a distributed_init_method "
                     "(tcp://host:port) for the ranks to meet; the executor passes one."
                 )
+            if self.device.type == "cuda":
+                # NVLink SHARP (multicast) all-reduce needs fabric support that many VMs and
+                # containers lack, where NCCL then fails or wedges the GPUs; at inference
+                # message sizes it gains little. A value the user set is kept.
+                os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
             init_distributed(
                 self.world_size, self.rank, "nccl" if self.device.type == "cuda" else "gloo",
                 self.distributed_init_method, self.local_rank,

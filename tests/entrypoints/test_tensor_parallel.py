@@ -1,8 +1,8 @@
 """Tensor parallelism end to end: LLM(tensor_parallel_size=2) over two spawned CPU processes
 (gloo) gives transformers' greedy tokens, and the same tokens as one rank, for every family,
 including key/value heads split across ranks, one key/value head replicated on both ranks
-(fewer KV heads than ranks) and tied embeddings; a model that cannot be split fails at
-start-up, before any process starts."""
+(fewer KV heads than ranks) and tied embeddings; each worker reads only its shards; a model
+that cannot be split fails at start-up, before any process starts."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from tiny_models import FAMILIES, hf_greedy, make_tiny_checkpoint
 
 from pagedllm import LLM, SamplingParams
@@ -36,7 +37,44 @@ def _tokens(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_two_ranks_give_the_greedy_tokens_of_one_rank_and_transformers(tmp_path):
+def _expected_bytes_per_rank(path, num_kv_heads: int, tp_size: int) -> int:
+    """What one rank reads: its share of each matrix (a whole KV head when there are fewer KV
+    heads than ranks), and every vector (norms, biases) whole."""
+    total = 0
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            size = tensor.numel() * tensor.element_size()
+            if tensor.dim() < 2:
+                total += size
+            elif num_kv_heads < tp_size and name.endswith(("k_proj.weight", "v_proj.weight")):
+                total += size // num_kv_heads  # one whole KV head per rank
+            else:
+                total += size // tp_size
+    return total
+
+
+def _check_sampled_logprobs_match_transformers(llm: LLM, path) -> None:
+    """Every rank samples from the same all-gathered logits and appends the token it drew to
+    its own copy of the request; if the ranks drew different tokens, their copies would
+    diverge and the all-reduced activations would turn to garbage. So the logprob of every
+    sampled token must equal transformers' on the sampled sequence (1e-4)."""
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    output = llm.generate({"prompt_token_ids": PROMPTS[0]}, params, use_tqdm=False)[0].outputs[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    sequence = PROMPTS[0] + list(output.token_ids)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([sequence])).logits[0].float(), dim=-1)
+    for step, token_id in enumerate(output.token_ids):
+        expected = logprobs[len(PROMPTS[0]) - 1 + step, token_id].item()
+        assert math.isclose(output.logprobs[step][token_id].logprob, expected, abs_tol=1e-4), step
+
+
+def test_two_ranks_match_one_rank_and_transformers_for_every_family(tmp_path):
+    """Per family (one two-rank LLM each, as process start-up dominates): greedy tokens equal
+    transformers' and one rank's; each worker read only its shards of the checkpoint; and for
+    Llama, built with seed=None so each rank would pick its own generator seed, random
+    sampling keeps the ranks in step."""
     assert set(VARIANTS) == set(FAMILIES)
     for family in FAMILIES:
         path = make_tiny_checkpoint(tmp_path / family, family, seed=5, **VARIANTS[family])
@@ -45,30 +83,17 @@ def test_two_ranks_give_the_greedy_tokens_of_one_rank_and_transformers(tmp_path)
         assert _tokens(one_rank) == expected, family
         one_rank.shutdown()
         start = time.perf_counter()
-        two_ranks = LLM(str(path), tensor_parallel_size=2, **ENGINE)
-        assert two_ranks.llm_engine.config.parallel_config.distributed_executor_backend == "mp"
-        assert _tokens(two_ranks) == expected, family
-        two_ranks.shutdown()
+        two_ranks = LLM(str(path), tensor_parallel_size=2, seed=None if family == "llama" else 0, **ENGINE)
+        try:
+            assert two_ranks.llm_engine.config.parallel_config.distributed_executor_backend == "mp"
+            assert _tokens(two_ranks) == expected, family
+            read = two_ranks.llm_engine.executor.collective_rpc("loaded_weight_bytes")
+            assert read == [_expected_bytes_per_rank(path, VARIANTS[family]["num_key_value_heads"], 2)] * 2, family
+            if family == "llama":
+                _check_sampled_logprobs_match_transformers(two_ranks, path)
+        finally:
+            two_ranks.shutdown()
         print(f"{family}: two-rank LLM start, generate and shutdown took {time.perf_counter() - start:.1f} s")
-
-
-def test_random_sampling_keeps_ranks_in_step_without_a_seed(tiny_checkpoints):
-    """With seed=None each rank would draw its own generator seed; if the ranks sampled
-    different tokens their copies of the requests would diverge and the all-reduced
-    activations would turn to garbage. The logprob of every sampled token must equal
-    transformers' on the sampled sequence (1e-4), which holds only if the ranks agree."""
-    path = tiny_checkpoints["llama"]
-    llm = LLM(str(path), tensor_parallel_size=2, seed=None, **ENGINE)
-    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, logprobs=0)
-    output = llm.generate({"prompt_token_ids": PROMPTS[0]}, params, use_tqdm=False)[0].outputs[0]
-    llm.shutdown()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    sequence = PROMPTS[0] + list(output.token_ids)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([sequence])).logits[0].float(), dim=-1)
-    for step, token_id in enumerate(output.token_ids):
-        expected = logprobs[len(PROMPTS[0]) - 1 + step, token_id].item()
-        assert math.isclose(output.logprobs[step][token_id].logprob, expected, abs_tol=1e-4), step
 
 
 def _write_config(tmp_path, **overrides):

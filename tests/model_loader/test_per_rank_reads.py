@@ -5,8 +5,9 @@ The bound, exact for these checkpoints at N = 2: every matrix is split evenly ov
 (KV heads 2 over 2 ranks, vocabulary 384 = 2 x 192 rows, no padding), and vectors (the norms)
 are read whole by every rank, so
     bytes read by one rank = matrix bytes / N + vector bytes.
-Ranks are simulated in one process (the layers shard by the rank they are told); the
-two-process test checks the same number through the workers' RPC."""
+Ranks are simulated in one process (the layers shard by the rank they are told);
+tests/entrypoints/test_tensor_parallel.py checks the same numbers in real worker processes
+through the `loaded_weight_bytes` RPC."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch
 from safetensors import safe_open
 from tiny_models import make_tiny_checkpoint
 
-from pagedllm import LLM
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import override_tp_state_for_testing
 from pagedllm.model_loader.loaders import get_model
@@ -67,13 +67,3 @@ def test_bin_checkpoints_are_read_whole_by_every_rank(tmp_path):
     state = torch.load(path / "pytorch_model.bin", weights_only=True)
     total = sum(t.numel() * t.element_size() for t in state.values())
     assert _bytes_read_per_rank(path, 2) == [total, total]
-
-
-def test_worker_processes_report_the_bytes_they_read(tiny_checkpoints):
-    path = tiny_checkpoints["llama"]
-    matrices, vectors = _checkpoint_bytes(path)
-    llm = LLM(str(path), tensor_parallel_size=2, skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=1 << 24)
-    try:
-        assert llm.llm_engine.executor.collective_rpc("loaded_weight_bytes") == [matrices // 2 + vectors] * 2
-    finally:
-        llm.shutdown()

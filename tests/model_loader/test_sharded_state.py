@@ -1,0 +1,98 @@
+"""Sharded checkpoints (vLLM's save_sharded_state layout): `pagedllm save-sharded` writes each
+rank's shards as model-rank-{rank}-part-{part}.safetensors plus the source's config and
+tokenizer; loading them with load_format="sharded_state" reads only the rank's own files and
+gives transformers' greedy tokens; another tensor_parallel_size fails naming both."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from safetensors import safe_open
+from tiny_models import hf_greedy, make_tiny_checkpoint
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineConfig
+from pagedllm.entrypoints.cli import main
+
+PROMPTS = [[5, 17, 99, 23, 8], list(range(30, 100))]
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+ENGINE = dict(dtype="float32", kv_cache_memory_bytes=1 << 24)
+MAX_FILE_SIZE = 60_000  # bytes: forces each rank's ~125 KB into several parts
+
+
+def _rank_files(folder, rank: int) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.startswith(f"model-rank-{rank}-part-"))
+
+
+def _saved_tensor_names(folder, rank: int) -> list[str]:
+    names = []
+    for name in _rank_files(folder, rank):
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            names += list(f.keys())
+    return names
+
+
+def _tensor_bytes(folder, rank: int) -> int:
+    total = 0
+    for name in _rank_files(folder, rank):
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            total += sum(f.get_tensor(key).numel() * f.get_tensor(key).element_size() for key in f.keys())
+    return total
+
+
+def test_two_rank_sharded_state_round_trip_gives_transformers_tokens(tmp_path, tiny_bpe_tokenizer_dir):
+    source = make_tiny_checkpoint(tmp_path / "model", "llama", tie_word_embeddings=True, tokenizer_dir=tiny_bpe_tokenizer_dir)
+    output = tmp_path / "sharded"
+    assert main([
+        "save-sharded", "--model", str(source), "--tensor-parallel-size", "2", "--output", str(output),
+        "--max-file-size", str(MAX_FILE_SIZE), "--dtype", "float32",
+    ]) == 0
+
+    for rank in (0, 1):
+        files = _rank_files(output, rank)
+        assert len(files) > 1 and files[0] == f"model-rank-{rank}-part-0.safetensors"
+        assert all(os.path.getsize(output / name) <= MAX_FILE_SIZE + 4096 for name in files)  # + header
+        names = _saved_tensor_names(output, rank)
+        assert len(names) == len(set(names)) and "lm_head.weight" not in names  # tied: saved once
+    assert json.loads((output / "sharded_state.json").read_text())["tensor_parallel_size"] == 2
+    for copied in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (output / copied).is_file(), copied
+    assert not (output / "model.safetensors").exists()
+
+    llm = LLM(str(output), load_format="sharded_state", tensor_parallel_size=2, **ENGINE)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(source, PROMPTS, MAX_TOKENS)
+        assert outputs[0].outputs[0].text  # the copied tokenizer decodes
+        # Each rank read exactly the tensors of its own files.
+        read = llm.llm_engine.executor.collective_rpc("loaded_weight_bytes")
+        assert read == [_tensor_bytes(output, 0), _tensor_bytes(output, 1)]
+    finally:
+        llm.shutdown()
+
+
+def test_loading_with_another_tensor_parallel_size_fails_naming_both(tmp_path):
+    source = make_tiny_checkpoint(tmp_path / "model", "qwen2")
+    output = tmp_path / "sharded"
+    # One rank in this process (no worker processes): the saving path itself.
+    assert main(["save-sharded", "--model", str(source), "--tensor-parallel-size", "1",
+                 "--output", str(output), "--distributed-executor-backend", "uni"]) == 0
+    assert _rank_files(output, 0) == ["model-rank-0-part-0.safetensors"]
+    with pytest.raises(ValueError, match="saved with tensor_parallel_size=1 but loading with tensor_parallel_size=2"):
+        EngineConfig.from_kwargs(str(output), load_format="sharded_state", tensor_parallel_size=2)
+    # The matching size loads, in-process, and gives transformers' tokens.
+    llm = LLM(str(output), load_format="sharded_state", skip_tokenizer_init=True, **ENGINE)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(source, PROMPTS, MAX_TOKENS)
+
+
+def test_sharded_state_errors_name_the_fix(tmp_path):
+    source = make_tiny_checkpoint(tmp_path / "model", "llama")
+    with pytest.raises(ValueError, match="holds no model-rank-\\*-part-\\*.safetensors"):
+        EngineConfig.from_kwargs(str(source), load_format="sharded_state")
+    with pytest.raises(ValueError, match="is the model folder itself"):
+        main(["save-sharded", "--model", str(source), "--tensor-parallel-size", "1", "--output", str(source),
+              "--distributed-executor-backend", "uni"])
