@@ -24,6 +24,7 @@ from pagedllm.model_loader.weight_utils import (
     find_weight_files,
     initialize_dummy_weights,
     pt_weights_iterator,
+    safetensors_weights_iterator,
     sharded_safetensors_iterator,
 )
 from pagedllm.worker.memory_profiler import format_gib
@@ -37,7 +38,9 @@ _MAX_NAMES_SHOWN = 10
 class LoadableModel(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Consume checkpoint tensors (HF names); return the names of the parameters filled.
-        Raises ValueError on a name that matches no parameter."""
+        Raises ValueError on a name that matches no parameter. Under tensor parallelism the
+        matrices come as `CountingSlice`s (weight_utils.py): index or narrow them to read
+        only this rank's part; any other use reads them whole."""
         ...
 
 
@@ -127,10 +130,15 @@ def load_weights_strict(
 def _load_checkpoint(
     model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
 ) -> None:
+    from pagedllm.distributed.parallel_state import get_tp_size
+
     files, weight_format = find_weight_files(model_config.model_path, load_config.load_format)
-    if weight_format == "safetensors":
+    weights: Iterable[tuple[str, Any]]
+    if weight_format == "safetensors" and get_tp_size() > 1:
         # Sliced reads: each tensor-parallel rank reads only the rows or columns it keeps.
-        weights: Iterable[tuple[str, Any]] = sharded_safetensors_iterator(files, stats)
+        weights = sharded_safetensors_iterator(files, stats)
+    elif weight_format == "safetensors":
+        weights = counted_weights_iterator(safetensors_weights_iterator(files), stats)
     else:
         # A pickled .bin cannot be read in part: every rank reads every tensor whole.
         weights = counted_weights_iterator(pt_weights_iterator(files), stats)

@@ -165,16 +165,29 @@ class ReadStats:
     """Checkpoint tensors seen."""
 
 
+# safetensors dtype names -> torch dtypes (the ones torch has).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class CountingSlice:
     """A safetensors slice that adds the bytes of every part read through it to `stats`.
-    It offers what weight loaders use of a slice: `get_shape()`, `get_dtype()`, indexing,
-    and `shape` / `ndim` for loaders that only check sizes."""
 
-    __slots__ = ("_slice", "_stats")
+    Slice-aware weight loaders index it (`sl[a:b]`, `narrow`) and read only their part. Any
+    other use (a torch function, `copy_`, `.to(...)`, `.float()`, ...) reads the whole tensor
+    once and acts on it, so a loader written for plain tensors still loads correctly, only
+    without the saving."""
+
+    __slots__ = ("_slice", "_stats", "_full")
 
     def __init__(self, sliced: Any, stats: ReadStats) -> None:
         self._slice = sliced
         self._stats = stats
+        self._full: torch.Tensor | None = None
 
     def get_shape(self) -> list[int]:
         return list(self._slice.get_shape())
@@ -190,10 +203,56 @@ class CountingSlice:
     def ndim(self) -> int:
         return len(self._slice.get_shape())
 
+    def dim(self) -> int:
+        return self.ndim
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        name = self.get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            return self.full_tensor().dtype
+        return _SAFETENSORS_DTYPES[name]
+
     def __getitem__(self, index: Any) -> torch.Tensor:
+        if self._full is not None:
+            return self._full[index]
         tensor = self._slice[index]
         self._stats.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * self.ndim
+        index[dim] = slice(start, start + length)
+        return self[tuple(index)]
+
+    def full_tensor(self) -> torch.Tensor:
+        """The whole tensor, read once."""
+        if self._full is None:
+            self._full = self[tuple(slice(None) for _ in range(self.ndim))] if self.ndim else self[()]
+        return self._full
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.full_tensor(), name)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*_materialise(args), **_materialise(kwargs or {}))
+
+
+def _materialise(value: Any) -> Any:
+    if isinstance(value, CountingSlice):
+        return value.full_tensor()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialise(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _materialise(item) for key, item in value.items()}
+    return value
 
 
 def sharded_safetensors_iterator(

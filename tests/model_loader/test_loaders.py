@@ -240,8 +240,8 @@ def test_unexpected_tensor_names_it(fake_registry: None, llama: LlamaForCausalLM
         get_model(_model_config(tmp_path, llama.config), LoadConfig(), "cpu")
 
 
-def test_sharded_state_is_not_supported_yet(fake_registry: None, llama: LlamaForCausalLM, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="load_format='sharded_state' is not supported yet"):
+def test_sharded_state_without_rank_files_says_how_to_write_them(fake_registry: None, llama: LlamaForCausalLM, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no model-rank-.*pagedllm save-sharded"):
         get_model(_model_config(tmp_path, llama.config), LoadConfig(load_format="sharded_state"), "cpu")
 
 

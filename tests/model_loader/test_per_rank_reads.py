@@ -67,3 +67,28 @@ def test_bin_checkpoints_are_read_whole_by_every_rank(tmp_path):
     state = torch.load(path / "pytorch_model.bin", weights_only=True)
     total = sum(t.numel() * t.element_size() for t in state.values())
     assert _bytes_read_per_rank(path, 2) == [total, total]
+
+
+def test_a_loader_written_for_plain_tensors_reads_a_slice_whole(tmp_path):
+    """Slice-aware loaders index the slice; any other use (copy_, torch functions, tensor
+    methods) reads the whole tensor once and still loads the right values."""
+    from safetensors.torch import save_file
+
+    from pagedllm.model_loader.weight_utils import ReadStats, sharded_safetensors_iterator
+
+    weight = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    save_file({"w": weight, "norm": torch.ones(4)}, str(tmp_path / "model.safetensors"))
+    stats = ReadStats()
+    items = dict()
+    for name, loaded in sharded_safetensors_iterator([str(tmp_path / "model.safetensors")], stats, use_tqdm=False):
+        if name == "w":
+            assert loaded.shape == (6, 4) and loaded.dtype == torch.float32
+            assert torch.equal(loaded.narrow(0, 3, 3), weight[3:])  # 48 bytes
+            target = torch.zeros(6, 4, dtype=torch.bfloat16)
+            target.copy_(loaded)  # reads it whole: 96 bytes
+            assert torch.equal(target, weight.to(torch.bfloat16))
+            assert torch.equal(torch.cat([loaded, loaded]), torch.cat([weight, weight]))  # cached, no re-read
+            assert torch.equal(loaded.float().t(), weight.t())
+        items[name] = loaded
+    assert isinstance(items["norm"], torch.Tensor)  # vectors come whole: 16 bytes
+    assert stats.bytes_read == 48 + 96 + 16 and stats.num_tensors == 2
