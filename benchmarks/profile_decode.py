@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import LLAMA_3_1_8B, QWEN3_0_6B, write_config_dir

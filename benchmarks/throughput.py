@@ -59,9 +59,6 @@ def hf_tokens_per_second(folder: str, requests: list[tuple[list[int], int]], bat
             ))
         useful_tokens += sum(o for _, o in batch)
         elapsed += seconds
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return useful_tokens / elapsed
 
 
@@ -81,6 +78,8 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="pagedllm-throughput-")
     write_hf_checkpoint(folder)
     hf_rate = hf_tokens_per_second(folder, requests[: args.hf_requests], 32) if args.hf_requests else float("nan")
+    gc.collect()
+    torch.cuda.empty_cache()
 
     llm = LLM(folder, dtype="bfloat16", max_model_len=2048, max_num_seqs=args.max_num_seqs, skip_tokenizer_init=True,
               enforce_eager=args.enforce_eager)
