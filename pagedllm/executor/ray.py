@@ -84,7 +84,6 @@ class RayExecutor(Executor):
         super().__init__(engine_config)
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         world_size = engine_config.parallel_config.tensor_parallel_size
         use_gpu = engine_config.device_config.device.type == "cuda"
@@ -106,29 +105,45 @@ class RayExecutor(Executor):
                 f"within {_PLACEMENT_TIMEOUT_S:.0f} s; the cluster offers {ray.available_resources()}. "
                 "Add nodes, or lower tensor_parallel_size."
             ) from None
+        try:
+            init_method = self._start_actors(engine_config, world_size, use_gpu)
+        except BaseException:
+            self._finalizer()
+            raise
+        logger.info(
+            "Started %d Ray actors (pids %s) in %.1f s; ranks meet at %s.",
+            world_size, ", ".join(str(a.pid) for a in self._actors), time.perf_counter() - start, init_method,
+        )
+
+    def _start_actors(self, engine_config: EngineConfig, world_size: int, use_gpu: bool) -> str:
+        """Create one actor per bundle, number them, and start their workers; returns the
+        ranks' meeting point."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         actor_class = ray.remote(RayWorkerWrapper)
-        handles = [
-            actor_class.options(
-                num_cpus=0 if use_gpu else 1,
-                num_gpus=1 if use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._placement_group, placement_group_bundle_index=index
-                ),
+        for index in range(world_size):
+            strategy = PlacementGroupSchedulingStrategy(
+                placement_group=self._placement_group, placement_group_bundle_index=index
+            )
+            handle = actor_class.options(
+                num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, scheduling_strategy=strategy
             ).remote()
-            for index in range(world_size)
-        ]
-        infos = ray.get([handle.node_info.remote() for handle in handles])
+            # Listed at once, so a failure below still stops every actor made so far.
+            self._actors.append(_Actor(index, handle, "", 0))
+        infos = ray.get([actor.handle.node_info.remote() for actor in self._actors])
         driver_node = ray.get_runtime_context().get_node_id()
         order = sorted(
             range(world_size),
             key=lambda i: (infos[i][0] != driver_node, infos[i][0], [int(g) for g in infos[i][2] if g.isdigit()]),
         )
-        for rank, index in enumerate(order):
-            self._actors.append(_Actor(rank, handles[index], infos[index][0], infos[index][3]))
+        handles = [actor.handle for actor in self._actors]
+        self._actors[:] = [
+            _Actor(rank, handles[index], infos[index][0], infos[index][3]) for rank, index in enumerate(order)
+        ]
         envs, local_ranks = _placement_env([infos[i] for i in order], use_gpu)
-        master_ip = infos[order[0]][1]
         port = ray.get(self._actors[0].handle.free_port.remote())
-        init_method = f"tcp://{master_ip}:{port}"
+        init_method = f"tcp://{infos[order[0]][1]}:{port}"
         config_ref = ray.put(engine_config)
         self._get(
             [
@@ -137,10 +152,7 @@ class RayExecutor(Executor):
             ],
             "init_worker",
         )
-        logger.info(
-            "Started %d Ray actors (pids %s) in %.1f s; ranks meet at %s.",
-            world_size, ", ".join(str(a.pid) for a in self._actors), time.perf_counter() - start, init_method,
-        )
+        return init_method
 
     @property
     def worker_pids(self) -> list[int]:
@@ -170,15 +182,21 @@ class RayExecutor(Executor):
             raise RuntimeError("The executor was shut down.")
 
     def _get(self, refs: list[Any], method: str) -> list[Any]:
-        """Results in rank order; a dead actor or a raising rank ends the wait at once (the
-        other ranks get a short grace, since they may be blocked in a collective)."""
+        """Results in rank order. A dead actor ends the wait at once; after a rank raises, the
+        others get a short grace (they may be blocked in a collective it never joined), and a
+        death among them wins, since their errors are its consequence."""
         import ray
 
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
+        errors: dict[int, Any] = {}
         pending = list(refs)
+        deadline: float | None = None
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not ready:
+                break  # the grace after an error ran out
             for ref in ready:
                 rank = rank_of[ref]
                 try:
@@ -186,16 +204,16 @@ class RayExecutor(Executor):
                 except ray.exceptions.RayActorError as error:
                     self._raise_died(rank, method, error)
                 except ray.exceptions.RayTaskError as error:
-                    self._raise_task_error(rank, method, error, pending)
+                    errors[rank] = error
+                    if deadline is None:
+                        deadline = time.monotonic() + _FAILURE_GRACE_S
+        if errors:
+            if pending:
+                self._fail(f"rank {min(errors)} raised in {method}")
+            self._raise_task_error(min(errors), method, errors[min(errors)])
         return results
 
-    def _raise_task_error(self, rank: int, method: str, error: Any, pending: list[Any]) -> NoReturn:
-        import ray
-
-        if pending:
-            _, stuck = ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
-            if stuck:
-                self._fail(f"rank {rank} raised in {method}")
+    def _raise_task_error(self, rank: int, method: str, error: Any) -> NoReturn:
         cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
         if cause is None:
             raise RuntimeError(f"Worker rank {rank} failed in {method}: {error}") from None

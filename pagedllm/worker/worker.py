@@ -63,6 +63,9 @@ class Worker:
                 self.world_size, self.rank, "nccl" if self.device.type == "cuda" else "gloo",
                 self.distributed_init_method, self.local_rank,
             )
+            # NCCL builds its communicator at the first collective; do it now, so it is not
+            # first met inside a CUDA graph capture, and a broken link fails at start-up.
+            dist.all_reduce(torch.zeros(1, device=self.device), group=get_tp_group())
         seed = self.config.model_config.seed
         if seed is not None:
             torch.manual_seed(seed)
