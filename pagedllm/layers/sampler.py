@@ -108,6 +108,10 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.T
     return logits - metadata.presence_penalties.unsqueeze(1) * occurred
 
 
+# Candidate counts tried for top-p before falling back to sorting the whole vocabulary.
+_TOP_P_CANDIDATES = (256, 4096)
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor,
     top_k: torch.Tensor | None,
@@ -115,26 +119,37 @@ def apply_top_k_top_p(
     top_p: torch.Tensor | None,
     top_k_on_every_row: bool = False,
 ) -> torch.Tensor:
-    """Masks (to -inf) the tokens outside each row's top-k and nucleus. top_k rows with 0
-    keep everything. Only top-p needs a sorted vocabulary; with a top-k on every row it sorts
-    just the max_top_k candidates."""
+    """Masks (to -inf) the tokens outside each row's top-k and nucleus (top-p over the top-k
+    renormalised, as vLLM does). top_k rows with 0 keep everything.
+
+    Top-p needs tokens in order only up to the nucleus: the top 256 candidates (then 4096)
+    hold it whenever their probability mass reaches top_p, which a peaked LM distribution
+    almost always does, so the whole vocabulary is sorted only when they do not."""
     if top_k is None and top_p is None:
         return logits
     if top_p is None:
         assert top_k is not None
         return _apply_top_k_only(logits, top_k, max_top_k)
-    if top_k is not None and top_k_on_every_row:
-        # The nucleus of a top-k row lies inside its top-k, so the candidates suffice.
-        values, indices = logits.topk(max_top_k, dim=-1)
-        values = _mask_beyond_k(values, top_k)
-        values = _mask_outside_nucleus(values, top_p)
-        return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
-    # The general path sorts the whole vocabulary; a fused kernel can replace it later.
-    values, indices = logits.sort(dim=-1, descending=True)
-    if top_k is not None:
-        values = _mask_beyond_k(values, torch.where(top_k > 0, top_k, logits.shape[-1]))
-    values = _mask_outside_nucleus(values, top_p)
-    return torch.empty_like(logits).scatter_(-1, indices, values)
+    vocab_size = logits.shape[-1]
+    full_lse = torch.logsumexp(logits, dim=-1)
+    has_top_k = top_k > 0 if top_k is not None else torch.zeros_like(top_p, dtype=torch.bool)
+    # Rows with neither a top-k nor a nucleus keep their logits as they are.
+    keeps_all = (top_p >= 1.0) & ~has_top_k
+    for num_candidates in (*_TOP_P_CANDIDATES, vocab_size):
+        num_candidates = min(max(num_candidates, max_top_k), vocab_size)
+        values, indices = logits.topk(num_candidates, dim=-1)
+        if top_k is not None:
+            values = _mask_beyond_k(values, torch.where(has_top_k, top_k, vocab_size))
+        if top_k_on_every_row or num_candidates == vocab_size:
+            break
+        mass = torch.exp(values - full_lse.unsqueeze(1)).sum(dim=-1)
+        if bool((has_top_k | keeps_all | (mass >= top_p)).all()):
+            break
+    # Rows with a top-k renormalise over it; the others over the whole vocabulary.
+    lse = torch.where(has_top_k, torch.logsumexp(values, dim=-1), full_lse)
+    values = _mask_outside_nucleus(values, top_p, lse)
+    masked = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    return torch.where(keeps_all.unsqueeze(1), logits, masked)
 
 
 def _apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
@@ -150,13 +165,15 @@ def _mask_beyond_k(sorted_values: torch.Tensor, top_k: torch.Tensor) -> torch.Te
     return sorted_values.masked_fill(positions.unsqueeze(0) >= top_k.unsqueeze(1), float("-inf"))
 
 
-def _mask_outside_nucleus(sorted_values: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """sorted_values: descending per row. Keeps the smallest prefix whose probability reaches
-    top_p: a token is dropped when the mass before it already does. The first token always
-    stays (the mass before it is exactly 0)."""
-    probs = torch.softmax(sorted_values, dim=-1)
+def _mask_outside_nucleus(sorted_values: torch.Tensor, top_p: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """sorted_values: descending per row, normalised by the log-sum-exp lse. Keeps the
+    smallest prefix whose probability reaches top_p: a token is dropped when the mass before
+    it already does. The first token always stays (the mass before it is exactly 0)."""
+    probs = torch.exp(sorted_values - lse.unsqueeze(1))
     mass_before = probs.cumsum(dim=-1) - probs
-    return sorted_values.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    # top_p = 1 keeps every token even where rounding makes the running mass reach 1 early.
+    outside = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    return sorted_values.masked_fill(outside, float("-inf"))
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
