@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.layers.ops import triton_ops_available
+
 
 class RMSNorm(nn.Module):
     """Normalises in float32 and scales in the input dtype, as transformers' LlamaRMSNorm does,
@@ -14,6 +16,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.variance_epsilon = eps
+        # Chosen once, like the attention backend: on CUDA one fused Triton kernel per call
+        # (in place when a residual is given), elsewhere the torch code below, the reference.
+        self._forward_impl = self.forward_native
+        if triton_ops_available(torch.get_default_device().type):
+            from pagedllm.layers.ops.fused_rms_norm import fused_add_rms_norm, rms_norm
+
+            self._rms_norm_kernel, self._fused_add_rms_norm_kernel = rms_norm, fused_add_rms_norm
+            self._forward_impl = self._forward_triton
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
@@ -25,11 +35,26 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual), the add done in the
-        input dtype like the decoder layers of transformers."""
+        input dtype like the decoder layers of transformers. On CUDA the residual form reuses
+        the buffers of x and residual for its two results: callers must not read them after."""
+        return self._forward_impl(x, residual)
+
+    def forward_native(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The torch implementation (CPU, and the reference of the Triton kernels)."""
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
 
+    def _forward_triton(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._rms_norm_kernel(x, self.weight, self.variance_epsilon)
+        return self._fused_add_rms_norm_kernel(x, residual, self.weight, self.variance_epsilon)
+
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        impl = "triton" if self._forward_impl == self._forward_triton else "torch"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, impl={impl}"

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedllm.layers.ops import triton_ops_available
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -116,6 +118,14 @@ class RotaryEmbedding(nn.Module):
         device = torch.get_default_device()
         self.register_buffer("cos_cache", (freqs.cos() * attention_scaling).to(device), persistent=False)
         self.register_buffer("sin_cache", (freqs.sin() * attention_scaling).to(device), persistent=False)
+        # Chosen once from the device the model is built on: on CUDA one Triton launch rotates
+        # q and k in place; elsewhere the torch code below (the reference) returns new tensors.
+        self._forward_impl = self.forward_native
+        if triton_ops_available(device.type):
+            from pagedllm.layers.ops.rotary import apply_rotary
+
+            self._apply_rotary_kernel = apply_rotary
+            self._forward_impl = self._forward_triton
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x.view(x.shape[0], -1, self.head_size)
@@ -130,15 +140,33 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, H * head_size]; key [T, Hkv * head_size]."""
+        """positions [T]; query [T, H * head_size]; key [T, Hkv * head_size]. On CUDA query and
+        key are rotated in place and returned; elsewhere new tensors are returned."""
+        return self._forward_impl(positions, query, key)
+
+    def forward_native(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch implementation (CPU, and the reference of the Triton kernel)."""
         cos = self.cos_cache.index_select(0, positions).to(query.dtype)
         sin = self.sin_cache.index_select(0, positions).to(query.dtype)
         cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
         sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
+    def _forward_triton(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._apply_rotary_kernel(
+            positions, query, key, self.cos_cache, self.sin_cache, self.head_size, self.rotary_dim
+        )
+
     def extra_repr(self) -> str:
-        return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"
+        impl = "triton" if self._forward_impl == self._forward_triton else "torch"
+        return (
+            f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, "
+            f"max_position={self.max_position}, impl={impl}"
+        )
 
 
 def get_rope(head_size: int, max_position: int, rope_parameters: dict[str, Any]) -> RotaryEmbedding:

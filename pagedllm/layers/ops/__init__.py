@@ -1,0 +1,31 @@
+"""Triton kernels for the small per-token layers: RMSNorm (with the residual add fused),
+rotary embedding and SiLU-and-mul. Each replaces a chain of ~5 elementwise torch kernels with
+one launch; the torch code in layers/ stays as the reference they are tested against.
+
+Importing this package needs no Triton; its kernel modules do, so layers import them only
+after `triton_ops_available` says yes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+# Cached so the decision (and its warning) happens once per device type, not once per layer.
+@functools.cache
+def triton_ops_available(device_type: str) -> bool:
+    """Whether layers built on `device_type` ("cuda", "cpu", ...) should run the Triton
+    kernels: on CUDA when Triton imports, never elsewhere."""
+    if device_type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        logger.warning(
+            "Triton is unavailable (%s); RMSNorm, rope and SiLU run as unfused torch ops on cuda.", error
+        )
+        return False
+    return True

@@ -1,0 +1,167 @@
+"""RMSNorm, alone or with the residual add fused in, as one Triton kernel per call.
+
+Numerics follow transformers' LlamaRMSNorm (and layers/layernorm.py): the sum of squares and
+the scaling run in float32, the normalised row is rounded to the input dtype, then multiplied
+by the weight with one more rounding; the fused residual add rounds in the input dtype before
+normalising, as the decoder layers do. Only the reduction order of the sum of squares
+differs from torch, so bf16/fp16 results match torch bit for bit or within 1 ulp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIDDEN_SIZE = 65536
+"""One program holds a whole row in registers; above this it would spill."""
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    weight_ptr,
+    out_ptr,
+    rows_per_outer,
+    stride_x_outer,
+    stride_x_inner,
+    stride_out_row,
+    hidden_size,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    """out[r] = weight * to_input_dtype(x[r] * rsqrt(mean(x[r]^2) + eps)).
+
+    Layout: x rows r = outer * rows_per_outer + inner at x_ptr + outer * stride_x_outer +
+    inner * stride_x_inner, each of hidden_size contiguous elements (so a [T, H, D] view of
+    a fused qkv output needs no copy); out [rows, hidden_size], row stride stride_out_row.
+    Grid: (rows,). Bytes: 2 * rows * hidden_size * elem + the weight; FLOPs: ~4 per element.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // rows_per_outer
+    inner = row % rows_per_outer
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size
+    x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    variance = tl.sum(x * x, axis=0) / hidden_size
+    normed = (x * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = normed * weight
+    tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_add_rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    stride_x_row,
+    stride_residual_row,
+    hidden_size,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    """In place: residual[r] += x[r] (rounded to the input dtype); x[r] = rms_norm(residual[r]).
+
+    Layout: x, residual [rows, hidden_size], last dim contiguous. Grid: (rows,).
+    Bytes: 4 * rows * hidden_size * elem (read both, write both) + the weight, against 10
+    passes for the unfused torch chain.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0).to(tl.float32)
+    summed = (x + residual).to(dtype)
+    tl.store(residual_ptr + row * stride_residual_row + cols, summed, mask=mask)
+    s = summed.to(tl.float32)
+    variance = tl.sum(s * s, axis=0) / hidden_size
+    normed = (s * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * stride_x_row + cols, (normed * weight).to(dtype), mask=mask)
+
+
+def _launch_shape(hidden_size: int) -> tuple[int, int]:
+    if hidden_size > MAX_HIDDEN_SIZE:
+        raise ValueError(
+            f"rms_norm: hidden size {hidden_size} is above the {MAX_HIDDEN_SIZE} one program can "
+            "hold; use the torch RMSNorm (build the model on CPU) or split the row."
+        )
+    block = triton.next_power_of_2(hidden_size)
+    # ~512 elements a warp: 8 warps for a 4096 row, 1 for a 128-wide head.
+    return block, max(1, min(16, block // 512))
+
+
+def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.shape != (x.shape[-1],) or weight.stride(-1) != 1:
+        raise ValueError(
+            f"rms_norm: weight must be a contiguous [{x.shape[-1]}] tensor for input of shape "
+            f"{tuple(x.shape)}; got {tuple(weight.shape)} with strides {weight.stride()}."
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * to_input_dtype(x * rsqrt(mean(x^2, -1) + eps)) over the last dim, returned as
+    a new contiguous tensor of x's shape in the promoted dtype of x and weight.
+
+    x may be strided in its leading dims (e.g. [T, H, D] views of a qkv output); a copy is
+    made only when its last dim is not contiguous or it has more than 3 dims that do not
+    flatten to a view."""
+    _check_weight(x, weight)
+    hidden_size = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x.numel() == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() > 3:
+        x = x.reshape(-1, hidden_size)
+    if x.dim() == 3:
+        rows_per_outer, stride_outer, stride_inner = x.shape[1], x.stride(0), x.stride(1)
+    elif x.dim() == 2:
+        rows_per_outer, stride_outer, stride_inner = 1, x.stride(0), 0
+    else:
+        rows_per_outer, stride_outer, stride_inner = 1, 0, 0
+    num_rows = x.numel() // hidden_size
+    block, num_warps = _launch_shape(hidden_size)
+    stride_out_row = hidden_size  # out is contiguous
+    _rms_norm_kernel[(num_rows,)](
+        x, weight, out, rows_per_outer, stride_outer, stride_inner, stride_out_row, hidden_size, eps,
+        BLOCK=block, num_warps=num_warps,
+    )
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place, in one kernel: residual += x; x = rms_norm(residual). Returns (x, residual),
+    the same tensors, now holding (norm(x + residual), x + residual).
+
+    x and residual have one shape and dtype with a contiguous last dim; weight has their
+    dtype (the in-place result could not hold a promoted one)."""
+    _check_weight(x, weight)
+    if residual.shape != x.shape or residual.dtype != x.dtype or weight.dtype != x.dtype:
+        raise ValueError(
+            "fused_add_rms_norm: x, residual and weight must share one dtype and x and residual "
+            f"one shape; got x {x.dtype} {tuple(x.shape)}, residual {residual.dtype} "
+            f"{tuple(residual.shape)}, weight {weight.dtype}."
+        )
+    if x.stride(-1) != 1 or residual.stride(-1) != 1:
+        raise ValueError(
+            "fused_add_rms_norm works in place and needs x and residual with a contiguous last "
+            f"dim; got strides {x.stride()} and {residual.stride()}."
+        )
+    if x.numel() == 0:
+        return x, residual
+    hidden_size = x.shape[-1]
+    # view (not reshape): a copy would silently drop the in-place results.
+    x_rows, residual_rows = x.view(-1, hidden_size), residual.view(-1, hidden_size)
+    block, num_warps = _launch_shape(hidden_size)
+    _fused_add_rms_norm_kernel[(x_rows.shape[0],)](
+        x_rows, residual_rows, weight, x_rows.stride(0), residual_rows.stride(0), hidden_size, eps,
+        BLOCK=block, num_warps=num_warps,
+    )
+    return x, residual
