@@ -84,26 +84,18 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one scheduler step; returns the outputs of requests that changed."""
+    def step(self, return_unfinished: bool = True) -> list[RequestOutput]:
+        """Runs one scheduler step; returns the outputs of requests that changed (only the
+        finished ones with return_unfinished=False, which saves building the others)."""
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        results: list[RequestOutput] = []
-        for core_output in core_outputs:
-            try:
-                updated, stopped = self.output_processor.process_outputs([core_output])
-            except Exception as error:  # one request's bad output must not end the others
-                logger.exception("Request %s failed while processing its output.", core_output.request_id)
-                failed = self.output_processor.fail_request(core_output.request_id, repr(error))
-                self.scheduler.finish_requests([core_output.request_id], RequestStatus.FINISHED_ERROR)
-                if failed is not None:
-                    results.append(failed)
-                continue
-            if stopped:
-                self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-            results.extend(updated)
-        return results
+        processed = self.output_processor.process_outputs(core_outputs, return_unfinished)
+        if processed.stopped_by_string:
+            self.scheduler.finish_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
+        if processed.failed:
+            self.scheduler.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+        return processed.outputs
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -3,6 +3,7 @@ strings, gathers logprobs, and joins the n completions of one prompt."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -11,6 +12,8 @@ from pagedllm.engine.detokenizer import IncrementalDetokenizer, decode_logprobs
 from pagedllm.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import EngineCoreOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +80,15 @@ def child_sampling_params(params: SamplingParams, index: int) -> SamplingParams:
     return child
 
 
+@dataclass
+class ProcessedOutputs:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    stopped_by_string: list[str] = field(default_factory=list)
+    """Child ids a stop string finished: the scheduler must stop them."""
+    failed: list[str] = field(default_factory=list)
+    """Child ids whose output could not be processed: the scheduler must drop them."""
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.tokenizer = tokenizer
@@ -117,28 +129,41 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self._prompts)
 
-    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the updated RequestOutputs and the child ids that a stop string finished
-        (the engine must tell the scheduler to stop them)."""
+    def process_outputs(self, outputs: list[EngineCoreOutput], return_unfinished: bool = True) -> ProcessedOutputs:
+        """Detokenizes and gathers one step's outputs. A request whose output cannot be
+        processed fails alone (finish_reason "error"); the others go on."""
         updated: dict[str, _PromptState] = {}
-        stopped_by_string: list[str] = []
+        result = ProcessedOutputs()
         for output in outputs:
             parent_id = self._parent_of.get(output.request_id)
             if parent_id is None:
                 continue
             state = self._prompts[parent_id]
             completion = state.completions[output.request_id]
-            if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None and completion.index == 0:
-                state.prompt_logprobs.extend(decode_logprobs(self.tokenizer, output.new_prompt_logprobs))
-            if self._append_tokens(completion, output):
-                stopped_by_string.append(output.request_id)
+            try:
+                if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None and completion.index == 0:
+                    state.prompt_logprobs.extend(decode_logprobs(self.tokenizer, output.new_prompt_logprobs))
+                if self._append_tokens(completion, output):
+                    result.stopped_by_string.append(output.request_id)
+            except Exception as error:
+                logger.exception("Request %s failed while processing its output.", output.request_id)
+                self._fail(state, repr(error))
+                result.failed.extend(c for c, s in state.completions.items() if s.finish_reason == "error")
             updated[parent_id] = state
-        results = []
         for parent_id, state in updated.items():
-            results.append(state.to_output())
             if state.finished:
+                result.outputs.append(state.to_output())
                 self._forget(parent_id)
-        return results, stopped_by_string
+            elif return_unfinished:
+                result.outputs.append(state.to_output())
+        return result
+
+    @staticmethod
+    def _fail(state: _PromptState, reason: str) -> None:
+        state.error = reason
+        for completion in state.completions.values():
+            if completion.finish_reason is None:
+                completion.finish_reason = "error"
 
     def _append_tokens(self, completion: _CompletionState, output: EngineCoreOutput) -> bool:
         if completion.finish_reason is not None:
@@ -164,21 +189,6 @@ class OutputProcessor:
             completion.finish_reason = output.finish_reason
             completion.stop_reason = output.stop_reason
         return False
-
-    def fail_request(self, child_id: str, reason: str) -> RequestOutput | None:
-        """Marks one completion as failed so its prompt returns with the reason while the other
-        requests go on."""
-        parent_id = self._parent_of.get(child_id)
-        if parent_id is None:
-            return None
-        state = self._prompts[parent_id]
-        state.error = reason
-        for completion in state.completions.values():
-            if completion.finish_reason is None:
-                completion.finish_reason = "error"
-        output = state.to_output()
-        self._forget(parent_id)
-        return output
 
     def abort_request(self, request_id: str) -> list[str]:
         """Forgets a prompt; returns its child ids for the scheduler."""

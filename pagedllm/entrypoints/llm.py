@@ -120,7 +120,7 @@ class LLM:
         num_output_tokens = 0
         try:
             while self.llm_engine.has_unfinished_requests():
-                for output in self.llm_engine.step():
+                for output in self.llm_engine.step(return_unfinished=False):
                     if output.finished:
                         finished[output.request_id] = output
                         num_output_tokens += sum(len(c.token_ids) for c in output.outputs)

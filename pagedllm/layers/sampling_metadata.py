@@ -3,6 +3,7 @@ turned into tensors once (one host-to-device copy per kind of data)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -65,8 +66,8 @@ class SamplingMetadata:
     def build(
         cls,
         params: list[SamplingParams],
-        prompt_token_ids: list[list[int]],
-        output_token_ids: list[list[int]],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
         generators: list[torch.Generator | None],
         default_generator: torch.Generator | None,
         eos_token_id: int | None,
@@ -175,7 +176,7 @@ def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
 
 
-def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """float32 [rows, vocab]: how often each token occurs in each row's list."""
     num_rows = len(token_ids)
     lengths = [len(ids) for ids in token_ids]

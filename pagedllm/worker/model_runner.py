@@ -183,10 +183,19 @@ class ModelRunner:
                 # of batch composition and of preemption (a resumed request gets no replay).
                 num_output = len(state.token_ids) - state.num_prompt_tokens
                 state.generator.manual_seed(_step_seed(state.sampling_params.seed, num_output))
+        # Token histories are copied only for rows that read them (penalties, min_tokens):
+        # copying every row's context each step would cost O(batch x context) per token.
+        prompt_ids, output_ids = [], []
+        for state in states:
+            params = state.sampling_params
+            penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            prompt_ids.append(state.token_ids[: state.num_prompt_tokens] if penalized else ())
+            counts_output = penalized or params.min_tokens > 0
+            output_ids.append(state.token_ids[state.num_prompt_tokens :] if counts_output else ())
         metadata = SamplingMetadata.build(
             params=[s.sampling_params for s in states],
-            prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states],
-            output_token_ids=[s.token_ids[s.num_prompt_tokens :] for s in states],
+            prompt_token_ids=prompt_ids,
+            output_token_ids=output_ids,
             generators=[s.generator for s in states],
             default_generator=self.default_generator,
             eos_token_id=self.eos_token_id,

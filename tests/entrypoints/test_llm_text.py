@@ -159,3 +159,23 @@ def test_cli_generate_prints_completions(text_model, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "Prompt: 'hello world'" in printed and "Completion: " in printed
+
+
+def test_a_request_whose_output_fails_ends_with_error_while_the_others_finish(llm, monkeypatch):
+    from pagedllm.engine import output_processor
+
+    original = output_processor.OutputProcessor._append_tokens
+
+    def breaks_for_seed_666(self, completion, output):
+        if completion.params.seed == 666:
+            raise RuntimeError("detokenizer broke")
+        return original(self, completion, output)
+
+    monkeypatch.setattr(output_processor.OutputProcessor, "_append_tokens", breaks_for_seed_666)
+    bad = SamplingParams(max_tokens=4, seed=666, ignore_eos=True)
+    good = SamplingParams(max_tokens=4, ignore_eos=True)
+    outputs = llm.generate(PROMPTS[:3], [good, bad, good], use_tqdm=False)
+    assert outputs[1].outputs[0].finish_reason == "error" and "detokenizer broke" in outputs[1].error
+    for output in (outputs[0], outputs[2]):
+        assert output.outputs[0].finish_reason == "length" and len(output.outputs[0].token_ids) == 4
+    assert not llm.llm_engine.has_unfinished_requests()
