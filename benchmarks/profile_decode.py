@@ -11,6 +11,7 @@ import cProfile
 import pstats
 import time
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import LLAMA_3_1_8B, QWEN3_0_6B, write_config_dir

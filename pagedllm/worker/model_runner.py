@@ -136,7 +136,14 @@ class ModelRunner:
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in inputs.req_ids})
         output.prompt_logprobs = self._prompt_logprobs(inputs, hidden_states)
         if sample_req_ids:
-            self._sample(hidden_states, sample_rows, sample_req_ids, output)
+            if len(sample_req_ids) == len(inputs.req_ids):
+                # Every request samples (the usual case): its last row is query_start_loc - 1,
+                # already on the device, so no host list is copied (which would wait for the
+                # forward to finish before the sampler's work could be queued).
+                rows = inputs.attn_metadata.query_start_loc[1:].long() - 1
+            else:
+                rows = torch.tensor(sample_rows, device=self.device)
+            self._sample(hidden_states[rows], sample_req_ids, output)
         return output
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -174,8 +181,8 @@ class ModelRunner:
         assert self.model is not None
         return self.model.compute_logits(hidden_states).float()
 
-    def _sample(self, hidden_states: torch.Tensor, rows: list[int], req_ids: list[str], output: ModelRunnerOutput) -> None:
-        logits = self._compute_logits(hidden_states[torch.tensor(rows, device=self.device)])
+    def _sample(self, last_hidden_states: torch.Tensor, req_ids: list[str], output: ModelRunnerOutput) -> None:
+        logits = self._compute_logits(last_hidden_states)
         states = [self.requests[req_id] for req_id in req_ids]
         for state in states:
             if state.generator is not None:
