@@ -249,7 +249,7 @@ def _build(model: str, args: dict[str, Any]) -> EngineConfig:
     model_config = _build_model_config(model, resolved, hf_config, args, device)
     scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
     cache_config = _build_cache_config(args, device)
-    parallel_config = _build_parallel_config(args, hf_config)
+    parallel_config = _build_parallel_config(args, hf_config, device)
     if load_config.load_format == "sharded_state":
         from pagedllm.model_loader.sharded_state import check_sharded_state_folder
 
@@ -386,7 +386,7 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
     )
 
 
-def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig) -> ParallelConfig:
+def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig, device: torch.device) -> ParallelConfig:
     tp_size = _check_positive_int("tensor_parallel_size", args["tensor_parallel_size"])
     backend = args["distributed_executor_backend"]
     if backend is None:
@@ -407,7 +407,6 @@ def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig) ->
                 "pip install 'pagedllm[ray]', or use distributed_executor_backend='mp'."
             )
     _check_tensor_parallel_split(hf_config, tp_size)
-    device = _resolve_device(args["device"])
     if device.type == "cuda" and backend != "ray" and tp_size > torch.cuda.device_count():
         # Ray may place ranks on other machines; one host must see every rank's GPU.
         raise ValueError(

@@ -61,14 +61,16 @@ class VocabParallelEmbedding(nn.Module):
                 f"Checkpoint tensor for {self.prefix} has shape {shape} but the config says "
                 f"vocab_size={self.num_embeddings}, hidden_size={self.embedding_dim}."
             )
-        # Rows of this rank that are real tokens; the padding rows stay zero.
+        self._load_rows(param, loaded, self.prefix)
+
+    def _load_rows(self, param: nn.Parameter, loaded: LoadedWeight, name: str) -> None:
+        """Copies this rank's vocabulary rows; the padding rows past the real vocabulary stay
+        zero."""
         num_real = max(0, min(self.vocab_end_index, self.num_embeddings) - self.vocab_start_index)
         param.data.zero_()
         if num_real:
             copy_loaded_weight(
-                param.data[:num_real],
-                narrow_loaded_weight(loaded, 0, self.vocab_start_index, num_real),
-                self.prefix,
+                param.data[:num_real], narrow_loaded_weight(loaded, 0, self.vocab_start_index, num_real), name
             )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -98,14 +100,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.register_parameter("bias", None)
 
     def _bias_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
-        num_real = max(0, min(self.vocab_end_index, self.num_embeddings) - self.vocab_start_index)
-        param.data.zero_()
-        if num_real:
-            copy_loaded_weight(
-                param.data[:num_real],
-                narrow_loaded_weight(loaded, 0, self.vocab_start_index, num_real),
-                f"{self.prefix}.bias",
-            )
+        self._load_rows(param, loaded, f"{self.prefix}.bias")
 
     def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> None:
         """Share the embedding's weight (tie_word_embeddings); checkpoints then omit lm_head."""

@@ -49,9 +49,9 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, family):
         _release(llm)
 
 
-def test_cuda_graphs_give_eager_tokens_and_a_smaller_list_saves_memory(tmp_path):
-    from pagedllm import LLM
-
+@pytest.fixture
+def qwen3_0_6b_folder(tmp_path):
+    """Qwen3-0.6B's config.json alone: real sizes for load_format="dummy"."""
     folder = tmp_path / "qwen3"
     folder.mkdir()
     config = {
@@ -61,37 +61,33 @@ def test_cuda_graphs_give_eager_tokens_and_a_smaller_list_saves_memory(tmp_path)
         "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
     }
     (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_cuda_graphs_give_eager_tokens_and_a_smaller_list_saves_memory(qwen3_0_6b_folder):
+    from pagedllm import LLM
+
     prompts = [[i + 1 for i in range(20 + 7 * r)] for r in range(24)]
     common = dict(skip_tokenizer_init=True, load_format="dummy", max_model_len=1024, gpu_memory_utilization=0.5)
 
-    eager = LLM(str(folder), enforce_eager=True, **common)
+    eager = LLM(str(qwen3_0_6b_folder), enforce_eager=True, **common)
     eager_tokens = _tokens(eager, prompts, 16)
     _release(eager)
 
     graph_memory = {}
     for label, compilation_config in (("full", None), ("small", {"cudagraph_capture_sizes": [1, 2, 4]})):
-        llm = LLM(str(folder), compilation_config=compilation_config, **common)
-        runner = llm.llm_engine.executor.collective_rpc("graph_memory_bytes")[0]
-        graph_memory[label] = runner
+        llm = LLM(str(qwen3_0_6b_folder), compilation_config=compilation_config, **common)
+        graph_memory[label] = llm.llm_engine.executor.collective_rpc("graph_memory_bytes")[0]
         assert _tokens(llm, prompts, 16) == eager_tokens
         _release(llm)
     assert graph_memory["small"] < graph_memory["full"]
 
 
-def test_process_stays_within_gpu_memory_utilization_and_kv_takes_the_rest(tmp_path):
+def test_process_stays_within_gpu_memory_utilization_and_kv_takes_the_rest(qwen3_0_6b_folder):
     from pagedllm import LLM
 
-    folder = tmp_path / "qwen3"
-    folder.mkdir()
-    config = {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-        "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
     utilization = 0.4
-    llm = LLM(str(folder), skip_tokenizer_init=True, load_format="dummy", max_model_len=4096,
+    llm = LLM(str(qwen3_0_6b_folder), skip_tokenizer_init=True, load_format="dummy", max_model_len=4096,
               gpu_memory_utilization=utilization)
     try:
         _tokens(llm, PROMPTS, 4)
