@@ -510,7 +510,8 @@ def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None
 
 
 def config_dtype_of(hf_config: PretrainedConfig) -> torch.dtype | None:
-    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # transformers 5 calls it `dtype`; reading the old `torch_dtype` alias only warns.
+    value = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
     if isinstance(value, str):
         return _STR_TO_DTYPE.get(value)
     return value if isinstance(value, torch.dtype) else None

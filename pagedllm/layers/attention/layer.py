@@ -42,16 +42,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache_dtype = torch.get_default_dtype()
         backend = get_attn_backend(torch.get_default_device(), self.kv_cache_dtype)
-        if sliding_window is None:
-            self.impl = backend()
-        else:
-            try:
-                self.impl = backend(sliding_window=sliding_window)
-            except TypeError:
-                raise ValueError(
-                    f"{prefix}: the {backend.name} attention backend has no sliding-window "
-                    f"support, needed for sliding_window={sliding_window}."
-                ) from None
+        self.impl = backend(sliding_window=sliding_window)
         self.kv_cache: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
