@@ -537,11 +537,6 @@ def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bo
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
 
 
-def replace(config: Any, **changes: Any) -> Any:
-    """A copy of a frozen config with some fields changed (for tests and derived configs)."""
-    return dataclasses.replace(config, **changes)
-
-
 __all__ = [
     "CacheConfig",
     "CompilationConfig",

@@ -62,19 +62,6 @@ class EngineCoreOutput:
         return self.finish_reason is not None
 
 
-@dataclass(slots=True)
-class SchedulerStats:
-    """A snapshot for periodic logging."""
-
-    num_running_reqs: int
-    num_waiting_reqs: int
-    kv_cache_usage: float
-    num_preemptions: int
-    """Since start-up."""
-    prefix_cache_query_tokens: int
-    prefix_cache_hit_tokens: int
-
-
 class Scheduler:
     def __init__(
         self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_kv_blocks: int
@@ -134,21 +121,6 @@ class Scheduler:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
-
-    def get_request_counts(self) -> tuple[int, int]:
-        """(running, waiting)."""
-        return len(self.running), len(self.waiting)
-
-    def make_stats(self) -> SchedulerStats:
-        prefix_stats = self.kv_cache_manager.prefix_cache_stats
-        return SchedulerStats(
-            num_running_reqs=len(self.running),
-            num_waiting_reqs=len(self.waiting),
-            kv_cache_usage=self.kv_cache_manager.usage,
-            num_preemptions=self.num_preemptions,
-            prefix_cache_query_tokens=prefix_stats.num_query_tokens,
-            prefix_cache_hit_tokens=prefix_stats.num_hit_tokens,
-        )
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
