@@ -124,11 +124,7 @@ class ColumnParallelLinear(LinearBase):
         return [divide_for_tp(self.output_size, self.tp_size, f"{self.prefix} output size")]
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: Any = None) -> None:
-        output_dim = getattr(param, "output_dim", None)
-        if output_dim is not None:
-            size = param.shape[output_dim]
-            loaded = narrow_loaded_weight(loaded, output_dim, self.tp_rank * size, size)
-        copy_loaded_weight(param.data, loaded, self.prefix)
+        _copy_rank_slice(param, loaded, getattr(param, "output_dim", None), self.tp_rank, self.prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias)
@@ -273,11 +269,7 @@ class RowParallelLinear(LinearBase):
         self._create_weights(input_size_per_partition, [output_size], bias, bias_output_dim=None)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: Any = None) -> None:
-        input_dim = getattr(param, "input_dim", None)
-        if input_dim is not None:
-            size = param.shape[input_dim]
-            loaded = narrow_loaded_weight(loaded, input_dim, self.tp_rank * size, size)
-        copy_loaded_weight(param.data, loaded, self.prefix)
+        _copy_rank_slice(param, loaded, getattr(param, "input_dim", None), self.tp_rank, self.prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel and self.tp_size > 1:
@@ -289,3 +281,12 @@ class RowParallelLinear(LinearBase):
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
+
+
+def _copy_rank_slice(param: nn.Parameter, loaded: LoadedWeight, split_dim: int | None, tp_rank: int, name: str) -> None:
+    """Copies rank tp_rank's equal slice of `loaded` along split_dim (the whole tensor when the
+    parameter is not split)."""
+    if split_dim is not None:
+        size = param.shape[split_dim]
+        loaded = narrow_loaded_weight(loaded, split_dim, tp_rank * size, size)
+    copy_loaded_weight(param.data, loaded, name)
