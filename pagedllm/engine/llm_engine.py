@@ -10,6 +10,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.core import EngineCore
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
 from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
@@ -30,22 +32,14 @@ class LLMEngine:
         model_config = engine_config.model_config
         self.tokenizer = init_tokenizer(model_config)
         self.input_processor = InputProcessor(model_config, self.tokenizer)
-        self.executor = Executor.create(engine_config)
-        try:
-            self.num_kv_blocks = self.executor.initialize()
-        except BaseException:
-            self.executor.shutdown()
-            raise
-        self.scheduler = Scheduler(
-            engine_config.scheduler_config, engine_config.cache_config, self.num_kv_blocks
-        )
+        self.engine_core = EngineCore(engine_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
     def from_engine_args(cls, model: str | None = None, **kwargs: Any) -> LLMEngine:
-        return cls(EngineConfig.from_kwargs(model, **kwargs))
+        return cls(EngineArgs.from_kwargs(model, **kwargs).create_engine_config())
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.tokenizer
@@ -65,7 +59,7 @@ class LLMEngine:
             request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params
         )
         for child_id, child_param in zip(child_ids, child_params):
-            self.scheduler.add_request(
+            self.engine_core.add_request(
                 Request(
                     request_id=child_id,
                     prompt_token_ids=list(processed.prompt_token_ids),
@@ -79,26 +73,32 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for request_id in ids:
             child_ids = self.output_processor.abort_request(request_id)
-            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            self.engine_core.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished()
+        return self.engine_core.has_unfinished_requests() or self.output_processor.has_unfinished()
 
     def step(self, return_unfinished: bool = True) -> list[RequestOutput]:
         """Runs one scheduler step; returns the outputs of requests that changed (only the
         finished ones with return_unfinished=False, which saves building the others)."""
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        core_outputs = self.engine_core.step()
         processed = self.output_processor.process_outputs(core_outputs, return_unfinished)
         if processed.stopped_by_string:
-            self.scheduler.finish_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
+            self.engine_core.finish_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
         if processed.failed:
-            self.scheduler.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+            self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
         return processed.outputs
 
+    @property
+    def executor(self) -> Executor:
+        return self.engine_core.executor
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine_core.scheduler
+
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.engine_core.shutdown()
 
 
 def _eos_token_id(tokenizer: PreTrainedTokenizerBase | None, hf_config: Any) -> int | None:

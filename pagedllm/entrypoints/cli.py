@@ -7,41 +7,17 @@ Engine options are spelled like LLM's keyword arguments with dashes (`--max-mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-# (option, type, help) for LLM(...) keyword arguments; argparse's dest is the kwarg name.
-_ENGINE_OPTIONS: list[tuple[str, Any, str]] = [
-    ("--tokenizer", str, "tokenizer folder or hub id (default: the model's)"),
-    ("--tokenizer-mode", str, "'auto' or 'slow'"),
-    ("--revision", str, "hub revision of the model"),
-    ("--tokenizer-revision", str, "hub revision of the tokenizer"),
-    ("--download-dir", str, "hub cache folder"),
-    ("--load-format", str, "auto | safetensors | pt | dummy | gguf"),
-    ("--dtype", str, "auto | float32 | bfloat16 | float16"),
-    ("--seed", int, "engine random seed"),
-    ("--max-model-len", int, "longest sequence (prompt + output) in tokens"),
-    ("--max-num-seqs", int, "most requests per step"),
-    ("--max-num-batched-tokens", int, "most tokens per step"),
-    ("--block-size", int, "tokens per KV cache block"),
-    ("--gpu-memory-utilization", float, "fraction of GPU memory to use"),
-    ("--kv-cache-memory-bytes", int, "KV cache size in bytes"),
-    ("--tensor-parallel-size", int, "number of tensor-parallel ranks"),
-    ("--device", str, "auto | cuda | cpu"),
-]
-_ENGINE_FLAGS: list[tuple[str, str]] = [
-    ("--trust-remote-code", "allow custom code from the model repository"),
-    ("--enforce-eager", "no CUDA graphs"),
-    ("--skip-tokenizer-init", "no tokenizer (prompts must be token ids)"),
-]
-
+from pagedllm.engine.arg_utils import EngineArgs
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="complete prompts and print the completions")
-    generate.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
     generate.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
@@ -50,11 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--n", type=int, default=1)
     generate.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                           help="apply the chat template (auto: when the tokenizer has one)")
-    for option, option_type, help_text in _ENGINE_OPTIONS:
-        generate.add_argument(option, type=option_type, default=None, help=help_text)
-    for flag, help_text in _ENGINE_FLAGS:
-        generate.add_argument(flag, action="store_true", default=None, help=help_text)
-    generate.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
+    EngineArgs.add_cli_args(generate)
     _add_save_sharded_parser(commands)
     return parser
 
@@ -78,20 +50,13 @@ def _add_save_sharded_parser(commands: Any) -> None:
     save.add_argument("--trust-remote-code", action="store_true", default=None)
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = [option[2:].replace("-", "_") for option, _, _ in _ENGINE_OPTIONS]
-    names += [flag[2:].replace("-", "_") for flag, _ in _ENGINE_FLAGS]
-    names.append("enable_prefix_caching")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from pagedllm import LLM, SamplingParams
     from pagedllm.model_loader.default_model import DEFAULT_MODEL_NAME
 
     if args.model is None:
         print(f"Using the embedded default model {DEFAULT_MODEL_NAME}.", file=sys.stderr)
-    llm = LLM(model=args.model, **_engine_kwargs(args))
+    llm = LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args)))
     prompts = args.prompt or ["What is the capital of France?"]
     params = SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens
@@ -112,7 +77,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_save_sharded(args: argparse.Namespace) -> int:
-    from pagedllm.model_loader.sharded_state import save_sharded_checkpoint
+    from pagedllm.entrypoints.save_sharded import save_sharded_checkpoint
 
     names = ("dtype", "load_format", "distributed_executor_backend", "revision", "download_dir", "device", "trust_remote_code")
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}

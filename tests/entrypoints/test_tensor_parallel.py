@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tiny_models import FAMILIES, hf_greedy, make_tiny_checkpoint
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.config import EngineConfig
+from pagedllm.engine.arg_utils import EngineArgs
 
 PROMPTS = [[5, 17, 99, 23, 8], list(range(30, 100)), [300, 301]]
 MAX_TOKENS = 10
@@ -122,20 +122,20 @@ def test_a_model_that_cannot_be_split_fails_in_config_validation(tmp_path, tp_si
     folder = _write_config(tmp_path, **overrides)
     start = time.perf_counter()
     with pytest.raises(ValueError, match=message):
-        EngineConfig.from_kwargs(folder, load_format="dummy", tensor_parallel_size=tp_size, device="cpu")
+        EngineArgs.from_kwargs(folder, load_format="dummy", tensor_parallel_size=tp_size, device="cpu").create_engine_config()
     assert time.perf_counter() - start < 2.0  # no process was started
 
 
 def test_more_ranks_than_kv_heads_is_accepted_when_they_divide(tmp_path):
     folder = _write_config(tmp_path, num_attention_heads=4, num_key_value_heads=1, hidden_size=64)
-    config = EngineConfig.from_kwargs(folder, load_format="dummy", tensor_parallel_size=4, device="cpu")
+    config = EngineArgs.from_kwargs(folder, load_format="dummy", tensor_parallel_size=4, device="cpu").create_engine_config()
     assert config.parallel_config.tensor_parallel_size == 4
 
 
 def test_uni_backend_with_two_ranks_is_rejected(tmp_path):
     folder = _write_config(tmp_path)
     with pytest.raises(ValueError, match="distributed_executor_backend='uni'.*tensor_parallel_size=2"):
-        EngineConfig.from_kwargs(
+        EngineArgs.from_kwargs(
             folder, load_format="dummy", tensor_parallel_size=2, distributed_executor_backend="uni", device="cpu"
-        )
+        ).create_engine_config()
     assert json.loads((tmp_path / "config.json").read_text())["num_attention_heads"] == 6

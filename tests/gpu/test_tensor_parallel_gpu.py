@@ -56,7 +56,7 @@ def test_two_gpus_give_transformers_greedy_tokens_even_after_the_parent_used_cud
 
 def test_two_gpu_sharded_state_round_trip(tmp_path):
     from pagedllm import LLM
-    from pagedllm.model_loader.sharded_state import save_sharded_checkpoint
+    from pagedllm.entrypoints.save_sharded import save_sharded_checkpoint
 
     source = make_tiny_checkpoint(tmp_path / "model", "llama")
     save_sharded_checkpoint(str(source), str(tmp_path / "sharded"), 2, dtype="float32")

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import make_tiny_checkpoint
 
-from pagedllm.config import EngineConfig
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.distributed.parallel_state import override_tp_state_for_testing
 from pagedllm.model_loader.loaders import get_model
 from pagedllm.model_loader.weight_utils import find_weight_files
@@ -39,7 +39,7 @@ def _checkpoint_bytes(path) -> tuple[int, int]:
 
 
 def _bytes_read_per_rank(path, tp_size: int, load_format: str = "auto") -> list[int]:
-    config = EngineConfig.from_kwargs(str(path), dtype="float32", device="cpu", load_format=load_format)
+    config = EngineArgs.from_kwargs(str(path), dtype="float32", device="cpu", load_format=load_format).create_engine_config()
     read = []
     for rank in range(tp_size):
         with override_tp_state_for_testing(rank, tp_size):

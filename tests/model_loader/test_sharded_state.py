@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tiny_models import hf_greedy, make_tiny_checkpoint
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.config import EngineConfig
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.entrypoints.cli import main
 
 PROMPTS = [[5, 17, 99, 23, 8], list(range(30, 100))]
@@ -82,7 +82,7 @@ def test_loading_with_another_tensor_parallel_size_fails_naming_both(tmp_path):
                  "--output", str(output), "--distributed-executor-backend", "uni"]) == 0
     assert _rank_files(output, 0) == ["model-rank-0-part-0.safetensors"]
     with pytest.raises(ValueError, match="saved with tensor_parallel_size=1 but loading with tensor_parallel_size=2"):
-        EngineConfig.from_kwargs(str(output), load_format="sharded_state", tensor_parallel_size=2)
+        EngineArgs.from_kwargs(str(output), load_format="sharded_state", tensor_parallel_size=2).create_engine_config()
     # The matching size loads, in-process, and gives transformers' tokens.
     llm = LLM(str(output), load_format="sharded_state", skip_tokenizer_init=True, **ENGINE)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
@@ -92,7 +92,7 @@ def test_loading_with_another_tensor_parallel_size_fails_naming_both(tmp_path):
 def test_sharded_state_errors_name_the_fix(tmp_path):
     source = make_tiny_checkpoint(tmp_path / "model", "llama")
     with pytest.raises(ValueError, match="holds no model-rank-\\*-part-\\*.safetensors"):
-        EngineConfig.from_kwargs(str(source), load_format="sharded_state")
+        EngineArgs.from_kwargs(str(source), load_format="sharded_state").create_engine_config()
     with pytest.raises(ValueError, match="is the model folder itself"):
         main(["save-sharded", "--model", str(source), "--tensor-parallel-size", "1", "--output", str(source),
               "--distributed-executor-backend", "uni"])

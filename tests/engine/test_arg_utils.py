@@ -1,4 +1,4 @@
-"""EngineConfig.from_kwargs: dtype rules, context length, and option errors."""
+"""EngineArgs.create_engine_config: dtype rules, context length, and option errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from pagedllm.config import EngineConfig, resolve_dtype
+from pagedllm.engine.arg_utils import EngineArgs, resolve_dtype
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +33,28 @@ def test_auto_dtype_follows_vllm_rules():
 
 
 def test_max_model_len_defaults_to_context_and_larger_is_an_error(bf16_checkpoint):
-    config = EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy")
+    config = EngineArgs.from_kwargs(str(bf16_checkpoint), load_format="dummy").create_engine_config()
     assert config.model_config.max_model_len == 256
     assert config.model_config.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"max_model_len=1000.*\(256"):
-        EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy", max_model_len=1000)
+        EngineArgs.from_kwargs(str(bf16_checkpoint), load_format="dummy", max_model_len=1000).create_engine_config()
 
 
 def test_unknown_option_is_a_type_error_and_bad_values_name_the_option(bf16_checkpoint):
     with pytest.raises(TypeError, match="max_num_seq"):
-        EngineConfig.from_kwargs(str(bf16_checkpoint), max_num_seq=4)
+        EngineArgs.from_kwargs(str(bf16_checkpoint), max_num_seq=4).create_engine_config()
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        EngineConfig.from_kwargs(str(bf16_checkpoint), gpu_memory_utilization=1.5)
+        EngineArgs.from_kwargs(str(bf16_checkpoint), gpu_memory_utilization=1.5).create_engine_config()
     with pytest.raises(ValueError, match="load_format"):
-        EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="zip")
+        EngineArgs.from_kwargs(str(bf16_checkpoint), load_format="zip").create_engine_config()
     with pytest.raises(ValueError, match="block_size"):
-        EngineConfig.from_kwargs(str(bf16_checkpoint), block_size=12)
+        EngineArgs.from_kwargs(str(bf16_checkpoint), block_size=12).create_engine_config()
 
 
 def test_cpu_kv_cache_space_env_and_vllm_alias(bf16_checkpoint, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
-    config = EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy", device="cpu")
+    config = EngineArgs.from_kwargs(str(bf16_checkpoint), load_format="dummy", device="cpu").create_engine_config()
     assert config.cache_config.cpu_kv_cache_bytes == 2 << 30
     monkeypatch.setenv("PAGEDLLM_CPU_KVCACHE_SPACE", "1")
-    config = EngineConfig.from_kwargs(str(bf16_checkpoint), load_format="dummy", device="cpu")
+    config = EngineArgs.from_kwargs(str(bf16_checkpoint), load_format="dummy", device="cpu").create_engine_config()
     assert config.cache_config.cpu_kv_cache_bytes == 1 << 30

@@ -1,0 +1,467 @@
+"""`EngineArgs`: every engine option once, with its type, default, help text and dashed flag.
+
+`LLM(...)`, `pagedllm generate|chat|serve|plan` and `save-sharded` all build their
+`EngineConfig` here, so an option is declared and validated in one place. Adding an option is
+one field below (its `help` metadata becomes the `--flag`'s help) and, where it needs checking,
+a line in the matching `_build_*` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from pagedllm import envs
+from pagedllm.config import (
+    CacheConfig,
+    CompilationConfig,
+    DeviceConfig,
+    EngineConfig,
+    LoadConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+_STR_TO_DTYPE = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf", "sharded_state")
+TOKENIZER_MODES = ("auto", "slow")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+# Keys of config.json that may hold the context length, most specific first (vLLM's list).
+_CONTEXT_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "model_max_length",
+)
+
+
+
+
+def _option(default: Any, help: str, cli_type: Any = None, **extra: Any) -> Any:
+    """A field of EngineArgs: `help` is the flag's help; `cli_type` how the flag's text is read
+    (default: the type of the default; "json" for dicts; bool flags get --x / --no-x)."""
+    return field(default=default, metadata={"help": help, "cli_type": cli_type, **extra})
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg})") from None
+
+
+@dataclass
+class EngineArgs:
+    """The options of `LLM(...)` with vLLM's names and defaults. `None` means "derive it" (from
+    the model, the device, or another option)."""
+
+    model: str | None = _option(None, "model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)", str)
+    tokenizer: str | None = _option(None, "tokenizer folder or hub id (default: the model's)", str)
+    tokenizer_mode: str = _option("auto", "'auto' (fast tokenizer when there is one) or 'slow'", str)
+    skip_tokenizer_init: bool = _option(False, "no tokenizer: prompts must be token ids, outputs carry no text")
+    trust_remote_code: bool = _option(False, "allow custom code from the model repository")
+    tensor_parallel_size: int = _option(1, "number of devices (GPUs or CPU processes) the layers are split across")
+    distributed_executor_backend: str | None = _option(None, "uni | mp | ray (default: uni for 1 rank, mp for more)", str)
+    dtype: str = _option("auto", "auto | float32 | bfloat16 | float16", str)
+    quantization: str | None = _option(None, "quantization method (default: from the checkpoint's quantization_config)", str)
+    revision: str | None = _option(None, "hub revision (branch, tag or commit) of the model", str)
+    tokenizer_revision: str | None = _option(None, "hub revision of the tokenizer", str)
+    seed: int | None = _option(0, "engine random seed: same seed, same samples", int)
+    gpu_memory_utilization: float = _option(0.9, "fraction of GPU memory this engine may use")
+    kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (overrides gpu_memory_utilization)", int)
+    swap_space: float | None = _option(None, "accepted for vLLM compatibility; pagedllm recomputes instead of swapping", float)
+    enforce_eager: bool = _option(False, "no CUDA graphs")
+    compilation_config: dict[str, Any] | int | None = _option(None, "CUDA graph settings as JSON, e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'", "json")
+    max_model_len: int | None = _option(None, "longest sequence (prompt + output) in tokens (default: the model's)", int)
+    max_num_seqs: int | None = _option(None, "most requests in one step (default 256)", int)
+    max_num_batched_tokens: int | None = _option(None, "most tokens in one step (default 8192 on GPU, 4096 on CPU)", int)
+    enable_chunked_prefill: bool = _option(True, "split long prompts into chunks of max_num_batched_tokens")
+    block_size: int | None = _option(None, "tokens per KV cache block (power of two, default 16)", int)
+    enable_prefix_caching: bool | None = _option(None, "share KV blocks of common prefixes (default on)", bool)
+    load_format: str = _option("auto", "auto | safetensors | pt | dummy | gguf | sharded_state", str)
+    download_dir: str | None = _option(None, "hub cache folder to read and download into", str)
+    device: str = _option("auto", "auto | cuda | cpu", str)
+    max_logprobs: int = _option(20, "largest logprobs / prompt_logprobs a request may ask for (-1: no limit)")
+    disable_log_stats: bool = _option(True, "accepted for vLLM compatibility")
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
+        """`LLM(...)`'s keyword arguments; an unknown name is a TypeError listing the known."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(
+                f"Unknown engine option(s) {', '.join(unknown)}; supported options: "
+                f"{', '.join(sorted(names))}."
+            )
+        return cls(model=model, **kwargs)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+        """One `--dashed-name` flag per option (default None: "not given")."""
+        group = parser.add_argument_group("engine options (LLM(...) keyword arguments)")
+        for option in dataclasses.fields(cls):
+            if option.name in exclude:
+                continue
+            flag = "--" + option.name.replace("_", "-")
+            help_text = option.metadata.get("help", "")
+            cli_type = option.metadata.get("cli_type") or type(option.default)
+            if cli_type is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                reader = _json_value if cli_type == "json" else cli_type
+                group.add_argument(flag, type=reader, default=None, help=help_text, metavar=option.name.upper())
+
+    @classmethod
+    def from_cli_args(cls, namespace: argparse.Namespace) -> EngineArgs:
+        """The options given on the command line; the others keep their defaults."""
+        given = {
+            option.name: getattr(namespace, option.name)
+            for option in dataclasses.fields(cls)
+            if getattr(namespace, option.name, None) is not None
+        }
+        return cls(**given)
+
+    def create_engine_config(self) -> EngineConfig:
+        """Builds and validates every config; a bad value is a ValueError naming the option."""
+        model = self.model
+        if model is None:
+            from pagedllm.model_loader.default_model import default_model_path
+
+            model = default_model_path()
+        return _build(str(model), dataclasses.asdict(self))
+
+
+# vLLM's default decode batch sizes for CUDA graphs: 1, 2, 4, then every 8 up to 512.
+_DEFAULT_CAPTURE_SIZES = (1, 2, 4, *range(8, 513, 8))
+
+
+def _build(model: str, args: dict[str, Any]) -> EngineConfig:
+    from pagedllm.model_loader.discovery import resolve_model, resolve_tokenizer
+
+    device = _resolve_device(args["device"])
+    load_format = args["load_format"]
+    _check_choice("load_format", load_format, LOAD_FORMATS)
+    _check_choice("tokenizer_mode", args["tokenizer_mode"], TOKENIZER_MODES)
+    if args["quantization"] is not None:
+        raise ValueError(
+            f"quantization={args['quantization']!r} is not supported yet; leave it None."
+        )
+    resolved = resolve_model(model, args["revision"], args["download_dir"], load_format)
+    if resolved.gguf_file is not None and load_format not in ("auto", "gguf"):
+        raise ValueError(f"model={model!r} is a GGUF file: use load_format='auto' or 'gguf', not {load_format!r}.")
+    if resolved.gguf_file is None and load_format == "gguf":
+        raise ValueError(f"load_format='gguf' needs model= to be a .gguf file, got {model!r}.")
+    load_config = LoadConfig(
+        load_format="gguf" if resolved.gguf_file else load_format,
+        download_dir=args["download_dir"],
+    )
+    hf_config = read_hf_config(resolved.model_path, resolved.gguf_file, args["trust_remote_code"], args["revision"])
+    model_config = _build_model_config(model, resolved, hf_config, args, device)
+    scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
+    cache_config = _build_cache_config(args, device)
+    parallel_config = _build_parallel_config(args, hf_config, device)
+    if load_config.load_format == "sharded_state":
+        from pagedllm.model_loader.sharded_state import check_sharded_state_folder
+
+        check_sharded_state_folder(resolved.model_path, parallel_config.tensor_parallel_size)
+    compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs)
+    if args["tokenizer"] is not None and not args["skip_tokenizer_init"]:
+        tokenizer = resolve_tokenizer(args["tokenizer"], args["tokenizer_revision"], args["download_dir"])
+        model_config = dataclasses.replace(model_config, tokenizer=tokenizer)
+    logger.info(
+        "Model %s (%s): dtype %s, max_model_len %d, device %s, max_num_seqs %d, "
+        "max_num_batched_tokens %d, block_size %d, prefix caching %s.",
+        model, model_config.architecture, str(model_config.dtype).removeprefix("torch."),
+        model_config.max_model_len, device, scheduler_config.max_num_seqs,
+        scheduler_config.max_num_batched_tokens, cache_config.block_size,
+        "on" if cache_config.enable_prefix_caching else "off",
+    )
+    return EngineConfig(
+        model_config=model_config,
+        load_config=load_config,
+        cache_config=cache_config,
+        parallel_config=parallel_config,
+        scheduler_config=scheduler_config,
+        compilation_config=compilation_config,
+        device_config=DeviceConfig(device=device),
+    )
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device={device!r} is not supported; use 'auto', 'cuda' or 'cpu'.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'.")
+    return torch.device(device)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}.")
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, args: dict[str, Any], device: torch.device) -> ModelConfig:
+    dtype = resolve_dtype(args["dtype"], config_dtype_of(hf_config), device)
+    if device.type == "cpu" and dtype == torch.float16:
+        logger.warning("float16 is slow on CPU and may overflow; consider dtype='bfloat16' or 'float32'.")
+    derived_len = derive_max_model_len(hf_config)
+    max_model_len = args["max_model_len"]
+    if max_model_len is None:
+        max_model_len = derived_len
+    else:
+        max_model_len = _check_positive_int("max_model_len", max_model_len)
+        if max_model_len > derived_len and not envs.allow_long_max_model_len():
+            raise ValueError(
+                f"max_model_len={max_model_len} is larger than the model's context length "
+                f"({derived_len}, from its config.json); use max_model_len <= {derived_len}, or "
+                "set PAGEDLLM_ALLOW_LONG_MAX_MODEL_LEN=1 if you know the model handles it."
+            )
+    seed = args["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+    max_logprobs = args["max_logprobs"]
+    if not isinstance(max_logprobs, int) or max_logprobs < -1:
+        raise ValueError(f"max_logprobs must be -1 (no limit) or an integer >= 0, got {max_logprobs!r}.")
+    tokenizer = resolved.model_path
+    return ModelConfig(
+        model=model,
+        model_path=resolved.model_path,
+        gguf_file=resolved.gguf_file,
+        tokenizer=tokenizer,
+        tokenizer_mode=args["tokenizer_mode"],
+        trust_remote_code=bool(args["trust_remote_code"]),
+        revision=args["revision"],
+        tokenizer_revision=args["tokenizer_revision"],
+        skip_tokenizer_init=bool(args["skip_tokenizer_init"]),
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
+        hf_config=hf_config,
+    )
+
+
+def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: torch.device) -> SchedulerConfig:
+    max_num_seqs = args["max_num_seqs"]
+    max_num_seqs = 256 if max_num_seqs is None else _check_positive_int("max_num_seqs", max_num_seqs)
+    max_num_batched_tokens = args["max_num_batched_tokens"]
+    if max_num_batched_tokens is None:
+        # Chunked prefill splits longer prompts, so this only bounds a step's activations.
+        max_num_batched_tokens = 8192 if device.type == "cuda" else 4096
+        if not args["enable_chunked_prefill"]:
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+    else:
+        max_num_batched_tokens = _check_positive_int("max_num_batched_tokens", max_num_batched_tokens)
+    if not args["enable_chunked_prefill"] and max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"enable_chunked_prefill=False needs max_num_batched_tokens ({max_num_batched_tokens}) "
+            f">= max_model_len ({max_model_len}); raise max_num_batched_tokens, lower "
+            "max_model_len, or leave chunked prefill on."
+        )
+    return SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+    )
+
+
+def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConfig:
+    block_size = args["block_size"]
+    block_size = 16 if block_size is None else _check_positive_int("block_size", block_size)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two (e.g. 16), got {block_size}.")
+    utilization = args["gpu_memory_utilization"]
+    if not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}.")
+    kv_bytes = args["kv_cache_memory_bytes"]
+    if kv_bytes is not None:
+        kv_bytes = _check_positive_int("kv_cache_memory_bytes", kv_bytes)
+    enable_prefix_caching = args["enable_prefix_caching"]
+    return CacheConfig(
+        block_size=block_size,
+        enable_prefix_caching=True if enable_prefix_caching is None else bool(enable_prefix_caching),
+        gpu_memory_utilization=float(utilization),
+        kv_cache_memory_bytes=kv_bytes,
+        cpu_kv_cache_bytes=envs.cpu_kvcache_space_bytes() if device.type == "cpu" else 0,
+    )
+
+
+def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig, device: torch.device) -> ParallelConfig:
+    tp_size = _check_positive_int("tensor_parallel_size", args["tensor_parallel_size"])
+    backend = args["distributed_executor_backend"]
+    if backend is None:
+        backend = "uni" if tp_size == 1 else "mp"
+    _check_choice("distributed_executor_backend", backend, EXECUTOR_BACKENDS)
+    if backend == "uni" and tp_size > 1:
+        raise ValueError(
+            f"distributed_executor_backend='uni' runs one rank in this process, but "
+            f"tensor_parallel_size={tp_size}; use distributed_executor_backend='mp' (one process "
+            "per rank, the default) or 'ray'."
+        )
+    if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(
+                "distributed_executor_backend='ray' needs the ray package: "
+                "pip install 'pagedllm[ray]', or use distributed_executor_backend='mp'."
+            )
+    _check_tensor_parallel_split(hf_config, tp_size)
+    if device.type == "cuda" and backend != "ray" and tp_size > torch.cuda.device_count():
+        # Ray may place ranks on other machines; one host must see every rank's GPU.
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} needs {tp_size} GPUs but "
+            f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower tensor_parallel_size or "
+            "use distributed_executor_backend='ray' across machines."
+        )
+    return ParallelConfig(tensor_parallel_size=tp_size, distributed_executor_backend=backend)
+
+
+def _check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> None:
+    """Fail at start-up, before any process starts, when the model's layers cannot be split
+    into `tp_size` equal shards (the layers would only fail later, inside the workers)."""
+    if tp_size == 1:
+        return
+    if getattr(hf_config, "num_attention_heads", None) is None:
+        return  # not a decoder config this check understands; the layers check when built
+    architecture = (getattr(hf_config, "architectures", None) or ["the model"])[0]
+    num_heads = int(hf_config.num_attention_heads)
+    num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
+    sizes = {"num_attention_heads": num_heads}
+    intermediate_size = getattr(hf_config, "intermediate_size", None)
+    if isinstance(intermediate_size, int):
+        sizes["intermediate_size"] = intermediate_size
+
+    def splits(size: int) -> bool:
+        return all(value % size == 0 for value in sizes.values()) and (
+            num_kv_heads % size == 0 if size <= num_kv_heads else size % num_kv_heads == 0
+        )
+
+    bad = [(name, value) for name, value in sizes.items() if value % tp_size]
+    kv_bad = num_kv_heads % tp_size if tp_size <= num_kv_heads else tp_size % num_kv_heads
+    if not bad and not kv_bad:
+        return
+    working = [size for size in range(1, num_heads + 1) if splits(size)]
+    if bad:
+        name, value = bad[0]
+        problem = f"{name} ({value}) of {architecture} is not divisible by tensor_parallel_size ({tp_size})"
+    else:
+        # Fewer KV heads than ranks is fine when each head is replicated a whole number of times.
+        problem = (
+            f"num_key_value_heads ({num_kv_heads}) of {architecture} and tensor_parallel_size "
+            f"({tp_size}) do not divide one another"
+        )
+    raise ValueError(
+        f"{problem}, so the model cannot be split across {tp_size} ranks; use "
+        f"tensor_parallel_size in {working}."
+    )
+
+
+def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int) -> CompilationConfig:
+    raw = args["compilation_config"] or {}
+    if isinstance(raw, int):
+        raw = {"mode": raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"compilation_config must be a dict (e.g. {{'cudagraph_capture_sizes': [1, 2, 4]}}), got {raw!r}.")
+    known = {"cudagraph_capture_sizes", "max_cudagraph_capture_size", "cudagraph_mode", "mode", "level"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"compilation_config has unknown key(s) {unknown}; known keys: {sorted(known)}.")
+    mode = str(raw.get("cudagraph_mode", "FULL")).upper()
+    if mode not in ("NONE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE"):
+        raise ValueError(f"compilation_config['cudagraph_mode']={mode!r}: use 'NONE' or 'FULL_DECODE_ONLY'.")
+    use_cudagraph = device.type == "cuda" and not args["enforce_eager"] and mode != "NONE"
+    max_size = raw.get("max_cudagraph_capture_size")
+    sizes = raw.get("cudagraph_capture_sizes")
+    if sizes is None:
+        cap = min(max_num_seqs, max_size if max_size is not None else 512)
+        sizes = [size for size in _DEFAULT_CAPTURE_SIZES if size <= cap]
+    elif not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"compilation_config['cudagraph_capture_sizes'] must be positive integers, got {sizes!r}.")
+    elif max_size is not None:
+        sizes = [size for size in sizes if size <= max_size]
+    return CompilationConfig(
+        cudagraph_capture_sizes=tuple(sorted(set(sizes))) if use_cudagraph else (),
+        use_cudagraph=use_cudagraph,
+    )
+
+
+def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """vLLM's rules for `dtype`: "auto" takes the checkpoint's dtype (config.json's
+    `torch_dtype`/`dtype`), except that a float32 (or missing) one becomes bfloat16 on a GPU
+    that supports it (float16 otherwise), since serving in float32 halves throughput; on CPU,
+    float32 and float16 checkpoints stay float32 (CPUs lack fast float16 kernels) and bfloat16
+    stays bfloat16. An explicit dtype is used as given."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested != "auto":
+        if requested not in _STR_TO_DTYPE:
+            raise ValueError(
+                f"dtype={requested!r} is not supported; use one of "
+                f"'auto', {', '.join(repr(k) for k in _STR_TO_DTYPE)}."
+            )
+        return _STR_TO_DTYPE[requested]
+    if device.type == "cuda":
+        if config_dtype in (torch.float16, torch.bfloat16):
+            return config_dtype
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if config_dtype == torch.bfloat16 else torch.float32
+
+
+def config_dtype_of(hf_config: PretrainedConfig) -> torch.dtype | None:
+    # transformers 5 calls it `dtype`; reading the old `torch_dtype` alias only warns.
+    value = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
+    if isinstance(value, str):
+        return _STR_TO_DTYPE.get(value)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def derive_max_model_len(hf_config: PretrainedConfig) -> int:
+    """The model's context length from config.json (the smallest of the keys present)."""
+    lengths = [
+        int(value)
+        for key in _CONTEXT_LENGTH_KEYS
+        if isinstance(value := getattr(hf_config, key, None), (int, float)) and value > 0
+    ]
+    return min(lengths) if lengths else 2048
+
+
+def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bool, revision: str | None) -> PretrainedConfig:
+    if gguf_file is not None:
+        from pagedllm.model_loader.gguf import load_gguf_config
+
+        return load_gguf_config(gguf_file)
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ValueError(f"model={model_path!r} has no config.json: pass a model folder or hub id.")
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
