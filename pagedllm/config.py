@@ -41,6 +41,9 @@ class ModelConfig:
     """Longest sequence (prompt + output) in tokens."""
     max_logprobs: int
     """Largest `logprobs` / `prompt_logprobs` a request may ask for (-1: no limit)."""
+    quantization: str | None
+    """The quantization method (a key of layers.quantization.QUANTIZATION_METHODS): from
+    `quantization=` or the checkpoint's quantization_config; None for none."""
     hf_config: PretrainedConfig = field(repr=False)
     """The model's config.json, read once."""
 

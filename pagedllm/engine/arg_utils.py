@@ -162,10 +162,6 @@ def _build(model: str, args: dict[str, Any]) -> EngineConfig:
     load_format = args["load_format"]
     _check_choice("load_format", load_format, LOAD_FORMATS)
     _check_choice("tokenizer_mode", args["tokenizer_mode"], TOKENIZER_MODES)
-    if args["quantization"] is not None:
-        raise ValueError(
-            f"quantization={args['quantization']!r} is not supported yet; leave it None."
-        )
     resolved = resolve_model(model, args["revision"], args["download_dir"], load_format)
     if resolved.gguf_file is not None and load_format not in ("auto", "gguf"):
         raise ValueError(f"model={model!r} is a GGUF file: use load_format='auto' or 'gguf', not {load_format!r}.")
@@ -252,6 +248,9 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
     max_logprobs = args["max_logprobs"]
     if not isinstance(max_logprobs, int) or max_logprobs < -1:
         raise ValueError(f"max_logprobs must be -1 (no limit) or an integer >= 0, got {max_logprobs!r}.")
+    from pagedllm.layers.quantization import resolve_quantization
+
+    quantization = resolve_quantization(args["quantization"], hf_config)
     tokenizer = resolved.model_path
     return ModelConfig(
         model=model,
@@ -267,6 +266,7 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
         seed=seed,
         max_model_len=max_model_len,
         max_logprobs=max_logprobs,
+        quantization=quantization,
         hf_config=hf_config,
     )
 

@@ -57,10 +57,14 @@ def set_default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def get_model(
-    model_config: ModelConfig, load_config: LoadConfig, device: torch.device | str, quant_config: Any = None
+    model_config: ModelConfig, load_config: LoadConfig, device: torch.device | str
 ) -> torch.nn.Module:
-    """The model of `model_config` on `device`, weights loaded per `load_config`, in eval mode."""
+    """The model of `model_config` on `device`, weights loaded per `load_config`, in eval mode;
+    its linear layers quantized per `model_config.quantization`."""
+    from pagedllm.layers.quantization import get_quantization_config
     from pagedllm.models.registry import get_model_class
+
+    quant_config = get_quantization_config(model_config.quantization, model_config.hf_config)
 
     start = time.perf_counter()
     load_format = "gguf" if model_config.gguf_file is not None else load_config.load_format

@@ -185,7 +185,7 @@ def _model_config(path: Path, hf_config: PretrainedConfig, dtype: torch.dtype = 
     return ModelConfig(
         model=str(path), model_path=str(path), gguf_file=None, tokenizer=str(path), tokenizer_mode="auto",
         trust_remote_code=False, revision=None, tokenizer_revision=None, skip_tokenizer_init=True,
-        dtype=dtype, seed=0, max_model_len=128, max_logprobs=20, hf_config=hf_config,
+        dtype=dtype, seed=0, max_model_len=128, max_logprobs=20, quantization=None, hf_config=hf_config,
     )
 
 

@@ -93,6 +93,12 @@ class QuantizationConfig(ABC):
     def get_name(self) -> str:
         """The name users pass as `quantization=` (e.g. "fp8", "awq")."""
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
+        """Reads the checkpoint's `quantization_config` ({} when the checkpoint has none and
+        the weights are quantized while loading)."""
+
     @abstractmethod
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
         """The method for the linear layer named `prefix` (return `UnquantizedLinearMethod()`
