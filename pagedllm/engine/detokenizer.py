@@ -105,10 +105,7 @@ class IncrementalDetokenizer:
             self._ids.append(token_id)
             self.output_text += self._decode_next()
         if stop_terminated:
-            self.flush()
-        # vLLM checks stop strings only once more than min_tokens tokens exist.
-        if not self._stop or len(self.output_token_ids) <= self.params.min_tokens:
-            return None
+            self._flush_held_text()
         return self._check_stop(len(self.output_text) - num_chars_before)
 
     def _decode_next(self) -> str:
@@ -126,9 +123,16 @@ class IncrementalDetokenizer:
             self._window_text = self._decode(self._ids[self._window_start : self._read_offset])
         return new_text
 
-    def flush(self) -> None:
+    def flush(self) -> str | None:
         """At the end of the completion: emits text held back for an unfinished multi-byte
-        character (as U+FFFD, which is what a full decode gives)."""
+        character (as U+FFFD, which is what a full decode gives). The held text may complete
+        a stop string (its last characters shared a token with the unfinished character), so
+        it is checked like any new text; returns the stop string that matched, if any."""
+        num_chars_before = len(self.output_text)
+        self._flush_held_text()
+        return self._check_stop(len(self.output_text) - num_chars_before)
+
+    def _flush_held_text(self) -> None:
         if self.stop_string is not None or self._read_offset == len(self._ids):
             return
         text = self._decode(self._ids[self._window_start :])
@@ -138,7 +142,10 @@ class IncrementalDetokenizer:
         self._window_text = text
 
     def _check_stop(self, num_new_chars: int) -> str | None:
-        if num_new_chars <= 0:
+        # vLLM checks stop strings only once more than min_tokens tokens exist.
+        if not self._stop or len(self.output_token_ids) <= self.params.min_tokens:
+            return None
+        if num_new_chars <= 0 or self.stop_string is not None:
             return None
         text = self.output_text
         best_index, best_stop = -1, None

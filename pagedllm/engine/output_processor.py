@@ -180,7 +180,7 @@ class OutputProcessor:
             stop_terminated = output.finish_reason == "stop" and not isinstance(output.stop_reason, str)
             stop_string = completion.detokenizer.update(output.new_token_ids, stop_terminated)
             if output.finish_reason is not None or stop_string is not None:
-                completion.detokenizer.flush()
+                stop_string = completion.detokenizer.flush() or stop_string
         if stop_string is not None:
             completion.finish_reason = "stop"
             completion.stop_reason = stop_string

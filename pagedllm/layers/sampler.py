@@ -168,9 +168,13 @@ def _mask_beyond_k(sorted_values: torch.Tensor, top_k: torch.Tensor) -> torch.Te
 def _mask_outside_nucleus(sorted_values: torch.Tensor, top_p: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """sorted_values: descending per row, normalised by the log-sum-exp lse. Keeps the
     smallest prefix whose probability reaches top_p: a token is dropped when the mass before
-    it already does. The first token always stays (the mass before it is exactly 0)."""
+    it already does. The first token always stays (the mass before it is exactly 0).
+
+    The running mass is summed in float64: in float32 a sum over thousands of tokens moves
+    by ~1e-6 with the summation order (which differs between CPUs and kernels), enough to
+    move the nucleus edge when a token's running mass lies that close to top_p."""
     probs = torch.exp(sorted_values - lse.unsqueeze(1))
-    mass_before = probs.cumsum(dim=-1) - probs
+    mass_before = probs.cumsum(dim=-1, dtype=torch.float64) - probs
     # top_p = 1 keeps every token even where rounding makes the running mass reach 1 early.
     outside = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
     return sorted_values.masked_fill(outside, float("-inf"))

@@ -136,6 +136,28 @@ def test_stop_terminated_token_text_is_left_out(tokenizer: PreTrainedTokenizerBa
         assert detokenizer.output_token_ids == output
 
 
+def test_stop_string_completed_by_the_held_back_text_of_the_last_step_is_cut(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    # A byte-level token may hold a character and the first bytes of the next one (" " plus
+    # half an emoji): its text waits for the next token, and when the request ends there (at
+    # max_tokens) the flushed text is the only place the stop string appears.
+    space_and_half_emoji = next(
+        i for i in range(len(tokenizer))
+        if tokenizer.decode([i]).endswith("\ufffd") and tokenizer.decode([i]).startswith(" ")
+    )
+    output = tokenizer.encode("hello") + [space_and_half_emoji]
+    for include, expected in [(False, "hell"), (True, "hello ")]:
+        params = SamplingParams(stop=["o "], include_stop_str_in_output=include)
+        detokenizer = IncrementalDetokenizer(tokenizer, [], params)
+        assert detokenizer.update(output) is None  # the " " is held back with the half emoji
+        assert detokenizer.output_text == "hello"
+        assert detokenizer.flush() == "o "
+        assert detokenizer.stop_string == "o "
+        assert detokenizer.output_text == expected
+        assert detokenizer.get_next_output_text(finished=True, delta=False) == expected
+
+
 def test_streaming_never_shows_part_of_a_stop_string(tokenizer: PreTrainedTokenizerBase) -> None:
     stop = "world!"
     output = tokenizer.encode("hello wor wo world! tail")
