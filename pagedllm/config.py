@@ -46,6 +46,9 @@ class ModelConfig:
     `quantization=` or the checkpoint's quantization_config; None for none."""
     hf_config: PretrainedConfig = field(repr=False)
     """The model's config.json, read once."""
+    max_model_len_auto: bool = False
+    """max_model_len="auto" (or -1): max_model_len is the model's until the KV cache is sized,
+    then the engine lowers it to what one request can use (EngineCore)."""
 
     @property
     def architecture(self) -> str:
@@ -99,6 +102,9 @@ class CacheConfig:
     """KV cache size in bytes; overrides gpu_memory_utilization and the CPU default."""
     cpu_kv_cache_bytes: int = 4 << 30
     """KV cache size on CPU (PAGEDLLM_CPU_KVCACHE_SPACE GiB, default 4)."""
+    kv_cache_headroom: float = 0.1
+    """The KV cache holds at most max_num_seqs x max_model_len tokens plus this fraction of
+    them (for prefix-cache reuse); a budget beyond that stays free."""
 
 
 @dataclass(frozen=True)

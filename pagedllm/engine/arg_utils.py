@@ -69,6 +69,10 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg})") from None
 
 
+def _max_model_len_value(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
 @dataclass
 class EngineArgs:
     """The options of `LLM(...)` with vLLM's names and defaults. `None` means "derive it" (from
@@ -88,10 +92,11 @@ class EngineArgs:
     seed: int | None = _option(0, "engine random seed: same seed, same samples", int)
     gpu_memory_utilization: float = _option(0.9, "fraction of GPU memory this engine may use")
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (overrides gpu_memory_utilization)", int)
+    kv_cache_headroom: float = _option(0.1, "KV cache beyond max_num_seqs x max_model_len tokens, as a fraction of them (prefix-cache reuse); the rest of the budget stays free")
     swap_space: float | None = _option(None, "accepted for vLLM compatibility; pagedllm recomputes instead of swapping", float)
     enforce_eager: bool = _option(False, "no CUDA graphs")
     compilation_config: dict[str, Any] | int | None = _option(None, "CUDA graph settings as JSON, e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'", "json")
-    max_model_len: int | None = _option(None, "longest sequence (prompt + output) in tokens (default: the model's)", int)
+    max_model_len: int | str | None = _option(None, "longest sequence (prompt + output) in tokens (default: the model's; 'auto' or -1: the longest the KV cache holds)", "max_model_len")
     max_num_seqs: int | None = _option(None, "most requests in one step (default 256)", int)
     max_num_batched_tokens: int | None = _option(None, "most tokens in one step (default 8192 on GPU, 4096 on CPU)", int)
     enable_chunked_prefill: bool = _option(True, "split long prompts into chunks of max_num_batched_tokens")
@@ -128,7 +133,7 @@ class EngineArgs:
             if cli_type is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
-                reader = _json_value if cli_type == "json" else cli_type
+                reader = {"json": _json_value, "max_model_len": _max_model_len_value}.get(cli_type, cli_type)
                 group.add_argument(flag, type=reader, default=None, help=help_text, metavar=option.name.upper())
 
     @classmethod
@@ -232,7 +237,8 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
         logger.warning("float16 is slow on CPU and may overflow; consider dtype='bfloat16' or 'float32'.")
     derived_len = derive_max_model_len(hf_config)
     max_model_len = args["max_model_len"]
-    if max_model_len is None:
+    max_model_len_auto = max_model_len == "auto" or (max_model_len == -1 and not isinstance(max_model_len, bool))
+    if max_model_len is None or max_model_len_auto:
         max_model_len = derived_len
     else:
         max_model_len = _check_positive_int("max_model_len", max_model_len)
@@ -268,6 +274,7 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
         max_logprobs=max_logprobs,
         quantization=quantization,
         hf_config=hf_config,
+        max_model_len_auto=max_model_len_auto,
     )
 
 
@@ -307,12 +314,16 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
     if kv_bytes is not None:
         kv_bytes = _check_positive_int("kv_cache_memory_bytes", kv_bytes)
     enable_prefix_caching = args["enable_prefix_caching"]
+    headroom = args["kv_cache_headroom"]
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0.0 <= headroom:
+        raise ValueError(f"kv_cache_headroom must be a fraction >= 0 (e.g. 0.1), got {headroom!r}.")
     return CacheConfig(
         block_size=block_size,
         enable_prefix_caching=True if enable_prefix_caching is None else bool(enable_prefix_caching),
         gpu_memory_utilization=float(utilization),
         kv_cache_memory_bytes=kv_bytes,
         cpu_kv_cache_bytes=envs.cpu_kvcache_space_bytes() if device.type == "cpu" else 0,
+        kv_cache_headroom=float(headroom),
     )
 
 

@@ -4,6 +4,7 @@ go out. `LLMEngine` runs it in-process; the server runs it in its own process.""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
@@ -11,6 +12,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
 from pagedllm.executor.base import Executor
+from pagedllm.worker.memory_policy import largest_max_model_len
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()
             raise
+        if engine_config.model_config.max_model_len_auto:
+            self.config = engine_config = _with_auto_max_model_len(engine_config, self.num_kv_blocks)
         self.scheduler = Scheduler(
             engine_config.scheduler_config, engine_config.cache_config, self.num_kv_blocks
         )
@@ -47,3 +51,22 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _with_auto_max_model_len(engine_config: EngineConfig, num_kv_blocks: int) -> EngineConfig:
+    """max_model_len="auto": the model's length, or less when one request of it would not fit
+    the KV cache. The configs stay frozen; the engine continues with the derived one."""
+    model_config, scheduler_config = engine_config.model_config, engine_config.scheduler_config
+    block_size = engine_config.cache_config.block_size
+    chosen = largest_max_model_len(num_kv_blocks, block_size, model_config.max_model_len)
+    logger.info(
+        "max_model_len='auto': %d (%s), since the KV cache holds %d tokens (%d blocks of %d).",
+        chosen, "the model's length" if chosen == model_config.max_model_len
+        else f"below the model's {model_config.max_model_len}", num_kv_blocks * block_size,
+        num_kv_blocks, block_size,
+    )
+    return dataclasses.replace(
+        engine_config,
+        model_config=dataclasses.replace(model_config, max_model_len=chosen),
+        scheduler_config=dataclasses.replace(scheduler_config, max_model_len=chosen),
+    )

@@ -28,11 +28,12 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, engine_config: EngineConfig) -> None:
         start = time.perf_counter()
-        self.config = engine_config
-        model_config = engine_config.model_config
-        self.tokenizer = init_tokenizer(model_config)
-        self.input_processor = InputProcessor(model_config, self.tokenizer)
+        self.tokenizer = init_tokenizer(engine_config.model_config)
         self.engine_core = EngineCore(engine_config)
+        # The core's config: max_model_len="auto" is settled once the KV cache is sized.
+        self.config = self.engine_core.config
+        model_config = self.config.model_config
+        self.input_processor = InputProcessor(model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)

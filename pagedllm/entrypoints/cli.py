@@ -1,41 +1,105 @@
-"""The `pagedllm` command: `pagedllm generate --model M --prompt "..." [--max-tokens N ...]`,
-and `pagedllm save-sharded --model M --tensor-parallel-size N --output DIR` (each rank's
-shards written to their own files, for load_format="sharded_state").
+"""The `pagedllm` command, split like vLLM's:
 
-Engine options are spelled like LLM's keyword arguments with dashes (`--max-model-len`)."""
+- `pagedllm generate --prompt "..."`: completes raw text exactly as `LLM.generate` does;
+- `pagedllm chat [--prompt "..."]`: applies the chat template (one message, or a conversation
+  read line by line from stdin until EOF);
+- `pagedllm plan --model M [--gpu-memory 80GiB]`: the memory plan, from config.json and the
+  checkpoint's headers only (entrypoints/plan.py);
+- `pagedllm save-sharded`: each tensor-parallel rank's weights to its own files;
+- `pagedllm serve`, when the server package (entrypoints/openai/) is present.
+
+Engine options are LLM's keyword arguments spelled with dashes (`--max-model-len`), generated
+from `EngineArgs`; sampling options are SamplingParams' (`--max-tokens`, `--temperature`, ...)
+and are checked before the model loads. A bad option or value prints one line,
+`pagedllm: error: <message>`, and exits with status 2 (`--debug` shows the traceback)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from pagedllm.engine.arg_utils import EngineArgs
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="complete prompts and print the completions")
-    generate.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--n", type=int, default=1)
-    generate.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
-                          help="apply the chat template (auto: when the tokenizer has one)")
-    EngineArgs.add_cli_args(generate)
-    _add_save_sharded_parser(commands)
+Runner = Callable[[argparse.Namespace], int]
+BAD_INPUT_STATUS = 2
+
+
+class CliArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as one line, `pagedllm: error: <message>`, without the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT_STATUS, f"pagedllm: error: {message}\n")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """SamplingParams' options; one not given keeps SamplingParams' default, as LLM.generate."""
+    group = parser.add_argument_group("sampling options (SamplingParams)")
+    group.add_argument("--n", type=int, help="completions per prompt (default 1)")
+    group.add_argument("--max-tokens", type=int, help="most tokens per completion (default 16)")
+    group.add_argument("--min-tokens", type=int, help="fewest tokens before EOS or a stop string counts")
+    group.add_argument("--temperature", type=float, help="0 is greedy (default 1.0)")
+    group.add_argument("--top-p", type=float, help="nucleus probability mass in (0, 1]")
+    group.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 or -1: all)")
+    group.add_argument("--min-p", type=float, help="drop tokens below min_p times the top probability")
+    group.add_argument("--seed", type=int, help="the request's sampling seed")
+    group.add_argument("--presence-penalty", type=float)
+    group.add_argument("--frequency-penalty", type=float)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--stop", action="append", help="a stop string (repeat for several)")
+    group.add_argument("--stop-token-ids", type=int, nargs="+", help="token ids that end a completion")
+    group.add_argument("--ignore-eos", action="store_true", default=None, help="keep going after EOS")
+    group.add_argument("--include-stop-str-in-output", action="store_true", default=None)
+    group.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=None)
+
+
+_SAMPLING_NAMES = (
+    "n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
+    "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+)
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> Any:
+    """SamplingParams of the options given; a bad value is SamplingParams' ValueError."""
+    from pagedllm.engine.sampling_params import SamplingParams
+
+    given = {name: getattr(args, name) for name in _SAMPLING_NAMES if getattr(args, name, None) is not None}
+    return SamplingParams(**given)
+
+
+def _add_model_parser(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    _add_debug_flag(parser)
+    add_sampling_args(parser)
+    # --seed is the request's sampling seed here, as in SamplingParams; the engine keeps its
+    # default seed, so `pagedllm generate` samples exactly as LLM(model).generate does.
+    EngineArgs.add_cli_args(parser, exclude=("seed",))
     return parser
 
 
-def _add_save_sharded_parser(commands: Any) -> None:
+def _add_generate_parser(commands: Any) -> Runner:
+    parser = _add_model_parser(commands, "generate", "complete raw text (no chat template), as LLM.generate")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: one per stdin line)")
+    return run_generate
+
+
+def _add_chat_parser(commands: Any) -> Runner:
+    parser = _add_model_parser(commands, "chat", "chat with the model through its chat template, as LLM.chat")
+    parser.add_argument("--prompt", help="one user message (default: a conversation read from stdin until EOF)")
+    parser.add_argument("--system-prompt", help="a system message in front of the conversation")
+    return run_chat
+
+
+def _add_save_sharded_parser(commands: Any) -> Runner:
     save = commands.add_parser(
         "save-sharded",
         help="save each tensor-parallel rank's weights to its own files (load_format='sharded_state')",
     )
+    _add_debug_flag(save)
     save.add_argument("--model", required=True, help="model folder or hub id")
     save.add_argument("--tensor-parallel-size", type=int, required=True, help="number of ranks to split into")
     save.add_argument("--output", required=True, help="folder to write (new or empty)")
@@ -48,32 +112,114 @@ def _add_save_sharded_parser(commands: Any) -> None:
     save.add_argument("--download-dir", type=str, default=None, help="hub cache folder")
     save.add_argument("--device", type=str, default=None, help="auto | cuda | cpu")
     save.add_argument("--trust-remote-code", action="store_true", default=None)
+    return run_save_sharded
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from pagedllm import LLM, SamplingParams
+def _add_plan_parser(commands: Any) -> Runner:
+    from pagedllm.entrypoints.plan import add_plan_parser, run_plan
+
+    _add_debug_flag(add_plan_parser(commands))
+    return run_plan
+
+
+def _add_serve_parser(commands: Any) -> Runner | None:
+    """`serve` comes from the server package when it is installed alongside."""
+    try:
+        server = importlib.import_module("pagedllm.entrypoints.openai")
+    except ModuleNotFoundError as error:
+        if error.name is not None and error.name.startswith("pagedllm.entrypoints.openai"):
+            return None
+        raise
+    parser = server.add_serve_parser(commands)
+    if parser is not None:
+        _add_debug_flag(parser)
+    return server.run_serve
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand that is not given --debug keeps the top-level value.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
+    """The parser and each subcommand's runner."""
+    parser = CliArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache.")
+    parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CliArgumentParser)
+    runners: dict[str, Runner] = {
+        "generate": _add_generate_parser(commands),
+        "chat": _add_chat_parser(commands),
+        "plan": _add_plan_parser(commands),
+        "save-sharded": _add_save_sharded_parser(commands),
+    }
+    run_serve = _add_serve_parser(commands)
+    if run_serve is not None:
+        runners["serve"] = run_serve
+    return parser, runners
+
+
+def _make_llm(args: argparse.Namespace) -> Any:
+    from pagedllm import LLM
     from pagedllm.model_loader.default_model import DEFAULT_MODEL_NAME
 
     if args.model is None:
         print(f"Using the embedded default model {DEFAULT_MODEL_NAME}.", file=sys.stderr)
-    llm = LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args)))
-    prompts = args.prompt or ["What is the capital of France?"]
-    params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens
-    )
-    tokenizer = llm.get_tokenizer()
-    has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None) is not None
-    use_chat = args.chat == "on" or (args.chat == "auto" and has_template)
-    if use_chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
-    else:
+    return LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args)))
+
+
+def _read_lines() -> list[str]:
+    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    prompts = args.prompt if args.prompt is not None else _read_lines()
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT, or prompts on stdin, one per line.")
+    llm = _make_llm(args)
+    try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        print(f"Prompt: {prompt!r}")
+    finally:
+        llm.shutdown()
+    many = len(outputs) > 1 or len(outputs[0].outputs) > 1
+    for index, output in enumerate(outputs):
         for completion in output.outputs:
-            print(f"Completion: {completion.text!r} ({completion.finish_reason})")
-    llm.shutdown()
+            if many:
+                print(f"--- prompt {index}, completion {completion.index} ({completion.finish_reason})")
+            print(completion.text)
     return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    llm = _make_llm(args)
+    try:
+        conversation: list[dict[str, str]] = []
+        if args.system_prompt is not None:
+            conversation.append({"role": "system", "content": args.system_prompt})
+        messages = [args.prompt] if args.prompt is not None else _user_messages()
+        for message in messages:
+            conversation.append({"role": "user", "content": message})
+            reply = llm.chat(conversation, params, use_tqdm=False)[0].outputs[0].text
+            conversation.append({"role": "assistant", "content": reply})
+            print(reply, flush=True)
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def _user_messages() -> Any:
+    """stdin's lines until EOF, with a `> ` prompt on a terminal."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 def run_save_sharded(args: argparse.Namespace) -> int:
@@ -88,12 +234,27 @@ def run_save_sharded(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.command == "generate":
-        return run_generate(args)
-    if args.command == "save-sharded":
-        return run_save_sharded(args)
-    return 2
+    """Runs one subcommand. Bad input (ValueError, TypeError, a missing file) exits with
+    status 2 and one line on stderr; any other failure with status 1, also in one line;
+    `--debug` lets the exception (and its traceback) through."""
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return runners[args.command](args)
+    except (ValueError, TypeError, OSError) as error:
+        if args.debug:
+            raise
+        parser.exit(BAD_INPUT_STATUS, f"pagedllm: error: {_one_line(error)}\n")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        parser.exit(1, f"pagedllm: error: {type(error).__name__}: {_one_line(error)} (--debug shows the traceback)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -1,122 +1,165 @@
-"""Sizes the KV cache: every byte count of start-up is computed here and logged in GiB."""
+"""Measures this rank's memory and sizes its KV cache with the policy of memory_policy.py
+(the one `pagedllm plan` estimates with); every figure is logged in GiB.
+
+`gpu_memory_utilization` is this engine's own budget, `total * gpu_memory_utilization`: only
+memory this process takes counts against it (torch's allocations and the growth of non-torch
+memory since the worker started), so engines with budgets that add up to less than the GPU
+share it, and a budget larger than the memory free at start fails at once."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.worker import memory_policy
+from pagedllm.worker.memory_policy import KVCacheSizing, format_gib
 
 logger = logging.getLogger(__name__)
 
 
-def format_gib(num_bytes: int | float) -> str:
-    return f"{num_bytes / (1 << 30):.2f} GiB"
+@dataclass(frozen=True)
+class MemoryBaseline:
+    """The device when the worker started, before the model: what others already use."""
+
+    free_bytes: int
+    total_bytes: int
+    torch_reserved_bytes: int
+
+
+def take_memory_baseline(engine_config: EngineConfig, device: torch.device) -> MemoryBaseline:
+    """Snapshot at start-up; fails when this engine's budget exceeds the free memory."""
+    free, total = torch.cuda.mem_get_info(device)
+    baseline = MemoryBaseline(free, total, torch.cuda.memory_reserved(device))
+    cache_config = engine_config.cache_config
+    budget = int(total * cache_config.gpu_memory_utilization)
+    if cache_config.kv_cache_memory_bytes is None and budget > free:
+        raise ValueError(
+            f"gpu_memory_utilization={cache_config.gpu_memory_utilization} asks for "
+            f"{format_gib(budget)} of {device} ({format_gib(total)} in all), but only "
+            f"{format_gib(free)} is free ({format_gib(total - free)} is used by other processes); "
+            f"use gpu_memory_utilization <= {max(free / total - 0.01, 0.0):.2f}, or free the GPU."
+        )
+    return baseline
 
 
 @dataclass(frozen=True)
 class MemoryProfile:
+    budget_bytes: int
+    """total * gpu_memory_utilization: this engine's own share of the GPU."""
     weights_bytes: int
     peak_activation_bytes: int
     non_torch_bytes: int
-    kv_cache_bytes: int
-    """What is left for the KV cache."""
+    """Device memory this process took outside torch's allocator since it started (NCCL
+    buffers, library workspaces)."""
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        """What is left for the KV cache and the CUDA graphs."""
+        return self.budget_bytes - self.weights_bytes - self.peak_activation_bytes - self.non_torch_bytes
 
 
 def profile_cuda_memory(
-    engine_config: EngineConfig, device: torch.device, weights_bytes: int, run_profile: Callable[[], None]
+    engine_config: EngineConfig,
+    device: torch.device,
+    baseline: MemoryBaseline,
+    weights_bytes: int,
+    run_profile: Callable[[], None],
 ) -> MemoryProfile:
-    """kv = total * gpu_memory_utilization - weights - peak activations - non-torch memory
-    (CUDA context, NCCL buffers: what the driver reports used beyond torch's reservations)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     allocated_before = torch.cuda.memory_allocated(device)
     run_profile()
     torch.cuda.synchronize(device)
     peak_activation = torch.cuda.max_memory_allocated(device) - allocated_before
-    free, total = torch.cuda.mem_get_info(device)
-    non_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
     torch.cuda.empty_cache()
-    budget = int(total * engine_config.cache_config.gpu_memory_utilization)
-    kv_bytes = budget - weights_bytes - peak_activation - non_torch
-    override = engine_config.cache_config.kv_cache_memory_bytes
-    profile = MemoryProfile(
+    free, _ = torch.cuda.mem_get_info(device)
+    used_since_start = baseline.free_bytes - free
+    torch_since_start = torch.cuda.memory_reserved(device) - baseline.torch_reserved_bytes
+    return MemoryProfile(
+        budget_bytes=int(baseline.total_bytes * engine_config.cache_config.gpu_memory_utilization),
         weights_bytes=weights_bytes,
         peak_activation_bytes=peak_activation,
-        non_torch_bytes=non_torch,
-        kv_cache_bytes=override if override is not None else max(kv_bytes, 0),
+        non_torch_bytes=max(0, used_since_start - torch_since_start),
     )
-    logger.info(
-        "Memory: total %s, budget %s (gpu_memory_utilization=%.2f), weights %s, peak activations "
-        "%s, non-torch %s, KV cache %s%s.",
-        format_gib(total), format_gib(budget), engine_config.cache_config.gpu_memory_utilization,
-        format_gib(weights_bytes), format_gib(peak_activation), format_gib(non_torch),
-        format_gib(profile.kv_cache_bytes), " (kv_cache_memory_bytes)" if override is not None else "",
-    )
-    return profile
 
 
-# Measured on an H100 with the fused kernels: 35 graphs of a 28-layer model took 0.03 GiB
-# beyond their activations; a fixed part (library workspaces) plus a little per graph and
-# layer (split-K scratch, graph bookkeeping) covers it with room to spare.
-_CUDA_GRAPH_FIXED_BYTES = 64 << 20
-_CUDA_GRAPH_BYTES_PER_LAYER = 16 << 10
-
-
-def estimate_cuda_graph_bytes(engine_config: EngineConfig, profile: MemoryProfile) -> int:
-    """Graphs share one pool sized by the largest captured batch's activations, which scale
-    with tokens like the profiled peak; plus a fixed cost per graph."""
+def estimate_cuda_graph_bytes(engine_config: EngineConfig, peak_activation_bytes: int) -> int:
     compilation_config = engine_config.compilation_config
     if not compilation_config.use_cudagraph:
         return 0
-    max_tokens = engine_config.scheduler_config.max_num_batched_tokens
-    activations = profile.peak_activation_bytes * compilation_config.max_cudagraph_capture_size // max_tokens
-    num_layers = engine_config.model_config.num_hidden_layers
-    num_graphs = len(compilation_config.cudagraph_capture_sizes)
-    return activations + _CUDA_GRAPH_FIXED_BYTES + _CUDA_GRAPH_BYTES_PER_LAYER * num_layers * num_graphs
+    return memory_policy.cuda_graph_bytes(
+        peak_activation_bytes,
+        engine_config.scheduler_config.max_num_batched_tokens,
+        compilation_config.cudagraph_capture_sizes,
+        engine_config.model_config.num_hidden_layers,
+    )
 
 
-def cpu_kv_cache_bytes(engine_config: EngineConfig) -> int:
+def size_kv_cache(engine_config: EngineConfig, budget_bytes: int, block_bytes: int) -> KVCacheSizing:
+    """Blocks for this budget, capped at what max_num_seqs x max_model_len can use."""
+    cache_config, scheduler_config = engine_config.cache_config, engine_config.scheduler_config
+    return memory_policy.size_kv_cache(
+        budget_bytes, block_bytes, cache_config.block_size, scheduler_config.max_num_seqs,
+        engine_config.model_config.max_model_len, cache_config.kv_cache_headroom,
+    )
+
+
+def cpu_kv_budget_bytes(engine_config: EngineConfig) -> int:
     override = engine_config.cache_config.kv_cache_memory_bytes
-    kv_bytes = override if override is not None else engine_config.cache_config.cpu_kv_cache_bytes
+    return override if override is not None else engine_config.cache_config.cpu_kv_cache_bytes
+
+
+def log_cuda_budget(engine_config: EngineConfig, profile: MemoryProfile, graph_bytes: int) -> None:
+    override = engine_config.cache_config.kv_cache_memory_bytes
     logger.info(
-        "KV cache on CPU: %s (%s).",
-        format_gib(kv_bytes),
+        "Memory: budget %s (gpu_memory_utilization=%.2f), weights %s, peak activations %s, "
+        "non-torch %s, CUDA graphs %s, KV cache budget %s%s.",
+        format_gib(profile.budget_bytes), engine_config.cache_config.gpu_memory_utilization,
+        format_gib(profile.weights_bytes), format_gib(profile.peak_activation_bytes),
+        format_gib(profile.non_torch_bytes), format_gib(graph_bytes),
+        format_gib(override if override is not None else max(profile.kv_budget_bytes - graph_bytes, 0)),
+        " (kv_cache_memory_bytes)" if override is not None else "",
+    )
+
+
+def log_cpu_budget(engine_config: EngineConfig, weights_bytes: int) -> None:
+    override = engine_config.cache_config.kv_cache_memory_bytes
+    logger.info(
+        "Memory on CPU: weights %s, KV cache budget %s (%s).",
+        format_gib(weights_bytes), format_gib(cpu_kv_budget_bytes(engine_config)),
         "kv_cache_memory_bytes" if override is not None else "PAGEDLLM_CPU_KVCACHE_SPACE",
     )
-    return kv_bytes
 
 
-def num_kv_blocks_for(engine_config: EngineConfig, kv_cache_bytes: int, block_bytes: int, device: torch.device) -> int:
-    """Blocks that fit the budget; fails when one request of max_model_len tokens does not."""
-    block_size = engine_config.cache_config.block_size
+def check_and_log_kv_cache(engine_config: EngineConfig, sizing: KVCacheSizing, device: torch.device) -> int:
+    """The number of blocks; fails when one request of max_model_len tokens does not fit
+    (unless max_model_len='auto', which the engine then lowers to what fits)."""
     max_model_len = engine_config.model_config.max_model_len
-    num_blocks = kv_cache_bytes // block_bytes
-    tokens_available = num_blocks * block_size
-    if tokens_available < max_model_len:
-        if device.type == "cuda":
-            fixes = ("raise gpu_memory_utilization (now "
-                     f"{engine_config.cache_config.gpu_memory_utilization}) or kv_cache_memory_bytes")
-        else:
-            fixes = "raise PAGEDLLM_CPU_KVCACHE_SPACE (GiB) or kv_cache_memory_bytes"
-        raise ValueError(
-            f"The KV cache holds {tokens_available:,} tokens ({format_gib(kv_cache_bytes)}, "
-            f"{num_blocks} blocks of {block_size}) but max_model_len is {max_model_len:,}: one "
-            f"request of max_model_len tokens would not fit. Lower max_model_len to at most "
-            f"{tokens_available:,}, or {fixes}."
-        )
+    if device.type == "cuda":
+        fixes = ("raise gpu_memory_utilization (now "
+                 f"{engine_config.cache_config.gpu_memory_utilization}) or kv_cache_memory_bytes")
+    else:
+        fixes = "raise PAGEDLLM_CPU_KVCACHE_SPACE (GiB) or kv_cache_memory_bytes"
+    if engine_config.model_config.max_model_len_auto:
+        if sizing.num_blocks == 0:
+            raise ValueError(f"The KV cache budget ({format_gib(sizing.budget_bytes)}) holds no block; {fixes}.")
+    else:
+        message = memory_policy.does_not_fit_message(sizing, max_model_len, fixes)
+        if message is not None:
+            raise ValueError(message)
+    capped = sizing.num_blocks < sizing.budget_blocks
     logger.info(
-        "KV cache: %d blocks of %d tokens (%s per block), %s tokens; maximum concurrency at "
-        "max_model_len %d: %.2fx.",
-        num_blocks, block_size, f"{block_bytes / 1024:.1f} KiB", f"{tokens_available:,}",
-        max_model_len, tokens_available / max_model_len,
+        "KV cache: %d blocks of %d tokens (%s per block), %s tokens, %s; maximum concurrency at "
+        "max_model_len %d: %.2fx.%s",
+        sizing.num_blocks, sizing.block_size, f"{sizing.block_bytes / 1024:.1f} KiB",
+        f"{sizing.num_tokens:,}", format_gib(sizing.kv_cache_bytes), max_model_len,
+        sizing.max_concurrency(max_model_len),
+        f" Capped at max_num_seqs x max_model_len plus {engine_config.cache_config.kv_cache_headroom:.0%} "
+        f"headroom: {format_gib(sizing.unused_budget_bytes)} of the KV budget stays free." if capped else
+        f" The whole KV budget is used ({format_gib(sizing.unused_budget_bytes)} free).",
     )
-    return num_blocks
-
-
-def max_blocks_per_request(max_model_len: int, block_size: int) -> int:
-    return math.ceil(max_model_len / block_size)
+    return sizing.num_blocks

@@ -36,6 +36,7 @@ class Worker:
         self.device = engine_config.device_config.device
         self.model_runner: ModelRunner | None = None
         self._graph_reserve_bytes = 0
+        self._memory_baseline: memory_profiler.MemoryBaseline | None = None
 
     def init_device(self) -> None:
         if self.device.type == "cuda":
@@ -44,6 +45,8 @@ class Worker:
             index = self.device.index if self.world_size == 1 and self.device.index is not None else self.local_rank
             self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
+            # Before anything of ours is allocated: what other processes use is not ours.
+            self._memory_baseline = memory_profiler.take_memory_baseline(self.config, self.device)
         elif self.world_size > 1:
             # N ranks on one CPU each take an equal share of the cores; torch's default (every
             # core per process) oversubscribes and runs several times slower.
@@ -88,21 +91,26 @@ class Worker:
 
     def determine_num_kv_blocks(self) -> int:
         runner = self._runner()
+        weights_bytes = model_weight_bytes(runner.model)
         if self.device.type == "cuda":
+            assert self._memory_baseline is not None, "init_device() first"
             profile = memory_profiler.profile_cuda_memory(
-                self.config, self.device, model_weight_bytes(runner.model), runner.profile_run
+                self.config, self.device, self._memory_baseline, weights_bytes, runner.profile_run
             )
-            kv_bytes = profile.kv_cache_bytes
-            if self.config.cache_config.kv_cache_memory_bytes is None:
-                self._graph_reserve_bytes = memory_profiler.estimate_cuda_graph_bytes(self.config, profile)
-                kv_bytes = max(0, kv_bytes - self._graph_reserve_bytes)
+            self._graph_reserve_bytes = memory_profiler.estimate_cuda_graph_bytes(
+                self.config, profile.peak_activation_bytes
+            )
+            memory_profiler.log_cuda_budget(self.config, profile, self._graph_reserve_bytes)
+            kv_bytes = self.config.cache_config.kv_cache_memory_bytes
+            if kv_bytes is None:
+                kv_bytes = max(0, profile.kv_budget_bytes - self._graph_reserve_bytes)
         else:
             # On CPU the budget is set by the user; a profiling forward of
             # max_num_batched_tokens would cost seconds and decide nothing.
-            kv_bytes = memory_profiler.cpu_kv_cache_bytes(self.config)
-        return memory_profiler.num_kv_blocks_for(
-            self.config, kv_bytes, runner.kv_cache_block_bytes(), self.device
-        )
+            memory_profiler.log_cpu_budget(self.config, weights_bytes)
+            kv_bytes = memory_profiler.cpu_kv_budget_bytes(self.config)
+        sizing = memory_profiler.size_kv_cache(self.config, kv_bytes, runner.kv_cache_block_bytes())
+        return memory_profiler.check_and_log_kv_cache(self.config, sizing, self.device)
 
     def kv_cache_block_bytes(self) -> int:
         """Bytes one block takes summed over this rank's attention layers."""
