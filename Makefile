@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/pagedllm generate --prompt "What is the capital of France?" --max-tokens 32
+	$(VENV)/bin/pagedllm chat --prompt "What is the capital of France?" --max-tokens 32 --temperature 0
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -x --durations=15 tests

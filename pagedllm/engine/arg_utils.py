@@ -155,15 +155,29 @@ class EngineArgs:
             model = default_model_path()
         return _build(str(model), dataclasses.asdict(self))
 
+    def create_planning_config(self, device: str = "cuda") -> EngineConfig:
+        """The config an engine on `device` ("cuda" or "cpu") would get, built on any machine
+        for `pagedllm plan`: no GPU is touched, and a hub model's weights are not downloaded
+        (only its config.json)."""
+        model = self.model
+        if model is None:
+            from pagedllm.model_loader.default_model import default_model_path
+
+            model = default_model_path()
+        args = dataclasses.asdict(self)
+        if not os.path.exists(str(model)):
+            args["load_format"] = "dummy"
+        return _build(str(model), args, planned_device=torch.device(device))
+
 
 # vLLM's default decode batch sizes for CUDA graphs: 1, 2, 4, then every 8 up to 512.
 _DEFAULT_CAPTURE_SIZES = (1, 2, 4, *range(8, 513, 8))
 
 
-def _build(model: str, args: dict[str, Any]) -> EngineConfig:
+def _build(model: str, args: dict[str, Any], planned_device: torch.device | None = None) -> EngineConfig:
     from pagedllm.model_loader.discovery import resolve_model, resolve_tokenizer
 
-    device = _resolve_device(args["device"])
+    device = planned_device or _resolve_device(args["device"])
     load_format = args["load_format"]
     _check_choice("load_format", load_format, LOAD_FORMATS)
     _check_choice("tokenizer_mode", args["tokenizer_mode"], TOKENIZER_MODES)
@@ -180,7 +194,7 @@ def _build(model: str, args: dict[str, Any]) -> EngineConfig:
     model_config = _build_model_config(model, resolved, hf_config, args, device)
     scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
     cache_config = _build_cache_config(args, device)
-    parallel_config = _build_parallel_config(args, hf_config, device)
+    parallel_config = _build_parallel_config(args, hf_config, device, check_visible_gpus=planned_device is None)
     if load_config.load_format == "sharded_state":
         from pagedllm.model_loader.sharded_state import check_sharded_state_folder
 
@@ -327,7 +341,9 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
     )
 
 
-def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig, device: torch.device) -> ParallelConfig:
+def _build_parallel_config(
+    args: dict[str, Any], hf_config: PretrainedConfig, device: torch.device, check_visible_gpus: bool = True
+) -> ParallelConfig:
     tp_size = _check_positive_int("tensor_parallel_size", args["tensor_parallel_size"])
     backend = args["distributed_executor_backend"]
     if backend is None:
@@ -348,7 +364,7 @@ def _build_parallel_config(args: dict[str, Any], hf_config: PretrainedConfig, de
                 "pip install 'pagedllm[ray]', or use distributed_executor_backend='mp'."
             )
     _check_tensor_parallel_split(hf_config, tp_size)
-    if device.type == "cuda" and backend != "ray" and tp_size > torch.cuda.device_count():
+    if check_visible_gpus and device.type == "cuda" and backend != "ray" and tp_size > torch.cuda.device_count():
         # Ray may place ranks on other machines; one host must see every rank's GPU.
         raise ValueError(
             f"tensor_parallel_size={tp_size} needs {tp_size} GPUs but "
@@ -446,7 +462,8 @@ def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None
     if device.type == "cuda":
         if config_dtype in (torch.float16, torch.bfloat16):
             return config_dtype
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Planning without a GPU (`pagedllm plan`) assumes a current one, with bfloat16.
+        return torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if config_dtype == torch.bfloat16 else torch.float32
 
 

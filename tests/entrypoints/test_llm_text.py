@@ -13,7 +13,6 @@ import transformers
 from tiny_models import make_tiny_checkpoint
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.entrypoints.cli import main as cli_main
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -149,16 +148,6 @@ def test_hub_id_is_resolved_offline_from_the_cache(text_model, tmp_path, monkeyp
         llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
         LLM("tiny-org/absent", download_dir=str(tmp_path))
-
-
-def test_cli_generate_prints_completions(text_model, capsys):
-    code = cli_main([
-        "generate", "--model", str(text_model), "--prompt", "hello world", "--max-tokens", "4",
-        "--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 22), "--chat", "off",
-    ])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "Prompt: 'hello world'" in printed and "Completion: " in printed
 
 
 def test_a_request_whose_output_fails_ends_with_error_while_the_others_finish(llm, monkeypatch):

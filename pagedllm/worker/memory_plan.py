@@ -1,0 +1,377 @@
+"""`pagedllm plan`: the memory an engine would use, per rank, before anything is loaded.
+
+It reads config.json and the checkpoint's headers (safetensors JSON headers, GGUF tensor
+infos; a model without weight files, or a hub id, is planned from config.json's shapes) and
+applies the engine's own sizing policy (memory_policy.py) to estimated figures: the
+weights, the activation peak of the profiling forward, non-torch memory, and CUDA graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.layers.attention.kv_cache_spec import KVCacheSpec
+from pagedllm.layers.vocab_embedding import pad_vocab_size
+from pagedllm.worker import memory_policy
+from pagedllm.worker.memory_policy import KVCacheSizing
+
+# Memory this process takes outside torch's allocator after start-up (kernel modules,
+# library handles); NCCL's buffers add to it with several ranks.
+NON_TORCH_BYTES = 256 << 20
+NCCL_BYTES = 512 << 20
+# Bytes per logit row element live at the sampler's peak: float32 logits, probabilities,
+# a full sort's values and int64 indices, and the float64 running mass of top-p.
+_SAMPLER_BYTES_PER_LOGIT = 28
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+    "U16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1,
+}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW_SPLIT = ("o_proj", "down_proj")
+_LINEAR = _COLUMN_SPLIT + _ROW_SPLIT
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors' dtype name (BF16, F32, I32, F8_E4M3, ...)."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str
+    tensor_parallel_size: int
+    dtype: str
+    quantization: str | None
+    weights_source: str
+    """Where the weight shapes came from: safetensors headers, GGUF metadata or config.json."""
+    weights_bytes_by_dtype: dict[str, int]
+    """Per rank, by the dtype the engine holds them in."""
+    budget_bytes: int
+    """Per rank: total * gpu_memory_utilization on a GPU; the CPU KV budget on CPU."""
+    activation_peak_bytes: int
+    non_torch_bytes: int
+    cuda_graph_bytes: int
+    kv_bytes_per_token: int
+    max_model_len: int
+    max_num_seqs: int
+    kv: KVCacheSizing
+    problems: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.weights_bytes_by_dtype.values())
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def plan_memory(engine_config: EngineConfig, gpu_memory_bytes: int | None = None) -> MemoryPlan:
+    """The plan of `engine_config` (from EngineArgs.create_planning_config) on a GPU of
+    `gpu_memory_bytes` (per rank), or on CPU when the config's device is the CPU."""
+    tensors, source = read_checkpoint_tensors(engine_config)
+    plan = _plan(engine_config, tensors, source, gpu_memory_bytes, fp8_weights=False)
+    if plan.fits and plan.kv.max_concurrency(plan.max_model_len) >= plan.max_num_seqs:
+        return plan
+    return dataclasses.replace(plan, suggestions=_suggestions(engine_config, tensors, source, gpu_memory_bytes, plan))
+
+
+def _plan(
+    config: EngineConfig, tensors: list[CheckpointTensor], source: str, gpu_memory_bytes: int | None, fp8_weights: bool
+) -> MemoryPlan:
+    model_config, cache_config = config.model_config, config.cache_config
+    scheduler_config = config.scheduler_config
+    tp_size = config.parallel_config.tensor_parallel_size
+    on_gpu = config.device_config.device.type == "cuda"
+    weights = weights_bytes_per_rank(config, tensors, fp8_weights)
+    weights_bytes = sum(weights.values())
+    block_bytes = kv_block_bytes(config)
+    activation = graph = non_torch = 0
+    if on_gpu:
+        if gpu_memory_bytes is None:
+            raise ValueError("A GPU plan needs the GPU's memory: pass --gpu-memory (e.g. 80GiB).")
+        budget = int(gpu_memory_bytes * cache_config.gpu_memory_utilization)
+        activation = estimate_activation_bytes(config)
+        non_torch = NON_TORCH_BYTES + (NCCL_BYTES if tp_size > 1 else 0)
+        if config.compilation_config.use_cudagraph:
+            graph = memory_policy.cuda_graph_bytes(
+                activation, scheduler_config.max_num_batched_tokens,
+                config.compilation_config.cudagraph_capture_sizes, model_config.num_hidden_layers,
+            )
+        kv_budget = cache_config.kv_cache_memory_bytes
+        if kv_budget is None:
+            kv_budget = budget - weights_bytes - activation - non_torch - graph
+    else:
+        kv_budget = cache_config.kv_cache_memory_bytes or cache_config.cpu_kv_cache_bytes
+        budget = kv_budget
+    kv = memory_policy.size_kv_cache(
+        kv_budget, block_bytes, cache_config.block_size, scheduler_config.max_num_seqs,
+        model_config.max_model_len, cache_config.kv_cache_headroom,
+    )
+    problems = []
+    if kv_budget <= 0:
+        problems.append(
+            f"weights, activations, non-torch memory and CUDA graphs take "
+            f"{memory_policy.format_gib(budget - kv_budget)} of a {memory_policy.format_gib(budget)} budget: "
+            "nothing is left for the KV cache"
+        )
+    elif not model_config.max_model_len_auto and kv.num_tokens < model_config.max_model_len:
+        problems.append(
+            f"the KV cache holds {kv.num_tokens:,} tokens, less than one request of max_model_len "
+            f"{model_config.max_model_len:,}"
+        )
+    return MemoryPlan(
+        device=config.device_config.device.type,
+        tensor_parallel_size=tp_size,
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        quantization="fp8" if fp8_weights else model_config.quantization,
+        weights_source=source,
+        weights_bytes_by_dtype=weights,
+        budget_bytes=budget,
+        activation_peak_bytes=activation,
+        non_torch_bytes=non_torch,
+        cuda_graph_bytes=graph,
+        kv_bytes_per_token=block_bytes // cache_config.block_size,
+        max_model_len=model_config.max_model_len,
+        max_num_seqs=scheduler_config.max_num_seqs,
+        kv=kv,
+        problems=problems,
+    )
+
+
+def kv_block_bytes(config: EngineConfig) -> int:
+    """One block over the rank's attention layers, from the layers' own KVCacheSpec."""
+    model_config = config.model_config
+    tp_size = config.parallel_config.tensor_parallel_size
+    # Fewer KV heads than ranks: each rank holds one replicated head.
+    spec = KVCacheSpec(max(1, model_config.num_key_value_heads // tp_size), model_config.head_dim, model_config.dtype)
+    return model_config.num_hidden_layers * spec.page_size_bytes(config.cache_config.block_size)
+
+
+def estimate_activation_bytes(config: EngineConfig) -> int:
+    """The profiling forward's peak (max_num_batched_tokens tokens) plus the sampler's at
+    max_num_seqs rows over the whole vocabulary."""
+    model_config, scheduler_config = config.model_config, config.scheduler_config
+    tp_size = config.parallel_config.tensor_parallel_size
+    tokens = scheduler_config.max_num_batched_tokens
+    hidden, head_dim = model_config.hidden_size, model_config.head_dim
+    heads = model_config.num_attention_heads // tp_size
+    kv_heads = max(1, model_config.num_key_value_heads // tp_size)
+    intermediate = int(getattr(model_config.hf_config, "intermediate_size", 4 * hidden)) // tp_size
+    per_token = 3 * hidden + (2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate
+    rows = min(scheduler_config.max_num_seqs, tokens)
+    sampler = rows * model_config.vocab_size * _SAMPLER_BYTES_PER_LOGIT
+    return tokens * per_token * model_config.dtype.itemsize + sampler
+
+
+def weights_bytes_per_rank(config: EngineConfig, tensors: list[CheckpointTensor], fp8_weights: bool) -> dict[str, int]:
+    """Bytes per dtype one rank holds: float tensors in the engine's dtype (fp8 for linear
+    weights when planning fp8), quantized ones as stored; split tensors divided by rank."""
+    model_config = config.model_config
+    tp_size = config.parallel_config.tensor_parallel_size
+    dtype_name = str(model_config.dtype).removeprefix("torch.")
+    tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
+    by_dtype: dict[str, int] = {}
+    for tensor in tensors:
+        if tied and tensor.name.startswith("lm_head."):
+            continue
+        numel = _numel_per_rank(tensor, model_config.num_key_value_heads, tp_size)
+        is_linear_weight = tensor.name.endswith(".weight") and any(f".{n}." in tensor.name for n in _LINEAR)
+        if tensor.dtype not in _FLOAT_DTYPES:
+            name, size = tensor.dtype.lower(), _SAFETENSORS_DTYPE_BYTES.get(tensor.dtype, 1)
+        elif fp8_weights and is_linear_weight:
+            name, size = "float8_e4m3fn", 1
+        else:
+            name, size = dtype_name, model_config.dtype.itemsize
+        by_dtype[name] = by_dtype.get(name, 0) + numel * size
+    return by_dtype
+
+
+def _numel_per_rank(tensor: CheckpointTensor, num_kv_heads: int, tp_size: int) -> int:
+    numel = math.prod(tensor.shape)
+    if tp_size == 1 or not tensor.shape:
+        return numel
+    if tensor.name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return pad_vocab_size(tensor.shape[0], tp_size) // tp_size * math.prod(tensor.shape[1:])
+    if any(f".{n}." in tensor.name for n in ("k_proj", "v_proj")):
+        return numel * max(1, num_kv_heads // tp_size) // num_kv_heads
+    if any(f".{n}." in tensor.name for n in _COLUMN_SPLIT):
+        return numel // tp_size
+    if any(f".{n}." in tensor.name for n in _ROW_SPLIT) and tensor.name.endswith(".weight"):
+        return numel // tp_size  # a row-parallel bias is added once, whole, on every rank
+    return numel
+
+
+def read_checkpoint_tensors(config: EngineConfig) -> tuple[list[CheckpointTensor], str]:
+    """Names, shapes and dtypes of the checkpoint's tensors, from headers only."""
+    model_config = config.model_config
+    if model_config.gguf_file is not None:
+        return _gguf_tensors(model_config.gguf_file), "GGUF metadata"
+    if config.load_config.load_format != "dummy":
+        from pagedllm.model_loader.weight_utils import find_weight_files
+
+        try:
+            files, weight_format = find_weight_files(model_config.model_path, config.load_config.load_format)
+        except ValueError:
+            files, weight_format = [], ""
+        if files and weight_format == "safetensors":
+            return [t for path in files for t in _safetensors_tensors(path)], "safetensors headers"
+    return config_tensors(config), "config.json shapes"
+
+
+def _safetensors_tensors(path: str) -> list[CheckpointTensor]:
+    with open(path, "rb") as file:
+        (header_size,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_size))
+    return [
+        CheckpointTensor(name, tuple(entry["shape"]), entry["dtype"])
+        for name, entry in header.items()
+        if name != "__metadata__" and "rotary_emb.inv_freq" not in name
+    ]
+
+
+def _gguf_tensors(gguf_file: str) -> list[CheckpointTensor]:
+    import gguf
+
+    from pagedllm.model_loader.gguf import hf_tensor_name
+
+    reader = gguf.GGUFReader(gguf_file)
+    tensors = []
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is not None:
+            # The loader dequantizes to the engine's dtype: count them as a float tensor.
+            tensors.append(CheckpointTensor(name, tuple(int(d) for d in reversed(tensor.shape)), "F32"))
+    return tensors
+
+
+def config_tensors(config: EngineConfig) -> list[CheckpointTensor]:
+    """The decoder's parameters from config.json (Llama layout; Qwen2's q/k/v biases and
+    Qwen3's q/k norms): for load_format='dummy' and checkpoints without readable headers."""
+    model_config = config.model_config
+    hf_config = model_config.hf_config
+    hidden, head_dim = model_config.hidden_size, model_config.head_dim
+    q_size = model_config.num_attention_heads * head_dim
+    kv_size = model_config.num_key_value_heads * head_dim
+    intermediate = int(hf_config.intermediate_size)
+    architecture = model_config.architecture
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (model_config.vocab_size, hidden)}
+    for layer in range(model_config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        layer_shapes = {
+            "self_attn.q_proj.weight": (q_size, hidden), "self_attn.k_proj.weight": (kv_size, hidden),
+            "self_attn.v_proj.weight": (kv_size, hidden), "self_attn.o_proj.weight": (hidden, q_size),
+            "mlp.gate_proj.weight": (intermediate, hidden), "mlp.up_proj.weight": (intermediate, hidden),
+            "mlp.down_proj.weight": (hidden, intermediate),
+            "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        }
+        if architecture.startswith("Qwen2"):
+            layer_shapes.update({"self_attn.q_proj.bias": (q_size,), "self_attn.k_proj.bias": (kv_size,),
+                                 "self_attn.v_proj.bias": (kv_size,)})
+        if architecture.startswith("Qwen3"):
+            layer_shapes.update({"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)})
+        shapes.update({prefix + name: shape for name, shape in layer_shapes.items()})
+    shapes["model.norm.weight"] = (hidden,)
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (model_config.vocab_size, hidden)
+    return [CheckpointTensor(name, shape, "F32") for name, shape in shapes.items()]
+
+
+def _suggestions(
+    config: EngineConfig, tensors: list[CheckpointTensor], source: str, gpu_memory_bytes: int | None, plan: MemoryPlan
+) -> list[str]:
+    """Settings that would make the plan fit (or hold max_num_seqs requests at once), each with
+    its numbers, from re-planning with that one setting changed."""
+    from pagedllm.engine.arg_utils import _check_tensor_parallel_split
+
+    def replan(changed: EngineConfig, fp8: bool = False) -> MemoryPlan:
+        return _plan(changed, tensors, source, gpu_memory_bytes, fp8_weights=fp8)
+
+    def with_scheduler(**changes: int) -> EngineConfig:
+        scheduler = dataclasses.replace(config.scheduler_config, **changes)
+        model = dataclasses.replace(config.model_config, max_model_len=scheduler.max_model_len)
+        return dataclasses.replace(config, scheduler_config=scheduler, model_config=model)
+
+    suggestions = []
+    tokens = plan.kv.budget_blocks * plan.kv.block_size
+    if not plan.fits and tokens > 0:
+        suggestions.append(f"max_model_len={tokens} (the longest one request can use; or max_model_len='auto')")
+    if not plan.fits:
+        for tp_size in (2, 4, 8, 16):
+            if tp_size <= plan.tensor_parallel_size:
+                continue
+            try:
+                _check_tensor_parallel_split(config.model_config.hf_config, tp_size)
+            except ValueError:
+                continue
+            parallel = dataclasses.replace(config.parallel_config, tensor_parallel_size=tp_size)
+            other = replan(dataclasses.replace(config, parallel_config=parallel))
+            if other.fits:
+                suggestions.append(_fix(f"tensor_parallel_size={tp_size}", other))
+                break
+        if plan.quantization is None and plan.dtype in ("bfloat16", "float16") and plan.device == "cuda":
+            other = replan(config, fp8=True)
+            suggestions.append(_fix("quantization='fp8' (8-bit weights)", other, ok=other.fits))
+    max_num_seqs = plan.max_num_seqs
+    if plan.fits:
+        # Everything starts, but not every scheduled request can reach max_model_len at once.
+        fitting = int(plan.kv.max_concurrency(plan.max_model_len))
+        if 0 < fitting < max_num_seqs:
+            suggestions.append(
+                f"max_num_seqs={fitting}: that many requests of max_model_len {plan.max_model_len:,} fit at "
+                f"once (with {max_num_seqs}, requests beyond {fitting} may be preempted)"
+            )
+        return suggestions
+    while max_num_seqs > 1:
+        max_num_seqs //= 2
+        other = replan(with_scheduler(max_num_seqs=max_num_seqs, max_model_len=plan.max_model_len))
+        if other.fits:
+            suggestions.append(_fix(f"max_num_seqs={max_num_seqs}", other))
+            break
+    return suggestions
+
+
+def _fix(setting: str, plan: MemoryPlan, ok: bool = True) -> str:
+    verdict = "" if ok else " (not enough alone)"
+    return (
+        f"{setting}: weights {memory_policy.format_gib(plan.weights_bytes)} per rank, KV cache "
+        f"{plan.kv.num_tokens:,} tokens ({plan.kv.max_concurrency(plan.max_model_len):.2f}x max_model_len){verdict}"
+    )
+
+
+def default_gpu_memory_bytes() -> int | None:
+    """The visible GPU's memory, or None without one."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    return None
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '81920MiB', '8.5e10' -> bytes (GiB/MiB binary, GB/MB decimal)."""
+    units = {"tib": 1 << 40, "gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "tb": 10**12, "gb": 10**9,
+             "mb": 10**6, "kb": 10**3, "t": 1 << 40, "g": 1 << 30, "m": 1 << 20, "k": 1 << 10, "b": 1}
+    cleaned = text.strip().lower().replace(" ", "")
+    for unit, scale in units.items():
+        if cleaned.endswith(unit):
+            number = cleaned[: -len(unit)]
+            break
+    else:
+        number, scale = cleaned, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"--gpu-memory={text!r} is not a size; use e.g. 80GiB, 24GB or 40960MiB.") from None
+    if value <= 0:
+        raise ValueError(f"--gpu-memory={text!r} must be positive, e.g. 80GiB.")
+    return int(value)

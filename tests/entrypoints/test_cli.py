@@ -1,0 +1,118 @@
+"""`pagedllm generate|chat|plan`: the same text as LLM.generate / LLM.chat, one-line errors with
+status 2 before anything loads, and `--debug` tracebacks."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+from tiny_models import make_tiny_checkpoint
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.entrypoints.cli import main
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+ENGINE_FLAGS = ["--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 22)]
+SAMPLING_FLAGS = ["--max-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
+PARAMS = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tiny_bpe_tokenizer_dir) -> Path:
+    path = make_tiny_checkpoint(
+        tmp_path_factory.mktemp("cli_model") / "model", "qwen3", vocab_size=512,
+        tokenizer_dir=tiny_bpe_tokenizer_dir, seed=5,
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(chat_model) -> LLM:
+    return LLM(str(chat_model), dtype="float32", kv_cache_memory_bytes=1 << 22)
+
+
+def test_generate_prints_what_llm_generate_returns_without_a_chat_template(chat_model, llm, capsys):
+    prompts = ["hello world", "the paged attention"]
+    argv = ["generate", "--model", str(chat_model), *ENGINE_FLAGS, *SAMPLING_FLAGS]
+    assert main([*argv, "--prompt", prompts[0]]) == 0
+    expected = llm.generate(prompts[0], PARAMS, use_tqdm=False)[0].outputs[0].text
+    assert expected and capsys.readouterr().out == expected + "\n"
+    assert main([*argv, "--prompt", prompts[0], "--prompt", prompts[1]]) == 0
+    printed = capsys.readouterr().out
+    for output in llm.generate(prompts, PARAMS, use_tqdm=False):
+        assert output.outputs[0].text + "\n" in printed
+
+
+def test_chat_applies_the_template_and_keeps_the_conversation_from_stdin(chat_model, llm, capsys, monkeypatch):
+    argv = ["chat", "--model", str(chat_model), *ENGINE_FLAGS, *SAMPLING_FLAGS]
+    assert main([*argv, "--prompt", "hello"]) == 0
+    first = llm.chat([{"role": "user", "content": "hello"}], PARAMS, use_tqdm=False)[0].outputs[0].text
+    assert capsys.readouterr().out == first + "\n"
+    assert first != llm.generate("hello", PARAMS, use_tqdm=False)[0].outputs[0].text
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nworld\n"))
+    assert main(argv) == 0
+    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "world"}]
+    second = llm.chat(conversation, PARAMS, use_tqdm=False)[0].outputs[0].text
+    assert capsys.readouterr().out == f"{first}\n{second}\n"
+
+
+def _fails_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pagedllm: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_bad_options_print_one_line_and_exit_with_status_2(chat_model, tmp_path, capsys, monkeypatch):
+    # Sampling options are checked before the model: a missing model is not even looked at.
+    line = _fails_with_one_line(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x",
+                                 "--temperature", "-1"], capsys)
+    assert "temperature" in line and "-1" in line
+    line = _fails_with_one_line(["chat", "--model", str(tmp_path / "absent"), "--prompt", "x"], capsys)
+    assert "absent" in line
+    line = _fails_with_one_line(["generate", "--model", str(chat_model), "--prompt", "x",
+                                 "--max-model-len", "100000"], capsys)
+    assert "max_model_len=100000" in line and "512" in line
+    line = _fails_with_one_line(["generate", "--model", str(chat_model), "--no-such-flag"], capsys)
+    assert "--no-such-flag" in line
+    line = _fails_with_one_line(["generate", "--temperature", "warm"], capsys)
+    assert "warm" in line
+    with pytest.raises(ValueError, match="temperature"):
+        main(["generate", "--debug", "--model", str(chat_model), "--prompt", "x", "--temperature", "-1"])
+
+
+def test_the_installed_command_exits_with_status_2_and_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pagedllm.entrypoints.cli", "generate", "--model", str(tmp_path),
+         "--prompt", "x", "--top-p", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pagedllm: error: SamplingParams.top_p must be in (0, 1], got 2.0."
+    ]
+
+
+def test_plan_prints_the_memory_plan_without_loading_the_model(chat_model, capsys):
+    assert main(["plan", "--model", str(chat_model), "--gpu-memory", "1GiB", "--max-num-seqs", "4"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("weights", "activation peak", "CUDA graphs", "KV cache per token", "max concurrency"):
+        assert label in printed
+    assert main(["plan", "--model", str(chat_model), "--device", "cpu", "--json"]) == 0
+    assert '"kv_bytes_per_token"' in capsys.readouterr().out
