@@ -116,6 +116,10 @@ class Worker:
         """Bytes one block takes summed over this rank's attention layers."""
         return self._runner().kv_cache_block_bytes()
 
+    def model_weight_bytes(self) -> int:
+        """Bytes of this rank's parameters (what the memory profile counts as weights)."""
+        return model_weight_bytes(self._runner().model)
+
     def kv_cache_bytes(self) -> int:
         return sum(cache.numel() * cache.element_size() for cache in self._runner().kv_caches)
 
