@@ -116,3 +116,15 @@ def test_plan_prints_the_memory_plan_without_loading_the_model(chat_model, capsy
         assert label in printed
     assert main(["plan", "--model", str(chat_model), "--device", "cpu", "--json"]) == 0
     assert '"kv_bytes_per_token"' in capsys.readouterr().out
+
+
+def test_engine_flags_come_from_engine_args_including_max_model_len_auto():
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.entrypoints.cli import build_parser
+
+    parser, runners = build_parser()
+    assert {"generate", "chat", "plan", "save-sharded"} <= set(runners)
+    for value, expected in (("auto", "auto"), ("-1", -1), ("4096", 4096)):
+        args = parser.parse_args(["generate", "--max-model-len", value, "--kv-cache-headroom", "0.2"])
+        engine_args = EngineArgs.from_cli_args(args)
+        assert engine_args.max_model_len == expected and engine_args.kv_cache_headroom == 0.2
