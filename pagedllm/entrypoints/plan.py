@@ -10,8 +10,10 @@ import json
 import sys
 from typing import Any
 
+import torch
+
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.worker.memory_plan import MemoryPlan, default_gpu_memory_bytes, parse_bytes, plan_memory
+from pagedllm.worker.memory_plan import MemoryPlan, plan_memory
 from pagedllm.worker.memory_policy import format_gib
 
 _DEFAULT_GPU_MEMORY = "80GiB"
@@ -98,6 +100,33 @@ def render_plan(plan: MemoryPlan, gpu_memory: int | None) -> str:
         lines.append("Settings that would " + ("fit:" if not plan.fits else "help:"))
         lines += [f"  - {suggestion}" for suggestion in plan.suggestions]
     return "\n".join(lines)
+
+
+def default_gpu_memory_bytes() -> int | None:
+    """The visible GPU's memory, or None without one."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    return None
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '81920MiB', '8.5e10' -> bytes (GiB/MiB binary, GB/MB decimal)."""
+    units = {"tib": 1 << 40, "gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "tb": 10**12, "gb": 10**9,
+             "mb": 10**6, "kb": 10**3, "t": 1 << 40, "g": 1 << 30, "m": 1 << 20, "k": 1 << 10, "b": 1}
+    cleaned = text.strip().lower().replace(" ", "")
+    for unit, scale in units.items():
+        if cleaned.endswith(unit):
+            number = cleaned[: -len(unit)]
+            break
+    else:
+        number, scale = cleaned, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"--gpu-memory={text!r} is not a size; use e.g. 80GiB, 24GB or 40960MiB.") from None
+    if value <= 0:
+        raise ValueError(f"--gpu-memory={text!r} must be positive, e.g. 80GiB.")
+    return int(value)
 
 
 if __name__ == "__main__":

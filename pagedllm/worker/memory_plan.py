@@ -8,17 +8,14 @@ weights, the activation peak of the profiling forward, non-torch memory, and CUD
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import struct
 from dataclasses import dataclass, field
-
-import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.layers.attention.kv_cache_spec import KVCacheSpec
 from pagedllm.layers.vocab_embedding import pad_vocab_size
 from pagedllm.worker import memory_policy
+from pagedllm.worker.checkpoint_shapes import CheckpointTensor, read_checkpoint_tensors
 from pagedllm.worker.memory_policy import KVCacheSizing
 
 # Memory this process takes outside torch's allocator after start-up (kernel modules,
@@ -36,14 +33,6 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW_SPLIT = ("o_proj", "down_proj")
 _LINEAR = _COLUMN_SPLIT + _ROW_SPLIT
-
-
-@dataclass(frozen=True)
-class CheckpointTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    """safetensors' dtype name (BF16, F32, I32, F8_E4M3, ...)."""
 
 
 @dataclass(frozen=True)
@@ -213,81 +202,6 @@ def _numel_per_rank(tensor: CheckpointTensor, num_kv_heads: int, tp_size: int) -
     return numel
 
 
-def read_checkpoint_tensors(config: EngineConfig) -> tuple[list[CheckpointTensor], str]:
-    """Names, shapes and dtypes of the checkpoint's tensors, from headers only."""
-    model_config = config.model_config
-    if model_config.gguf_file is not None:
-        return _gguf_tensors(model_config.gguf_file), "GGUF metadata"
-    if config.load_config.load_format != "dummy":
-        from pagedllm.model_loader.weight_utils import find_weight_files
-
-        try:
-            files, weight_format = find_weight_files(model_config.model_path, config.load_config.load_format)
-        except ValueError:
-            files, weight_format = [], ""
-        if files and weight_format == "safetensors":
-            return [t for path in files for t in _safetensors_tensors(path)], "safetensors headers"
-    return config_tensors(config), "config.json shapes"
-
-
-def _safetensors_tensors(path: str) -> list[CheckpointTensor]:
-    with open(path, "rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
-    return [
-        CheckpointTensor(name, tuple(entry["shape"]), entry["dtype"])
-        for name, entry in header.items()
-        if name != "__metadata__" and "rotary_emb.inv_freq" not in name
-    ]
-
-
-def _gguf_tensors(gguf_file: str) -> list[CheckpointTensor]:
-    import gguf
-
-    from pagedllm.model_loader.gguf import hf_tensor_name
-
-    reader = gguf.GGUFReader(gguf_file)
-    tensors = []
-    for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
-        if name is not None:
-            # The loader dequantizes to the engine's dtype: count them as a float tensor.
-            tensors.append(CheckpointTensor(name, tuple(int(d) for d in reversed(tensor.shape)), "F32"))
-    return tensors
-
-
-def config_tensors(config: EngineConfig) -> list[CheckpointTensor]:
-    """The decoder's parameters from config.json (Llama layout; Qwen2's q/k/v biases and
-    Qwen3's q/k norms): for load_format='dummy' and checkpoints without readable headers."""
-    model_config = config.model_config
-    hf_config = model_config.hf_config
-    hidden, head_dim = model_config.hidden_size, model_config.head_dim
-    q_size = model_config.num_attention_heads * head_dim
-    kv_size = model_config.num_key_value_heads * head_dim
-    intermediate = int(hf_config.intermediate_size)
-    architecture = model_config.architecture
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (model_config.vocab_size, hidden)}
-    for layer in range(model_config.num_hidden_layers):
-        prefix = f"model.layers.{layer}."
-        layer_shapes = {
-            "self_attn.q_proj.weight": (q_size, hidden), "self_attn.k_proj.weight": (kv_size, hidden),
-            "self_attn.v_proj.weight": (kv_size, hidden), "self_attn.o_proj.weight": (hidden, q_size),
-            "mlp.gate_proj.weight": (intermediate, hidden), "mlp.up_proj.weight": (intermediate, hidden),
-            "mlp.down_proj.weight": (hidden, intermediate),
-            "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-        }
-        if architecture.startswith("Qwen2"):
-            layer_shapes.update({"self_attn.q_proj.bias": (q_size,), "self_attn.k_proj.bias": (kv_size,),
-                                 "self_attn.v_proj.bias": (kv_size,)})
-        if architecture.startswith("Qwen3"):
-            layer_shapes.update({"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)})
-        shapes.update({prefix + name: shape for name, shape in layer_shapes.items()})
-    shapes["model.norm.weight"] = (hidden,)
-    if not getattr(hf_config, "tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (model_config.vocab_size, hidden)
-    return [CheckpointTensor(name, shape, "F32") for name, shape in shapes.items()]
-
-
 def _suggestions(
     config: EngineConfig, tensors: list[CheckpointTensor], source: str, gpu_memory_bytes: int | None, plan: MemoryPlan
 ) -> list[str]:
@@ -348,30 +262,3 @@ def _fix(setting: str, plan: MemoryPlan, ok: bool = True) -> str:
         f"{setting}: weights {memory_policy.format_gib(plan.weights_bytes)} per rank, KV cache "
         f"{plan.kv.num_tokens:,} tokens ({plan.kv.max_concurrency(plan.max_model_len):.2f}x max_model_len){verdict}"
     )
-
-
-def default_gpu_memory_bytes() -> int | None:
-    """The visible GPU's memory, or None without one."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[1])
-    return None
-
-
-def parse_bytes(text: str) -> int:
-    """'80GiB', '80GB', '81920MiB', '8.5e10' -> bytes (GiB/MiB binary, GB/MB decimal)."""
-    units = {"tib": 1 << 40, "gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "tb": 10**12, "gb": 10**9,
-             "mb": 10**6, "kb": 10**3, "t": 1 << 40, "g": 1 << 30, "m": 1 << 20, "k": 1 << 10, "b": 1}
-    cleaned = text.strip().lower().replace(" ", "")
-    for unit, scale in units.items():
-        if cleaned.endswith(unit):
-            number = cleaned[: -len(unit)]
-            break
-    else:
-        number, scale = cleaned, 1
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise ValueError(f"--gpu-memory={text!r} is not a size; use e.g. 80GiB, 24GB or 40960MiB.") from None
-    if value <= 0:
-        raise ValueError(f"--gpu-memory={text!r} must be positive, e.g. 80GiB.")
-    return int(value)

@@ -12,7 +12,8 @@ from tiny_models import make_tiny_checkpoint
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.worker import memory_policy
-from pagedllm.worker.memory_plan import MemoryPlan, parse_bytes, plan_memory
+from pagedllm.entrypoints.plan import parse_bytes
+from pagedllm.worker.memory_plan import MemoryPlan, plan_memory
 
 TOLERANCE = 0.05
 
