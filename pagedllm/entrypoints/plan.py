@@ -58,6 +58,10 @@ def plan_to_dict(plan: MemoryPlan, gpu_memory: int | None) -> dict[str, Any]:
     data.update(
         gpu_memory_bytes=gpu_memory,
         weights_bytes=plan.weights_bytes,
+        num_kv_blocks=plan.kv.num_blocks,
+        kv_cache_tokens=plan.kv.num_tokens,
+        kv_cache_bytes=plan.kv.kv_cache_bytes,
+        max_concurrency=round(plan.kv.max_concurrency(plan.max_model_len), 3),
         fits=plan.fits,
         kv=dict(
             data["kv"],

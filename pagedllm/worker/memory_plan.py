@@ -83,6 +83,8 @@ def _plan(
     scheduler_config = config.scheduler_config
     tp_size = config.parallel_config.tensor_parallel_size
     on_gpu = config.device_config.device.type == "cuda"
+    # quantization='fp8' on a 16-bit checkpoint quantizes its linear weights when loading.
+    fp8_weights = fp8_weights or model_config.quantization == "fp8"
     weights = weights_bytes_per_rank(config, tensors, fp8_weights)
     weights_bytes = sum(weights.values())
     block_bytes = kv_block_bytes(config)

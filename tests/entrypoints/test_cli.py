@@ -4,6 +4,7 @@ status 2 before anything loads, and `--debug` tracebacks."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,8 +115,12 @@ def test_plan_prints_the_memory_plan_without_loading_the_model(chat_model, capsy
     printed = capsys.readouterr().out
     for label in ("weights", "activation peak", "CUDA graphs", "KV cache per token", "max concurrency"):
         assert label in printed
-    assert main(["plan", "--model", str(chat_model), "--device", "cpu", "--json"]) == 0
-    assert '"kv_bytes_per_token"' in capsys.readouterr().out
+    assert main(["plan", "--model", str(chat_model), "--device", "cpu", "--json", "--max-num-seqs", "2"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # 2 requests of the model's 512 tokens (32 blocks each) plus 10% headroom.
+    assert plan["num_kv_blocks"] == 64 + 7 and plan["kv_cache_tokens"] == 71 * 16
+    assert plan["weights_bytes"] == sum(plan["weights_bytes_by_dtype"].values()) > 0
+    assert plan["fits"] is True
 
 
 def test_engine_flags_come_from_engine_args_including_max_model_len_auto():
