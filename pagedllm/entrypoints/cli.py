@@ -137,6 +137,8 @@ def _add_serve_parser(commands: Any) -> Runner | None:
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    if "--debug" in parser._option_string_actions:
+        return  # the subcommand declares its own
     # SUPPRESS: a subcommand that is not given --debug keeps the top-level value.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
