@@ -12,6 +12,11 @@ from pagedllm.engine.scheduler_output import SchedulerOutput
 from pagedllm.forward_context import AttentionMetadata
 
 
+PLACEHOLDER_TOKEN_ID = -1
+"""Stands in a worker's token list for a sampled id the host does not know yet (async
+scheduling); the step that reads it as an input takes the id from the device instead."""
+
+
 @dataclass(slots=True)
 class CachedRequestState:
     req_id: str
@@ -69,9 +74,13 @@ def build_step_inputs(
     requests: dict[str, CachedRequestState],
     block_size: int,
     stager: HostStager,
+    previous_sampled: tuple[dict[str, int], torch.Tensor] | None = None,
 ) -> StepInputs:
     """Flattens the scheduled tokens of every request into one batch. Per-request work is a
-    list slice; per-token values (positions, slots) are computed with array ops."""
+    list slice; per-token values (positions, slots) are computed with array ops.
+
+    `previous_sampled` is the last step's (request id -> row, device ids): a token still
+    unknown to the host (a placeholder) is taken from there, on the device."""
     req_ids = list(scheduler_output.num_scheduled_tokens)
     query_lens = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
     starts = [requests[r].num_computed_tokens for r in req_ids]
@@ -98,13 +107,22 @@ def build_step_inputs(
     block_of_token = block_table[request_index, positions // block_size].astype(np.int64)
     slot_mapping = block_of_token * block_size + positions % block_size
     input_ids = np.asarray(token_ids, dtype=np.int64)
+    # Only a request's last token can be a placeholder (the one its previous step sampled).
+    fill_rows = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
+    if len(fill_rows):
+        assert previous_sampled is not None, "a placeholder token with no step in flight"
+        source_rows = np.asarray([previous_sampled[0][req_ids[i]] for i in request_index[fill_rows]], dtype=np.int64)
+    else:
+        source_rows = fill_rows
 
     # One host-to-device copy for every per-step array, split into views on the device.
-    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel()]
+    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel(), fill_rows, source_rows]
     packed = stager.to_device(np.concatenate(parts).astype(np.int64, copy=False))
-    (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table) = torch.split(
-        packed, [len(part) for part in parts]
-    )
+    (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table,
+     dev_fill_rows, dev_source_rows) = torch.split(packed, [len(part) for part in parts])
+    if len(fill_rows):
+        assert previous_sampled is not None
+        dev_input_ids.index_copy_(0, dev_fill_rows, previous_sampled[1].index_select(0, dev_source_rows))
     attn_metadata = AttentionMetadata(
         num_actual_tokens=num_tokens,
         num_reqs=len(req_ids),

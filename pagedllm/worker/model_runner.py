@@ -14,7 +14,7 @@ from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput,
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.attention.kv_cache_spec import KVCacheSpec
 from pagedllm.layers.attention.layer import Attention
-from pagedllm.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, to_token_logprobs
+from pagedllm.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
 from pagedllm.model_loader.loaders import get_model
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
 from pagedllm.worker.input_batch import (
@@ -24,6 +24,7 @@ from pagedllm.worker.input_batch import (
     build_profile_inputs,
     build_step_inputs,
 )
+from pagedllm.worker.step_output import InFlightStep
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class ModelRunner:
         self.attention_layers: list[Attention] = []
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CUDAGraphRunner | None = None
+        self.async_scheduling = engine_config.scheduler_config.async_scheduling
+        self._in_flight: InFlightStep | None = None
+        """The last step run, whose sampled ids may not have reached the host yet."""
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
@@ -115,10 +119,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Runs one step. With async scheduling it returns the output of the step before
+        (empty on the first), read only once this step's work is queued on the device;
+        without, this step's own output."""
         self._update_states(scheduler_output)
+        previous = self._in_flight
         if scheduler_output.is_empty:
-            return ModelRunnerOutput(sampled_token_ids={})
-        inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.stager)
+            self._in_flight = None
+            return previous.resolve() if previous is not None else ModelRunnerOutput(sampled_token_ids={})
+        previous_sampled = None
+        if previous is not None and previous.device_sampled is not None:
+            previous_sampled = (previous.device_rows, previous.device_sampled)
+        inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.stager, previous_sampled)
         hidden_states = self._forward(inputs)
 
         sample_rows, sample_req_ids = [], []
@@ -135,6 +147,7 @@ class ModelRunner:
 
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in inputs.req_ids})
         output.prompt_logprobs = self._prompt_logprobs(inputs, hidden_states)
+        step = InFlightStep(output=output)
         if sample_req_ids:
             if len(sample_req_ids) == len(inputs.req_ids):
                 # Every request samples (the usual case): its last row is query_start_loc - 1,
@@ -143,8 +156,12 @@ class ModelRunner:
                 rows = inputs.attn_metadata.query_start_loc[1:].long() - 1
             else:
                 rows = torch.tensor(sample_rows, device=self.device)
-            self._sample(hidden_states[rows], sample_req_ids, output)
-        return output
+            step = self._sample(hidden_states[rows], sample_req_ids, output, previous)
+        self._in_flight = step
+        if not self.async_scheduling:
+            self._in_flight = None
+            return step.resolve()
+        return previous.resolve() if previous is not None else ModelRunnerOutput(sampled_token_ids={})
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
@@ -181,9 +198,16 @@ class ModelRunner:
         assert self.model is not None
         return self.model.compute_logits(hidden_states).float()
 
-    def _sample(self, last_hidden_states: torch.Tensor, req_ids: list[str], output: ModelRunnerOutput) -> None:
+    def _sample(
+        self, last_hidden_states: torch.Tensor, req_ids: list[str], output: ModelRunnerOutput,
+        previous: InFlightStep | None,
+    ) -> InFlightStep:
         logits = self._compute_logits(last_hidden_states)
         states = [self.requests[req_id] for req_id in req_ids]
+        if previous is not None and any(_reads_token_history(s.sampling_params) for s in states):
+            # These rows read their earlier tokens on the host: wait for the step before
+            # (already queued ahead of this one, so the device stays busy meanwhile).
+            previous.resolve()
         for state in states:
             if state.generator is not None:
                 # Seeding by (seed, output length) makes a seeded request's samples independent
@@ -195,7 +219,7 @@ class ModelRunner:
         prompt_ids, output_ids = [], []
         for state in states:
             params = state.sampling_params
-            penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            penalized = _reads_token_history(params)
             prompt_ids.append(state.token_ids[: state.num_prompt_tokens] if penalized else ())
             counts_output = penalized or params.min_tokens > 0
             output_ids.append(state.token_ids[state.num_prompt_tokens :] if counts_output else ())
@@ -210,15 +234,7 @@ class ModelRunner:
             device=self.device,
         )
         sampler_output = self.sampler(logits, metadata)
-        sampled = sampler_output.sampled_token_ids.tolist()
-        for state, token_id in zip(states, sampled):
-            state.token_ids.append(token_id)
-            output.sampled_token_ids[state.req_id] = [token_id]
-        if sampler_output.logprobs is not None:
-            per_row = to_token_logprobs(sampler_output.logprobs)
-            for row, state in enumerate(states):
-                if state.sampling_params.logprobs is not None:
-                    output.logprobs[state.req_id] = _row_logprobs(per_row, row, state.sampling_params.logprobs)
+        return InFlightStep.start(output, states, sampler_output.sampled_token_ids, sampler_output.logprobs)
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden_states: torch.Tensor) -> dict[str, TokenLogprobs]:
         """Logprobs of the prompt tokens this step's positions predict: the logits at position
@@ -243,18 +259,13 @@ class ModelRunner:
             layer.kv_cache = None
         self.kv_caches = []
         self.requests.clear()
+        self._in_flight = None
 
 
 def _step_seed(seed: int | None, num_output_tokens: int) -> int:
     return ((seed or 0) * 1_000_003 + num_output_tokens * 0x9E3779B9) % (1 << 63)
 
 
-def _row_logprobs(per_row: TokenLogprobs, row: int, num_logprobs: int) -> TokenLogprobs:
-    """One request's slice of a batched TokenLogprobs, trimmed to the top-k it asked for
-    (the chosen token first)."""
-    keep = None if num_logprobs == -1 else num_logprobs + 1
-    return TokenLogprobs(
-        token_ids=[per_row.token_ids[row][:keep]],
-        logprobs=[per_row.logprobs[row][:keep]],
-        ranks=[per_row.ranks[row]],
-    )
+def _reads_token_history(params: SamplingParams) -> bool:
+    """Whether sampling this row reads the ids of its earlier tokens (not just their count)."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0

@@ -1,0 +1,108 @@
+"""A step's sampled token ids on their way to the host.
+
+The ids stay on the device, where the next step's inputs read them (`device_rows`), and are
+copied to pinned host memory without waiting; a CUDA event marks when that copy is done. The
+host reads them one step later (async scheduling) or at once (`async_scheduling=False`), and
+only then writes them over the placeholders in each request's token list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.engine.scheduler_output import ModelRunnerOutput, TokenLogprobs
+from pagedllm.layers.sampler import LogprobsTensors, to_token_logprobs
+from pagedllm.worker.input_batch import PLACEHOLDER_TOKEN_ID, CachedRequestState
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    output: ModelRunnerOutput
+    """Everything but the sampled ids (and their logprobs), filled when resolved."""
+    states: list[CachedRequestState] = field(default_factory=list)
+    """The rows that sampled, in row order."""
+    token_indices: list[int] = field(default_factory=list)
+    """Where each row's placeholder sits in its request's token list."""
+    device_rows: dict[str, int] = field(default_factory=dict)
+    """Request id -> row of `device_sampled`, for the next step's inputs."""
+    device_sampled: torch.Tensor | None = None
+    host_sampled: torch.Tensor | None = None
+    host_logprobs: LogprobsTensors | None = None
+    copy_done: torch.cuda.Event | None = None
+    resolved: bool = False
+
+    @classmethod
+    def start(
+        cls,
+        output: ModelRunnerOutput,
+        states: list[CachedRequestState],
+        sampled: torch.Tensor,
+        logprobs: LogprobsTensors | None,
+    ) -> InFlightStep:
+        """Appends a placeholder to each row's tokens and starts the copies to the host."""
+        token_indices = []
+        for state in states:
+            token_indices.append(len(state.token_ids))
+            state.token_ids.append(PLACEHOLDER_TOKEN_ID)
+        step = cls(
+            output=output,
+            states=states,
+            token_indices=token_indices,
+            device_rows={state.req_id: row for row, state in enumerate(states)},
+            device_sampled=sampled,
+        )
+        if sampled.device.type == "cuda":
+            step.host_sampled = _to_pinned(sampled)
+            if logprobs is not None:
+                step.host_logprobs = LogprobsTensors(
+                    _to_pinned(logprobs.token_ids), _to_pinned(logprobs.logprobs), _to_pinned(logprobs.ranks)
+                )
+            step.copy_done = torch.cuda.Event()
+            step.copy_done.record()
+        else:
+            step.host_sampled = sampled
+            step.host_logprobs = logprobs
+        return step
+
+    def resolve(self) -> ModelRunnerOutput:
+        """Waits for the copy (not for later steps), fills the placeholders and the output."""
+        if self.resolved:
+            return self.output
+        self.resolved = True
+        if self.copy_done is not None:
+            self.copy_done.synchronize()
+        if not self.states:
+            return self.output
+        assert self.host_sampled is not None
+        sampled = self.host_sampled.tolist()
+        output = self.output
+        for state, index, token_id in zip(self.states, self.token_indices, sampled):
+            # A request dropped since (finished, preempted) keeps its own list; harmless.
+            state.token_ids[index] = token_id
+            output.sampled_token_ids[state.req_id] = [token_id]
+        if self.host_logprobs is not None:
+            per_row = to_token_logprobs(self.host_logprobs)
+            for row, state in enumerate(self.states):
+                num_logprobs = state.sampling_params.logprobs
+                if num_logprobs is not None:
+                    output.logprobs[state.req_id] = _row_logprobs(per_row, row, num_logprobs)
+        return output
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _row_logprobs(per_row: TokenLogprobs, row: int, num_logprobs: int) -> TokenLogprobs:
+    """One request's slice of a batched TokenLogprobs, trimmed to the top-k it asked for
+    (the chosen token first)."""
+    keep = None if num_logprobs == -1 else num_logprobs + 1
+    return TokenLogprobs(
+        token_ids=[per_row.token_ids[row][:keep]],
+        logprobs=[per_row.logprobs[row][:keep]],
+        ranks=[per_row.ranks[row]],
+    )
