@@ -28,24 +28,16 @@ import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, NoReturn
+from collections.abc import Collection
+from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.base import (
-    Executor,
-    RemoteTraceback,
-    WorkerDiedError,
-    describe_exit_code,
-    get_open_port,
-)
+from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, get_open_port
 
 logger = logging.getLogger(__name__)
 
 _SHUTDOWN = "__shutdown__"
-# Once one rank has raised, how long the others get to answer before they are presumed stuck
-# in a collective that the failed rank never joined, and are stopped.
-_FAILURE_GRACE_S = 10.0
 # How long a rank gets to leave on its own at shutdown before it is terminated.
 _SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -64,7 +56,6 @@ class MultiprocExecutor(Executor):
         context = multiprocessing.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{get_open_port()}"
         self._workers: list[_WorkerProcess] = []
-        self._failure: str | None = None
         # Numbers each call, so answers to a call the engine stopped waiting for (Ctrl-C)
         # are recognised and dropped instead of being taken for the next call's.
         self._call_id = 0
@@ -110,82 +101,52 @@ class MultiprocExecutor(Executor):
         self._finalizer()
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], reply_rank: int | None) -> list[Any]:
-        if self._failure is not None:
-            raise RuntimeError(f"The workers were stopped after an earlier failure ({self._failure}); create a new LLM.")
-        if not self._finalizer.alive:
-            raise RuntimeError("The executor was shut down.")
+        self._check_usable()
         self._call_id += 1
         payload = pickle.dumps((self._call_id, method, args, kwargs, reply_rank), protocol=pickle.HIGHEST_PROTOCOL)
         for worker in self._workers:
             try:
                 worker.conn.send_bytes(payload)
             except OSError:  # the pipe broke: the process is gone
-                self._raise_died(worker, method)
-        return self._collect(method)
+                self._raise_died(worker.rank, method, self._how_it_died(worker))
+        return self._wait_with_grace(len(self._workers), method, self._wait)
 
-    def _collect(self, method: str) -> list[Any]:
-        results: list[Any] = [None] * len(self._workers)
-        errors: dict[int, tuple[BaseException, str]] = {}
-        pending = {worker.rank: worker for worker in self._workers}
-        deadline: float | None = None
-        while pending:
-            waitables: list[Any] = [w.conn for w in pending.values()]
-            waitables += [w.process.sentinel for w in pending.values()]
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = multiprocessing.connection.wait(waitables, timeout)
+    def _wait(self, pending: Collection[int], timeout: float | None) -> list[RankEvent]:
+        """Answers and deaths among the pending ranks; [] once `timeout` has passed."""
+        workers = [self._workers[rank] for rank in pending]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waitables: list[Any] = [w.conn for w in workers] + [w.process.sentinel for w in workers]
+            ready = multiprocessing.connection.wait(waitables, remaining)
             if not ready:
-                break  # the grace after an error ran out
-            for worker in list(pending.values()):
+                return []
+            events = []
+            for worker in workers:
                 # A rank may have answered and then exited: read its answer first.
                 if worker.conn in ready or worker.conn.poll():
                     try:
-                        reply = pickle.loads(worker.conn.recv_bytes())
+                        call_id, status, *value = pickle.loads(worker.conn.recv_bytes())
                     except (EOFError, OSError):
-                        self._raise_died(worker, method)
-                    call_id, status, *value = reply
+                        events.append(RankEvent(worker.rank, "died", self._how_it_died(worker)))
+                        continue
                     if call_id != self._call_id:
                         continue  # an answer to an interrupted earlier call
-                    del pending[worker.rank]
-                    if status == "ok":
-                        results[worker.rank] = value[0]
-                    else:
-                        errors[worker.rank] = (value[0], value[1])
-                        if deadline is None:
-                            deadline = time.monotonic() + _FAILURE_GRACE_S
+                    events.append(RankEvent(worker.rank, "ok" if status == "ok" else "error", *value))
                 elif worker.process.sentinel in ready:
-                    self._raise_died(worker, method)
-        if errors:
-            rank = min(errors)
-            error, remote_traceback = errors[rank]
-            if pending:
-                # The ranks still running are most likely blocked in a collective the failed
-                # rank never reached: they cannot be reused.
-                stuck = sorted(pending)
-                self._fail(f"rank {rank} raised {type(error).__name__} in {method}")
-                _add_note(error, f"Worker ranks {stuck} did not finish {method} within {_FAILURE_GRACE_S:.0f} s and were stopped.")
-            _add_note(error, f"Raised by worker rank {rank} in {method}.")
-            raise error from RemoteTraceback(remote_traceback)
-        return results
+                    events.append(RankEvent(worker.rank, "died", self._how_it_died(worker)))
+            if events:
+                return events
 
-    def _raise_died(self, worker: _WorkerProcess, method: str) -> NoReturn:
+    @staticmethod
+    def _how_it_died(worker: _WorkerProcess) -> str:
         worker.process.join(timeout=1.0)
-        how = describe_exit_code(worker.process.exitcode)
-        message = f"Worker rank {worker.rank} (pid {worker.process.pid}) died with {how} during {method}"
-        self._fail(message)
-        hint = ""
-        if method == "init_device":
-            hint = (
-                " If this happened while a script started, create the LLM under "
-                "`if __name__ == '__main__':` (workers are spawned processes that import the "
-                "main module)."
-            )
-        raise WorkerDiedError(
-            f"{message}; the other workers were stopped. Look above for the worker's own error "
-            f"(signal SIGKILL often means the out-of-memory killer).{hint}"
-        )
+        return f"(pid {worker.process.pid}) died with {describe_exit_code(worker.process.exitcode)}"
 
-    def _fail(self, reason: str) -> None:
-        self._failure = reason
+    def _is_shut_down(self) -> bool:
+        return not self._finalizer.alive
+
+    def _stop_workers_now(self) -> None:
         _stop_workers(self._workers, False)
         self._finalizer.detach()
 
@@ -266,8 +227,3 @@ def _picklable(error: BaseException) -> BaseException:
         return error
     except Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-def _add_note(error: BaseException, note: str) -> None:
-    if hasattr(error, "add_note"):  # Python 3.11+
-        error.add_note(note)
