@@ -6,8 +6,10 @@ Processes are spawned, never forked, so a parent that has touched CUDA cannot br
 imports the user's main module in each child: a script must create its LLM under
 `if __name__ == "__main__":`.
 
-An RPC is `(method, args, kwargs, reply_rank)`, pickled once and sent to every rank; each rank
-answers `("ok", result)` or `("error", exception, traceback text)`. While waiting, the engine
+An RPC is `(call_id, method, args, kwargs, reply_rank)`, pickled once and written once into a
+shared-memory ring that every rank reads (shm_broadcast.py; a payload too large for a slot goes
+over each rank's pipe instead); each rank answers over its pipe `(call_id, "ok", result)` or
+`(call_id, "error", exception, traceback text)`. While waiting, the engine
 also watches every process's sentinel, so a rank that dies (killed, out of memory, a crash in
 native code) becomes a `WorkerDiedError` at once instead of a hang, and the other ranks, which
 may be blocked in a collective waiting for it, are stopped.
@@ -34,6 +36,7 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, get_open_port
+from pagedllm.executor.shm_broadcast import ShmBroadcast
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +64,14 @@ class MultiprocExecutor(Executor):
         self._call_id = 0
         # The finalizer holds the list, not the executor, so dropping the executor (or the
         # interpreter exiting) still stops the processes.
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, True)
+        self._broadcast = ShmBroadcast(world_size)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, True, self._broadcast)
         start = time.perf_counter()
         for rank in range(world_size):
             parent_conn, child_conn = context.Pipe(duplex=True)
             process = context.Process(
                 target=_worker_main,
-                args=(engine_config, rank, rank, init_method, child_conn),
+                args=(engine_config, rank, rank, init_method, child_conn, self._broadcast.handle()),
                 name=f"pagedllm-worker-rank-{rank}",
                 daemon=True,
             )
@@ -104,7 +108,11 @@ class MultiprocExecutor(Executor):
         self._check_usable()
         self._call_id += 1
         payload = pickle.dumps((self._call_id, method, args, kwargs, reply_rank), protocol=pickle.HIGHEST_PROTOCOL)
-        for worker in self._workers:
+        try:
+            sent = self._broadcast.write(payload, lambda: all(w.process.is_alive() for w in self._workers))
+        except RuntimeError:
+            sent = False  # a rank died; the wait below reports which
+        for worker in self._workers if not sent else ():
             try:
                 worker.conn.send_bytes(payload)
             except OSError:  # the pipe broke: the process is gone
@@ -147,11 +155,11 @@ class MultiprocExecutor(Executor):
         return not self._finalizer.alive
 
     def _stop_workers_now(self) -> None:
-        _stop_workers(self._workers, False)
+        _stop_workers(self._workers, False, self._broadcast)
         self._finalizer.detach()
 
 
-def _stop_workers(workers: list[_WorkerProcess], graceful: bool) -> None:
+def _stop_workers(workers: list[_WorkerProcess], graceful: bool, broadcast: ShmBroadcast) -> None:
     """Ask each rank to leave, then terminate and finally kill those that did not; every
     process is joined, so none is left behind. Safe to call more than once."""
     if graceful:
@@ -173,9 +181,13 @@ def _stop_workers(workers: list[_WorkerProcess], graceful: bool) -> None:
             worker.process.join(timeout=2.0)
     for worker in workers:
         worker.conn.close()
+    broadcast.close(unlink=True)
 
 
-def _worker_main(engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, conn: Connection) -> None:
+def _worker_main(
+    engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, conn: Connection,
+    broadcast_handle: tuple[str, int, int, int],
+) -> None:
     """The body of each worker process: answer RPCs until told to stop or the engine is gone."""
     # Ctrl-C reaches the whole process group; the engine decides what happens and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -183,10 +195,11 @@ def _worker_main(engine_config: EngineConfig, rank: int, local_rank: int, init_m
     from pagedllm.worker.worker import Worker
 
     worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
+    broadcast = ShmBroadcast.attach(broadcast_handle, rank)
     try:
         while True:
             try:
-                message = conn.recv_bytes()
+                message = _next_message(broadcast, conn)
             except (EOFError, OSError):
                 break  # the engine's end closed
             call_id, method, args, kwargs, reply_rank = pickle.loads(message)
@@ -204,6 +217,25 @@ def _worker_main(engine_config: EngineConfig, rank: int, local_rank: int, init_m
     finally:
         worker.shutdown()
         conn.close()
+        broadcast.close()
+
+
+def _next_message(broadcast: ShmBroadcast, conn: Connection) -> bytes:
+    """The next call, from the shared-memory ring, or from the pipe when the ring says so or
+    when the pipe carries a message the ring does not announce (shutdown)."""
+    sleep_s = 0.0
+    while True:
+        message = broadcast.poll()
+        if message is None and conn.poll():
+            # The writer publishes a pipe marker before sending on the pipe: look again.
+            message = broadcast.poll()
+            if message is None:
+                return conn.recv_bytes()
+        if message is True:
+            return conn.recv_bytes()
+        if isinstance(message, bytes):
+            return message
+        sleep_s = broadcast.wait_sleep(sleep_s)
 
 
 def _exit_with_parent() -> None:
