@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,8 +19,8 @@ from pagedllm.layers.sampler import Sampler, SamplingMetadata, compute_prompt_lo
 from pagedllm.model_loader.loaders import get_model
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
 from pagedllm.worker.input_batch import (
-    CachedRequestState,
     HostStager,
+    InputBatch,
     StepInputs,
     build_profile_inputs,
     build_step_inputs,
@@ -38,7 +39,12 @@ class ModelRunner:
         self.vocab_size = self.model_config.vocab_size
         # Learned from the requests: the engine resolves EOS from the tokenizer.
         self.eos_token_id: int | None = None
-        self.requests: dict[str, CachedRequestState] = {}
+        scheduler_config = engine_config.scheduler_config
+        max_model_len = self.model_config.max_model_len
+        self.input_batch = InputBatch(
+            scheduler_config.max_num_seqs, max_model_len, -(-max_model_len // self.block_size)
+        )
+        self._cached_metadata: tuple[tuple[int, bytes], SamplingMetadata] | None = None
         self.sampler = Sampler()
         self.stager = HostStager(device)
         self.default_generator = torch.Generator(device=device)
@@ -127,36 +133,30 @@ class ModelRunner:
         if scheduler_output.is_empty:
             self._in_flight = None
             return previous.resolve() if previous is not None else ModelRunnerOutput(sampled_token_ids={})
-        previous_sampled = None
-        if previous is not None and previous.device_sampled is not None:
-            previous_sampled = (previous.device_rows, previous.device_sampled)
-        inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.stager, previous_sampled)
+        batch = self.input_batch
+        previous_sampled = previous.device_sampled if previous is not None else None
+        inputs = build_step_inputs(scheduler_output, batch, self.block_size, self.stager, previous_sampled)
         hidden_states = self._forward(inputs)
 
-        sample_rows, sample_req_ids = [], []
-        for req_id, start, query_start, query_len in zip(
-            inputs.req_ids, inputs.start_positions, inputs.query_starts, inputs.query_lens
-        ):
-            state = self.requests[req_id]
-            state.num_computed_tokens = start + query_len
-            # A request samples once it has caught up with every token it knows; a prompt
-            # prefilled in chunks samples only after its last chunk.
-            if state.num_computed_tokens == len(state.token_ids):
-                sample_rows.append(query_start + query_len - 1)
-                sample_req_ids.append(req_id)
+        computed = inputs.start_positions + inputs.query_lens
+        batch.num_computed_tokens[inputs.rows] = computed
+        # A request samples once it has caught up with every token it knows; a prompt
+        # prefilled in chunks samples only after its last chunk.
+        samples = np.flatnonzero(computed == batch.num_tokens[inputs.rows])
 
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in inputs.req_ids})
         output.prompt_logprobs = self._prompt_logprobs(inputs, hidden_states)
         step = InFlightStep(output=output)
-        if sample_req_ids:
-            if len(sample_req_ids) == len(inputs.req_ids):
+        if len(samples):
+            if len(samples) == len(inputs.req_ids):
                 # Every request samples (the usual case): its last row is query_start_loc - 1,
                 # already on the device, so no host list is copied (which would wait for the
                 # forward to finish before the sampler's work could be queued).
-                rows = inputs.attn_metadata.query_start_loc[1:].long() - 1
+                token_rows = inputs.attn_metadata.query_start_loc[1:].long() - 1
             else:
-                rows = torch.tensor(sample_rows, device=self.device)
-            step = self._sample(hidden_states[rows], sample_req_ids, output, previous)
+                ends = inputs.query_starts[samples] + inputs.query_lens[samples] - 1
+                token_rows = torch.from_numpy(ends).to(self.device)
+            step = self._sample(hidden_states[token_rows], inputs.rows[samples], output, previous)
         self._in_flight = step
         if not self.async_scheduling:
             self._in_flight = None
@@ -164,26 +164,20 @@ class ModelRunner:
         return previous.resolve() if previous is not None else ModelRunnerOutput(sampled_token_ids={})
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        batch = self.input_batch
         for req_id in scheduler_output.finished_req_ids:
-            self.requests.pop(req_id, None)
+            batch.remove(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             self.eos_token_id = new.eos_token_id
             generator = None
             if new.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device)
-            self.requests[new.req_id] = CachedRequestState(
-                req_id=new.req_id,
-                token_ids=list(new.token_ids),
-                num_prompt_tokens=new.num_prompt_tokens,
-                sampling_params=new.sampling_params,
-                block_ids=list(new.block_ids),
-                generator=generator,
-                num_computed_tokens=new.num_computed_tokens,
-            )
+            batch.add(new.req_id, new.token_ids, new.num_prompt_tokens, new.block_ids,
+                      new.num_computed_tokens, new.sampling_params, generator)
         for cached in scheduler_output.scheduled_cached_reqs:
-            state = self.requests[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            row = batch.row_of[cached.req_id]
+            batch.append_blocks(row, cached.new_block_ids)
+            batch.num_computed_tokens[row] = cached.num_computed_tokens
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         assert self.model is not None, "load_model() first"
@@ -199,57 +193,75 @@ class ModelRunner:
         return self.model.compute_logits(hidden_states).float()
 
     def _sample(
-        self, last_hidden_states: torch.Tensor, req_ids: list[str], output: ModelRunnerOutput,
+        self, last_hidden_states: torch.Tensor, rows: np.ndarray, output: ModelRunnerOutput,
         previous: InFlightStep | None,
     ) -> InFlightStep:
         logits = self._compute_logits(last_hidden_states)
-        states = [self.requests[req_id] for req_id in req_ids]
-        if previous is not None and any(_reads_token_history(s.sampling_params) for s in states):
+        batch = self.input_batch
+        params = [batch.sampling_params[row] for row in rows.tolist()]
+        reads_history = [_reads_token_history(p) for p in params]
+        if previous is not None and any(reads_history):
             # These rows read their earlier tokens on the host: wait for the step before
             # (already queued ahead of this one, so the device stays busy meanwhile).
             previous.resolve()
-        for state in states:
-            if state.generator is not None:
+        generators = [batch.generators[row] for row in rows.tolist()]
+        for row, generator in zip(rows.tolist(), generators):
+            if generator is not None:
                 # Seeding by (seed, output length) makes a seeded request's samples independent
                 # of batch composition and of preemption (a resumed request gets no replay).
-                num_output = len(state.token_ids) - state.num_prompt_tokens
-                state.generator.manual_seed(_step_seed(state.sampling_params.seed, num_output))
+                num_output = int(batch.num_tokens[row] - batch.num_prompt_tokens[row])
+                generator.manual_seed(_step_seed(batch.sampling_params[row].seed, num_output))
+        metadata = self._sampling_metadata(rows, params, reads_history, generators)
+        sampler_output = self.sampler(logits, metadata)
+        return InFlightStep.start(output, batch, rows, sampler_output.sampled_token_ids, sampler_output.logprobs)
+
+    def _sampling_metadata(
+        self, rows: np.ndarray, params: list[SamplingParams], reads_history: list[bool],
+        generators: list[torch.Generator | None],
+    ) -> SamplingMetadata:
+        """Built from the rows' parameters; reused while the same rows sample and no row's
+        metadata depends on its tokens so far (penalties, an unmet min_tokens)."""
+        batch = self.input_batch
+        output_lens = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+        per_step = any(reads_history) or any(p.min_tokens > n for p, n in zip(params, output_lens.tolist()))
+        key = (batch.version, rows.tobytes())
+        if not per_step and self._cached_metadata is not None and self._cached_metadata[0] == key:
+            return self._cached_metadata[1]
         # Token histories are copied only for rows that read them (penalties, min_tokens):
         # copying every row's context each step would cost O(batch x context) per token.
         prompt_ids, output_ids = [], []
-        for state in states:
-            params = state.sampling_params
-            penalized = _reads_token_history(params)
-            prompt_ids.append(state.token_ids[: state.num_prompt_tokens] if penalized else ())
-            counts_output = penalized or params.min_tokens > 0
-            output_ids.append(state.token_ids[state.num_prompt_tokens :] if counts_output else ())
+        for row, p, history in zip(rows.tolist(), params, reads_history):
+            prompt_ids.append(batch.prompt_ids(row).tolist() if history else ())
+            output_ids.append(batch.output_ids(row).tolist() if history or p.min_tokens > 0 else ())
         metadata = SamplingMetadata.build(
-            params=[s.sampling_params for s in states],
+            params=params,
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
-            generators=[s.generator for s in states],
+            generators=generators,
             default_generator=self.default_generator,
             eos_token_id=self.eos_token_id,
             vocab_size=self.vocab_size,
             device=self.device,
         )
-        sampler_output = self.sampler(logits, metadata)
-        return InFlightStep.start(output, states, sampler_output.sampled_token_ids, sampler_output.logprobs)
+        self._cached_metadata = None if per_step else (key, metadata)
+        return metadata
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden_states: torch.Tensor) -> dict[str, TokenLogprobs]:
         """Logprobs of the prompt tokens this step's positions predict: the logits at position
         p score prompt token p + 1."""
         results: dict[str, TokenLogprobs] = {}
-        for req_id, start, query_start, query_len in zip(
-            inputs.req_ids, inputs.start_positions, inputs.query_starts, inputs.query_lens
-        ):
-            state = self.requests[req_id]
-            num_logprobs = state.sampling_params.prompt_logprobs
-            end = min(start + query_len, state.num_prompt_tokens - 1)
-            if num_logprobs is None or start >= end:
+        batch = self.input_batch
+        for index, row in enumerate(inputs.rows.tolist()):
+            num_logprobs = batch.sampling_params[row].prompt_logprobs
+            if num_logprobs is None:
                 continue
+            start, query_start = int(inputs.start_positions[index]), int(inputs.query_starts[index])
+            end = min(start + int(inputs.query_lens[index]), int(batch.num_prompt_tokens[row]) - 1)
+            if start >= end:
+                continue
+            req_id = inputs.req_ids[index]
             rows = hidden_states[query_start : query_start + end - start]
-            targets = torch.tensor(state.token_ids[start + 1 : end + 1], device=self.device)
+            targets = torch.from_numpy(batch.token_ids[row, start + 1 : end + 1].astype(np.int64)).to(self.device)
             results[req_id] = compute_prompt_logprobs(self._compute_logits(rows), targets, num_logprobs)
         return results
 
@@ -258,7 +270,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.kv_cache = None
         self.kv_caches = []
-        self.requests.clear()
+        self.input_batch = InputBatch(0, 0, 0)
         self._in_flight = None
 
 

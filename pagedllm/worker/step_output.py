@@ -10,23 +10,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, TokenLogprobs
 from pagedllm.layers.sampler import LogprobsTensors, to_token_logprobs
-from pagedllm.worker.input_batch import PLACEHOLDER_TOKEN_ID, CachedRequestState
+from pagedllm.worker.input_batch import InputBatch
 
 
 @dataclass(slots=True)
 class InFlightStep:
     output: ModelRunnerOutput
     """Everything but the sampled ids (and their logprobs), filled when resolved."""
-    states: list[CachedRequestState] = field(default_factory=list)
-    """The rows that sampled, in row order."""
-    token_indices: list[int] = field(default_factory=list)
-    """Where each row's placeholder sits in its request's token list."""
-    device_rows: dict[str, int] = field(default_factory=dict)
-    """Request id -> row of `device_sampled`, for the next step's inputs."""
+    batch: InputBatch | None = None
+    req_ids: list[str] = field(default_factory=list)
+    """The requests that sampled, in sampled-row order."""
+    epochs: np.ndarray | None = None
+    token_indices: np.ndarray | None = None
+    """Where each request's placeholder sits in its token row."""
+    num_logprobs: list[int | None] = field(default_factory=list)
     device_sampled: torch.Tensor | None = None
     host_sampled: torch.Tensor | None = None
     host_logprobs: LogprobsTensors | None = None
@@ -37,22 +39,22 @@ class InFlightStep:
     def start(
         cls,
         output: ModelRunnerOutput,
-        states: list[CachedRequestState],
+        batch: InputBatch,
+        rows: np.ndarray,
         sampled: torch.Tensor,
         logprobs: LogprobsTensors | None,
     ) -> InFlightStep:
-        """Appends a placeholder to each row's tokens and starts the copies to the host."""
-        token_indices = []
-        for state in states:
-            token_indices.append(len(state.token_ids))
-            state.token_ids.append(PLACEHOLDER_TOKEN_ID)
+        """Appends a placeholder to each sampled row's tokens and starts the copies to the host."""
         step = cls(
             output=output,
-            states=states,
-            token_indices=token_indices,
-            device_rows={state.req_id: row for row, state in enumerate(states)},
+            batch=batch,
+            req_ids=[batch.req_ids[row] for row in rows.tolist()],
+            epochs=batch.epoch[rows],
+            token_indices=batch.append_placeholders(rows),
             device_sampled=sampled,
         )
+        if logprobs is not None:
+            step.num_logprobs = [batch.sampling_params[row].logprobs for row in rows.tolist()]
         if sampled.device.type == "cuda":
             step.host_sampled = _to_pinned(sampled)
             if logprobs is not None:
@@ -73,21 +75,21 @@ class InFlightStep:
         self.resolved = True
         if self.copy_done is not None:
             self.copy_done.synchronize()
-        if not self.states:
+        if not self.req_ids:
             return self.output
-        assert self.host_sampled is not None
+        assert self.host_sampled is not None and self.batch is not None
         sampled = self.host_sampled.tolist()
+        # A request dropped since (finished, preempted) is skipped; one re-added under the
+        # same id has a new epoch.
+        self.batch.fill_placeholders(self.req_ids, self.epochs, self.token_indices, sampled)
         output = self.output
-        for state, index, token_id in zip(self.states, self.token_indices, sampled):
-            # A request dropped since (finished, preempted) keeps its own list; harmless.
-            state.token_ids[index] = token_id
-            output.sampled_token_ids[state.req_id] = [token_id]
+        for req_id, token_id in zip(self.req_ids, sampled):
+            output.sampled_token_ids[req_id] = [token_id]
         if self.host_logprobs is not None:
             per_row = to_token_logprobs(self.host_logprobs)
-            for row, state in enumerate(self.states):
-                num_logprobs = state.sampling_params.logprobs
+            for row, (req_id, num_logprobs) in enumerate(zip(self.req_ids, self.num_logprobs)):
                 if num_logprobs is not None:
-                    output.logprobs[state.req_id] = _row_logprobs(per_row, row, num_logprobs)
+                    output.logprobs[req_id] = _row_logprobs(per_row, row, num_logprobs)
         return output
 
 

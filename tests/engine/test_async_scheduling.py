@@ -84,7 +84,7 @@ def test_async_scheduling_gives_the_tokens_of_sync_scheduling(tiny_checkpoints, 
     for llm in (sync, asynchronous):
         assert not llm.llm_engine.has_unfinished_requests()
         llm.llm_engine.engine_core.step()
-        assert llm.llm_engine.executor.worker.model_runner.requests == {}
+        assert llm.llm_engine.executor.worker.model_runner.input_batch.num_reqs == 0
 
 
 def test_preempted_requests_give_identical_tokens(tiny_checkpoints):
@@ -168,7 +168,7 @@ def test_abort_ends_a_request_and_discards_its_step_in_flight(tiny_checkpoints):
         assert aborted
         assert final[name]["abort"] == tokens_at_abort
         llm_engine.engine_core.step()  # sends the last finished ids to the workers
-        assert llm_engine.executor.worker.model_runner.requests == {}
+        assert llm_engine.executor.worker.model_runner.input_batch.num_reqs == 0
     assert final["async"]["keep"] == final["reference"]["keep"]
     assert final["async"]["abort"] == final["reference"]["abort"][:3]
 
