@@ -135,6 +135,11 @@ class StepInputs:
     query_lens: np.ndarray
     start_positions: np.ndarray
     """Position of each request's first token this step (= its computed tokens before it)."""
+    samples: np.ndarray
+    """Indices (into req_ids) of the requests that sample this step: those whose computed
+    tokens reach their last known token (a prompt in chunks samples after its last chunk)."""
+    sample_token_rows: torch.Tensor | None
+    """On the device: the flat-batch row of each sampling request's last token."""
 
 
 class HostStager:
@@ -198,11 +203,14 @@ def build_step_inputs(
 
     fill_rows = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
     source_rows = batch.last_sample_index[token_rows[fill_rows]]
+    samples = np.flatnonzero(seq_lens == batch.num_tokens[rows])
+    sample_token_rows = query_start_loc[1:][samples] - 1
     # One host-to-device copy for every per-step array, split into views on the device.
-    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel(), fill_rows, source_rows]
+    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel(), fill_rows,
+             source_rows, sample_token_rows]
     packed = stager.to_device(np.concatenate(parts).astype(np.int64, copy=False))
     (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table,
-     dev_fill_rows, dev_source_rows) = torch.split(packed, [len(part) for part in parts])
+     dev_fill_rows, dev_source_rows, dev_sample_token_rows) = torch.split(packed, [len(part) for part in parts])
     if len(fill_rows):
         assert previous_sampled is not None, "a placeholder token with no step in flight"
         dev_input_ids.index_copy_(0, dev_fill_rows, previous_sampled.index_select(0, dev_source_rows))
@@ -227,6 +235,8 @@ def build_step_inputs(
         query_starts=query_start_loc[:-1],
         query_lens=query_lens,
         start_positions=starts,
+        samples=samples,
+        sample_token_rows=dev_sample_token_rows,
     )
 
 
@@ -262,4 +272,6 @@ def build_profile_inputs(num_tokens: int, max_model_len: int, device: torch.devi
         query_starts=query_start_loc[:-1],
         query_lens=np.asarray(query_lens, dtype=np.int64),
         start_positions=np.zeros(len(query_lens), dtype=np.int64),
+        samples=np.zeros(0, dtype=np.int64),
+        sample_token_rows=None,
     )

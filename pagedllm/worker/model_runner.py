@@ -138,25 +138,16 @@ class ModelRunner:
         inputs = build_step_inputs(scheduler_output, batch, self.block_size, self.stager, previous_sampled)
         hidden_states = self._forward(inputs)
 
-        computed = inputs.start_positions + inputs.query_lens
-        batch.num_computed_tokens[inputs.rows] = computed
-        # A request samples once it has caught up with every token it knows; a prompt
-        # prefilled in chunks samples only after its last chunk.
-        samples = np.flatnonzero(computed == batch.num_tokens[inputs.rows])
-
+        batch.num_computed_tokens[inputs.rows] = inputs.start_positions + inputs.query_lens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in inputs.req_ids})
         output.prompt_logprobs = self._prompt_logprobs(inputs, hidden_states)
         step = InFlightStep(output=output)
-        if len(samples):
-            if len(samples) == len(inputs.req_ids):
-                # Every request samples (the usual case): its last row is query_start_loc - 1,
-                # already on the device, so no host list is copied (which would wait for the
-                # forward to finish before the sampler's work could be queued).
-                token_rows = inputs.attn_metadata.query_start_loc[1:].long() - 1
-            else:
-                ends = inputs.query_starts[samples] + inputs.query_lens[samples] - 1
-                token_rows = torch.from_numpy(ends).to(self.device)
-            step = self._sample(hidden_states[token_rows], inputs.rows[samples], output, previous)
+        if len(inputs.samples):
+            # The sampling rows came to the device with the step's inputs: no host list is
+            # copied here (which would wait for the forward before the sampler is queued).
+            assert inputs.sample_token_rows is not None
+            last_hidden_states = hidden_states[inputs.sample_token_rows]
+            step = self._sample(last_hidden_states, inputs.rows[inputs.samples], output, previous)
         self._in_flight = step
         if not self.async_scheduling:
             self._in_flight = None
