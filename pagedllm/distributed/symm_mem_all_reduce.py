@@ -4,9 +4,10 @@ one kernel in which each rank reads all peers' copies and sums them. At decode s
 to a few MB) that beats NCCL's ring, whose latency is several launches and hops; it is
 captured in CUDA graphs like any kernel.
 
-A message is copied into this rank's symmetric buffer, reduced into the caller's tensor with
-`symm_mem::one_shot_all_reduce_out` (up to ONE_SHOT_MAX_BYTES) or in place with
-`two_shot_all_reduce_` (reduce-scatter + all-gather, better for mid sizes), then copied back.
+A message is copied into this rank's symmetric buffer and reduced into the caller's tensor
+with `symm_mem::one_shot_all_reduce_out`. Larger messages (prefill) go to NCCL, whose ring
+moves less data per rank; the one-shot kernel reads world_size copies, which at 1 MiB and two
+ranks is still a few microseconds over NVLink.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# One-shot reads world_size copies per rank; above ~256 KiB the two-shot's halved traffic wins
-# (figures from PyTorch's own symm_mem benchmarks on H100 NVLink; measure with
-# benchmarks/latency.py --tensor-parallel-size 2).
-ONE_SHOT_MAX_BYTES = 256 << 10
-MAX_BYTES = 8 << 20
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_BYTES = 1 << 20
+# The dtypes PyTorch's one-shot kernel is built for.
+_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class SymmMemAllReduce:
@@ -29,7 +27,6 @@ class SymmMemAllReduce:
         if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
             raise RuntimeError("this torch has no symm_mem one-shot all-reduce")
         self.group_name = group.group_name
-        self.world_size = dist.get_world_size(group)
         self.max_bytes = max_bytes
         symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
@@ -37,7 +34,7 @@ class SymmMemAllReduce:
 
     def accepts(self, x: torch.Tensor) -> bool:
         num_bytes = x.numel() * x.element_size()
-        # 16-byte multiples: the kernels move 16-byte vectors per thread.
+        # 16-byte multiples: the kernel moves 16-byte vectors per thread.
         return x.is_cuda and x.dtype in _DTYPES and 0 < num_bytes <= self.max_bytes and num_bytes % 16 == 0 and x.is_contiguous()
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,9 +42,5 @@ class SymmMemAllReduce:
         num_bytes = x.numel() * x.element_size()
         staged = self.buffer[:num_bytes].view(x.dtype).view(x.shape)
         staged.copy_(x)
-        if num_bytes <= ONE_SHOT_MAX_BYTES:
-            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, x)
-        else:
-            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
-            x.copy_(staged)
+        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, x)
         return x

@@ -36,7 +36,7 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, get_open_port
-from pagedllm.executor.shm_broadcast import ShmBroadcast
+from pagedllm.executor.shm_broadcast import GPU_SPIN_S, ShmBroadcast
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,8 @@ def _worker_main(
     from pagedllm.worker.worker import Worker
 
     worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
-    broadcast = ShmBroadcast.attach(broadcast_handle, rank)
+    spin_s = GPU_SPIN_S if engine_config.device_config.device.type == "cuda" else 0.0
+    broadcast = ShmBroadcast.attach(broadcast_handle, rank, spin_s)
     try:
         while True:
             try:

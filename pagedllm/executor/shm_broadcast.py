@@ -20,22 +20,23 @@ from multiprocessing import shared_memory
 
 _HEADER = struct.Struct("<qq")
 _VIA_PIPE = -1
-# Readers check for a new message in a tight loop this long after the last one (a step's
-# message follows its predecessor within a millisecond while requests run), then sleep
-# between checks so an idle engine costs no CPU.
-_SPIN_S = 0.005
+# On GPUs, readers check for a new message in a tight loop this long after the last one (a
+# step's message follows its predecessor within a millisecond while requests run), then sleep
+# between checks so an idle engine costs no CPU. On CPU the ranks need every core for compute.
+GPU_SPIN_S = 0.005
 _MAX_SLEEP_S = 0.001
 
 
 class ShmBroadcast:
     def __init__(self, num_readers: int, num_slots: int = 4, slot_bytes: int = 1 << 20,
-                 name: str | None = None, reader_rank: int | None = None) -> None:
+                 name: str | None = None, reader_rank: int | None = None, spin_s: float = 0.0) -> None:
         self.num_readers = num_readers
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
         self.flags_bytes = -(-num_readers // 8) * 8
         self.slot_stride = _HEADER.size + self.flags_bytes + slot_bytes
         self.reader_rank = reader_rank
+        self.spin_s = spin_s
         if name is None:
             self.shm = shared_memory.SharedMemory(create=True, size=self.slot_stride * num_slots)
             self.shm.buf[:] = bytes(len(self.shm.buf))
@@ -50,9 +51,9 @@ class ShmBroadcast:
         return self.shm.name, self.num_readers, self.num_slots, self.slot_bytes
 
     @classmethod
-    def attach(cls, handle: tuple[str, int, int, int], reader_rank: int) -> ShmBroadcast:
+    def attach(cls, handle: tuple[str, int, int, int], reader_rank: int, spin_s: float = 0.0) -> ShmBroadcast:
         name, num_readers, num_slots, slot_bytes = handle
-        return cls(num_readers, num_slots, slot_bytes, name=name, reader_rank=reader_rank)
+        return cls(num_readers, num_slots, slot_bytes, name=name, reader_rank=reader_rank, spin_s=spin_s)
 
     def write(self, payload: bytes, readers_alive: Callable[[], bool]) -> bool:
         """Publishes payload to every reader; False (nothing for the readers to read but a
@@ -97,7 +98,7 @@ class ShmBroadcast:
     def wait_sleep(self, sleep_s: float) -> float:
         """Reader's back-off between polls: none while messages came recently, then growing
         sleeps; returns the next sleep."""
-        if time.monotonic() - self._last_message < _SPIN_S:
+        if time.monotonic() - self._last_message < self.spin_s:
             return 0.0
         time.sleep(sleep_s)
         return min(_MAX_SLEEP_S, sleep_s * 2 or 1e-5)

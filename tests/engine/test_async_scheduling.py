@@ -204,3 +204,15 @@ def test_two_ranks_give_the_tokens_of_sync_scheduling(tiny_checkpoints):
         finally:
             llm.shutdown()
     _assert_same(results[1], results[0])
+
+
+def test_options_default_to_async_scheduling_and_the_custom_all_reduce(tiny_checkpoints):
+    from pagedllm.engine.arg_utils import EngineArgs
+
+    path = str(tiny_checkpoints["llama"])
+    config = EngineArgs.from_kwargs(path).create_engine_config()
+    assert config.scheduler_config.async_scheduling is True
+    assert config.parallel_config.disable_custom_all_reduce is False
+    config = EngineArgs.from_kwargs(path, async_scheduling=False, disable_custom_all_reduce=True).create_engine_config()
+    assert config.scheduler_config.async_scheduling is False
+    assert config.parallel_config.disable_custom_all_reduce is True

@@ -97,7 +97,7 @@ def _all_reduce_worker(rank: int, port: int, errors) -> None:
         init_custom_all_reduce(device, disable=False)
         assert get_custom_all_reduce() is not None, "the symmetric-memory all-reduce did not start"
         for dtype in (torch.bfloat16, torch.float32):
-            for numel in (8, 4096, 4096 * 8, 4096 * 256):  # one-shot and two-shot sizes
+            for numel in (8, 4096, 4096 * 8, 4096 * 256):  # symmetric-memory sizes, then NCCL's
                 generator = torch.Generator(device=device).manual_seed(numel)
                 parts = [torch.randn(numel, device=device, dtype=dtype, generator=generator) for _ in range(2)]
                 expected = (parts[0].float() + parts[1].float()).to(dtype)
