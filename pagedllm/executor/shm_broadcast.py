@@ -115,10 +115,8 @@ class ShmBroadcast:
 def _attach(name: str) -> shared_memory.SharedMemory:
     try:
         return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
-    except TypeError:  # Python < 3.13: attaching registers with the resource tracker, which
-        # would unlink the writer's segment when this reader exits.
-        from multiprocessing import resource_tracker
-
-        shm = shared_memory.SharedMemory(name=name)
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        return shm
+    except TypeError:
+        # Python < 3.13 registers the segment with the resource tracker, which spawned ranks
+        # share with the engine's process: a second registration of the name is a no-op, and
+        # the engine's unlink at shutdown removes it.
+        return shared_memory.SharedMemory(name=name)
