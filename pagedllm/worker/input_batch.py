@@ -45,6 +45,10 @@ class InputBatch:
         self.sampling_params: list[SamplingParams] = []
         self.generators: list[torch.Generator | None] = []
         """Per row: the request's own generator when it has a seed."""
+        self.seeded = np.zeros(max_num_reqs, dtype=bool)
+        self.reads_history = np.zeros(max_num_reqs, dtype=bool)
+        """The row's sampling reads its earlier token ids (penalties), not just their count."""
+        self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.version = 0
         """Bumped whenever rows are added, removed or moved (keys cached sampling metadata)."""
         self._num_added = 0
@@ -67,6 +71,9 @@ class InputBatch:
         self.num_computed_tokens[row] = num_computed_tokens
         self.num_blocks[row] = 0
         self.append_blocks(row, block_ids)
+        self.seeded[row] = generator is not None
+        self.reads_history[row] = reads_token_history(params)
+        self.min_tokens[row] = params.min_tokens
         self._num_added += 1
         self.epoch[row] = self._num_added
         self.version += 1
@@ -93,7 +100,7 @@ class InputBatch:
             num_blocks = int(self.num_blocks[last])
             self.block_table[row, :num_blocks] = self.block_table[last, :num_blocks]
             for array in (self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.num_blocks,
-                          self.last_sample_index, self.epoch):
+                          self.last_sample_index, self.epoch, self.seeded, self.reads_history, self.min_tokens):
                 array[row] = array[last]
         self.req_ids.pop()
         self.sampling_params.pop()
@@ -120,6 +127,11 @@ class InputBatch:
 
     def output_ids(self, row: int) -> np.ndarray:
         return self.token_ids[row, self.num_prompt_tokens[row] : self.num_tokens[row]]
+
+
+def reads_token_history(params: SamplingParams) -> bool:
+    """Whether sampling a row reads the ids of its earlier tokens (not just their count)."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 @dataclass(slots=True)

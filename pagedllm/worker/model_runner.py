@@ -189,53 +189,50 @@ class ModelRunner:
     ) -> InFlightStep:
         logits = self._compute_logits(last_hidden_states)
         batch = self.input_batch
-        params = [batch.sampling_params[row] for row in rows.tolist()]
-        reads_history = [_reads_token_history(p) for p in params]
-        if previous is not None and any(reads_history):
+        reads_history = bool(batch.reads_history[rows].any())
+        if previous is not None and reads_history:
             # These rows read their earlier tokens on the host: wait for the step before
             # (already queued ahead of this one, so the device stays busy meanwhile).
             previous.resolve()
-        generators = [batch.generators[row] for row in rows.tolist()]
-        for row, generator in zip(rows.tolist(), generators):
-            if generator is not None:
-                # Seeding by (seed, output length) makes a seeded request's samples independent
-                # of batch composition and of preemption (a resumed request gets no replay).
-                num_output = int(batch.num_tokens[row] - batch.num_prompt_tokens[row])
-                generator.manual_seed(_step_seed(batch.sampling_params[row].seed, num_output))
-        metadata = self._sampling_metadata(rows, params, reads_history, generators)
+        output_lens = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+        for row, num_output in zip(rows[batch.seeded[rows]].tolist(), output_lens[batch.seeded[rows]].tolist()):
+            # Seeding by (seed, output length) makes a seeded request's samples independent
+            # of batch composition and of preemption (a resumed request gets no replay).
+            generator = batch.generators[row]
+            assert generator is not None
+            generator.manual_seed(_step_seed(batch.sampling_params[row].seed, num_output))
+        # Reused while the same rows sample and no row's metadata depends on its tokens so far
+        # (penalties, an unmet min_tokens): then this step does no per-request work here.
+        per_step = reads_history or bool((batch.min_tokens[rows] > output_lens).any())
+        key = (batch.version, rows.tobytes())
+        if not per_step and self._cached_metadata is not None and self._cached_metadata[0] == key:
+            metadata = self._cached_metadata[1]
+        else:
+            metadata = self._build_sampling_metadata(rows)
+            self._cached_metadata = None if per_step else (key, metadata)
         sampler_output = self.sampler(logits, metadata)
         return InFlightStep.start(output, batch, rows, sampler_output.sampled_token_ids, sampler_output.logprobs)
 
-    def _sampling_metadata(
-        self, rows: np.ndarray, params: list[SamplingParams], reads_history: list[bool],
-        generators: list[torch.Generator | None],
-    ) -> SamplingMetadata:
-        """Built from the rows' parameters; reused while the same rows sample and no row's
-        metadata depends on its tokens so far (penalties, an unmet min_tokens)."""
+    def _build_sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.input_batch
-        output_lens = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
-        per_step = any(reads_history) or any(p.min_tokens > n for p, n in zip(params, output_lens.tolist()))
-        key = (batch.version, rows.tobytes())
-        if not per_step and self._cached_metadata is not None and self._cached_metadata[0] == key:
-            return self._cached_metadata[1]
+        params = [batch.sampling_params[row] for row in rows.tolist()]
         # Token histories are copied only for rows that read them (penalties, min_tokens):
         # copying every row's context each step would cost O(batch x context) per token.
         prompt_ids, output_ids = [], []
-        for row, p, history in zip(rows.tolist(), params, reads_history):
+        for row, p in zip(rows.tolist(), params):
+            history = bool(batch.reads_history[row])
             prompt_ids.append(batch.prompt_ids(row).tolist() if history else ())
             output_ids.append(batch.output_ids(row).tolist() if history or p.min_tokens > 0 else ())
-        metadata = SamplingMetadata.build(
+        return SamplingMetadata.build(
             params=params,
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
-            generators=generators,
+            generators=[batch.generators[row] for row in rows.tolist()],
             default_generator=self.default_generator,
             eos_token_id=self.eos_token_id,
             vocab_size=self.vocab_size,
             device=self.device,
         )
-        self._cached_metadata = None if per_step else (key, metadata)
-        return metadata
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden_states: torch.Tensor) -> dict[str, TokenLogprobs]:
         """Logprobs of the prompt tokens this step's positions predict: the logits at position
@@ -267,8 +264,3 @@ class ModelRunner:
 
 def _step_seed(seed: int | None, num_output_tokens: int) -> int:
     return ((seed or 0) * 1_000_003 + num_output_tokens * 0x9E3779B9) % (1 << 63)
-
-
-def _reads_token_history(params: SamplingParams) -> bool:
-    """Whether sampling this row reads the ids of its earlier tokens (not just their count)."""
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
