@@ -11,7 +11,13 @@ from torch import nn
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from pagedllm.engine.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.attention.kv_cache_spec import KVCacheSpec
 from pagedllm.layers.attention.layer import Attention
@@ -96,6 +102,35 @@ class ModelRunner:
         )
         self.cuda_graphs.capture()
         return self.cuda_graphs.graph_memory_bytes
+
+    @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Runs two small dummy steps over KV blocks 0-2 (a prefill of 17 tokens, then a
+        decode mixed with a 15-token prefill, with random sampling) so that the Triton kernels
+        the first real steps use (paged prefill, cache writes, sampling) compile during
+        start-up, not in the user's first generate. The blocks keep garbage, which every real
+        request overwrites before reading (prefix-cache entries only come from real steps)."""
+        if self.device.type == "cuda":
+            self.run_dummy_steps()
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def run_dummy_steps(self) -> None:
+        if not self.kv_caches or self.kv_caches[0].shape[1] < 3:
+            return
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=2, ignore_eos=True)
+        first, second = "__pagedllm_warm_up_0__", "__pagedllm_warm_up_1__"
+
+        def new(req_id: str, num_tokens: int, block_ids: list[int]) -> NewRequestData:
+            return NewRequestData(req_id, [0] * num_tokens, num_tokens, params, block_ids, 0, self.eos_token_id)
+
+        self.execute_model(SchedulerOutput([new(first, 17, [0, 1])], [], {first: 17}, 17))
+        self.execute_model(SchedulerOutput(
+            [new(second, 15, [2])], [CachedRequestData(first, [], 17)], {first: 1, second: 15}, 16
+        ))
+        self.execute_model(SchedulerOutput([], [], {}, 0, finished_req_ids={first, second}))
+        self._in_flight = None
+        self._cached_metadata = None
 
     @torch.inference_mode()
     def profile_run(self) -> None:

@@ -126,8 +126,10 @@ class Worker:
         self._runner().initialize_kv_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
-        """Captures the decode CUDA graphs (nothing to do on CPU or with enforce_eager)."""
+        """Captures the decode CUDA graphs (nothing to do on CPU or with enforce_eager), then
+        runs dummy steps so the first generate compiles no Triton kernel."""
         graph_bytes = self._runner().capture_cuda_graphs()
+        self._runner().warm_up_kernels()
         if graph_bytes:
             logger.info(
                 "CUDA graphs took %s (%s was reserved for them).",

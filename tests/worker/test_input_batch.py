@@ -70,3 +70,24 @@ def test_placeholders_come_from_the_previous_steps_device_ids():
     new_x = batch.row_of["x"]
     assert batch.token_ids[new_x, :2].tolist() == [9, 9] and batch.num_tokens[new_x] == 2
     assert batch.token_ids[new_x, 3] != 33
+
+
+def test_start_up_dummy_steps_leave_no_state_and_tokens_unchanged(tiny_checkpoints):
+    """The warm-up steps (run on CUDA at start-up) drop their requests and leave garbage only
+    in KV blocks that real requests overwrite: greedy tokens still equal transformers'."""
+    from tiny_models import hf_greedy
+
+    from pagedllm import LLM, SamplingParams
+
+    path = tiny_checkpoints["qwen2"]
+    prompts = [list(range(30, 60)), [5, 6, 7]]
+    expected = hf_greedy(path, prompts, 6)
+    for async_scheduling in (False, True):
+        llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=1 << 22,
+                  async_scheduling=async_scheduling, enable_prefix_caching=False)
+        runner = llm.llm_engine.executor.worker.model_runner
+        runner.run_dummy_steps()
+        assert runner.input_batch.num_reqs == 0 and runner._in_flight is None
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
