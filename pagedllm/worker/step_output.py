@@ -1,9 +1,10 @@
 """A step's sampled token ids on their way to the host.
 
-The ids stay on the device, where the next step's inputs read them (`device_rows`), and are
-copied to pinned host memory without waiting; a CUDA event marks when that copy is done. The
-host reads them one step later (async scheduling) or at once (`async_scheduling=False`), and
-only then writes them over the placeholders in each request's token list.
+The ids stay on the device (`device_sampled`), where the next step's inputs read them at the
+rows the InputBatch recorded, and are copied to pinned host memory without waiting; a CUDA
+event marks when that copy is done. The host reads them one step later (async scheduling) or
+at once (`async_scheduling=False`), and only then writes them over the placeholders in the
+persistent batch's token rows.
 """
 
 from __future__ import annotations
