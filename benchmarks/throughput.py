@@ -2,11 +2,15 @@
 ids, ignore_eos) on Qwen3-0.6B's architecture, against HF transformers `generate` on the same
 weights in the same run, and against the hardware limit.
 
-    PYTHONPATH=. python3 benchmarks/throughput.py [--num-requests 256] [--hf-requests 32]
+    PYTHONPATH=. python3 benchmarks/throughput.py [--num-requests 256] [--hf-requests 32] [--tensor-parallel-size 1]
 
 The transformers baseline runs static batches of 32, left-padded (useful output tokens only);
 by default only the first batch, since the whole workload takes it minutes: its tokens/s is
 a rate, comparable with ours.
+
+Time per step is split into GPU time (CUDA events around each step's work on the device, one
+rank) and wall time; wall - GPU is host time the GPU waited for (scheduling, input building,
+output processing not hidden by async scheduling). With N ranks the limit is N times one GPU's.
 """
 
 from __future__ import annotations
@@ -62,6 +66,44 @@ def hf_tokens_per_second(folder: str, requests: list[tuple[list[int], int]], bat
     return useful_tokens / elapsed
 
 
+def record_step_events(llm) -> list[tuple[torch.cuda.Event, torch.cuda.Event]] | None:
+    """Wraps the in-process model runner's execute_model with CUDA events (one rank: the
+    uni executor only); None with several ranks, whose runners live in other processes."""
+    worker = getattr(llm.llm_engine.executor, "worker", None)
+    if worker is None:
+        return None
+    runner = worker.model_runner
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    execute_model = runner.execute_model
+
+    def timed_execute_model(scheduler_output):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        output = execute_model(scheduler_output)
+        end.record()
+        if not scheduler_output.is_empty:
+            events.append((start, end))
+        return output
+
+    runner.execute_model = timed_execute_model
+    return events
+
+
+def step_split_rows(events, seconds: float) -> list[tuple[str, str]]:
+    if not events:
+        return [("time per step", "GPU/host split needs tensor_parallel_size=1")]
+    torch.cuda.synchronize()
+    gpu_seconds = sum(start.elapsed_time(end) for start, end in events) / 1e3
+    steps = len(events)
+    wall_ms, gpu_ms = seconds / steps * 1e3, gpu_seconds / steps * 1e3
+    return [
+        ("steps", f"{steps:,}"),
+        ("wall time per step", f"{wall_ms:.2f} ms"),
+        ("GPU time per step", f"{gpu_ms:.2f} ms ({gpu_ms / wall_ms:.1%} of wall)"),
+        ("host time the GPU waited per step", f"{max(0.0, wall_ms - gpu_ms):.2f} ms"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-requests", type=int, default=256)
@@ -69,7 +111,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--no-async-scheduling", action="store_true")
     args = parser.parse_args()
+    tp = args.tensor_parallel_size
 
     from pagedllm import LLM, SamplingParams
 
@@ -82,10 +127,11 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     llm = LLM(folder, dtype="bfloat16", max_model_len=2048, max_num_seqs=args.max_num_seqs, skip_tokenizer_init=True,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, tensor_parallel_size=tp, async_scheduling=not args.no_async_scheduling)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in requests]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+    step_events = record_step_events(llm)
     outputs, seconds = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert output_tokens == sum(o for _, o in requests)
@@ -94,7 +140,7 @@ def main() -> None:
     # The bytes that must move: the weights once per decode step (every request in flight at
     # once, so as many steps as the longest output) plus each token's reads of its context's KV.
     kv_reads = sum(sum(len(p) + t for t in range(o)) for p, o in requests) * kv_bytes_per_token(QWEN3_0_6B)
-    limit_seconds = (max(o for _, o in requests) * weight_bytes(QWEN3_0_6B) + kv_reads) / bandwidth
+    limit_seconds = (max(o for _, o in requests) * weight_bytes(QWEN3_0_6B) + kv_reads) / (tp * bandwidth)
     limit_rate = output_tokens / limit_seconds
     print_table(f"throughput, Qwen3-0.6B arch, {args.num_requests} requests, {torch.cuda.get_device_name()}", [
         ("measured copy bandwidth", f"{bandwidth / 1e12:.2f} TB/s"),
@@ -103,6 +149,7 @@ def main() -> None:
         ("speed-up over transformers", f"{rate / hf_rate:.1f}x"),
         ("hardware limit tokens/s", f"{limit_rate:,.0f}"),
         ("fraction of hardware limit", f"{rate / limit_rate:.1%}"),
+        *step_split_rows(step_events, seconds),
     ])
 
 

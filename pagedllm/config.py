@@ -113,6 +113,9 @@ class ParallelConfig:
     """Number of ranks the model's layers are split across."""
     distributed_executor_backend: str = "uni"
     """"uni" (in-process, one rank), "mp" (one spawned process per rank) or "ray"."""
+    disable_custom_all_reduce: bool = False
+    """True: every all-reduce goes through NCCL; False: small ones (decode) use the one-shot
+    peer-to-peer kernel over symmetric memory when the GPUs support it."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class SchedulerConfig:
     """Most tokens in one step; longer prompts are prefilled in chunks."""
     max_model_len: int = 2048
     """Longest sequence (prompt + output) in tokens."""
+    async_scheduling: bool = False
+    """Schedule and prepare step N+1 while step N runs; sampled token ids feed the next step on
+    the device and reach the host one step later (EngineArgs turns it on by default)."""
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pagedllm.distributed.parallel_state import get_tp_group, get_tp_size
+from pagedllm.distributed.parallel_state import get_custom_all_reduce, get_tp_group, get_tp_size
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the ranks, in place (returns `x`)."""
+    """Sum `x` over the ranks, in place (returns `x`): small messages (decode) through the
+    peer-to-peer one-shot kernel when it is set up, the rest through NCCL (or gloo)."""
     if get_tp_size() == 1:
         return x
+    custom = get_custom_all_reduce()
+    if custom is not None and custom.accepts(x):
+        return custom.all_reduce_(x)
     dist.all_reduce(x, group=get_tp_group())
     return x
 

@@ -9,9 +9,11 @@ necessity (one process, one rank), kept in one frozen record so it is replaced, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,8 @@ class _TensorParallelState:
     world_size: int
     group: dist.ProcessGroup | None
     """None when world_size is 1 (no process group is created) or in test overrides."""
+    custom_all_reduce: Any = None
+    """The peer-to-peer all-reduce for small messages (symm_mem_all_reduce.py), or None: NCCL."""
 
 
 _tp_state: _TensorParallelState | None = None
@@ -62,6 +66,34 @@ def init_distributed(
         group = dist.group.WORLD
         logger.info("Rank %d of %d joined the %s process group.", rank, world_size, backend)
     _tp_state = _TensorParallelState(rank=rank, world_size=world_size, group=group)
+
+
+def init_custom_all_reduce(device: torch.device, disable: bool) -> None:
+    """Sets up the one-shot peer-to-peer all-reduce for small (decode) messages on CUDA, unless
+    disabled; every rank must succeed or all fall back to NCCL (the ranks must agree, or their
+    collectives would not match)."""
+    global _tp_state
+    if _tp_state is None or _tp_state.group is None or device.type != "cuda" or disable:
+        return
+    from pagedllm.distributed.symm_mem_all_reduce import SymmMemAllReduce
+
+    all_reduce = None
+    try:
+        all_reduce = SymmMemAllReduce(_tp_state.group, device)
+    except Exception as error:  # no peer access, an old driver, a torch without symm_mem
+        logger.warning("The peer-to-peer all-reduce is unavailable (%s); every all-reduce uses NCCL.", error)
+    ok = torch.tensor([1 if all_reduce is not None else 0], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=_tp_state.group)
+    if int(ok.item()) == 0:
+        all_reduce = None
+    else:
+        logger.info("All-reduces up to %d KiB use the symmetric-memory one-shot kernel; larger ones NCCL.",
+                    all_reduce.max_bytes >> 10)
+    _tp_state = dataclasses.replace(_tp_state, custom_all_reduce=all_reduce)
+
+
+def get_custom_all_reduce() -> Any:
+    return None if _tp_state is None else _tp_state.custom_all_reduce
 
 
 def destroy_distributed() -> None:

@@ -100,6 +100,8 @@ class EngineArgs:
     max_num_seqs: int | None = _option(None, "most requests in one step (default 256)", int)
     max_num_batched_tokens: int | None = _option(None, "most tokens in one step (default 8192 on GPU, 4096 on CPU)", int)
     enable_chunked_prefill: bool = _option(True, "split long prompts into chunks of max_num_batched_tokens")
+    async_scheduling: bool | None = _option(None, "schedule step N+1 while step N runs; sampled ids reach the host one step later (default on)", bool)
+    disable_custom_all_reduce: bool = _option(False, "use NCCL for every all-reduce, not the peer-to-peer one-shot kernel for small ones")
     block_size: int | None = _option(None, "tokens per KV cache block (power of two, default 16)", int)
     enable_prefix_caching: bool | None = _option(None, "share KV blocks of common prefixes (default on)", bool)
     load_format: str = _option("auto", "auto | safetensors | pt | dummy | gguf | sharded_state", str)
@@ -309,10 +311,12 @@ def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: to
             f">= max_model_len ({max_model_len}); raise max_num_batched_tokens, lower "
             "max_model_len, or leave chunked prefill on."
         )
+    async_scheduling = args["async_scheduling"]
     return SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
+        async_scheduling=True if async_scheduling is None else bool(async_scheduling),
     )
 
 
@@ -372,7 +376,11 @@ def _build_parallel_config(
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower tensor_parallel_size or "
             "use distributed_executor_backend='ray' across machines."
         )
-    return ParallelConfig(tensor_parallel_size=tp_size, distributed_executor_backend=backend)
+    return ParallelConfig(
+        tensor_parallel_size=tp_size,
+        distributed_executor_backend=backend,
+        disable_custom_all_reduce=bool(args["disable_custom_all_reduce"]),
+    )
 
 
 def _check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
+from pagedllm.engine.scheduler_output import SchedulerOutput
 from pagedllm.executor.base import Executor
 from pagedllm.worker.memory_policy import largest_max_model_len
 
@@ -31,6 +32,10 @@ class EngineCore:
         self.scheduler = Scheduler(
             engine_config.scheduler_config, engine_config.cache_config, self.num_kv_blocks
         )
+        self.async_scheduling = engine_config.scheduler_config.async_scheduling
+        self._in_flight: SchedulerOutput | None = None
+        """With async scheduling: the step the workers ran last, whose output the next
+        execute_model returns."""
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -41,13 +46,24 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        # A step in flight is drained even when every request has ended, so its (discarded)
+        # output is never mistaken for that of a later request with the same id.
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedules one step, runs it on the workers and returns what each request got."""
+        """Schedules one step and runs it on the workers. Returns what each request got from
+        this step, or with async scheduling from the step before: the workers queue step N+1
+        before handing back step N's tokens, so this method's caller (output processing,
+        detokenization, stop strings) runs while the device computes."""
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        if not self.async_scheduling:
+            return self.scheduler.update_from_output(scheduler_output, runner_output)
+        finished_step = self._in_flight
+        self._in_flight = None if scheduler_output.is_empty else scheduler_output
+        if finished_step is None:
+            return []
+        return self.scheduler.update_from_output(finished_step, runner_output)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -114,7 +114,7 @@ class KVCacheManager:
             "prefix-hit blocks can only start a request's block table"
         )
         num_total_tokens = request.num_computed_tokens + len(hit_blocks) * block_size + num_new_tokens
-        assert num_total_tokens <= request.num_tokens, (req_id, num_total_tokens, request.num_tokens)
+        assert num_total_tokens <= request.num_tokens_with_placeholders, (req_id, num_total_tokens, request.num_tokens)
         num_required = -(-num_total_tokens // block_size) - num_held - len(hit_blocks)
         num_required = max(num_required, 0)
         pool = self.block_pool

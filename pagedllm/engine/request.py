@@ -54,6 +54,9 @@ class Request:
     num_cached_tokens: int = -1
     """Prompt tokens served from the prefix cache at first scheduling (-1: not yet scheduled)."""
     num_preemptions: int = 0
+    num_output_placeholders: int = 0
+    """With async scheduling: tokens sampled by steps in flight whose ids the host does not
+    know yet. They count as computed-to-be inputs for the next step's scheduling."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -70,6 +73,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_output_placeholders
 
     @property
     def use_prefix_cache(self) -> bool:

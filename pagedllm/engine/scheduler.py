@@ -16,6 +16,13 @@ it returns [] for it. `update_from_output()` appends the sampled tokens, which m
 num_tokens - num_computed_tokens == 1 again: next step's decode token.
 
 Workers must apply `finished_req_ids` (drop state) before adding `scheduled_new_reqs`.
+
+With async scheduling, step N+1 is scheduled before step N's sampled tokens are known: a
+request that samples in a step gets one `num_output_placeholders`, which counts as a token
+to compute in the next step (the workers feed it from the device); `update_from_output()`
+turns each placeholder into the real token. A request that may already be done (its budget or
+max_model_len reached by its placeholders) is not scheduled again, and the outputs of a step
+that was in flight when its request finished, was aborted or was preempted are discarded.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class Scheduler:
         self.max_num_seqs: int = scheduler_config.max_num_seqs
         self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
         self.max_model_len: int = scheduler_config.max_model_len
+        # Duck-typed configs (tests) without the field schedule synchronously.
+        self.async_scheduling: bool = getattr(scheduler_config, "async_scheduling", False)
         self.block_size: int = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(
             num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching
@@ -137,9 +146,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            if num_new <= 0:
-                # Its last sampled token has not been appended yet; nothing to compute.
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, token_budget)
+            if num_new <= 0 or self._may_be_done(request):
+                # Its last sampled token has not been appended yet, or a step in flight may
+                # end it: nothing to compute now.
                 index += 1
                 continue
             while (new_block_ids := kv.allocate_slots(request, num_new)) is None:
@@ -189,7 +199,11 @@ class Scheduler:
             token_budget -= num_new
 
         for req_id, num_tokens in num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += num_tokens
+            request = self.requests[req_id]
+            request.num_computed_tokens += num_tokens
+            if self.async_scheduling and request.num_computed_tokens == request.num_tokens_with_placeholders:
+                # It samples this step; its token is known to the host only after the step.
+                request.num_output_placeholders += 1
         total = self.max_num_batched_tokens - token_budget
         assert len(num_scheduled_tokens) <= self.max_num_seqs and total >= 0
         return SchedulerOutput(
@@ -209,13 +223,22 @@ class Scheduler:
         kv = self.kv_cache_manager
         outputs: list[EngineCoreOutput] = []
         stopped: set[str] = set()
-        for req_id in scheduler_output.num_scheduled_tokens:
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        # Where each request's tokens ended in THIS step (later steps may be in flight).
+        computed_after_step = {new.req_id: new.num_computed_tokens + num_scheduled[new.req_id]
+                               for new in scheduler_output.scheduled_new_reqs}
+        for cached in scheduler_output.scheduled_cached_reqs:
+            computed_after_step[cached.req_id] = cached.num_computed_tokens + num_scheduled[cached.req_id]
+        for req_id in num_scheduled:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished or preempted since the step was scheduled
             # Before appending: the blocks filled by this step hold only known, computed tokens.
-            kv.cache_full_blocks(request, request.num_computed_tokens)
+            kv.cache_full_blocks(request, min(computed_after_step[req_id], request.num_tokens))
             new_token_ids = model_runner_output.sampled_token_ids.get(req_id) or []
+            if self.async_scheduling and new_token_ids:
+                request.num_output_placeholders -= len(new_token_ids)
+                assert request.num_output_placeholders >= 0, (req_id, request.num_output_placeholders)
             status: RequestStatus | None = None
             for num_kept, token_id in enumerate(new_token_ids, start=1):
                 request.output_token_ids.append(token_id)
@@ -256,10 +279,20 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
 
+    def _may_be_done(self, request: Request) -> bool:
+        """A step in flight may already have sampled this request's last token."""
+        placeholders = request.num_output_placeholders
+        return placeholders > 0 and (
+            request.num_output_tokens + placeholders >= request.max_tokens
+            or request.num_tokens_with_placeholders >= self.max_model_len
+        )
+
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        # The token of a step in flight is discarded and sampled again after the recompute.
+        request.num_output_placeholders = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -6,8 +6,10 @@ Processes are spawned, never forked, so a parent that has touched CUDA cannot br
 imports the user's main module in each child: a script must create its LLM under
 `if __name__ == "__main__":`.
 
-An RPC is `(method, args, kwargs, reply_rank)`, pickled once and sent to every rank; each rank
-answers `("ok", result)` or `("error", exception, traceback text)`. While waiting, the engine
+An RPC is `(call_id, method, args, kwargs, reply_rank)`, pickled once and written once into a
+shared-memory ring that every rank reads (shm_broadcast.py; a payload too large for a slot goes
+over each rank's pipe instead); each rank answers over its pipe `(call_id, "ok", result)` or
+`(call_id, "error", exception, traceback text)`. While waiting, the engine
 also watches every process's sentinel, so a rank that dies (killed, out of memory, a crash in
 native code) becomes a `WorkerDiedError` at once instead of a hang, and the other ranks, which
 may be blocked in a collective waiting for it, are stopped.
@@ -28,24 +30,17 @@ import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, NoReturn
+from collections.abc import Collection
+from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.base import (
-    Executor,
-    RemoteTraceback,
-    WorkerDiedError,
-    describe_exit_code,
-    get_open_port,
-)
+from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, get_open_port
+from pagedllm.executor.shm_broadcast import GPU_SPIN_S, ShmBroadcast
 
 logger = logging.getLogger(__name__)
 
 _SHUTDOWN = "__shutdown__"
-# Once one rank has raised, how long the others get to answer before they are presumed stuck
-# in a collective that the failed rank never joined, and are stopped.
-_FAILURE_GRACE_S = 10.0
 # How long a rank gets to leave on its own at shutdown before it is terminated.
 _SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -64,19 +59,19 @@ class MultiprocExecutor(Executor):
         context = multiprocessing.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{get_open_port()}"
         self._workers: list[_WorkerProcess] = []
-        self._failure: str | None = None
         # Numbers each call, so answers to a call the engine stopped waiting for (Ctrl-C)
         # are recognised and dropped instead of being taken for the next call's.
         self._call_id = 0
         # The finalizer holds the list, not the executor, so dropping the executor (or the
         # interpreter exiting) still stops the processes.
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, True)
+        self._broadcast = ShmBroadcast(world_size)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, True, self._broadcast)
         start = time.perf_counter()
         for rank in range(world_size):
             parent_conn, child_conn = context.Pipe(duplex=True)
             process = context.Process(
                 target=_worker_main,
-                args=(engine_config, rank, rank, init_method, child_conn),
+                args=(engine_config, rank, rank, init_method, child_conn, self._broadcast.handle()),
                 name=f"pagedllm-worker-rank-{rank}",
                 daemon=True,
             )
@@ -110,87 +105,61 @@ class MultiprocExecutor(Executor):
         self._finalizer()
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], reply_rank: int | None) -> list[Any]:
-        if self._failure is not None:
-            raise RuntimeError(f"The workers were stopped after an earlier failure ({self._failure}); create a new LLM.")
-        if not self._finalizer.alive:
-            raise RuntimeError("The executor was shut down.")
+        self._check_usable()
         self._call_id += 1
         payload = pickle.dumps((self._call_id, method, args, kwargs, reply_rank), protocol=pickle.HIGHEST_PROTOCOL)
-        for worker in self._workers:
+        try:
+            sent = self._broadcast.write(payload, lambda: all(w.process.is_alive() for w in self._workers))
+        except RuntimeError:
+            sent = False  # a rank died; the wait below reports which
+        for worker in self._workers if not sent else ():
             try:
                 worker.conn.send_bytes(payload)
             except OSError:  # the pipe broke: the process is gone
-                self._raise_died(worker, method)
-        return self._collect(method)
+                self._raise_died(worker.rank, method, self._how_it_died(worker))
+        return self._wait_with_grace(len(self._workers), method, self._wait)
 
-    def _collect(self, method: str) -> list[Any]:
-        results: list[Any] = [None] * len(self._workers)
-        errors: dict[int, tuple[BaseException, str]] = {}
-        pending = {worker.rank: worker for worker in self._workers}
-        deadline: float | None = None
-        while pending:
-            waitables: list[Any] = [w.conn for w in pending.values()]
-            waitables += [w.process.sentinel for w in pending.values()]
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = multiprocessing.connection.wait(waitables, timeout)
+    def _wait(self, pending: Collection[int], timeout: float | None) -> list[RankEvent]:
+        """Answers and deaths among the pending ranks; [] once `timeout` has passed."""
+        workers = [self._workers[rank] for rank in pending]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waitables: list[Any] = [w.conn for w in workers] + [w.process.sentinel for w in workers]
+            ready = multiprocessing.connection.wait(waitables, remaining)
             if not ready:
-                break  # the grace after an error ran out
-            for worker in list(pending.values()):
+                return []
+            events = []
+            for worker in workers:
                 # A rank may have answered and then exited: read its answer first.
                 if worker.conn in ready or worker.conn.poll():
                     try:
-                        reply = pickle.loads(worker.conn.recv_bytes())
+                        call_id, status, *value = pickle.loads(worker.conn.recv_bytes())
                     except (EOFError, OSError):
-                        self._raise_died(worker, method)
-                    call_id, status, *value = reply
+                        events.append(RankEvent(worker.rank, "died", self._how_it_died(worker)))
+                        continue
                     if call_id != self._call_id:
                         continue  # an answer to an interrupted earlier call
-                    del pending[worker.rank]
-                    if status == "ok":
-                        results[worker.rank] = value[0]
-                    else:
-                        errors[worker.rank] = (value[0], value[1])
-                        if deadline is None:
-                            deadline = time.monotonic() + _FAILURE_GRACE_S
+                    events.append(RankEvent(worker.rank, "ok" if status == "ok" else "error", *value))
                 elif worker.process.sentinel in ready:
-                    self._raise_died(worker, method)
-        if errors:
-            rank = min(errors)
-            error, remote_traceback = errors[rank]
-            if pending:
-                # The ranks still running are most likely blocked in a collective the failed
-                # rank never reached: they cannot be reused.
-                stuck = sorted(pending)
-                self._fail(f"rank {rank} raised {type(error).__name__} in {method}")
-                _add_note(error, f"Worker ranks {stuck} did not finish {method} within {_FAILURE_GRACE_S:.0f} s and were stopped.")
-            _add_note(error, f"Raised by worker rank {rank} in {method}.")
-            raise error from RemoteTraceback(remote_traceback)
-        return results
+                    events.append(RankEvent(worker.rank, "died", self._how_it_died(worker)))
+            if events:
+                return events
 
-    def _raise_died(self, worker: _WorkerProcess, method: str) -> NoReturn:
+    @staticmethod
+    def _how_it_died(worker: _WorkerProcess) -> str:
         worker.process.join(timeout=1.0)
-        how = describe_exit_code(worker.process.exitcode)
-        message = f"Worker rank {worker.rank} (pid {worker.process.pid}) died with {how} during {method}"
-        self._fail(message)
-        hint = ""
-        if method == "init_device":
-            hint = (
-                " If this happened while a script started, create the LLM under "
-                "`if __name__ == '__main__':` (workers are spawned processes that import the "
-                "main module)."
-            )
-        raise WorkerDiedError(
-            f"{message}; the other workers were stopped. Look above for the worker's own error "
-            f"(signal SIGKILL often means the out-of-memory killer).{hint}"
-        )
+        return f"(pid {worker.process.pid}) died with {describe_exit_code(worker.process.exitcode)}"
 
-    def _fail(self, reason: str) -> None:
-        self._failure = reason
-        _stop_workers(self._workers, False)
+    def _is_shut_down(self) -> bool:
+        return not self._finalizer.alive
+
+    def _stop_workers_now(self) -> None:
+        _stop_workers(self._workers, False, self._broadcast)
         self._finalizer.detach()
 
 
-def _stop_workers(workers: list[_WorkerProcess], graceful: bool) -> None:
+def _stop_workers(workers: list[_WorkerProcess], graceful: bool, broadcast: ShmBroadcast) -> None:
     """Ask each rank to leave, then terminate and finally kill those that did not; every
     process is joined, so none is left behind. Safe to call more than once."""
     if graceful:
@@ -212,9 +181,13 @@ def _stop_workers(workers: list[_WorkerProcess], graceful: bool) -> None:
             worker.process.join(timeout=2.0)
     for worker in workers:
         worker.conn.close()
+    broadcast.close(unlink=True)
 
 
-def _worker_main(engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, conn: Connection) -> None:
+def _worker_main(
+    engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, conn: Connection,
+    broadcast_handle: tuple[str, int, int, int],
+) -> None:
     """The body of each worker process: answer RPCs until told to stop or the engine is gone."""
     # Ctrl-C reaches the whole process group; the engine decides what happens and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -222,10 +195,12 @@ def _worker_main(engine_config: EngineConfig, rank: int, local_rank: int, init_m
     from pagedllm.worker.worker import Worker
 
     worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
+    spin_s = GPU_SPIN_S if engine_config.device_config.device.type == "cuda" else 0.0
+    broadcast = ShmBroadcast.attach(broadcast_handle, rank, spin_s)
     try:
         while True:
             try:
-                message = conn.recv_bytes()
+                message = _next_message(broadcast, conn)
             except (EOFError, OSError):
                 break  # the engine's end closed
             call_id, method, args, kwargs, reply_rank = pickle.loads(message)
@@ -243,6 +218,25 @@ def _worker_main(engine_config: EngineConfig, rank: int, local_rank: int, init_m
     finally:
         worker.shutdown()
         conn.close()
+        broadcast.close()
+
+
+def _next_message(broadcast: ShmBroadcast, conn: Connection) -> bytes:
+    """The next call, from the shared-memory ring, or from the pipe when the ring says so or
+    when the pipe carries a message the ring does not announce (shutdown)."""
+    sleep_s = 0.0
+    while True:
+        message = broadcast.poll()
+        if message is None and conn.poll():
+            # The writer publishes a pipe marker before sending on the pipe: look again.
+            message = broadcast.poll()
+            if message is None:
+                return conn.recv_bytes()
+        if message is True:
+            return conn.recv_bytes()
+        if isinstance(message, bytes):
+            return message
+        sleep_s = broadcast.wait_sleep(sleep_s)
 
 
 def _exit_with_parent() -> None:
@@ -266,8 +260,3 @@ def _picklable(error: BaseException) -> BaseException:
         return error
     except Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-def _add_note(error: BaseException, note: str) -> None:
-    if hasattr(error, "add_note"):  # Python 3.11+
-        error.add_note(note)

@@ -16,18 +16,17 @@ import time
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from collections.abc import Collection
+from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.base import Executor, RemoteTraceback, WorkerDiedError, get_open_port
+from pagedllm.executor.base import Executor, RankEvent, get_open_port
 
 logger = logging.getLogger(__name__)
 
 # How long start-up waits for the cluster to offer one bundle per rank.
 _PLACEMENT_TIMEOUT_S = 120.0
-# Once one rank has raised, how long the others get before they are presumed stuck.
-_FAILURE_GRACE_S = 10.0
 
 
 class RayWorkerWrapper:
@@ -94,7 +93,6 @@ class RayExecutor(Executor):
         bundle = {"GPU": 1.0} if use_gpu else {"CPU": 1.0}
         self._placement_group = placement_group([bundle] * world_size, strategy="PACK")
         self._actors: list[_Actor] = []
-        self._failure: str | None = None
         self._finalizer = weakref.finalize(self, _stop_actors, self._actors, self._placement_group)
         try:
             ray.get(self._placement_group.ready(), timeout=_PLACEMENT_TIMEOUT_S)
@@ -175,61 +173,35 @@ class RayExecutor(Executor):
     def shutdown(self) -> None:
         self._finalizer()
 
-    def _check_usable(self) -> None:
-        if self._failure is not None:
-            raise RuntimeError(f"The workers were stopped after an earlier failure ({self._failure}); create a new LLM.")
-        if not self._finalizer.alive:
-            raise RuntimeError("The executor was shut down.")
-
     def _get(self, refs: list[Any], method: str) -> list[Any]:
-        """Results in rank order. A dead actor ends the wait at once; after a rank raises, the
-        others get a short grace (they may be blocked in a collective it never joined), and a
-        death among them wins, since their errors are its consequence."""
+        """Results in rank order, under the executors' shared failure policy."""
         import ray
 
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(refs)
-        errors: dict[int, Any] = {}
-        pending = list(refs)
-        deadline: float | None = None
-        while pending:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
-            if not ready:
-                break  # the grace after an error ran out
+
+        def wait(pending: Collection[int], timeout: float | None) -> list[RankEvent]:
+            ready, _ = ray.wait([refs[rank] for rank in pending], num_returns=1, timeout=timeout)
+            events = []
             for ref in ready:
                 rank = rank_of[ref]
                 try:
-                    results[rank] = ray.get(ref)
+                    events.append(RankEvent(rank, "ok", ray.get(ref)))
                 except ray.exceptions.RayActorError as error:
-                    self._raise_died(rank, method, error)
+                    pid = self._actors[rank].pid if rank < len(self._actors) else "?"
+                    events.append(RankEvent(rank, "died", f"(Ray actor, pid {pid}) died", f" Ray says: {error}"))
                 except ray.exceptions.RayTaskError as error:
-                    errors[rank] = error
-                    if deadline is None:
-                        deadline = time.monotonic() + _FAILURE_GRACE_S
-        if errors:
-            if pending:
-                self._fail(f"rank {min(errors)} raised in {method}")
-            self._raise_task_error(min(errors), method, errors[min(errors)])
-        return results
+                    cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
+                    if cause is None:
+                        cause = RuntimeError(f"Worker rank {rank} failed in {method}: {error}")
+                    events.append(RankEvent(rank, "error", cause, str(error)))
+            return events
 
-    def _raise_task_error(self, rank: int, method: str, error: Any) -> NoReturn:
-        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
-        if cause is None:
-            raise RuntimeError(f"Worker rank {rank} failed in {method}: {error}") from None
-        if hasattr(cause, "add_note"):
-            cause.add_note(f"Raised by worker rank {rank} (Ray actor) in {method}.")
-        raise cause from RemoteTraceback(str(error))
+        return self._wait_with_grace(len(refs), method, wait)
 
-    def _raise_died(self, rank: int, method: str, error: Exception) -> NoReturn:
-        actor = self._actors[rank] if rank < len(self._actors) else None
-        pid = actor.pid if actor is not None else "?"
-        message = f"Worker rank {rank} (Ray actor, pid {pid}) died during {method}"
-        self._fail(message)
-        raise WorkerDiedError(f"{message}; the other workers were stopped. Ray says: {error}") from None
+    def _is_shut_down(self) -> bool:
+        return not self._finalizer.alive
 
-    def _fail(self, reason: str) -> None:
-        self._failure = reason
+    def _stop_workers_now(self) -> None:
         self._finalizer()
 
 

@@ -1,4 +1,5 @@
-"""The worker's copy of each running request, and the step's input tensors built from it."""
+"""The worker's copy of the running requests (a persistent batch of per-row arrays), and each
+step's input tensors gathered from it."""
 
 from __future__ import annotations
 
@@ -12,17 +13,125 @@ from pagedllm.engine.scheduler_output import SchedulerOutput
 from pagedllm.forward_context import AttentionMetadata
 
 
-@dataclass(slots=True)
-class CachedRequestState:
-    req_id: str
-    token_ids: list[int]
-    """Prompt, then every output token: the worker appends what it samples."""
-    num_prompt_tokens: int
-    sampling_params: SamplingParams
-    block_ids: list[int]
-    generator: torch.Generator | None
-    """Set for requests with their own seed."""
-    num_computed_tokens: int
+PLACEHOLDER_TOKEN_ID = -1
+"""Stands in a worker's token list for a sampled id the host does not know yet (async
+scheduling); the step that reads it as an input takes the id from the device instead."""
+
+
+class InputBatch:
+    """The running requests' state in preallocated per-row arrays (vLLM's persistent batch),
+    updated from each SchedulerOutput's diffs: rows are added for new requests, removed (the
+    last row moved into the hole, so live rows stay 0..num_reqs-1) for finished ones, and
+    extended with new blocks and sampled tokens. A step's inputs are then gathers from these
+    arrays, whatever the batch size."""
+
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+        self.max_num_reqs = max_num_reqs
+        self.req_ids: list[str] = []
+        """Row -> request id, for rows 0..num_reqs-1."""
+        self.row_of: dict[str, int] = {}
+        self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
+        """Prompt, then output tokens (PLACEHOLDER_TOKEN_ID until the host knows them)."""
+        self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
+        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
+        self.last_sample_index = np.zeros(max_num_reqs, dtype=np.int64)
+        """Row of this request in the last step's sampled ids (where its placeholder is)."""
+        self.epoch = np.zeros(max_num_reqs, dtype=np.int64)
+        """Which admission of the request id lives in the row: a late write for an earlier
+        request with the same id is recognised and dropped."""
+        self.sampling_params: list[SamplingParams] = []
+        self.generators: list[torch.Generator | None] = []
+        """Per row: the request's own generator when it has a seed."""
+        self.seeded = np.zeros(max_num_reqs, dtype=bool)
+        self.reads_history = np.zeros(max_num_reqs, dtype=bool)
+        """The row's sampling reads its earlier token ids (penalties), not just their count."""
+        self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.version = 0
+        """Bumped whenever rows are added, removed or moved (keys cached sampling metadata)."""
+        self._num_added = 0
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+    def add(self, req_id: str, token_ids: list[int], num_prompt_tokens: int, block_ids: list[int],
+            num_computed_tokens: int, params: SamplingParams, generator: torch.Generator | None) -> None:
+        row = len(self.req_ids)
+        assert row < self.max_num_reqs and req_id not in self.row_of, (req_id, row)
+        self.req_ids.append(req_id)
+        self.row_of[req_id] = row
+        self.sampling_params.append(params)
+        self.generators.append(generator)
+        self.token_ids[row, : len(token_ids)] = token_ids
+        self.num_tokens[row] = len(token_ids)
+        self.num_prompt_tokens[row] = num_prompt_tokens
+        self.num_computed_tokens[row] = num_computed_tokens
+        self.num_blocks[row] = 0
+        self.append_blocks(row, block_ids)
+        self.seeded[row] = generator is not None
+        self.reads_history[row] = reads_token_history(params)
+        self.min_tokens[row] = params.min_tokens
+        self._num_added += 1
+        self.epoch[row] = self._num_added
+        self.version += 1
+
+    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        if block_ids:
+            start = int(self.num_blocks[row])
+            self.block_table[row, start : start + len(block_ids)] = block_ids
+            self.num_blocks[row] = start + len(block_ids)
+
+    def remove(self, req_id: str) -> None:
+        row = self.row_of.pop(req_id, None)
+        if row is None:
+            return
+        last = len(self.req_ids) - 1
+        if row != last:
+            moved = self.req_ids[last]
+            self.req_ids[row] = moved
+            self.row_of[moved] = row
+            self.sampling_params[row] = self.sampling_params[last]
+            self.generators[row] = self.generators[last]
+            num_tokens = int(self.num_tokens[last])
+            self.token_ids[row, :num_tokens] = self.token_ids[last, :num_tokens]
+            num_blocks = int(self.num_blocks[last])
+            self.block_table[row, :num_blocks] = self.block_table[last, :num_blocks]
+            for array in (self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.num_blocks,
+                          self.last_sample_index, self.epoch, self.seeded, self.reads_history, self.min_tokens):
+                array[row] = array[last]
+        self.req_ids.pop()
+        self.sampling_params.pop()
+        self.generators.pop()
+        self.version += 1
+
+    def append_placeholders(self, rows: np.ndarray) -> np.ndarray:
+        """One placeholder token per row (they sampled); returns where each was put."""
+        indices = self.num_tokens[rows].copy()
+        self.token_ids[rows, indices] = PLACEHOLDER_TOKEN_ID
+        self.num_tokens[rows] = indices + 1
+        self.last_sample_index[rows] = np.arange(len(rows))
+        return indices
+
+    def fill_placeholders(self, req_ids: list[str], epochs: np.ndarray, indices: np.ndarray, token_ids: list[int]) -> None:
+        """Writes sampled ids over their placeholders, for the requests still in the batch."""
+        for req_id, epoch, index, token_id in zip(req_ids, epochs.tolist(), indices.tolist(), token_ids):
+            row = self.row_of.get(req_id)
+            if row is not None and self.epoch[row] == epoch:
+                self.token_ids[row, index] = token_id
+
+    def prompt_ids(self, row: int) -> np.ndarray:
+        return self.token_ids[row, : self.num_prompt_tokens[row]]
+
+    def output_ids(self, row: int) -> np.ndarray:
+        return self.token_ids[row, self.num_prompt_tokens[row] : self.num_tokens[row]]
+
+
+def reads_token_history(params: SamplingParams) -> bool:
+    """Whether sampling a row reads the ids of its earlier tokens (not just their count)."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 @dataclass(slots=True)
@@ -31,11 +140,18 @@ class StepInputs:
     positions: torch.Tensor
     attn_metadata: AttentionMetadata
     req_ids: list[str]
-    query_starts: list[int]
+    rows: np.ndarray
+    """Each scheduled request's row in the InputBatch, in batch order."""
+    query_starts: np.ndarray
     """Row of each request's first token in the flat batch."""
-    query_lens: list[int]
-    start_positions: list[int]
+    query_lens: np.ndarray
+    start_positions: np.ndarray
     """Position of each request's first token this step (= its computed tokens before it)."""
+    samples: np.ndarray
+    """Indices (into req_ids) of the requests that sample this step: those whose computed
+    tokens reach their last known token (a prompt in chunks samples after its last chunk)."""
+    sample_token_rows: torch.Tensor | None
+    """On the device: the flat-batch row of each sampling request's last token."""
 
 
 class HostStager:
@@ -66,50 +182,55 @@ class HostStager:
 
 def build_step_inputs(
     scheduler_output: SchedulerOutput,
-    requests: dict[str, CachedRequestState],
+    batch: InputBatch,
     block_size: int,
     stager: HostStager,
+    previous_sampled: torch.Tensor | None = None,
 ) -> StepInputs:
-    """Flattens the scheduled tokens of every request into one batch. Per-request work is a
-    list slice; per-token values (positions, slots) are computed with array ops."""
-    req_ids = list(scheduler_output.num_scheduled_tokens)
-    query_lens = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
-    starts = [requests[r].num_computed_tokens for r in req_ids]
-    token_ids: list[int] = []
-    for req_id, start, length in zip(req_ids, starts, query_lens):
-        state = requests[req_id]
-        assert start + length <= len(state.token_ids), (req_id, start, length, len(state.token_ids))
-        token_ids.extend(state.token_ids[start : start + length])
-    num_tokens = len(token_ids)
+    """Flattens the scheduled tokens of every request into one batch with array gathers from
+    the persistent batch and one host-to-device copy. A token still unknown to the host (a
+    placeholder: the id the previous step sampled) is taken from `previous_sampled` on the
+    device, at the row the InputBatch recorded."""
+    num_scheduled = scheduler_output.num_scheduled_tokens
+    req_ids = list(num_scheduled)
+    num_reqs = len(req_ids)
+    row_of = batch.row_of
+    rows = np.fromiter((row_of[r] for r in req_ids), dtype=np.int64, count=num_reqs)
+    query_lens = np.fromiter(num_scheduled.values(), dtype=np.int64, count=num_reqs)
+    starts = batch.num_computed_tokens[rows]
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    request_index = np.repeat(np.arange(num_reqs), query_lens)
+    positions = np.repeat(starts - query_start_loc[:-1], query_lens) + np.arange(num_tokens)
+    seq_lens = starts + query_lens
+    assert (seq_lens <= batch.num_tokens[rows]).all(), "scheduled past a request's known tokens"
+    token_rows = rows[request_index]
+    input_ids = batch.token_ids[token_rows, positions].astype(np.int64)
 
-    query_lens_np = np.asarray(query_lens, dtype=np.int64)
-    starts_np = np.asarray(starts, dtype=np.int64)
-    query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int64)
-    np.cumsum(query_lens_np, out=query_start_loc[1:])
-    request_index = np.repeat(np.arange(len(req_ids)), query_lens_np)
-    positions = np.repeat(starts_np - query_start_loc[:-1], query_lens_np) + np.arange(num_tokens)
-    seq_lens = starts_np + query_lens_np
-
-    max_blocks = max((len(requests[r].block_ids) for r in req_ids), default=1) or 1
-    block_table = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
-    for row, req_id in enumerate(req_ids):
-        blocks = requests[req_id].block_ids
-        block_table[row, : len(blocks)] = blocks
+    max_blocks = max(int(batch.num_blocks[rows].max(initial=1)), 1)
+    block_table = batch.block_table[rows, :max_blocks]
     block_of_token = block_table[request_index, positions // block_size].astype(np.int64)
     slot_mapping = block_of_token * block_size + positions % block_size
-    input_ids = np.asarray(token_ids, dtype=np.int64)
 
+    fill_rows = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
+    source_rows = batch.last_sample_index[token_rows[fill_rows]]
+    samples = np.flatnonzero(seq_lens == batch.num_tokens[rows])
+    sample_token_rows = query_start_loc[1:][samples] - 1
     # One host-to-device copy for every per-step array, split into views on the device.
-    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel()]
+    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel(), fill_rows,
+             source_rows, sample_token_rows]
     packed = stager.to_device(np.concatenate(parts).astype(np.int64, copy=False))
-    (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table) = torch.split(
-        packed, [len(part) for part in parts]
-    )
+    (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table,
+     dev_fill_rows, dev_source_rows, dev_sample_token_rows) = torch.split(packed, [len(part) for part in parts])
+    if len(fill_rows):
+        assert previous_sampled is not None, "a placeholder token with no step in flight"
+        dev_input_ids.index_copy_(0, dev_fill_rows, previous_sampled.index_select(0, dev_source_rows))
     attn_metadata = AttentionMetadata(
         num_actual_tokens=num_tokens,
-        num_reqs=len(req_ids),
-        max_query_len=max(query_lens, default=0),
-        max_seq_len=int(seq_lens.max()) if len(req_ids) else 0,
+        num_reqs=num_reqs,
+        max_query_len=int(query_lens.max(initial=0)),
+        max_seq_len=int(seq_lens.max(initial=0)),
         query_start_loc=dev_query_start_loc.to(torch.int32),
         seq_lens=dev_seq_lens.to(torch.int32),
         block_table=dev_block_table.view(block_table.shape).to(torch.int32),
@@ -122,9 +243,12 @@ def build_step_inputs(
         positions=dev_positions,
         attn_metadata=attn_metadata,
         req_ids=req_ids,
-        query_starts=query_start_loc[:-1].tolist(),
+        rows=rows,
+        query_starts=query_start_loc[:-1],
         query_lens=query_lens,
         start_positions=starts,
+        samples=samples,
+        sample_token_rows=dev_sample_token_rows,
     )
 
 
@@ -156,7 +280,10 @@ def build_profile_inputs(num_tokens: int, max_model_len: int, device: torch.devi
         positions=torch.from_numpy(positions).to(device),
         attn_metadata=attn_metadata,
         req_ids=[],
-        query_starts=query_start_loc[:-1].tolist(),
-        query_lens=query_lens,
-        start_positions=[0] * len(query_lens),
+        rows=np.zeros(0, dtype=np.int64),
+        query_starts=query_start_loc[:-1],
+        query_lens=np.asarray(query_lens, dtype=np.int64),
+        start_positions=np.zeros(len(query_lens), dtype=np.int64),
+        samples=np.zeros(0, dtype=np.int64),
+        sample_token_rows=None,
     )

@@ -5,25 +5,33 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.sampling_params import SamplingParams
-from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from pagedllm.engine.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.attention.kv_cache_spec import KVCacheSpec
 from pagedllm.layers.attention.layer import Attention
-from pagedllm.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, to_token_logprobs
+from pagedllm.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
 from pagedllm.model_loader.loaders import get_model
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
 from pagedllm.worker.input_batch import (
-    CachedRequestState,
     HostStager,
+    InputBatch,
     StepInputs,
     build_profile_inputs,
     build_step_inputs,
 )
+from pagedllm.worker.step_output import InFlightStep
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +45,12 @@ class ModelRunner:
         self.vocab_size = self.model_config.vocab_size
         # Learned from the requests: the engine resolves EOS from the tokenizer.
         self.eos_token_id: int | None = None
-        self.requests: dict[str, CachedRequestState] = {}
+        scheduler_config = engine_config.scheduler_config
+        max_model_len = self.model_config.max_model_len
+        self.input_batch = InputBatch(
+            scheduler_config.max_num_seqs, max_model_len, -(-max_model_len // self.block_size)
+        )
+        self._cached_metadata: tuple[tuple[int, bytes], SamplingMetadata] | None = None
         self.sampler = Sampler()
         self.stager = HostStager(device)
         self.default_generator = torch.Generator(device=device)
@@ -50,6 +63,9 @@ class ModelRunner:
         self.attention_layers: list[Attention] = []
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CUDAGraphRunner | None = None
+        self.async_scheduling = engine_config.scheduler_config.async_scheduling
+        self._in_flight: InFlightStep | None = None
+        """The last step run, whose sampled ids may not have reached the host yet."""
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
@@ -88,6 +104,35 @@ class ModelRunner:
         return self.cuda_graphs.graph_memory_bytes
 
     @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Runs two small dummy steps over KV blocks 0-2 (a prefill of 17 tokens, then a
+        decode mixed with a 15-token prefill, with random sampling) so that the Triton kernels
+        the first real steps use (paged prefill, cache writes, sampling) compile during
+        start-up, not in the user's first generate. The blocks keep garbage, which every real
+        request overwrites before reading (prefix-cache entries only come from real steps)."""
+        if self.device.type == "cuda":
+            self.run_dummy_steps()
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def run_dummy_steps(self) -> None:
+        if not self.kv_caches or self.kv_caches[0].shape[1] < 3:
+            return
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=2, ignore_eos=True)
+        first, second = "__pagedllm_warm_up_0__", "__pagedllm_warm_up_1__"
+
+        def new(req_id: str, num_tokens: int, block_ids: list[int]) -> NewRequestData:
+            return NewRequestData(req_id, [0] * num_tokens, num_tokens, params, block_ids, 0, self.eos_token_id)
+
+        self.execute_model(SchedulerOutput([new(first, 17, [0, 1])], [], {first: 17}, 17))
+        self.execute_model(SchedulerOutput(
+            [new(second, 15, [2])], [CachedRequestData(first, [], 17)], {first: 1, second: 15}, 16
+        ))
+        self.execute_model(SchedulerOutput([], [], {}, 0, finished_req_ids={first, second}))
+        self._in_flight = None
+        self._cached_metadata = None
+
+    @torch.inference_mode()
     def profile_run(self) -> None:
         """One forward at the largest step (max_num_batched_tokens) and the sampler at
         max_num_seqs rows, before the KV cache exists, so peak activation memory is seen."""
@@ -115,58 +160,50 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Runs one step. With async scheduling it returns the output of the step before
+        (empty on the first), read only once this step's work is queued on the device;
+        without, this step's own output."""
         self._update_states(scheduler_output)
+        previous = self._in_flight
         if scheduler_output.is_empty:
-            return ModelRunnerOutput(sampled_token_ids={})
-        inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.stager)
+            self._in_flight = None
+            return previous.resolve() if previous is not None else ModelRunnerOutput(sampled_token_ids={})
+        batch = self.input_batch
+        previous_sampled = previous.device_sampled if previous is not None else None
+        inputs = build_step_inputs(scheduler_output, batch, self.block_size, self.stager, previous_sampled)
         hidden_states = self._forward(inputs)
 
-        sample_rows, sample_req_ids = [], []
-        for req_id, start, query_start, query_len in zip(
-            inputs.req_ids, inputs.start_positions, inputs.query_starts, inputs.query_lens
-        ):
-            state = self.requests[req_id]
-            state.num_computed_tokens = start + query_len
-            # A request samples once it has caught up with every token it knows; a prompt
-            # prefilled in chunks samples only after its last chunk.
-            if state.num_computed_tokens == len(state.token_ids):
-                sample_rows.append(query_start + query_len - 1)
-                sample_req_ids.append(req_id)
-
+        batch.num_computed_tokens[inputs.rows] = inputs.start_positions + inputs.query_lens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in inputs.req_ids})
         output.prompt_logprobs = self._prompt_logprobs(inputs, hidden_states)
-        if sample_req_ids:
-            if len(sample_req_ids) == len(inputs.req_ids):
-                # Every request samples (the usual case): its last row is query_start_loc - 1,
-                # already on the device, so no host list is copied (which would wait for the
-                # forward to finish before the sampler's work could be queued).
-                rows = inputs.attn_metadata.query_start_loc[1:].long() - 1
-            else:
-                rows = torch.tensor(sample_rows, device=self.device)
-            self._sample(hidden_states[rows], sample_req_ids, output)
-        return output
+        step = InFlightStep(output=output)
+        if len(inputs.samples):
+            # The sampling rows came to the device with the step's inputs: no host list is
+            # copied here (which would wait for the forward before the sampler is queued).
+            assert inputs.sample_token_rows is not None
+            last_hidden_states = hidden_states[inputs.sample_token_rows]
+            step = self._sample(last_hidden_states, inputs.rows[inputs.samples], output, previous)
+        self._in_flight = step
+        if not self.async_scheduling:
+            self._in_flight = None
+            return step.resolve()
+        return previous.resolve() if previous is not None else ModelRunnerOutput(sampled_token_ids={})
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        batch = self.input_batch
         for req_id in scheduler_output.finished_req_ids:
-            self.requests.pop(req_id, None)
+            batch.remove(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             self.eos_token_id = new.eos_token_id
             generator = None
             if new.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device)
-            self.requests[new.req_id] = CachedRequestState(
-                req_id=new.req_id,
-                token_ids=list(new.token_ids),
-                num_prompt_tokens=new.num_prompt_tokens,
-                sampling_params=new.sampling_params,
-                block_ids=list(new.block_ids),
-                generator=generator,
-                num_computed_tokens=new.num_computed_tokens,
-            )
+            batch.add(new.req_id, new.token_ids, new.num_prompt_tokens, new.block_ids,
+                      new.num_computed_tokens, new.sampling_params, generator)
         for cached in scheduler_output.scheduled_cached_reqs:
-            state = self.requests[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            row = batch.row_of[cached.req_id]
+            batch.append_blocks(row, cached.new_block_ids)
+            batch.num_computed_tokens[row] = cached.num_computed_tokens
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         assert self.model is not None, "load_model() first"
@@ -181,59 +218,73 @@ class ModelRunner:
         assert self.model is not None
         return self.model.compute_logits(hidden_states).float()
 
-    def _sample(self, last_hidden_states: torch.Tensor, req_ids: list[str], output: ModelRunnerOutput) -> None:
+    def _sample(
+        self, last_hidden_states: torch.Tensor, rows: np.ndarray, output: ModelRunnerOutput,
+        previous: InFlightStep | None,
+    ) -> InFlightStep:
         logits = self._compute_logits(last_hidden_states)
-        states = [self.requests[req_id] for req_id in req_ids]
-        for state in states:
-            if state.generator is not None:
-                # Seeding by (seed, output length) makes a seeded request's samples independent
-                # of batch composition and of preemption (a resumed request gets no replay).
-                num_output = len(state.token_ids) - state.num_prompt_tokens
-                state.generator.manual_seed(_step_seed(state.sampling_params.seed, num_output))
+        batch = self.input_batch
+        reads_history = bool(batch.reads_history[rows].any())
+        if previous is not None and reads_history:
+            # These rows read their earlier tokens on the host: wait for the step before
+            # (already queued ahead of this one, so the device stays busy meanwhile).
+            previous.resolve()
+        output_lens = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+        for row, num_output in zip(rows[batch.seeded[rows]].tolist(), output_lens[batch.seeded[rows]].tolist()):
+            # Seeding by (seed, output length) makes a seeded request's samples independent
+            # of batch composition and of preemption (a resumed request gets no replay).
+            generator = batch.generators[row]
+            assert generator is not None
+            generator.manual_seed(_step_seed(batch.sampling_params[row].seed, num_output))
+        # Reused while the same rows sample and no row's metadata depends on its tokens so far
+        # (penalties, an unmet min_tokens): then this step does no per-request work here.
+        per_step = reads_history or bool((batch.min_tokens[rows] > output_lens).any())
+        key = (batch.version, rows.tobytes())
+        if not per_step and self._cached_metadata is not None and self._cached_metadata[0] == key:
+            metadata = self._cached_metadata[1]
+        else:
+            metadata = self._build_sampling_metadata(rows)
+            self._cached_metadata = None if per_step else (key, metadata)
+        sampler_output = self.sampler(logits, metadata)
+        return InFlightStep.start(output, batch, rows, sampler_output.sampled_token_ids, sampler_output.logprobs)
+
+    def _build_sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+        batch = self.input_batch
+        params = [batch.sampling_params[row] for row in rows.tolist()]
         # Token histories are copied only for rows that read them (penalties, min_tokens):
         # copying every row's context each step would cost O(batch x context) per token.
         prompt_ids, output_ids = [], []
-        for state in states:
-            params = state.sampling_params
-            penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-            prompt_ids.append(state.token_ids[: state.num_prompt_tokens] if penalized else ())
-            counts_output = penalized or params.min_tokens > 0
-            output_ids.append(state.token_ids[state.num_prompt_tokens :] if counts_output else ())
-        metadata = SamplingMetadata.build(
-            params=[s.sampling_params for s in states],
+        for row, p in zip(rows.tolist(), params):
+            history = bool(batch.reads_history[row])
+            prompt_ids.append(batch.prompt_ids(row).tolist() if history else ())
+            output_ids.append(batch.output_ids(row).tolist() if history or p.min_tokens > 0 else ())
+        return SamplingMetadata.build(
+            params=params,
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
-            generators=[s.generator for s in states],
+            generators=[batch.generators[row] for row in rows.tolist()],
             default_generator=self.default_generator,
             eos_token_id=self.eos_token_id,
             vocab_size=self.vocab_size,
             device=self.device,
         )
-        sampler_output = self.sampler(logits, metadata)
-        sampled = sampler_output.sampled_token_ids.tolist()
-        for state, token_id in zip(states, sampled):
-            state.token_ids.append(token_id)
-            output.sampled_token_ids[state.req_id] = [token_id]
-        if sampler_output.logprobs is not None:
-            per_row = to_token_logprobs(sampler_output.logprobs)
-            for row, state in enumerate(states):
-                if state.sampling_params.logprobs is not None:
-                    output.logprobs[state.req_id] = _row_logprobs(per_row, row, state.sampling_params.logprobs)
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden_states: torch.Tensor) -> dict[str, TokenLogprobs]:
         """Logprobs of the prompt tokens this step's positions predict: the logits at position
         p score prompt token p + 1."""
         results: dict[str, TokenLogprobs] = {}
-        for req_id, start, query_start, query_len in zip(
-            inputs.req_ids, inputs.start_positions, inputs.query_starts, inputs.query_lens
-        ):
-            state = self.requests[req_id]
-            num_logprobs = state.sampling_params.prompt_logprobs
-            end = min(start + query_len, state.num_prompt_tokens - 1)
-            if num_logprobs is None or start >= end:
+        batch = self.input_batch
+        for index, row in enumerate(inputs.rows.tolist()):
+            num_logprobs = batch.sampling_params[row].prompt_logprobs
+            if num_logprobs is None:
                 continue
+            start, query_start = int(inputs.start_positions[index]), int(inputs.query_starts[index])
+            end = min(start + int(inputs.query_lens[index]), int(batch.num_prompt_tokens[row]) - 1)
+            if start >= end:
+                continue
+            req_id = inputs.req_ids[index]
             rows = hidden_states[query_start : query_start + end - start]
-            targets = torch.tensor(state.token_ids[start + 1 : end + 1], device=self.device)
+            targets = torch.from_numpy(batch.token_ids[row, start + 1 : end + 1].astype(np.int64)).to(self.device)
             results[req_id] = compute_prompt_logprobs(self._compute_logits(rows), targets, num_logprobs)
         return results
 
@@ -242,19 +293,9 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.kv_cache = None
         self.kv_caches = []
-        self.requests.clear()
+        self.input_batch = InputBatch(0, 0, 0)
+        self._in_flight = None
 
 
 def _step_seed(seed: int | None, num_output_tokens: int) -> int:
     return ((seed or 0) * 1_000_003 + num_output_tokens * 0x9E3779B9) % (1 << 63)
-
-
-def _row_logprobs(per_row: TokenLogprobs, row: int, num_logprobs: int) -> TokenLogprobs:
-    """One request's slice of a batched TokenLogprobs, trimmed to the top-k it asked for
-    (the chosen token first)."""
-    keep = None if num_logprobs == -1 else num_logprobs + 1
-    return TokenLogprobs(
-        token_ids=[per_row.token_ids[row][:keep]],
-        logprobs=[per_row.logprobs[row][:keep]],
-        ranks=[per_row.ranks[row]],
-    )

@@ -9,7 +9,12 @@ import torch
 import torch.distributed as dist
 
 from pagedllm.config import EngineConfig
-from pagedllm.distributed.parallel_state import destroy_distributed, get_tp_group, init_distributed
+from pagedllm.distributed.parallel_state import (
+    destroy_distributed,
+    get_tp_group,
+    init_custom_all_reduce,
+    init_distributed,
+)
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.model_loader.loaders import model_weight_bytes
 from pagedllm.worker import memory_profiler
@@ -62,6 +67,7 @@ class Worker:
                 # containers lack, where NCCL then fails or wedges the GPUs; at inference
                 # message sizes it gains little. A value the user set is kept.
                 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+                os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
             init_distributed(
                 self.world_size, self.rank, "nccl" if self.device.type == "cuda" else "gloo",
                 self.distributed_init_method, self.local_rank,
@@ -69,6 +75,7 @@ class Worker:
             # NCCL builds its communicator at the first collective; do it now, so it is not
             # first met inside a CUDA graph capture, and a broken link fails at start-up.
             dist.all_reduce(torch.zeros(1, device=self.device), group=get_tp_group())
+            init_custom_all_reduce(self.device, self.config.parallel_config.disable_custom_all_reduce)
         seed = self.config.model_config.seed
         if seed is not None:
             torch.manual_seed(seed)
@@ -131,8 +138,10 @@ class Worker:
         self._runner().initialize_kv_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
-        """Captures the decode CUDA graphs (nothing to do on CPU or with enforce_eager)."""
+        """Captures the decode CUDA graphs (nothing to do on CPU or with enforce_eager), then
+        runs dummy steps so the first generate compiles no Triton kernel."""
         graph_bytes = self._runner().capture_cuda_graphs()
+        self._runner().warm_up_kernels()
         if graph_bytes:
             logger.info(
                 "CUDA graphs took %s (%s was reserved for them).",
