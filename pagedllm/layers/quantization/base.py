@@ -145,7 +145,7 @@ FUSED_LAYER_PARTS: Mapping[str, Sequence[str]] = {
 }
 
 
-def _name_matches(name: str, entry: str) -> bool:
+def name_matches(name: str, entry: str) -> bool:
     """A quantization config's layer entry: "re:<regex>" (matched from the start, as
     compressed-tensors does), an exact name, or a module name ("lm_head") ending the name."""
     if entry.startswith("re:"):
@@ -167,8 +167,8 @@ def is_layer_ignored(prefix: str, ignore: Sequence[str]) -> bool:
     is ignored when all its parts are; some but not all is a ValueError (one layer holds one
     scheme)."""
     names = checkpoint_names_of(prefix)
-    hits = [any(_name_matches(name, entry) for entry in ignore) for name in names]
-    if all(hits) or any(_name_matches(prefix, entry) for entry in ignore):
+    hits = [any(name_matches(name, entry) for entry in ignore) for name in names]
+    if all(hits) or any(name_matches(prefix, entry) for entry in ignore):
         return True
     if any(hits):
         raise ValueError(

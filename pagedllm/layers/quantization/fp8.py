@@ -82,7 +82,7 @@ class Fp8Config(QuantizationConfig):
         if self.weight_block_size is not None:
             return W8A8Scheme(
                 FP8_DTYPE, "block", block_size=self.weight_block_size,
-                activation_group_size=self.weight_block_size[1],
+                activation_group_size=self.weight_block_size[1], weight_scale_name="weight_scale_inv",
             )
         if not self.is_checkpoint_fp8_serialized:
             return W8A8Scheme(FP8_DTYPE, "channel", quantize_while_loading=True)

@@ -5,7 +5,8 @@ with a static per-tensor scale, per token and column group, or not at all.
 Parameters (this rank's shard; checkpoint names, so checkpoints load without renaming):
   weight            [out, in] fp8 or int8
   weight_scale      [out, 1] per channel, or one per fused shard ([num_shards]) per tensor
-  weight_scale_inv  [ceil(out/bn), ceil(in/bk)] block scales (fp8 checkpoints' name)
+  weight_scale / weight_scale_inv   [ceil(out/bn), ceil(in/bk)] block scales (the second is
+                    the name in quant_method "fp8" checkpoints)
   input_scale       one per fused shard, static activations only
   input_zero_point  one per fused shard, static asymmetric int8 activations only
 After loading, per-tensor scales of fused shards become per-channel ones (exact, unlike vLLM's
@@ -65,10 +66,8 @@ class W8A8Scheme:
     """Dynamic scales per token and group of this many columns (block fp8), else per token."""
     quantize_while_loading: bool = False
     """The checkpoint is unquantized: each weight is quantized as it loads (dynamic fp8)."""
-
-    @property
-    def weight_scale_name(self) -> str:
-        return "weight_scale_inv" if self.weight_strategy == "block" else "weight_scale"
+    weight_scale_name: str = "weight_scale"
+    """The scales' checkpoint name ("weight_scale_inv" for block-wise fp8 checkpoints)."""
 
 
 def _shard_index(layer: nn.Module, shard_id: object) -> int:

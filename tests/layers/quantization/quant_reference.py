@@ -210,3 +210,67 @@ def max_logprob_error(engine: list[dict[int, float]], reference: torch.Tensor) -
         for position, entry in enumerate(engine)
         for token, value in entry.items()
     )
+
+
+# ---- compressed-tensors checkpoints, written by the compressed-tensors package ------------
+def pack_compressed_tensors(
+    source: Path, target: Path, weights: dict, input_activations: dict | None, fmt: str,
+) -> Path:
+    """Quantizes every linear but lm_head with compressed-tensors' own lifecycle
+    (apply_quantization_config → scales calibrated here → ModelCompressor.compress_model →
+    save_pretrained → update_config), so the files are exactly what llm-compressor writes."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    input_amax = calibration_input_amax(source)
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(**weights),
+        input_activations=QuantizationArgs(**input_activations) if input_activations else None,
+    )
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme}, ignore=["lm_head"], quantization_status=QuantizationStatus.FROZEN
+    )
+    apply_quantization_config(model, config, show_progress=False)
+    qmax = FP8_MAX if weights["type"] == "float" else 127.0
+    for name, module in model.named_modules():
+        if not hasattr(module, "weight_scale"):
+            continue
+        per_channel = weights["strategy"] == "channel"
+        amax = module.weight.abs().amax(1, keepdim=True) if per_channel else module.weight.abs().max().reshape(1)
+        module.weight_scale.data = (amax / qmax).to(module.weight_scale.dtype)
+        if hasattr(module, "input_scale"):
+            module.input_scale.data = torch.tensor([input_amax[name] / qmax], dtype=module.input_scale.dtype)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(target)
+    compressor.update_config(str(target))
+    for item in source.iterdir():
+        if item.name not in ("model.safetensors", "config.json"):
+            shutil.copy(item, target / item.name)
+    return target
+
+
+def unpack_compressed_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 weights of a symmetric 8-bit compressed-tensors checkpoint."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith((".weight_scale", ".input_scale", ".input_zero_point", ".weight_zero_point")):
+            continue
+        if tensor.dtype in (FP8, torch.int8):
+            tensor = tensor.float() * tensors[name.removesuffix(".weight") + ".weight_scale"].float()
+        out[name] = tensor
+    return out
+
+
+def int8_static(input_scales: dict[str, torch.Tensor]) -> ActivationQuant:
+    def quant(x: torch.Tensor, module: str) -> torch.Tensor:
+        scale = input_scales[module].float()
+        return torch.round(x / scale).clamp(-128, 127) * scale
+    return quant
