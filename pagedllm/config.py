@@ -99,6 +99,9 @@ class CacheConfig:
     """KV cache size in bytes; overrides gpu_memory_utilization and the CPU default."""
     cpu_kv_cache_bytes: int = 4 << 30
     """KV cache size on CPU (PAGEDLLM_CPU_KVCACHE_SPACE GiB, default 4)."""
+    cache_dtype: str = "auto"
+    """KV cache element type: "auto" (the model dtype) or "fp8" (float8_e4m3fn with per-layer
+    key and value scales from the checkpoint, else 1.0)."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ attention with rope and a SiLU-gated MLP."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -202,4 +202,28 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Tied checkpoints may still carry a copy of the embedding as lm_head.weight.
         skip = ("lm_head.",) if self.tie_word_embeddings else ()
-        return load_weights_by_mapping(self, weights, self.packed_modules_mapping, skip)
+        return load_weights_by_mapping(self, _rename_kv_scales(weights), self.packed_modules_mapping, skip)
+
+
+# Checkpoint names of an fp8 KV cache's per-layer scales (compressed-tensors, ModelOpt /
+# AutoFP8, older vLLM) → the attention layer's parameters.
+_KV_SCALE_NAMES = (
+    (".self_attn.k_scale", (".self_attn.attn.k_scale",)),
+    (".self_attn.v_scale", (".self_attn.attn.v_scale",)),
+    (".self_attn.k_proj.k_scale", (".self_attn.attn.k_scale",)),
+    (".self_attn.v_proj.v_scale", (".self_attn.attn.v_scale",)),
+    (".self_attn.k_proj.output_scale", (".self_attn.attn.k_scale",)),
+    (".self_attn.v_proj.output_scale", (".self_attn.attn.v_scale",)),
+    (".self_attn.kv_scale", (".self_attn.attn.k_scale", ".self_attn.attn.v_scale")),
+)
+
+
+def _rename_kv_scales(weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    for name, tensor in weights:
+        for suffix, targets in _KV_SCALE_NAMES:
+            if name.endswith(suffix):
+                for target in targets:
+                    yield name[: -len(suffix)] + target, tensor
+                break
+        else:
+            yield name, tensor

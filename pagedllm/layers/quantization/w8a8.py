@@ -105,7 +105,7 @@ class W8A8LinearMethod(LinearMethodBase):
             scale = nn.Parameter(torch.empty(num_out, 1, dtype=torch.float32), requires_grad=False)
             set_weight_attrs(scale, {"output_dim": 0})
             if scheme.quantize_while_loading:
-                set_weight_attrs(scale, {"computed_while_loading": True})
+                set_weight_attrs(scale, {"optional_in_checkpoint": True})
         elif scheme.weight_strategy == "tensor":
             scale = self._per_shard_parameter(layer, len(output_partition_sizes))
         elif scheme.weight_strategy == "block":
