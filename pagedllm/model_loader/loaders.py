@@ -120,8 +120,7 @@ def load_weights_strict(
         raise TypeError(
             f"{type(model).__name__}.load_weights must return the set of parameter names it filled."
         )
-    # Parameters computed while loading (dynamic fp8 scales) or with a default (kv-cache
-    # scales) need no checkpoint tensor.
+    # Parameters computed while loading (dynamic fp8 scales) need no checkpoint tensor.
     expected = {
         name for name, param in model.named_parameters()
         if not getattr(param, "optional_in_checkpoint", False)
@@ -170,13 +169,11 @@ def _load_dummy(
     model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
 ) -> None:
     initialize_dummy_weights(model)
-    # Quantized parameters and kv-cache scales need values that make sense for them.
+    # Quantized parameters need values that make sense for them (positive scales, ...).
     for module in model.modules():
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None and hasattr(quant_method, "initialize_dummy_weights"):
             quant_method.initialize_dummy_weights(module)
-        elif hasattr(module, "initialize_dummy_weights"):
-            module.initialize_dummy_weights()
 
 
 def _load_sharded_state(

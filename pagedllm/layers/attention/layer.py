@@ -12,22 +12,6 @@ from pagedllm.layers.attention.selector import get_attn_backend
 from pagedllm.layers.quantization.base import LoadedWeight, loaded_shape
 
 
-def _load_kv_scale(param: nn.Parameter, loaded: LoadedWeight) -> None:
-    """A checkpoint's per-tensor kv scale: shape [], [1], or one per kv head (their largest,
-    since this cache keeps one scale per tensor)."""
-    if not isinstance(loaded, torch.Tensor):
-        loaded = loaded[tuple(slice(None) for _ in loaded_shape(loaded))]
-    param.data.fill_(loaded.float().max().item())
-
-
-def _kv_scale_parameter() -> nn.Parameter:
-    param = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
-    # Checkpoints without kv scales keep 1.0.
-    param.optional_in_checkpoint = True
-    param.weight_loader = _load_kv_scale
-    return param
-
-
 class Attention(nn.Module):
     """Attention over this rank's heads. `num_heads` and `num_kv_heads` are per-rank counts.
 
@@ -63,13 +47,16 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         # Per-tensor scales of an fp8 KV cache (cached = real / scale): the checkpoint's
         # k_scale / v_scale when it has them, else 1.0. Unused with a model-dtype cache.
-        self.k_scale = _kv_scale_parameter()
-        self.v_scale = _kv_scale_parameter()
+        # Buffers, not parameters: checkpoints may lack them; saved with the sharded state.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
 
-    def initialize_dummy_weights(self) -> None:
-        """load_format="dummy": unit kv scales (random ones could be negative)."""
-        self.k_scale.data.fill_(1.0)
-        self.v_scale.data.fill_(1.0)
+    def load_kv_scale(self, name: str, loaded: LoadedWeight) -> None:
+        """Sets "k_scale" or "v_scale" from a checkpoint tensor of shape [], [1] or one per kv
+        head (their largest: this cache keeps one scale per tensor)."""
+        if not isinstance(loaded, torch.Tensor):
+            loaded = loaded[tuple(slice(None) for _ in loaded_shape(loaded))]
+        getattr(self, name).fill_(loaded.float().max().item())
 
     def set_kv_cache_dtype(self, dtype: torch.dtype) -> None:
         """The cache's element type (the model dtype, or float8_e4m3fn for kv_cache_dtype="fp8");

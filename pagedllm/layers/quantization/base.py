@@ -7,9 +7,8 @@ Parameters carry attributes that tell the layer's `weight_loader` how to shard t
   input_dim    the dimension split across ranks by row-parallel layers (None: not split)
   packed_dim, pack_factor   for packed integer weights: that dimension holds pack_factor
                logical elements per stored element, so shard offsets along it are divided
-  optional_in_checkpoint   True for a parameter a checkpoint may lack: it is computed from
-               other tensors as they load (dynamic fp8's weight scales) or has a default
-               (an fp8 KV cache's scales, 1.0)
+  optional_in_checkpoint   True for a parameter the checkpoint does not hold: it is computed
+               from other tensors as they load (dynamic fp8's weight scales)
 A method that needs its own loading rule sets `weight_loader` on the parameter itself.
 """
 
