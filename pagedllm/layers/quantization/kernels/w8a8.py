@@ -68,9 +68,11 @@ def quantize_activation(
     if static_scale is not None:
         return quantize(x, static_scale, qdtype, static_zero_point), static_scale, static_zero_point
     if group_size is not None:
-        groups = x.unflatten(-1, (-1, group_size))
+        num_columns = x.shape[-1]
+        # A last, partial group (columns not a multiple of group_size) is zero-padded.
+        groups = F.pad(x, (0, -num_columns % group_size)).unflatten(-1, (-1, group_size))
         scale = absmax_scale(groups, -1, qdtype)
-        q = quantize(groups, scale, qdtype).flatten(-2)
+        q = quantize(groups, scale, qdtype).flatten(-2)[..., :num_columns]
         return q, scale.squeeze(-1), None
     if not symmetric:
         scale, zero_point = asymmetric_token_qparams(x)
@@ -86,8 +88,8 @@ def fake_quantize_activation(
     """x rounded as `quantize_activation` rounds it, back in x's dtype."""
     q, scale, zero_point = quantize_activation(x, qdtype, static_scale, static_zero_point, symmetric, group_size)
     if group_size is not None:
-        deq = dequantize(q.unflatten(-1, (-1, group_size)), scale.unsqueeze(-1), x.dtype)
-        return deq.flatten(-2)
+        per_column = scale.repeat_interleave(group_size, dim=-1)[..., : x.shape[-1]]
+        return dequantize(q, per_column, x.dtype)
     return dequantize(q, scale, x.dtype, zero_point)
 
 
