@@ -70,7 +70,7 @@ class W8A8Scheme:
     """The scales' checkpoint name ("weight_scale_inv" for block-wise fp8 checkpoints)."""
 
 
-def _shard_index(layer: nn.Module, shard_id: object) -> int:
+def _shard_index(shard_id: object) -> int:
     if isinstance(shard_id, str):
         return "qkv".index(shard_id)
     return int(shard_id)  # type: ignore[call-overload]
@@ -168,7 +168,7 @@ class W8A8LinearMethod(LinearMethodBase):
         if shard_id is None:
             param.data.fill_(value.item())
         else:
-            param.data[_shard_index(layer, shard_id)] = value[0]
+            param.data[_shard_index(shard_id)] = value[0]
 
     def _load_block_scale(self, layer: nn.Module, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         assert self.scheme.block_size is not None
@@ -183,7 +183,7 @@ class W8A8LinearMethod(LinearMethodBase):
             param_row, num_rows = 0, param.shape[0]
             loaded_row = layer.tp_rank * num_rows if parts[0] != layer.output_size else 0
         else:
-            index = _shard_index(layer, shard_id)
+            index = _shard_index(shard_id)
             _, size, loaded_offset = layer._shard_placement(shard_id)
             param_row = sum(math.ceil(p / block_n) for p in parts[:index])
             num_rows = math.ceil(size / block_n)
