@@ -240,8 +240,6 @@ class W8A8LinearMethod(LinearMethodBase):
                 "weight_scale_row_block", torch.tensor(row_block, device=layer.weight.device), persistent=False
             )
         layer.w8a8_kernel = self._choose_kernel(layer)
-        if layer.w8a8_kernel == "int_mm" and not scheme.activation_symmetric:
-            layer.register_buffer("weight_row_sums", layer.weight.data.float().sum(1), persistent=False)
 
     def _choose_kernel(self, layer: nn.Module) -> str:
         weight = layer.weight
@@ -269,7 +267,7 @@ class W8A8LinearMethod(LinearMethodBase):
             )
             out = int_mm_int8(
                 x_q, x_scale, x_zero_point, layer.weight, layer.weight_scale,
-                getattr(layer, "weight_row_sums", None), bias, x.dtype,
+                None if x_zero_point is None else self._weight_row_sums(layer), bias, x.dtype,
             )
         else:
             if scheme.activation_quantized:
@@ -280,6 +278,17 @@ class W8A8LinearMethod(LinearMethodBase):
             out = F.linear(x2, self.dequantized_weight(layer, x.dtype), bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
+    @staticmethod
+    def _weight_row_sums(layer: nn.Module) -> torch.Tensor:
+        """Sum of each int8 weight row, computed at the first forward (the profiling run, before
+        any CUDA graph capture), not after loading: a sharded state overwrites the weights
+        after process_weights_after_loading."""
+        sums = getattr(layer, "weight_row_sums", None)
+        if sums is None:
+            sums = layer.weight.float().sum(1)
+            layer.register_buffer("weight_row_sums", sums, persistent=False)
+        return sums
+
     def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         """This rank's weight in `dtype` (the reference path's weight, rebuilt each call so
         only the 8-bit copy is kept)."""
@@ -287,7 +296,7 @@ class W8A8LinearMethod(LinearMethodBase):
             return dequantize(layer.weight, layer.weight_scale, dtype)
         assert self.scheme.block_size is not None
         block_k = self.scheme.block_size[1]
-        scale = layer.weight_scale_inv[layer.weight_scale_row_block]
+        scale = getattr(layer, self.scheme.weight_scale_name)[layer.weight_scale_row_block]
         scale = scale.repeat_interleave(block_k, dim=1)[:, : layer.weight.shape[1]]
         return dequantize(layer.weight, scale, dtype)
 

@@ -242,8 +242,12 @@ def pack_compressed_tensors(
     for name, module in model.named_modules():
         if not hasattr(module, "weight_scale"):
             continue
-        per_channel = weights["strategy"] == "channel"
-        amax = module.weight.abs().amax(1, keepdim=True) if per_channel else module.weight.abs().max().reshape(1)
+        if weights["strategy"] == "block":
+            amax = block_absmax(module.weight.detach(), tuple(weights["block_structure"]))
+        elif weights["strategy"] == "channel":
+            amax = module.weight.abs().amax(1, keepdim=True)
+        else:
+            amax = module.weight.abs().max().reshape(1)
         module.weight_scale.data = (amax / qmax).to(module.weight_scale.dtype)
         if hasattr(module, "input_scale"):
             module.input_scale.data = torch.tensor([input_amax[name] / qmax], dtype=module.input_scale.dtype)
@@ -257,14 +261,20 @@ def pack_compressed_tensors(
     return target
 
 
-def unpack_compressed_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float32 weights of a symmetric 8-bit compressed-tensors checkpoint."""
+def unpack_compressed_tensors(
+    tensors: dict[str, torch.Tensor], block: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """float32 weights of a symmetric 8-bit compressed-tensors checkpoint (`block`: the weights'
+    block_structure, for block-wise scales)."""
     out = {}
     for name, tensor in tensors.items():
         if name.endswith((".weight_scale", ".input_scale", ".input_zero_point", ".weight_zero_point")):
             continue
         if tensor.dtype in (FP8, torch.int8):
-            tensor = tensor.float() * tensors[name.removesuffix(".weight") + ".weight_scale"].float()
+            scale = tensors[name.removesuffix(".weight") + ".weight_scale"].float()
+            if block is not None:
+                scale = expand_blocks(scale, block, tensor.shape)
+            tensor = tensor.float() * scale
         out[name] = tensor
     return out
 

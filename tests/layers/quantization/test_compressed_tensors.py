@@ -1,5 +1,6 @@
 """compressed-tensors W8A8 checkpoints written by the compressed-tensors package itself (fp8
-channel + dynamic per-token, fp8 tensor + static, int8 channel + dynamic, int8 tensor + static)
+channel + dynamic per-token, fp8 tensor + static, fp8 block + per-token groups, int8 channel +
+dynamic, int8 tensor + static)
 against transformers on the dequantized weights with fake-quantized activations in float32.
 Tolerance as in test_fp8.py (2e-3 on every returned logprob; the unquantized model is farther)."""
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from quant_reference import (
     fp8_per_token,
+    fp8_per_token_group,
     fp8_static,
     int8_per_token,
     int8_static,
@@ -46,6 +48,18 @@ def test_compressed_tensors_w8a8_matches_reference(tiny_checkpoints, tmp_path, c
         scales = {k.removesuffix(".input_scale"): v for k, v in tensors.items() if k.endswith(".input_scale")}
         activation_quant = activation_quant(scales)
     model = reference_model(llama, unpack_compressed_tensors(tensors), activation_quant)
+    check_against_reference(make_llm(path), model, llama)
+
+
+def test_compressed_tensors_fp8_block_matches_reference(tiny_checkpoints, tmp_path) -> None:
+    llama = tiny_checkpoints["llama"]
+    block = (16, 32)
+    weights = dict(FP8_CHANNEL, strategy="block", block_structure=list(block))
+    activations = dict(num_bits=8, type="float", strategy="group", group_size=block[1], symmetric=True, dynamic=True)
+    path = pack_compressed_tensors(llama, tmp_path / "block", weights, activations, "float-quantized")
+    tensors = load_file(path / "model.safetensors")
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (64 // 16, 128 // 32)
+    model = reference_model(llama, unpack_compressed_tensors(tensors, block), fp8_per_token_group(block[1]))
     check_against_reference(make_llm(path), model, llama)
 
 
