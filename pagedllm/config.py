@@ -105,6 +105,9 @@ class CacheConfig:
     kv_cache_headroom: float = 0.1
     """The KV cache holds at most max_num_seqs x max_model_len tokens plus this fraction of
     them (for prefix-cache reuse); a budget beyond that stays free."""
+    cache_dtype: str = "auto"
+    """KV cache element type: "auto" (the model dtype) or "fp8" (float8_e4m3fn with per-layer
+    key and value scales from the checkpoint, else 1.0)."""
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ class EngineArgs:
     gpu_memory_utilization: float = _option(0.9, "fraction of GPU memory this engine may use")
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (overrides gpu_memory_utilization)", int)
     kv_cache_headroom: float = _option(0.1, "KV cache beyond max_num_seqs x max_model_len tokens, as a fraction of them (prefix-cache reuse); the rest of the budget stays free")
+    kv_cache_dtype: str = _option("auto", "auto (the model dtype) | fp8 | fp8_e4m3: KV cache element type", str)
     swap_space: float | None = _option(None, "accepted for vLLM compatibility; pagedllm recomputes instead of swapping", float)
     enforce_eager: bool = _option(False, "no CUDA graphs")
     compilation_config: dict[str, Any] | int | None = _option(None, "CUDA graph settings as JSON, e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'", "json")
@@ -320,6 +321,10 @@ def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: to
     )
 
 
+# kv_cache_dtype values (vLLM's names); "fp8" means float8_e4m3fn.
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConfig:
     block_size = args["block_size"]
     block_size = 16 if block_size is None else _check_positive_int("block_size", block_size)
@@ -335,7 +340,14 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
     headroom = args["kv_cache_headroom"]
     if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0.0 <= headroom:
         raise ValueError(f"kv_cache_headroom must be a fraction >= 0 (e.g. 0.1), got {headroom!r}.")
+    cache_dtype = str(args["kv_cache_dtype"]).lower()
+    if cache_dtype not in _KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype={args['kv_cache_dtype']!r} is not supported; use one of "
+            f"{', '.join(map(repr, _KV_CACHE_DTYPES))}."
+        )
     return CacheConfig(
+        cache_dtype="auto" if cache_dtype == "auto" else "fp8",
         block_size=block_size,
         enable_prefix_caching=True if enable_prefix_caching is None else bool(enable_prefix_caching),
         gpu_memory_utilization=float(utilization),

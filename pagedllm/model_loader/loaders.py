@@ -120,7 +120,12 @@ def load_weights_strict(
         raise TypeError(
             f"{type(model).__name__}.load_weights must return the set of parameter names it filled."
         )
-    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    # Parameters computed while loading (dynamic fp8 scales) need no checkpoint tensor.
+    expected = {
+        name for name, param in model.named_parameters()
+        if not getattr(param, "optional_in_checkpoint", False)
+    }
+    missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:_MAX_NAMES_SHOWN])
         more = f" and {len(missing) - _MAX_NAMES_SHOWN} more" if len(missing) > _MAX_NAMES_SHOWN else ""
@@ -164,6 +169,11 @@ def _load_dummy(
     model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
 ) -> None:
     initialize_dummy_weights(model)
+    # Quantized parameters need values that make sense for them (positive scales, ...).
+    for module in model.modules():
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None and hasattr(quant_method, "initialize_dummy_weights"):
+            quant_method.initialize_dummy_weights(module)
 
 
 def _load_sharded_state(

@@ -73,8 +73,9 @@ def save_rank_state(
 def _parts(model: torch.nn.Module, max_file_size: int) -> Iterator[dict[str, torch.Tensor]]:
     part: dict[str, torch.Tensor] = {}
     part_bytes = 0
-    # named_parameters() yields a tied parameter once, under its first name.
-    for name, param in model.named_parameters():
+    # named_parameters() yields a tied parameter once, under its first name. Persistent
+    # buffers (an fp8 KV cache's scales) are state too.
+    for name, param in [*model.named_parameters(), *_persistent_buffers(model).items()]:
         tensor = param.detach().cpu().contiguous()
         size = tensor.numel() * tensor.element_size()
         if part and part_bytes + size > max_file_size:
@@ -136,11 +137,12 @@ def load_rank_state(model: torch.nn.Module, folder: str, rank: int, stats: ReadS
             "state is incomplete: save it again with `pagedllm save-sharded`."
         )
     params = dict(model.named_parameters())
+    buffers = _persistent_buffers(model)
     filled: set[str] = set()
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                param = params.get(name)
+                param = params.get(name, buffers.get(name))
                 if param is None:
                     raise ValueError(
                         f"{path} holds {name!r}, which is no parameter of {type(model).__name__}; "
@@ -162,6 +164,12 @@ def load_rank_state(model: torch.nn.Module, folder: str, rank: int, stats: ReadS
             f"The sharded state in {folder} lacks {len(missing)} parameter(s) of rank {rank}: "
             f"{', '.join(missing[:10])}; save it again with `pagedllm save-sharded`."
         )
+
+
+def _persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that are state, not recomputed caches (they are in the state_dict)."""
+    state_names = set(model.state_dict(keep_vars=True))
+    return {name: buffer for name, buffer in model.named_buffers() if name in state_names}
 
 
 def _saved_pattern(folder: str) -> str:

@@ -3,7 +3,7 @@ attention with rope and a SiLU-gated MLP."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -202,4 +202,30 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Tied checkpoints may still carry a copy of the embedding as lm_head.weight.
         skip = ("lm_head.",) if self.tie_word_embeddings else ()
-        return load_weights_by_mapping(self, weights, self.packed_modules_mapping, skip)
+        return load_weights_by_mapping(self, self._take_kv_scales(weights), self.packed_modules_mapping, skip)
+
+    def _take_kv_scales(self, weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """Hands an fp8 KV cache's per-layer scales (any of their checkpoint names) to the
+        attention layers; passes every other tensor on."""
+        for name, tensor in weights:
+            for suffix, targets in _KV_SCALE_NAMES:
+                if name.endswith(suffix):
+                    attention = self.get_submodule(name[: -len(suffix)] + ".self_attn.attn")
+                    for target in targets:
+                        attention.load_kv_scale(target, tensor)
+                    break
+            else:
+                yield name, tensor
+
+
+# Checkpoint names of an fp8 KV cache's per-layer scales (compressed-tensors, ModelOpt /
+# AutoFP8, older vLLM) → the attention layer's scales they set.
+_KV_SCALE_NAMES = (
+    (".self_attn.k_scale", ("k_scale",)),
+    (".self_attn.v_scale", ("v_scale",)),
+    (".self_attn.k_proj.k_scale", ("k_scale",)),
+    (".self_attn.v_proj.v_scale", ("v_scale",)),
+    (".self_attn.k_proj.output_scale", ("k_scale",)),
+    (".self_attn.v_proj.output_scale", ("v_scale",)),
+    (".self_attn.kv_scale", ("k_scale", "v_scale")),
+)

@@ -70,6 +70,9 @@ class ModelRunner:
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if self.config.cache_config.cache_dtype == "fp8":
+            for layer in self.attention_layers:
+                layer.set_kv_cache_dtype(torch.float8_e4m3fn)
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         return [layer.kv_cache_spec() for layer in self.attention_layers]

@@ -9,6 +9,7 @@ from torch import nn
 from pagedllm.forward_context import get_forward_context
 from pagedllm.layers.attention.kv_cache_spec import KVCacheSpec
 from pagedllm.layers.attention.selector import get_attn_backend
+from pagedllm.layers.quantization.base import LoadedWeight, loaded_shape
 
 
 class Attention(nn.Module):
@@ -44,6 +45,23 @@ class Attention(nn.Module):
         backend = get_attn_backend(torch.get_default_device(), self.kv_cache_dtype)
         self.impl = backend(sliding_window=sliding_window)
         self.kv_cache: torch.Tensor | None = None
+        # Per-tensor scales of an fp8 KV cache (cached = real / scale): the checkpoint's
+        # k_scale / v_scale when it has them, else 1.0. Unused with a model-dtype cache.
+        # Buffers, not parameters: checkpoints may lack them; saved with the sharded state.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
+
+    def load_kv_scale(self, name: str, loaded: LoadedWeight) -> None:
+        """Sets "k_scale" or "v_scale" from a checkpoint tensor of shape [], [1] or one per kv
+        head (their largest: this cache keeps one scale per tensor)."""
+        if not isinstance(loaded, torch.Tensor):
+            loaded = loaded[tuple(slice(None) for _ in loaded_shape(loaded))]
+        getattr(self, name).fill_(loaded.float().max().item())
+
+    def set_kv_cache_dtype(self, dtype: torch.dtype) -> None:
+        """The cache's element type (the model dtype, or float8_e4m3fn for kv_cache_dtype="fp8");
+        set by the model runner before the cache is sized."""
+        self.kv_cache_dtype = dtype
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """query [T, num_heads * head_size]; key, value [T, num_kv_heads * head_size]
@@ -56,6 +74,8 @@ class Attention(nn.Module):
             self.kv_cache,
             get_forward_context().attn_metadata,
             self.scale,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         return output.reshape(num_tokens, self.num_heads * self.head_size)
 

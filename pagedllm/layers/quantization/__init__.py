@@ -9,9 +9,12 @@ classes are imported only when used.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from pagedllm.layers.quantization.base import QuantizationConfig
+
+logger = logging.getLogger(__name__)
 
 # name -> "module:Class". A new scheme is one line here and one module beside this one.
 QUANTIZATION_METHODS: dict[str, str] = {
@@ -66,7 +69,12 @@ def get_quantization_config(method: str | None, hf_config: Any) -> QuantizationC
         return None
     module_name, class_name = QUANTIZATION_METHODS[method].split(":")
     config_class: type[QuantizationConfig] = getattr(importlib.import_module(module_name), class_name)
-    return config_class.from_config(checkpoint_quant_config(hf_config) or {})
+    checkpoint = checkpoint_quant_config(hf_config)
+    logger.info(
+        "Quantization %s: %s.", method,
+        "from the checkpoint's quantization_config" if checkpoint else "weights quantized while loading",
+    )
+    return config_class.from_config(checkpoint or {})
 
 
 __all__ = [

@@ -7,12 +7,16 @@ Parameters carry attributes that tell the layer's `weight_loader` how to shard t
   input_dim    the dimension split across ranks by row-parallel layers (None: not split)
   packed_dim, pack_factor   for packed integer weights: that dimension holds pack_factor
                logical elements per stored element, so shard offsets along it are divided
+  optional_in_checkpoint   True for a parameter the checkpoint does not hold: it is computed
+               from other tensors as they load (dynamic fp8's weight scales)
 A method that needs its own loading rule sets `weight_loader` on the parameter itself.
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +91,12 @@ class LinearMethodBase(ABC):
         """Repack or convert weights once every shard is loaded (default: nothing to do)."""
         return None
 
+    def initialize_dummy_weights(self, layer: nn.Module) -> None:
+        """load_format="dummy": after every parameter got small random values (integers zero),
+        give quantized ones values that make sense for the scheme (positive scales, weights
+        over the whole quantized range, random packs). Default: keep the generic values."""
+        return None
+
 
 class QuantizationConfig(ABC):
     """A checkpoint's quantization scheme; picks the linear method of each layer."""
@@ -134,3 +144,44 @@ class UnquantizedLinearMethod(LinearMethodBase):
             if should_use_gemv(x):
                 return gemv(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
+
+
+# Checkpoint names of the matrices each fused layer of the models is built from.
+FUSED_LAYER_PARTS: Mapping[str, Sequence[str]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def name_matches(name: str, entry: str) -> bool:
+    """A quantization config's layer entry: "re:<regex>" (matched from the start, as
+    compressed-tensors does), an exact name, or a module name ("lm_head") ending the name."""
+    if entry.startswith("re:"):
+        return re.match(entry[3:], name) is not None
+    return name == entry or name.endswith("." + entry) or name.startswith(entry + ".")
+
+
+def checkpoint_names_of(prefix: str) -> list[str]:
+    """The checkpoint module names a layer named `prefix` is built from (its fused parts)."""
+    head, _, last = prefix.rpartition(".")
+    parts = FUSED_LAYER_PARTS.get(last)
+    if parts is None:
+        return [prefix]
+    return [f"{head}.{part}" if head else part for part in parts]
+
+
+def is_layer_ignored(prefix: str, ignore: Sequence[str]) -> bool:
+    """Whether the layer `prefix` is on a checkpoint's list of unquantized layers. A fused layer
+    is ignored when all its parts are; some but not all is a ValueError (one layer holds one
+    scheme)."""
+    names = checkpoint_names_of(prefix)
+    hits = [any(name_matches(name, entry) for entry in ignore) for name in names]
+    if all(hits) or any(name_matches(prefix, entry) for entry in ignore):
+        return True
+    if any(hits):
+        raise ValueError(
+            f"The quantization config leaves {[n for n, h in zip(names, hits) if h]} unquantized but "
+            f"not {[n for n, h in zip(names, hits) if not h]}; they are fused into {prefix}, which "
+            "holds one scheme: list all of them or none in the ignore list."
+        )
+    return False

@@ -18,6 +18,7 @@ class AttentionImpl(Protocol):
     The implementation first writes key/value into kv_cache at attn_metadata.slot_mapping
     (skipping -1), then attends causally: the query token at row j of request i sits at
     position seq_lens[i] - query_len_i + (j - query_start_loc[i]) and sees keys 0..position.
+    A float8_e4m3fn kv_cache stores key / k_scale and value / v_scale (scalar float32 tensors).
     """
 
     name: str
@@ -30,4 +31,6 @@ class AttentionImpl(Protocol):
         kv_cache: torch.Tensor | None,
         attn_metadata: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor: ...

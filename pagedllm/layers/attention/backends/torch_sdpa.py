@@ -9,22 +9,43 @@ import torch.nn.functional as F
 from pagedllm.forward_context import AttentionMetadata
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = float(torch.finfo(FP8_KV_DTYPE).max)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """Keys/values as stored: fp8 caches hold x / scale (saturated to e4m3's range)."""
+    if dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    scaled = x.float() if scale is None else x.float() / scale
+    return scaled.clamp(-_FP8_MAX, _FP8_MAX).to(dtype)
+
+
+def from_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    if x.dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    values = x.float() if scale is None else x.float() * scale
+    return values.to(dtype)
+
+
 def write_kv_cache(
-    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Store each token's key/value at its flat slot (block_id * block_size + offset);
-    slots of -1 (padding rows) are skipped."""
+    slots of -1 (padding rows) are skipped. An fp8 cache stores them divided by k/v_scale."""
     num_kv_heads, head_size = kv_cache.shape[-2:]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    kv_cache[0].view(-1, num_kv_heads, head_size)[slots] = key[valid].to(kv_cache.dtype)
-    kv_cache[1].view(-1, num_kv_heads, head_size)[slots] = value[valid].to(kv_cache.dtype)
+    kv_cache[0].view(-1, num_kv_heads, head_size)[slots] = to_cache_dtype(key[valid], kv_cache.dtype, k_scale)
+    kv_cache[1].view(-1, num_kv_heads, head_size)[slots] = to_cache_dtype(value[valid], kv_cache.dtype, v_scale)
 
 
 def gather_kv(
     kv_cache: torch.Tensor, block_ids: torch.Tensor, kv_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `kv_len` keys and values of a request, [kv_len, num_kv_heads, head_size]."""
+    """The first `kv_len` keys and values of a request, [kv_len, num_kv_heads, head_size],
+    as stored (fp8 caches: still scaled)."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-kv_len // block_size)
     blocks = kv_cache[:, block_ids[:num_blocks].long()]
@@ -64,13 +85,15 @@ class TorchSDPAAttention:
         kv_cache: torch.Tensor | None,
         attn_metadata: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_actual = attn_metadata.num_actual_tokens
         output = torch.zeros_like(query)
         if kv_cache is not None:
             write_kv_cache(
                 kv_cache, key[:num_actual], value[:num_actual],
-                attn_metadata.slot_mapping[:num_actual],
+                attn_metadata.slot_mapping[:num_actual], k_scale, v_scale,
             )
         starts = attn_metadata.query_start_loc_cpu
         for i in range(attn_metadata.num_reqs):
@@ -85,6 +108,8 @@ class TorchSDPAAttention:
             else:
                 kv_len = attn_metadata.seq_lens_cpu[i]
                 k, v = gather_kv(kv_cache, attn_metadata.block_table[i], kv_len)
+                k = from_cache_dtype(k, query.dtype, k_scale)
+                v = from_cache_dtype(v, query.dtype, v_scale)
             output[start:end] = self._attend(query[start:end], k, v, kv_len, scale)
         return output
 

@@ -16,7 +16,8 @@ from choose_num_splits(num_reqs, num_kv_heads, num_sms): static for a given padd
 
 Also supported: sliding-window attention (constructor argument, as the Attention layer passes
 it), head sizes 16..256 (padded to a power of two inside the kernels), fp16/bf16/fp32, any
-power-of-two block size, and an optional preallocated `output` (a static buffer under graphs).
+power-of-two block size, a float8_e4m3fn cache (kv_cache_dtype="fp8", dequantized with the
+layer's k_scale / v_scale inside the kernels), and an optional preallocated `output` (a static buffer under graphs).
 The ops modules import triton, so import this module only where a CUDA backend is wanted.
 """
 
@@ -72,6 +73,8 @@ class TritonPagedAttention:
         attn_metadata: AttentionMetadata,
         scale: float,
         output: torch.Tensor | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See AttentionImpl. output, if given, is a contiguous [T, H, D] tensor of query's
         dtype that receives the result (a static buffer under CUDA graphs); it is returned."""
@@ -98,7 +101,7 @@ class TritonPagedAttention:
                 scale, kv_from_cache=False, skip_decode=False, sliding_window=self.sliding_window,
             )
         else:
-            reshape_and_cache(key, value, kv_cache, md.slot_mapping)
+            reshape_and_cache(key, value, kv_cache, md.slot_mapping, k_scale, v_scale)
             if md.max_query_len > 1:
                 # With one request there is no decode row to hand over; otherwise the split-K
                 # kernel below takes the query-length-1 rows, whichever they are.
@@ -106,12 +109,13 @@ class TritonPagedAttention:
                 paged_prefill_attention(
                     out, query, kv_cache[0], kv_cache[1], md.block_table, md.query_start_loc, md.seq_lens,
                     md.num_reqs, scale, kv_from_cache=True, skip_decode=mixed, sliding_window=self.sliding_window,
+                    k_scale=k_scale, v_scale=v_scale,
                 )
             if md.max_query_len == 1 or md.num_reqs > 1:
                 num_splits = self.num_decode_splits(md.num_reqs, kv_cache.shape[3], query.device)
                 paged_decode_attention(
                     out, query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.num_reqs,
-                    scale, num_splits, sliding_window=self.sliding_window,
+                    scale, num_splits, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
                 )
         if md.num_actual_tokens < num_tokens:
             out[md.num_actual_tokens :].zero_()

@@ -62,6 +62,8 @@ def _paged_decode_kernel(
     block_table_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2,
     window,
     num_tokens,
@@ -83,6 +85,7 @@ def _paged_decode_kernel(
     NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """One split of the context of one decode request, for all query heads of one KV head.
 
@@ -137,6 +140,10 @@ def _paged_decode_kernel(
         kv_mask = n_valid[:, None] & dim_valid[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            # An fp8 cache holds key / k_scale and value / v_scale.
+            k = (k.to(tl.float32) * tl.load(k_scale_ptr)).to(q.dtype)
+            v = (v.to(tl.float32) * tl.load(v_scale_ptr)).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         qk = tl.where(n_valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -225,6 +232,8 @@ def paged_decode_attention(
     num_splits: int,
     sliding_window: int | None = None,
     config: DecodeConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Attention of every request whose query length is 1 (other rows untouched).
 
@@ -232,7 +241,8 @@ def paged_decode_attention(
     num_kv_heads, head_size]. The grid is (num_reqs, num_kv_heads, num_splits) and the
     partial buffers are sized from the same host ints, so for a fixed padded batch size the
     launch is identical at every step (CUDA-graph safe). num_splits must be a power of two.
-    sliding_window: the query sees only the last sliding_window keys.
+    sliding_window: the query sees only the last sliding_window keys. A float8_e4m3fn cache
+    is dequantized with the scalar float32 k_scale / v_scale tensors.
     """
     num_tokens, num_heads, head_size = query.shape
     if num_tokens == 0 or num_reqs == 0:
@@ -240,6 +250,9 @@ def paged_decode_attention(
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}.")
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    kv_fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("An fp8 kv_cache needs k_scale and v_scale tensors.")
     num_kv_heads = k_cache.shape[2]
     queries_per_kv = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_size)
@@ -263,6 +276,8 @@ def paged_decode_attention(
         block_table,
         query_start_loc,
         seq_lens,
+        k_scale if kv_fp8 else seq_lens,
+        v_scale if kv_fp8 else seq_lens,
         scale * LOG2_E,
         sliding_window or 0,
         num_tokens,
@@ -284,6 +299,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(query.dtype),
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

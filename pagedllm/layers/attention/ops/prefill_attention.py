@@ -38,8 +38,9 @@ def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr)
 def _attend_tile(
     q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
     scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
+    k_scale, v_scale,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_FROM_CACHE: tl.constexpr, MASKED: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One online-softmax step over keys start_n .. start_n + BLOCK_N. Without MASKED every
     key is below kv_end and visible to every row (causally and within the window). With
@@ -62,6 +63,10 @@ def _attend_tile(
     kv_mask = n_valid[:, None] & dim_valid[None, :]
     k = tl.load(k_ptr + k_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8:
+        # An fp8 cache holds key / k_scale and value / v_scale.
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         visible = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -91,6 +96,8 @@ def _paged_prefill_kernel(
     block_table_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2,
     window,
     num_reqs,
@@ -119,6 +126,7 @@ def _paged_prefill_kernel(
     SKIP_DECODE: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Flash-attention forward for BLOCK_Q query tokens x all query heads of one KV head.
 
@@ -184,6 +192,12 @@ def _paged_prefill_kernel(
     else:
         lo = 0
         mid_start = 0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
     if KV_FROM_CACHE:
         table_row = block_table_ptr + req.to(tl.int64) * stride_block_table
     else:
@@ -192,19 +206,19 @@ def _paged_prefill_kernel(
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
             scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, True, USE_WINDOW, DOT_PRECISION,
+            k_scale, v_scale, BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, True, USE_WINDOW, DOT_PRECISION, KV_FP8,
         )
     for start_n in range(mid_start, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
             scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, False, USE_WINDOW, DOT_PRECISION,
+            k_scale, v_scale, BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, False, USE_WINDOW, DOT_PRECISION, KV_FP8,
         )
     for start_n in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_ptr, v_ptr, table_row, start_n, kv_end, q_pos, window, kv_head, dims, dim_valid,
             scale_log2, stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-            BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, True, USE_WINDOW, DOT_PRECISION,
+            k_scale, v_scale, BLOCK_N, PAGE_SIZE, KV_FROM_CACHE, True, USE_WINDOW, DOT_PRECISION, KV_FP8,
         )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -230,6 +244,8 @@ def paged_prefill_attention(
     skip_decode: bool,
     sliding_window: int | None = None,
     config: TileConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Causal varlen attention, written into out [num_tokens, num_heads, head_size].
 
@@ -238,11 +254,15 @@ def paged_prefill_attention(
     key/value [num_tokens, num_kv_heads, head_size] and seq_lens must equal the query lengths.
     skip_decode leaves rows of requests with query length 1 unwritten (decode kernel's job).
     sliding_window: each query sees only its last sliding_window keys (itself included).
-    The grid uses only num_tokens (query.shape[0]) and the host int num_reqs.
+    The grid uses only num_tokens (query.shape[0]) and the host int num_reqs. A float8_e4m3fn
+    cache is dequantized with the scalar float32 k_scale / v_scale tensors.
     """
     num_tokens, num_heads, head_size = query.shape
     if num_tokens == 0 or num_reqs == 0:
         return
+    kv_fp8 = kv_from_cache and key_source.dtype == torch.float8_e4m3fn
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("An fp8 kv_cache needs k_scale and v_scale tensors.")
     num_kv_heads = key_source.shape[-2]
     queries_per_kv = num_heads // num_kv_heads
     queries_per_kv_p2 = triton.next_power_of_2(queries_per_kv)
@@ -268,6 +288,8 @@ def paged_prefill_attention(
         block_table,
         query_start_loc,
         seq_lens,
+        k_scale if kv_fp8 else seq_lens,
+        v_scale if kv_fp8 else seq_lens,
         scale * LOG2_E,
         sliding_window or 0,
         num_reqs,
@@ -292,6 +314,7 @@ def paged_prefill_attention(
         SKIP_DECODE=skip_decode,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(query.dtype),
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -18,6 +18,8 @@ def _reshape_and_cache_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_key_token,
     stride_key_head,
     stride_value_token,
@@ -30,6 +32,7 @@ def _reshape_and_cache_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Scatter K/V rows of new tokens into their cache slots.
 
@@ -62,6 +65,10 @@ def _reshape_and_cache_kernel(
     v = tl.load(
         value_ptr + token64 * stride_value_token + heads[:, None] * stride_value_head + dims[None, :], mask=mask
     )
+    if KV_FP8:
+        # Stored as key / k_scale, saturated to e4m3's range (+-448).
+        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -448.0, 448.0)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -71,15 +78,21 @@ def reshape_and_cache(
     value: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_size] into kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_size] at slot_mapping[:num_tokens]
     (int64, -1 skips the row). The grid depends only on num_tokens and the head count, so the
-    call can be captured in a CUDA graph."""
+    call can be captured in a CUDA graph. A float8_e4m3fn cache stores key / k_scale and
+    value / v_scale (scalar float32 tensors)."""
     num_tokens, num_kv_heads, head_size = key.shape
     if num_tokens == 0:
         return
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    kv_fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("An fp8 kv_cache needs k_scale and v_scale tensors.")
     block_d = triton.next_power_of_2(head_size)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _MAX_ELEMENTS_PER_PROGRAM // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
@@ -89,6 +102,8 @@ def reshape_and_cache(
         k_cache,
         v_cache,
         slot_mapping,
+        k_scale if kv_fp8 else slot_mapping,
+        v_scale if kv_fp8 else slot_mapping,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -101,5 +116,6 @@ def reshape_and_cache(
         PAGE_SIZE=k_cache.shape[1],
         BLOCK_H=block_h,
         BLOCK_D=block_d,
+        KV_FP8=kv_fp8,
         num_warps=4,
     )

@@ -1,0 +1,101 @@
+"""fp8 and int8 on the GPU: the torch._scaled_mm / torch._int_mm paths equal the reference path
+(dequantized weight, fake-quantized activations, float32 matmul) to bf16 output precision, and
+dynamic fp8 loading streams (peak memory about the fp8 model plus one layer, never bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.quantization.compressed_tensors import CompressedTensorsConfig
+from pagedllm.layers.quantization.fp8 import Fp8Config
+from pagedllm.layers.quantization.kernels.w8a8 import fake_quantize_activation
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+# bf16 output: 8 mantissa bits, relative to the output's largest value.
+TOLERANCE = 1e-2
+
+
+def int8_config(symmetric_activations: bool) -> CompressedTensorsConfig:
+    return CompressedTensorsConfig.from_config({
+        "quant_method": "compressed-tensors", "format": "int-quantized",
+        "config_groups": {"g": {"targets": ["Linear"],
+                                "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+                                "input_activations": {"num_bits": 8, "type": "int", "strategy": "token",
+                                                      "dynamic": True, "symmetric": symmetric_activations}}},
+    })
+
+
+def build(config, kernel: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            layer = MergedColumnParallelLinear(1024, [2048, 2048], quant_config=config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    for shard in (0, 1):
+        weight = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+        if layer.weight.dtype == torch.int8:
+            scale = weight.float().abs().amax(1, keepdim=True) / 127
+            layer.weight.weight_loader(layer.weight, torch.round(weight / scale).to(torch.int8), shard)
+            layer.weight_scale.weight_loader(layer.weight_scale, scale, shard)
+        else:
+            layer.weight.weight_loader(layer.weight, weight, shard)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.w8a8_kernel == kernel
+    return layer
+
+
+def reference(layer, x: torch.Tensor) -> torch.Tensor:
+    scheme = layer.quant_method.scheme
+    xq = fake_quantize_activation(x.float(), scheme.weight_dtype, None, None, scheme.activation_symmetric, None)
+    return xq @ layer.quant_method.dequantized_weight(layer, torch.float32).T
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 16, 17, 300])
+@pytest.mark.parametrize("config, kernel", [
+    (Fp8Config.from_config({}), "scaled_mm"),
+    (int8_config(True), "int_mm"),
+    (int8_config(False), "int_mm"),
+], ids=["fp8", "int8", "int8-asymmetric-activations"])
+def test_gpu_kernel_equals_reference_path(config, kernel, num_tokens) -> None:
+    layer = build(config, kernel)
+    x = torch.randn(num_tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    out = layer(x)
+    ref = reference(layer, x)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOLERANCE
+
+
+def test_dynamic_fp8_loading_streams(tmp_path) -> None:
+    """A 1 GiB bf16 checkpoint loads with quantization="fp8" with a peak of about its fp8 size
+    plus one layer in bf16; the loaded weights take about half the bf16 bytes."""
+    import transformers
+
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.model_loader.loaders import get_model, model_weight_bytes
+
+    config = transformers.LlamaConfig(
+        vocab_size=1024, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    bf16_bytes = sum(p.numel() * 2 for p in transformers.LlamaForCausalLM(config).parameters())
+    engine_config = EngineArgs.from_kwargs(str(tmp_path), quantization="fp8", dtype="bfloat16").create_engine_config()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = get_model(engine_config.model_config, engine_config.load_config, "cuda")
+    peak = torch.cuda.max_memory_allocated() - base
+    weights = model_weight_bytes(model)
+    largest_layer_bf16 = 2 * 8192 * 2048 * 2  # gate_up_proj
+    # Staging (bf16) plus one float32 chunk of rows while quantizing.
+    assert peak < weights + 2 * largest_layer_bf16 + (64 << 20)
+    assert peak < 0.75 * bf16_bytes
+    assert weights < 0.6 * bf16_bytes
