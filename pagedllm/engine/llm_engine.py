@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from pagedllm.config import EngineConfig
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.generation_config import load_generation_defaults
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
 from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
@@ -35,6 +36,13 @@ class LLMEngine:
         self.engine_core = EngineCore(engine_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
+        self.generation_defaults = load_generation_defaults(
+            model_config.generation_config,
+            None if model_config.gguf_file else model_config.model_path,
+            getattr(model_config.hf_config, "eos_token_id", None),
+            model_config.override_generation_config,
+        )
+        self.eos_token_ids = self.generation_defaults.eos_token_ids - {self.eos_token_id}
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -43,6 +51,10 @@ class LLMEngine:
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json sampling fields applied."""
+        return SamplingParams(**self.generation_defaults.sampling_overrides)
 
     def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """Tokenizes and validates one prompt (ValueError when it cannot run)."""
@@ -66,6 +78,7 @@ class LLMEngine:
                     sampling_params=child_param,
                     eos_token_id=self.eos_token_id,
                     max_tokens=processed.max_tokens,
+                    eos_token_ids=self.eos_token_ids,
                 )
             )
 

@@ -27,6 +27,8 @@ class NewRequestData:
     num_computed_tokens: int
     eos_token_id: int | None
     """The engine's EOS id (from the tokenizer), which min_tokens keeps from being sampled."""
+    eos_token_ids: frozenset[int] = frozenset()
+    """Further EOS ids from generation_config.json (min_tokens bans them too)."""
 
 
 @dataclass(slots=True)

@@ -39,6 +39,12 @@ class LLM:
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.llm_engine.get_tokenizer()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults overridden by the model's generation_config.json (temperature,
+        top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens), unless
+        generation_config='vllm'. generate and chat use it when no params are given."""
+        return self.llm_engine.get_default_sampling_params()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -48,6 +54,8 @@ class LLM:
         """Completes every prompt; the outputs are in the order of the prompts. Every prompt is
         checked before any work starts: a bad one raises ValueError naming its index."""
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
         processed = []
         for index, (prompt, params) in enumerate(zip(prompt_list, params_list)):

@@ -73,6 +73,7 @@ class SamplingMetadata:
         eos_token_id: int | None,
         vocab_size: int,
         device: torch.device,
+        extra_eos_token_ids: frozenset[int] = frozenset(),
     ) -> SamplingMetadata:
         num_rows = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == num_rows):
@@ -135,6 +136,8 @@ class SamplingMetadata:
             stop_ids = set(p.stop_token_ids or ())
             if eos_token_id is not None and not p.ignore_eos:
                 stop_ids.add(eos_token_id)
+            if not p.ignore_eos:
+                stop_ids.update(extra_eos_token_ids)
             stop_ids = {t for t in stop_ids if t < vocab_size}
             banned_rows.extend([row] * len(stop_ids))
             banned_tokens.extend(stop_ids)

@@ -37,6 +37,7 @@ class ModelRunner:
         self.vocab_size = self.model_config.vocab_size
         # Learned from the requests: the engine resolves EOS from the tokenizer.
         self.eos_token_id: int | None = None
+        self.eos_token_ids: frozenset[int] = frozenset()
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.stager = HostStager(device)
@@ -53,6 +54,10 @@ class ModelRunner:
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
+        if self.config.load_config.cpu_offload_bytes:
+            from pagedllm.worker.cpu_offload import offload_weights_to_cpu
+
+            offload_weights_to_cpu(self.model, self.config.load_config.cpu_offload_bytes, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
@@ -151,6 +156,7 @@ class ModelRunner:
             self.requests.pop(req_id, None)
         for new in scheduler_output.scheduled_new_reqs:
             self.eos_token_id = new.eos_token_id
+            self.eos_token_ids = new.eos_token_ids
             generator = None
             if new.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device)
@@ -170,7 +176,8 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         assert self.model is not None, "load_model() first"
-        if self.cuda_graphs is not None:
+        max_seq_len_to_capture = self.config.compilation_config.max_seq_len_to_capture
+        if self.cuda_graphs is not None and inputs.attn_metadata.max_seq_len <= max_seq_len_to_capture:
             batch_size = self.cuda_graphs.padded_size(inputs)
             if batch_size is not None:
                 return self.cuda_graphs.run(inputs, batch_size)
@@ -208,6 +215,7 @@ class ModelRunner:
             eos_token_id=self.eos_token_id,
             vocab_size=self.vocab_size,
             device=self.device,
+            extra_eos_token_ids=self.eos_token_ids,
         )
         sampler_output = self.sampler(logits, metadata)
         sampled = sampler_output.sampled_token_ids.tolist()
