@@ -82,7 +82,8 @@ class Request:
     def use_prefix_cache(self) -> bool:
         # Prompt logprobs need the logits of every prompt position, so cached prefixes
         # cannot be skipped for such requests (vLLM does the same).
-        return self.sampling_params.prompt_logprobs is None
+        params = self.sampling_params
+        return params.prompt_logprobs is None and not params.skip_reading_prefix_cache
 
     def token_id_at(self, index: int) -> int:
         num_prompt = len(self.prompt_token_ids)

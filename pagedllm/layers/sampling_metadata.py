@@ -10,6 +10,7 @@ from itertools import chain
 import torch
 
 from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.layers.token_controls import TokenControls, build_token_controls
 
 
 @dataclass(slots=True)
@@ -45,6 +46,10 @@ class SamplingMetadata:
     num_logprobs: list[int | None] = field(default_factory=list)
     """Per row: top tokens to return besides the sampled one (-1 resolved to the vocab size)."""
     max_num_logprobs: int | None = None
+    token_controls: TokenControls | None = None
+    """logit_bias, allowed_token_ids, bad_words and logits processors of the rows that set them."""
+    grammar_bitmask: torch.Tensor | None = None
+    """int32 [rows, words]: structured-output token masks (-1 rows are unconstrained)."""
 
     @property
     def no_top_k(self) -> bool:
@@ -169,6 +174,7 @@ class SamplingMetadata:
             default_generator=default_generator,
             num_logprobs=num_logprobs,
             max_num_logprobs=max(requested) if requested else None,
+            token_controls=build_token_controls(params, prompt_token_ids, output_token_ids, vocab_size, device),
         )
 
 

@@ -203,8 +203,9 @@ class ModelRunner:
         for state in states:
             params = state.sampling_params
             penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-            prompt_ids.append(state.token_ids[: state.num_prompt_tokens] if penalized else ())
-            counts_output = penalized or params.min_tokens > 0
+            reads_prompt = penalized or bool(params.logits_processors)
+            prompt_ids.append(state.token_ids[: state.num_prompt_tokens] if reads_prompt else ())
+            counts_output = reads_prompt or params.min_tokens > 0 or bool(params.bad_words_token_ids)
             output_ids.append(state.token_ids[state.num_prompt_tokens :] if counts_output else ())
         metadata = SamplingMetadata.build(
             params=[s.sampling_params for s in states],
