@@ -21,6 +21,7 @@ from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.tokenizer import init_tokenizer
 from pagedllm.executor.base import Executor
+from pagedllm.structured_output import StructuredOutputManager
 from pagedllm.inputs import PromptType
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ class LLMEngine:
         model_config = engine_config.model_config
         self.tokenizer = init_tokenizer(model_config)
         self.input_processor = InputProcessor(model_config, self.tokenizer)
-        self.engine_core = EngineCore(engine_config)
-        self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
         self.generation_defaults = load_generation_defaults(
             model_config.generation_config,
@@ -43,6 +42,10 @@ class LLMEngine:
             model_config.override_generation_config,
         )
         self.eos_token_ids = self.generation_defaults.eos_token_ids - {self.eos_token_id}
+        all_eos = self.eos_token_ids | ({self.eos_token_id} if self.eos_token_id is not None else set())
+        self.structured_output_manager = StructuredOutputManager(self.tokenizer, model_config.vocab_size, all_eos)
+        self.engine_core = EngineCore(engine_config, self.structured_output_manager)
+        self.output_processor = OutputProcessor(self.tokenizer)
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -57,8 +60,11 @@ class LLMEngine:
         return SamplingParams(**self.generation_defaults.sampling_overrides)
 
     def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
-        """Tokenizes and validates one prompt (ValueError when it cannot run)."""
-        return self.input_processor.process(prompt, params)
+        """Tokenizes and validates one prompt (ValueError when it cannot run), and compiles its
+        structured-output grammar."""
+        processed = self.input_processor.process(prompt, params)
+        self.structured_output_manager.validate(params)
+        return processed
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> None:
         """Queues one prompt; a bad prompt raises ValueError and leaves other requests alone."""

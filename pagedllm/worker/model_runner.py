@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -148,7 +149,7 @@ class ModelRunner:
                 rows = inputs.attn_metadata.query_start_loc[1:].long() - 1
             else:
                 rows = torch.tensor(sample_rows, device=self.device)
-            self._sample(hidden_states[rows], sample_req_ids, output)
+            self._sample(hidden_states[rows], sample_req_ids, output, scheduler_output)
         return output
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -188,7 +189,13 @@ class ModelRunner:
         assert self.model is not None
         return self.model.compute_logits(hidden_states).float()
 
-    def _sample(self, last_hidden_states: torch.Tensor, req_ids: list[str], output: ModelRunnerOutput) -> None:
+    def _sample(
+        self,
+        last_hidden_states: torch.Tensor,
+        req_ids: list[str],
+        output: ModelRunnerOutput,
+        scheduler_output: SchedulerOutput | None = None,
+    ) -> None:
         logits = self._compute_logits(last_hidden_states)
         states = [self.requests[req_id] for req_id in req_ids]
         for state in states:
@@ -218,6 +225,8 @@ class ModelRunner:
             device=self.device,
             extra_eos_token_ids=self.eos_token_ids,
         )
+        if scheduler_output is not None and scheduler_output.grammar_bitmask is not None:
+            metadata.grammar_bitmask = grammar_bitmask_rows(scheduler_output, req_ids, self.device)
         sampler_output = self.sampler(logits, metadata)
         sampled = sampler_output.sampled_token_ids.tolist()
         for state, token_id in zip(states, sampled):
@@ -252,6 +261,21 @@ class ModelRunner:
             layer.kv_cache = None
         self.kv_caches = []
         self.requests.clear()
+
+
+def grammar_bitmask_rows(scheduler_output: SchedulerOutput, req_ids: list[str], device: torch.device) -> torch.Tensor | None:
+    """The step's structured-output bitmask in sampling-row order; unconstrained rows allow
+    every token (-1 words)."""
+    rows_of = scheduler_output.structured_output_request_ids
+    bitmask = scheduler_output.grammar_bitmask
+    if not any(req_id in rows_of for req_id in req_ids):
+        return None
+    full = np.full((len(req_ids), bitmask.shape[1]), -1, dtype=np.int32)
+    for row, req_id in enumerate(req_ids):
+        source = rows_of.get(req_id)
+        if source is not None:
+            full[row] = bitmask[source]
+    return torch.from_numpy(full).to(device)
 
 
 def _step_seed(seed: int | None, num_output_tokens: int) -> int:
