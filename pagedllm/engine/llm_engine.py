@@ -14,6 +14,7 @@ from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.generation_config import load_generation_defaults
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
+from pagedllm.engine.metrics import EngineStats, Metric
 from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.request import Request, RequestStatus
@@ -21,8 +22,8 @@ from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.tokenizer import init_tokenizer
 from pagedllm.executor.base import Executor
-from pagedllm.structured_output import StructuredOutputManager
 from pagedllm.inputs import PromptType
+from pagedllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class LLMEngine:
         self.structured_output_manager = StructuredOutputManager(self.tokenizer, model_config.vocab_size, all_eos)
         self.engine_core = EngineCore(engine_config, self.structured_output_manager)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats()
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -73,8 +75,9 @@ class LLMEngine:
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_input(prompt, params)
         child_ids = child_request_ids(request_id, params.n)
         child_params = [child_sampling_params(params, index) for index in range(params.n)]
+        arrival_time = time.time()
         self.output_processor.add_request(
-            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params
+            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params, arrival_time
         )
         for child_id, child_param in zip(child_ids, child_params):
             self.engine_core.add_request(
@@ -85,6 +88,8 @@ class LLMEngine:
                     eos_token_id=self.eos_token_id,
                     max_tokens=processed.max_tokens,
                     eos_token_ids=self.eos_token_ids,
+                    cache_salt=processed.cache_salt,
+                    arrival_time=arrival_time,
                 )
             )
 
@@ -106,7 +111,13 @@ class LLMEngine:
             self.engine_core.finish_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
         if processed.failed:
             self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+        for output in processed.outputs:
+            if output.finished:
+                self.stats.record_finished(output)
         return processed.outputs
+
+    def get_metrics(self) -> list[Metric]:
+        return self.stats.snapshot(self.engine_core.scheduler)
 
     @property
     def executor(self) -> Executor:
