@@ -111,6 +111,8 @@ class EngineArgs:
     max_seq_len_to_capture: int | None = _option(None, "longest sequence a decode CUDA graph runs; longer ones run eagerly (default max_model_len)", int)
     cudagraph_capture_sizes: list[int] | None = _option(None, "decode batch sizes captured as CUDA graphs, as JSON, e.g. '[1, 2, 4]' (same as compilation_config's key)", "json")
     cpu_offload_gb: float = _option(0.0, "GiB of weights kept in pinned host memory and streamed to the GPU per layer at each forward", float)
+    enable_sleep_mode: bool = _option(False, "accepted for vLLM compatibility: LLM.sleep() / wake_up() always work")
+    structured_outputs_config: dict[str, Any] | None = _option(None, "structured outputs settings as JSON; backend 'auto' or 'xgrammar' (the one backend)", "json")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
@@ -170,6 +172,7 @@ def _build(model: str, args: dict[str, Any]) -> EngineConfig:
     device = _resolve_device(args["device"])
     load_format = args["load_format"]
     _check_choice("load_format", load_format, LOAD_FORMATS)
+    _check_structured_outputs_config(args["structured_outputs_config"])
     if args["tokenizer_mode"] == "mistral":
         raise ValueError(
             "tokenizer_mode='mistral' (mistral_common's tekken tokenizer) is not supported; use "
@@ -458,6 +461,18 @@ def _build_compilation_config(args: dict[str, Any], device: torch.device, max_nu
         use_cudagraph=use_cudagraph,
         max_seq_len_to_capture=max_seq_len_to_capture,
     )
+
+
+def _check_structured_outputs_config(config: Any) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise ValueError(f"structured_outputs_config must be a dict like {{'backend': 'xgrammar'}}, got {config!r}.")
+    backend = config.get("backend", "auto")
+    if backend not in ("auto", "xgrammar"):
+        raise ValueError(
+            f"structured_outputs_config backend={backend!r} is not available; use 'auto' or 'xgrammar'."
+        )
 
 
 def _check_generation_config(value: Any) -> str:

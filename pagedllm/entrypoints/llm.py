@@ -22,6 +22,8 @@ from pagedllm.inputs import PromptType
 
 logger = logging.getLogger(__name__)
 
+POOLING_METHODS = ("encode", "embed", "classify", "score", "reward")
+
 
 class LLM:
     """Generates text from prompts with a paged KV cache and continuous batching.
@@ -73,11 +75,24 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to each conversation, then generates."""
-        prompts = conversations_to_prompts(
+        prompts = self.preprocess_chat(
+            messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs
+        )
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def preprocess_chat(
+        self,
+        messages: list[ChatMessage] | list[list[ChatMessage]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[PromptType]:
+        """The prompts LLM.chat would generate from (text and token ids per conversation)."""
+        return conversations_to_prompts(
             self.get_tokenizer(), messages, chat_template, add_generation_prompt,
             continue_final_message, chat_template_kwargs,
         )
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def beam_search(
         self, prompts: Sequence[PromptType], params: BeamSearchParams, use_tqdm: bool = False
@@ -229,3 +244,20 @@ class LLM:
         finally:
             progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _pooling_refusal(name: str) -> Callable[..., Any]:
+    def refuse(self: LLM, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(
+            f"LLM.{name}() runs pooling models (embeddings, classifiers, rewards); pagedllm runs "
+            "generative models only: use LLM.generate() or LLM.chat()."
+        )
+
+    refuse.__name__ = name
+    refuse.__doc__ = "Refused: pooling models are not supported (ValueError)."
+    return refuse
+
+
+# vLLM's pooling-model methods exist so that calling one says why it cannot work.
+for _name in POOLING_METHODS:
+    setattr(LLM, _name, _pooling_refusal(_name))
