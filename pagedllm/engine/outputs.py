@@ -72,6 +72,11 @@ class RequestMetrics:
         return self.last_token_time
 
     @property
+    def is_corrupted(self) -> bool:
+        """vLLM v1 flags outputs with NaN logits; pagedllm never marks one."""
+        return False
+
+    @property
     def time_in_queue(self) -> float | None:
         """Seconds from arrival to the first step that ran the request."""
         if self.first_scheduled_time is None:

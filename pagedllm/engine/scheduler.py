@@ -57,8 +57,8 @@ class EngineCoreOutput:
     new_logprobs: TokenLogprobs | None
     new_prompt_logprobs: TokenLogprobs | None
     num_cached_tokens: int
-    arrival_time: float = 0.0
     first_scheduled_time: float | None = None
+    """Wall-clock time of the first step that ran the request (for RequestOutput.metrics)."""
 
     @property
     def finished(self) -> bool:
@@ -243,7 +243,6 @@ class Scheduler:
                         new_logprobs=model_runner_output.logprobs.get(req_id),
                         new_prompt_logprobs=prompt_logprobs,
                         num_cached_tokens=request.num_cached_tokens,
-                        arrival_time=request.arrival_time,
                         first_scheduled_time=request.first_scheduled_time,
                     )
                 )

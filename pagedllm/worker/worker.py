@@ -12,7 +12,6 @@ import torch.distributed as dist
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import destroy_distributed, get_tp_group, init_distributed
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.model_loader.loaders import model_weight_bytes
 from pagedllm.worker import memory_profiler
 from pagedllm.worker.model_runner import ModelRunner
 from pagedllm.worker.profiler import StepProfiler
@@ -96,7 +95,7 @@ class Worker:
         runner = self._runner()
         if self.device.type == "cuda":
             profile = memory_profiler.profile_cuda_memory(
-                self.config, self.device, model_weight_bytes(runner.model), runner.profile_run
+                self.config, self.device, _device_weight_bytes(runner.model), runner.profile_run
             )
             kv_bytes = profile.kv_cache_bytes
             if self.config.cache_config.kv_cache_memory_bytes is None:
@@ -195,6 +194,11 @@ class Worker:
         if self.model_runner is None:
             raise RuntimeError("load_model() must run before this call.")
         return self.model_runner
+
+
+def _device_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes resident on the GPU: with cpu_offload_gb, the offloaded ones live on the host."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
 
 
 def _num_usable_cpus() -> int:
