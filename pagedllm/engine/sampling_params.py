@@ -50,6 +50,8 @@ class StructuredOutputsParams:
     """Refused: structural tags (tool calls) are not supported."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):
+            self.json = self.json.model_json_schema()  # a pydantic model class, as vLLM allows
         given = [name for name in _CONSTRAINT_FIELDS if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
