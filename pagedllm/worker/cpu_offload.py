@@ -1,7 +1,8 @@
 """`cpu_offload_gb`: weights beyond a GPU budget live in pinned host memory and are copied to
 the device right before the module that owns them runs, then dropped again.
 
-Modules are offloaded in model order until `cpu_offload_bytes` of parameters have moved; a
+Modules are offloaded in model order (vocabulary matrices excepted) until `cpu_offload_bytes`
+of parameters have moved; a
 forward pre-hook copies a module's own parameters in (non-blocking from pinned memory, so the
 copy of one layer overlaps the previous layer's kernels), a forward hook points them back at
 the host copies so the device memory is freed as soon as the layer is done. CUDA graphs are
@@ -29,11 +30,15 @@ def offload_weights_to_cpu(model: nn.Module, budget_bytes: int, device: torch.de
         return 0
     if device.type != "cuda":
         raise ValueError(f"cpu_offload_gb needs a CUDA device (weights stream from host to GPU), got {device}.")
+    from pagedllm.layers.vocab_embedding import VocabParallelEmbedding
+
     moved = 0
     num_modules = 0
     for module in model.modules():
         params = _own_parameters(module)
-        if not params or moved >= budget_bytes:
+        # Vocabulary matrices are read outside their own forward (the LM head by
+        # compute_logits, a tied embedding by both), where no hook would copy them in.
+        if not params or moved >= budget_bytes or isinstance(module, VocabParallelEmbedding):
             continue
         host_copies = []
         for param in params:
