@@ -19,7 +19,8 @@ def validate_token_controls(
             raise ValueError(
                 f"SamplingParams.{name} has token id {bad[0]} outside the vocabulary (0..{vocab_size - 1})."
             )
-    if params.bad_words and params.bad_words_token_ids is None:
+    # Tokenized for this engine's tokenizer every time: the same params may serve two models.
+    if params.bad_words:
         if tokenizer is None:
             raise ValueError("SamplingParams.bad_words needs a tokenizer; pass bad token ids through logit_bias instead.")
         params.bad_words_token_ids = tokenize_bad_words(params.bad_words, tokenizer)
