@@ -8,7 +8,13 @@ import logging
 
 from pagedllm import envs
 from pagedllm.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sampling_params import (
+    BeamSearchParams,
+    GuidedDecodingParams,
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 from pagedllm.inputs import TextPrompt, TokensPrompt
 
 
@@ -42,6 +48,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "BeamSearchParams",
+    "GuidedDecodingParams",
+    "RequestOutputKind",
+    "StructuredOutputsParams",
     "LLM",
     "LLMEngine",
     "CompletionOutput",

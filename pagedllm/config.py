@@ -45,7 +45,12 @@ class ModelConfig:
     """The quantization method (a key of layers.quantization.QUANTIZATION_METHODS): from
     `quantization=` or the checkpoint's quantization_config; None for none."""
     hf_config: PretrainedConfig = field(repr=False)
-    """The model's config.json, read once."""
+    """The model's config.json, read once (with hf_overrides applied)."""
+    generation_config: str = "auto"
+    """"auto" (the model's generation_config.json), "vllm" (ignore its sampling fields) or a
+    folder holding a generation_config.json."""
+    override_generation_config: dict | None = None
+    """Generation config fields that override the file's."""
     max_model_len_auto: bool = False
     """max_model_len="auto" (or -1): max_model_len is the model's until the KV cache is sized,
     then the engine lowers it to what one request can use (EngineCore)."""
@@ -88,6 +93,9 @@ class LoadConfig:
     weights of the real shapes), "gguf", or "sharded_state"."""
     download_dir: str | None = None
     """Hub cache folder to download into and read from (default: the huggingface_hub one)."""
+    cpu_offload_bytes: int = 0
+    """Bytes of weights kept in pinned host memory and copied to the GPU per layer at each
+    forward (cpu_offload_gb)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,8 @@ class CompilationConfig:
     """Decode batch sizes captured as CUDA graphs, ascending (empty: no graphs)."""
     use_cudagraph: bool = True
     """False when enforce_eager=True, on CPU, or when the mode turns graphs off."""
+    max_seq_len_to_capture: int = 1 << 62
+    """Decode steps whose longest sequence exceeds this run eagerly."""
 
     @property
     def max_cudagraph_capture_size(self) -> int:

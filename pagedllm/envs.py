@@ -60,3 +60,10 @@ def cache_root() -> str:
 def logging_level() -> str:
     """PAGEDLLM_LOGGING_LEVEL: level of the pagedllm logger (default INFO)."""
     return (_get("LOGGING_LEVEL") or "INFO").upper()
+
+
+def torch_profiler_dir() -> str | None:
+    """PAGEDLLM_TORCH_PROFILER_DIR (alias VLLM_TORCH_PROFILER_DIR): where LLM.start_profile()
+    writes torch profiler traces; unset means profiling is off."""
+    value = _get("TORCH_PROFILER_DIR")
+    return os.path.abspath(os.path.expanduser(value)) if value else None

@@ -42,6 +42,7 @@ _STR_TO_DTYPE = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf", "sharded_state")
 TOKENIZER_MODES = ("auto", "slow")
+GENERATION_CONFIG_MODES = ("auto", "vllm")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 # Keys of config.json that may hold the context length, most specific first (vLLM's list).
 _CONTEXT_LENGTH_KEYS = (
@@ -110,6 +111,16 @@ class EngineArgs:
     device: str = _option("auto", "auto | cuda | cpu", str)
     max_logprobs: int = _option(20, "largest logprobs / prompt_logprobs a request may ask for (-1: no limit)")
     disable_log_stats: bool = _option(True, "accepted for vLLM compatibility")
+    # vLLM's everyday options (offline-api issue); see docs/offline-api.md.
+    generation_config: str = _option("auto", "'auto' (the model's generation_config.json sets the default sampling and EOS ids), 'vllm' (ignore its sampling fields), or a folder holding one", str)
+    override_generation_config: dict[str, Any] | None = _option(None, "generation config fields that override the file's, as JSON, e.g. '{\"temperature\": 0.5}'", "json")
+    hf_overrides: Any = _option(None, "dict merged into the model's config.json (or, from Python, a callable config -> config)", "json")
+    disable_custom_all_reduce: bool = _option(False, "use NCCL's all-reduce instead of the custom peer-to-peer one")
+    max_seq_len_to_capture: int | None = _option(None, "longest sequence a decode CUDA graph runs; longer ones run eagerly (default max_model_len)", int)
+    cudagraph_capture_sizes: list[int] | None = _option(None, "decode batch sizes captured as CUDA graphs, as JSON, e.g. '[1, 2, 4]' (same as compilation_config's key)", "json")
+    cpu_offload_gb: float = _option(0.0, "GiB of weights kept in pinned host memory and streamed to the GPU per layer at each forward", float)
+    enable_sleep_mode: bool = _option(False, "accepted for vLLM compatibility: LLM.sleep() / wake_up() always work")
+    structured_outputs_config: dict[str, Any] | None = _option(None, "structured outputs settings as JSON; backend 'auto' or 'xgrammar' (the one backend)", "json")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
@@ -183,17 +194,33 @@ def _build(model: str, args: dict[str, Any], planned_device: torch.device | None
     device = planned_device or _resolve_device(args["device"])
     load_format = args["load_format"]
     _check_choice("load_format", load_format, LOAD_FORMATS)
+    _check_structured_outputs_config(args["structured_outputs_config"])
+    if args["tokenizer_mode"] == "mistral":
+        raise ValueError(
+            "tokenizer_mode='mistral' (mistral_common's tekken tokenizer) is not supported; use "
+            "tokenizer_mode='auto' with a checkpoint that ships a Hugging Face tokenizer."
+        )
     _check_choice("tokenizer_mode", args["tokenizer_mode"], TOKENIZER_MODES)
     resolved = resolve_model(model, args["revision"], args["download_dir"], load_format)
     if resolved.gguf_file is not None and load_format not in ("auto", "gguf"):
         raise ValueError(f"model={model!r} is a GGUF file: use load_format='auto' or 'gguf', not {load_format!r}.")
     if resolved.gguf_file is None and load_format == "gguf":
         raise ValueError(f"load_format='gguf' needs model= to be a .gguf file, got {model!r}.")
+    cpu_offload_gb = args["cpu_offload_gb"]
+    if isinstance(cpu_offload_gb, bool) or not isinstance(cpu_offload_gb, (int, float)) or cpu_offload_gb < 0:
+        raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0, got {cpu_offload_gb!r}.")
+    if cpu_offload_gb > 0 and device.type != "cuda":
+        raise ValueError(
+            f"cpu_offload_gb={cpu_offload_gb} offloads weights from a GPU to host memory, but the "
+            f"device is {device}; use cpu_offload_gb=0 on CPU."
+        )
     load_config = LoadConfig(
         load_format="gguf" if resolved.gguf_file else load_format,
         download_dir=args["download_dir"],
+        cpu_offload_bytes=int(cpu_offload_gb * (1 << 30)),
     )
     hf_config = read_hf_config(resolved.model_path, resolved.gguf_file, args["trust_remote_code"], args["revision"])
+    hf_config = apply_hf_overrides(hf_config, args["hf_overrides"])
     model_config = _build_model_config(model, resolved, hf_config, args, device)
     scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
     cache_config = _build_cache_config(args, device)
@@ -202,7 +229,7 @@ def _build(model: str, args: dict[str, Any], planned_device: torch.device | None
         from pagedllm.model_loader.sharded_state import check_sharded_state_folder
 
         check_sharded_state_folder(resolved.model_path, parallel_config.tensor_parallel_size)
-    compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs)
+    compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs, model_config.max_model_len)
     if args["tokenizer"] is not None and not args["skip_tokenizer_init"]:
         tokenizer = resolve_tokenizer(args["tokenizer"], args["tokenizer_revision"], args["download_dir"])
         model_config = dataclasses.replace(model_config, tokenizer=tokenizer)
@@ -292,6 +319,8 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
         quantization=quantization,
         hf_config=hf_config,
         max_model_len_auto=max_model_len_auto,
+        generation_config=_check_generation_config(args["generation_config"]),
+        override_generation_config=args["override_generation_config"],
     )
 
 
@@ -435,12 +464,23 @@ def _check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> N
     )
 
 
-def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int) -> CompilationConfig:
+def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int, max_model_len: int) -> CompilationConfig:
     raw = args["compilation_config"] or {}
     if isinstance(raw, int):
         raw = {"mode": raw}
     if not isinstance(raw, dict):
         raise ValueError(f"compilation_config must be a dict (e.g. {{'cudagraph_capture_sizes': [1, 2, 4]}}), got {raw!r}.")
+    if args["cudagraph_capture_sizes"] is not None:
+        if "cudagraph_capture_sizes" in raw:
+            raise ValueError(
+                "cudagraph_capture_sizes is given both as an option and in compilation_config; pass it once."
+            )
+        raw = {**raw, "cudagraph_capture_sizes": args["cudagraph_capture_sizes"]}
+    max_seq_len_to_capture = args["max_seq_len_to_capture"]
+    if max_seq_len_to_capture is None:
+        max_seq_len_to_capture = max_model_len
+    else:
+        max_seq_len_to_capture = min(_check_positive_int("max_seq_len_to_capture", max_seq_len_to_capture), max_model_len)
     known = {"cudagraph_capture_sizes", "max_cudagraph_capture_size", "cudagraph_mode", "mode", "level"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -448,7 +488,8 @@ def _build_compilation_config(args: dict[str, Any], device: torch.device, max_nu
     mode = str(raw.get("cudagraph_mode", "FULL")).upper()
     if mode not in ("NONE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE"):
         raise ValueError(f"compilation_config['cudagraph_mode']={mode!r}: use 'NONE' or 'FULL_DECODE_ONLY'.")
-    use_cudagraph = device.type == "cuda" and not args["enforce_eager"] and mode != "NONE"
+    # Offloaded weights are copied in per forward at new addresses, which a graph cannot follow.
+    use_cudagraph = device.type == "cuda" and not args["enforce_eager"] and mode != "NONE" and not args["cpu_offload_gb"]
     max_size = raw.get("max_cudagraph_capture_size")
     sizes = raw.get("cudagraph_capture_sizes")
     if sizes is None:
@@ -461,7 +502,56 @@ def _build_compilation_config(args: dict[str, Any], device: torch.device, max_nu
     return CompilationConfig(
         cudagraph_capture_sizes=tuple(sorted(set(sizes))) if use_cudagraph else (),
         use_cudagraph=use_cudagraph,
+        max_seq_len_to_capture=max_seq_len_to_capture,
     )
+
+
+def _check_structured_outputs_config(config: Any) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise ValueError(f"structured_outputs_config must be a dict like {{'backend': 'xgrammar'}}, got {config!r}.")
+    backend = config.get("backend", "auto")
+    if backend not in ("auto", "xgrammar"):
+        raise ValueError(
+            f"structured_outputs_config backend={backend!r} is not available; use 'auto' or 'xgrammar'."
+        )
+
+
+def _check_generation_config(value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not value:
+        raise ValueError(
+            f"generation_config must be 'auto', 'vllm' or a folder holding generation_config.json, got {value!r}."
+        )
+    value = os.fspath(value)
+    if value not in GENERATION_CONFIG_MODES and not os.path.isdir(value):
+        raise ValueError(
+            f"generation_config={value!r} is neither 'auto', 'vllm' nor an existing folder; pass one of those."
+        )
+    return value
+
+
+def apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> PretrainedConfig:
+    """vLLM's `hf_overrides`: a dict merged into config.json (nested dicts into nested
+    configs such as text_config), or a callable that returns the new config."""
+    if hf_overrides is None:
+        return hf_config
+    if callable(hf_overrides):
+        result = hf_overrides(hf_config)
+        if not isinstance(result, PretrainedConfig):
+            raise ValueError(f"hf_overrides must return a PretrainedConfig, got {type(result).__name__}.")
+        return result
+    if not isinstance(hf_overrides, dict):
+        raise ValueError(
+            f"hf_overrides must be a dict (e.g. {{'rope_theta': 1e6}}) or a callable, got {hf_overrides!r}."
+        )
+    for key, value in hf_overrides.items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and isinstance(current, PretrainedConfig):
+            apply_hf_overrides(current, value)
+        else:
+            setattr(hf_config, key, value)
+    return hf_config
 
 
 def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -11,16 +11,20 @@ from collections.abc import Iterable
 from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
-from pagedllm.engine.scheduler_output import SchedulerOutput
+from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.base import Executor
+from pagedllm.structured_output import StructuredOutputManager
 from pagedllm.worker.memory_policy import largest_max_model_len
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, engine_config: EngineConfig) -> None:
+    def __init__(
+        self, engine_config: EngineConfig, structured_output_manager: StructuredOutputManager | None = None
+    ) -> None:
         self.config = engine_config
+        self.structured_output_manager = structured_output_manager
         self.executor = Executor.create(engine_config)
         try:
             self.num_kv_blocks = self.executor.initialize()
@@ -38,12 +42,19 @@ class EngineCore:
         execute_model returns."""
 
     def add_request(self, request: Request) -> None:
+        if self.structured_output_manager is not None:
+            self.structured_output_manager.add_request(request.request_id, request.sampling_params)
         self.scheduler.add_request(request)
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Ends requests from outside (abort, a stop string, an output error); their blocks are
         freed now and the workers drop them at the next step."""
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        request_ids = list(request_ids)
         self.scheduler.finish_requests(request_ids, status)
+        if self.structured_output_manager is not None:
+            self.structured_output_manager.remove_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
         # A step in flight is drained even when every request has ended, so its (discarded)
@@ -55,15 +66,30 @@ class EngineCore:
         this step, or with async scheduling from the step before: the workers queue step N+1
         before handing back step N's tokens, so this method's caller (output processing,
         detokenization, stop strings) runs while the device computes."""
+        structured = self.structured_output_manager
+        if self._in_flight is not None and structured is not None and structured.has_requests():
+            # A grammar's bitmask for the next step needs the tokens of the step in flight:
+            # finish that step first (grammar-constrained requests run one step at a time).
+            return self._finish(self._in_flight, self.executor.execute_model(_empty_step()))
         scheduler_output = self.scheduler.schedule()
+        if structured is not None:
+            structured.grammar_bitmask(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
         if not self.async_scheduling:
-            return self.scheduler.update_from_output(scheduler_output, runner_output)
+            return self._finish(scheduler_output, runner_output)
         finished_step = self._in_flight
         self._in_flight = None if scheduler_output.is_empty else scheduler_output
         if finished_step is None:
             return []
-        return self.scheduler.update_from_output(finished_step, runner_output)
+        return self._finish(finished_step, runner_output)
+
+    def _finish(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        if scheduler_output is self._in_flight:
+            self._in_flight = None
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if self.structured_output_manager is not None:
+            self.structured_output_manager.accept_tokens(outputs)
+        return outputs
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -85,4 +111,11 @@ def _with_auto_max_model_len(engine_config: EngineConfig, num_kv_blocks: int) ->
         engine_config,
         model_config=dataclasses.replace(model_config, max_model_len=chosen),
         scheduler_config=dataclasses.replace(scheduler_config, max_model_len=chosen),
+    )
+
+
+def _empty_step() -> SchedulerOutput:
+    """A step that schedules nothing: with async scheduling it returns the step in flight."""
+    return SchedulerOutput(
+        scheduled_new_reqs=[], scheduled_cached_reqs=[], num_scheduled_tokens={}, total_num_scheduled_tokens=0
     )

@@ -9,7 +9,16 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import ModelConfig
 from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.token_controls import validate_token_controls
 from pagedllm.inputs import PromptType
+
+
+# Keys a prompt dict may carry (vLLM's TextPrompt / TokensPrompt / EmbedsPrompt keys); the
+# multi-modal ones are passed along for the multi-modal processor.
+PROMPT_KEYS = frozenset(
+    {"prompt", "prompt_token_ids", "token_type_ids", "multi_modal_data", "mm_processor_kwargs",
+     "multi_modal_uuids", "cache_salt"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +27,10 @@ class ProcessedPrompt:
     prompt_token_ids: list[int]
     max_tokens: int
     """sampling_params.max_tokens capped so prompt + output fits max_model_len."""
+    cache_salt: str | None = None
+    """Separates this prompt's prefix-cache namespace from prompts with another salt."""
+    extra: dict | None = None
+    """Other keys of the prompt dict (multi_modal_data, mm_processor_kwargs, ...)."""
 
 
 class InputProcessor:
@@ -27,11 +40,37 @@ class InputProcessor:
 
     def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """Tokenize and validate; raises ValueError naming what is wrong and what would work."""
+        cache_salt, extra = self._check_keys(prompt)
         text, token_ids = self._tokenize(prompt)
+        token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         self._validate(token_ids, params)
+        validate_token_controls(params, self.tokenizer, self.model_config.vocab_size)
         room = self.model_config.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        return ProcessedPrompt(prompt=text, prompt_token_ids=token_ids, max_tokens=max_tokens)
+        return ProcessedPrompt(
+            prompt=text, prompt_token_ids=token_ids, max_tokens=max_tokens, cache_salt=cache_salt, extra=extra
+        )
+
+    @staticmethod
+    def _check_keys(prompt: PromptType) -> tuple[str | None, dict | None]:
+        if not isinstance(prompt, Mapping):
+            return None, None
+        unknown = sorted(set(prompt) - PROMPT_KEYS)
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} in the prompt dict; allowed keys: {sorted(PROMPT_KEYS)}."
+            )
+        cache_salt = prompt.get("cache_salt")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}.")
+        extra = {k: v for k, v in prompt.items() if k not in ("prompt", "prompt_token_ids", "cache_salt")}
+        return cache_salt, extra or None
+
+    def _truncate(self, token_ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
+        if truncate_prompt_tokens is None:
+            return token_ids
+        keep = self.model_config.max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        return token_ids[-keep:] if len(token_ids) > keep else token_ids
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

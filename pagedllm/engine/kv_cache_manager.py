@@ -8,6 +8,7 @@ request whose tokens start the same way shares those blocks instead of computing
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -29,6 +30,14 @@ class PrefixCacheStats:
     @property
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
+
+
+def salted_root_hash(cache_salt: str | None) -> BlockHash:
+    """The parent hash of a request's first block: a cache_salt changes it, so the salted
+    request's whole chain of block hashes (its prefix-cache namespace) differs."""
+    if cache_salt is None:
+        return ROOT_BLOCK_HASH
+    return hashlib.sha256(ROOT_BLOCK_HASH + cache_salt.encode("utf-8")).digest()
 
 
 class KVCacheManager:
@@ -187,7 +196,7 @@ class KVCacheManager:
             block_size = self.block_size
             prompt, output = request.prompt_token_ids, request.output_token_ids
             num_prompt = len(prompt)
-            parent = hashes[-1] if hashes else ROOT_BLOCK_HASH
+            parent = hashes[-1] if hashes else salted_root_hash(request.cache_salt)
             for i in range(len(hashes), num_blocks):
                 start, end = i * block_size, (i + 1) * block_size
                 if end <= num_prompt:

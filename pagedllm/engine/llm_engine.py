@@ -12,7 +12,9 @@ from transformers import PreTrainedTokenizerBase
 from pagedllm.config import EngineConfig
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.generation_config import load_generation_defaults
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
+from pagedllm.engine.metrics import EngineStats, Metric
 from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.request import Request, RequestStatus
@@ -21,6 +23,7 @@ from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.tokenizer import init_tokenizer
 from pagedllm.executor.base import Executor
 from pagedllm.inputs import PromptType
+from pagedllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +31,24 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, engine_config: EngineConfig) -> None:
         start = time.perf_counter()
-        self.tokenizer = init_tokenizer(engine_config.model_config)
-        self.engine_core = EngineCore(engine_config)
+        model_config = engine_config.model_config
+        self.tokenizer = init_tokenizer(model_config)
+        self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
+        self.generation_defaults = load_generation_defaults(
+            model_config.generation_config,
+            None if model_config.gguf_file else model_config.model_path,
+            getattr(model_config.hf_config, "eos_token_id", None),
+            model_config.override_generation_config,
+        )
+        self.eos_token_ids = self.generation_defaults.eos_token_ids - {self.eos_token_id}
+        all_eos = self.eos_token_ids | ({self.eos_token_id} if self.eos_token_id is not None else set())
+        self.structured_output_manager = StructuredOutputManager(self.tokenizer, model_config.vocab_size, all_eos)
+        self.engine_core = EngineCore(engine_config, self.structured_output_manager)
         # The core's config: max_model_len="auto" is settled once the KV cache is sized.
         self.config = self.engine_core.config
-        model_config = self.config.model_config
-        self.input_processor = InputProcessor(model_config, self.tokenizer)
+        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
+        self.stats = EngineStats()
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -45,9 +58,16 @@ class LLMEngine:
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json sampling fields applied."""
+        return SamplingParams(**self.generation_defaults.sampling_overrides)
+
     def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
-        """Tokenizes and validates one prompt (ValueError when it cannot run)."""
-        return self.input_processor.process(prompt, params)
+        """Tokenizes and validates one prompt (ValueError when it cannot run), and compiles its
+        structured-output grammar."""
+        processed = self.input_processor.process(prompt, params)
+        self.structured_output_manager.validate(params)
+        return processed
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> None:
         """Queues one prompt; a bad prompt raises ValueError and leaves other requests alone."""
@@ -56,8 +76,9 @@ class LLMEngine:
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_input(prompt, params)
         child_ids = child_request_ids(request_id, params.n)
         child_params = [child_sampling_params(params, index) for index in range(params.n)]
+        arrival_time = time.time()
         self.output_processor.add_request(
-            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params
+            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params, arrival_time
         )
         for child_id, child_param in zip(child_ids, child_params):
             self.engine_core.add_request(
@@ -67,6 +88,9 @@ class LLMEngine:
                     sampling_params=child_param,
                     eos_token_id=self.eos_token_id,
                     max_tokens=processed.max_tokens,
+                    eos_token_ids=self.eos_token_ids,
+                    cache_salt=processed.cache_salt,
+                    arrival_time=arrival_time,
                 )
             )
 
@@ -88,7 +112,13 @@ class LLMEngine:
             self.engine_core.finish_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
         if processed.failed:
             self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+        for output in processed.outputs:
+            if output.finished:
+                self.stats.record_finished(output)
         return processed.outputs
+
+    def get_metrics(self) -> list[Metric]:
+        return self.stats.snapshot(self.engine_core.scheduler)
 
     @property
     def executor(self) -> Executor:

@@ -4,12 +4,13 @@ strings, gathers logprobs, and joins the n completions of one prompt."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, decode_logprobs
-from pagedllm.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
+from pagedllm.engine.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import EngineCoreOutput
 
@@ -48,6 +49,22 @@ class _PromptState:
     """Keyed by the child request id the scheduler knows."""
     prompt_logprobs: PromptLogprobs | None
     error: str | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    num_cached_tokens: int | None = None
+
+    def record(self, output: EngineCoreOutput) -> None:
+        """Timestamps and prefix-cache hits from one step's output."""
+        now = time.time()
+        metrics = self.metrics
+        if metrics.first_scheduled_time is None and output.first_scheduled_time is not None:
+            metrics.first_scheduled_time = output.first_scheduled_time
+        if output.num_cached_tokens >= 0 and self.num_cached_tokens is None:
+            self.num_cached_tokens = output.num_cached_tokens
+        if output.new_token_ids:
+            metrics.num_generation_tokens += len(output.new_token_ids)
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
 
     @property
     def finished(self) -> bool:
@@ -62,6 +79,8 @@ class _PromptState:
             outputs=[c.to_output() for c in sorted(self.completions.values(), key=lambda c: c.index)],
             finished=self.finished,
             error=self.error,
+            metrics=self.metrics,
+            num_cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -102,6 +121,7 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         child_ids: list[str],
         child_params: list[SamplingParams],
+        arrival_time: float | None = None,
     ) -> None:
         completions = {}
         for index, (child_id, params) in enumerate(zip(child_ids, child_params, strict=True)):
@@ -124,6 +144,7 @@ class OutputProcessor:
             completions=completions,
             # The first prompt token has no logprob: nothing comes before it.
             prompt_logprobs=[None] if wants_prompt_logprobs else None,
+            metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
         )
 
     def has_unfinished(self) -> bool:
@@ -140,6 +161,7 @@ class OutputProcessor:
                 continue
             state = self._prompts[parent_id]
             completion = state.completions[output.request_id]
+            state.record(output)
             try:
                 if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None and completion.index == 0:
                     state.prompt_logprobs.extend(decode_logprobs(self.tokenizer, output.new_prompt_logprobs))
@@ -152,6 +174,7 @@ class OutputProcessor:
             updated[parent_id] = state
         for parent_id, state in updated.items():
             if state.finished:
+                state.metrics.finished_time = time.time()
                 result.outputs.append(state.to_output())
                 self._forget(parent_id)
             elif return_unfinished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -35,9 +36,74 @@ class CompletionOutput:
     "abort", "error" (this request failed; the others went on), or None while running."""
     stop_reason: int | str | None = None
     """The stop string or stop token id that ended the completion; None for EOS or length."""
+    lora_request: None = None
+    """Always None: LoRA adapters are not supported."""
 
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """When things happened to one request, in wall-clock seconds (time.time()), with vLLM's
+    names (RequestMetrics of v0 and RequestStateStats of v1)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_generation_tokens: int = 0
+
+    @property
+    def queued_ts(self) -> float:
+        return self.arrival_time
+
+    @property
+    def scheduled_ts(self) -> float | None:
+        return self.first_scheduled_time
+
+    @property
+    def first_token_ts(self) -> float | None:
+        return self.first_token_time
+
+    @property
+    def last_token_ts(self) -> float | None:
+        return self.last_token_time
+
+    @property
+    def is_corrupted(self) -> bool:
+        """vLLM v1 flags outputs with NaN logits; pagedllm never marks one."""
+        return False
+
+    @property
+    def time_in_queue(self) -> float | None:
+        """Seconds from arrival to the first step that ran the request."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def prefill_time(self) -> float | None:
+        """Seconds from the first scheduled step to the first output token."""
+        if self.first_token_time is None or self.first_scheduled_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
+
+    @property
+    def first_token_latency(self) -> float | None:
+        """Seconds from arrival to the first output token (time to first token)."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def decode_time(self) -> float | None:
+        if self.first_token_time is None or self.last_token_time is None:
+            return None
+        return self.last_token_time - self.first_token_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
 
 
 @dataclass
@@ -52,3 +118,14 @@ class RequestOutput:
     finished: bool
     error: str | None = field(default=None)
     """Why the request failed, when a completion's finish_reason is "error"."""
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache."""
+    lora_request: None = None
+    """Always None: LoRA adapters are not supported."""
+    encoder_prompt: str | None = None
+    """Always None: encoder-decoder models are not supported."""
+    encoder_prompt_token_ids: list[int] | None = None
+    multi_modal_placeholders: dict[str, Any] = field(default_factory=dict)
+    kv_transfer_params: dict[str, Any] | None = None
+    """Always None: disaggregated prefill is not supported."""

@@ -45,7 +45,14 @@ class Request:
     eos_token_id: int | None
     max_tokens: int
     """The resolved output budget: sampling_params.max_tokens capped by max_model_len."""
-    arrival_time: float = field(default_factory=time.monotonic)
+    eos_token_ids: frozenset[int] = frozenset()
+    """Further EOS ids (generation_config.json lists several for some models): they stop the
+    request like eos_token_id does."""
+    cache_salt: str | None = None
+    """Separates this request's prefix-cache namespace (the salt is hashed into its first block)."""
+    arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: float | None = None
+    """Wall-clock time of the first step that ran this request."""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens whose KV is in the cache (prefix-cache hits included)."""
@@ -82,7 +89,8 @@ class Request:
     def use_prefix_cache(self) -> bool:
         # Prompt logprobs need the logits of every prompt position, so cached prefixes
         # cannot be skipped for such requests (vLLM does the same).
-        return self.sampling_params.prompt_logprobs is None
+        params = self.sampling_params
+        return params.prompt_logprobs is None and not params.skip_reading_prefix_cache
 
     def token_id_at(self, index: int) -> int:
         num_prompt = len(self.prompt_token_ids)

@@ -3,10 +3,75 @@
 from __future__ import annotations
 
 import copy
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 # Temperatures below this are treated as greedy decoding, as in vLLM.
 GREEDY_TEMPERATURE_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's streaming modes. LLM.generate returns final outputs whatever the kind; the
+    server's streaming reads it."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+_CONSTRAINT_FIELDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains the output to a JSON schema, a regex, one of some choices, an EBNF grammar, or
+    any JSON object (exactly one of them), as vLLM's class of the same name. Compiled with
+    xgrammar; an invalid one is a ValueError when the request is added."""
+
+    json: str | dict | None = None
+    """A JSON schema (dict or JSON text)."""
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    """An EBNF grammar (GBNF, with a `root` rule)."""
+    json_object: bool | None = None
+    """Any JSON object."""
+    disable_fallback: bool = False
+    """Accepted for vLLM compatibility (there is one backend, so nothing to fall back to)."""
+    disable_any_whitespace: bool = False
+    """JSON without free whitespace between tokens (compact output)."""
+    disable_additional_properties: bool = False
+    """JSON objects may not have properties beyond the schema's."""
+    whitespace_pattern: str | None = None
+    """Accepted for vLLM compatibility; ignored (xgrammar has no such option)."""
+    structural_tag: str | None = None
+    """Refused: structural tags (tool calls) are not supported."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):
+            self.json = self.json.model_json_schema()  # a pydantic model class, as vLLM allows
+        given = [name for name in _CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"StructuredOutputsParams needs exactly one of {', '.join(_CONSTRAINT_FIELDS)}, got "
+                f"{given or 'none'}."
+            )
+        if self.structural_tag is not None:
+            raise ValueError("StructuredOutputsParams.structural_tag is not supported; use json, regex, choice or grammar.")
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple)) or not self.choice or not all(isinstance(c, str) for c in self.choice)
+        ):
+            raise ValueError(f"StructuredOutputsParams.choice must be a non-empty list of strings, got {self.choice!r}.")
+
+
+# vLLM's name before 0.11; SamplingParams(guided_decoding=...) still works.
+GuidedDecodingParams = StructuredOutputsParams
+
+LogitsProcessor = Callable[..., Any]
+"""(output_token_ids, logits) -> logits or (prompt_token_ids, output_token_ids, logits) ->
+logits, over one request's float32 logits row."""
 
 
 @dataclass
@@ -58,8 +123,37 @@ class SamplingParams:
     """Whether to put spaces between special tokens in the output text."""
     include_stop_str_in_output: bool = False
     """Whether a matched stop string stays at the end of the output text."""
+    logits_processors: list[LogitsProcessor] | None = None
+    """Per-request callables applied to the logits row before sampling (in-process executor
+    only: the mp and ray executors cannot send arbitrary callables to workers)."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the last k prompt tokens (-1: the last max_model_len - 1)."""
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """How streamed outputs accumulate; LLM.generate returns final outputs whatever it is."""
+    skip_clone: bool = False
+    """Accepted for vLLM compatibility (cloning is cheap here)."""
+    flat_logprobs: bool = False
+    """Accepted for vLLM compatibility; logprobs are always a list of dicts."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output (JSON schema, regex, choice, grammar)."""
+    guided_decoding: StructuredOutputsParams | None = None
+    """vLLM's older name for structured_outputs."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> value added to its logit before sampling (clamped to [-100, 100])."""
+    allowed_token_ids: list[int] | None = None
+    """Only these tokens may be sampled."""
+    extra_args: dict[str, Any] | None = None
+    """Free-form arguments for custom extensions; carried along, unused by pagedllm."""
+    bad_words: list[str] | None = None
+    """Words that must not be generated: the last token of each is banned wherever the
+    tokens before it were just generated."""
+    skip_reading_prefix_cache: bool | None = None
+    """Compute the whole prompt even where the prefix cache holds it (None: only when
+    prompt_logprobs are asked for)."""
     output_text_buffer_length: int = field(init=False, default=0)
     """Characters held back from streaming so a stop string is never emitted partially."""
+    bad_words_token_ids: list[list[int]] | None = field(init=False, default=None, repr=False)
+    """bad_words tokenized by the engine (with and without a leading space)."""
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -71,6 +165,22 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("Pass structured_outputs or guided_decoding (its old name), not both.")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if self.logit_bias is not None:
+            # JSON object keys are strings (the OpenAI API sends them so).
+            try:
+                self.logit_bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError(
+                    f"SamplingParams.logit_bias must map token ids to numbers, got {self.logit_bias!r}."
+                ) from None
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        if isinstance(self.output_kind, int):
+            self.output_kind = RequestOutputKind(self.output_kind)
         if self.stop and not self.include_stop_str_in_output:
             self.output_text_buffer_length = max(len(s) for s in self.stop) - 1
         self.validate()
@@ -117,14 +227,69 @@ class SamplingParams:
             fail("stop_token_ids", self.stop_token_ids, "a list of non-negative token ids")
         if self.stop and not self.detokenize:
             fail("stop", self.stop, "empty when detokenize=False (stop strings need text)")
+        self._validate_token_controls(fail)
+
+    def _validate_token_controls(self, fail: Callable[[str, object, str], None]) -> None:
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)
+        ):
+            fail("allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids")
+        if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
+            fail("logit_bias", self.logit_bias, "a dict of non-negative token ids to biases")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            fail("bad_words", self.bad_words, "a list of non-empty strings")
+        if self.logits_processors is not None and not all(callable(f) for f in self.logits_processors):
+            fail("logits_processors", self.logits_processors, "a list of callables (output_ids, logits) -> logits")
+        if self.truncate_prompt_tokens is not None and (
+            isinstance(self.truncate_prompt_tokens, bool)
+            or not isinstance(self.truncate_prompt_tokens, int)
+            or self.truncate_prompt_tokens < -1
+            or self.truncate_prompt_tokens == 0
+        ):
+            fail("truncate_prompt_tokens", self.truncate_prompt_tokens, "None, -1 or an integer >= 1")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            fail("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            fail("extra_args", self.extra_args, "a dict or None")
+
+    @property
+    def has_token_controls(self) -> bool:
+        """Whether the sampler must edit this request's logits row beyond penalties."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids or self.logits_processors)
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        return set(self.stop_token_ids or ())
 
     def clone(self) -> SamplingParams:
-        return copy.deepcopy(self)
+        # Logits processors may hold state or unpicklable objects: shared, not copied.
+        memo = {id(f): f for f in self.logits_processors or ()}
+        return copy.deepcopy(self, memo)
 
     def __repr__(self) -> str:
         fields = ", ".join(
             f"{name}={getattr(self, name)!r}"
             for name in self.__dataclass_fields__
-            if name != "output_text_buffer_length"
+            if name not in ("output_text_buffer_length", "bad_words_token_ids", "guided_decoding")
         )
         return f"SamplingParams({fields})"
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's parameters, as vLLM's."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise ValueError(f"BeamSearchParams.beam_width must be an integer >= 1, got {self.beam_width!r}.")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"BeamSearchParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        if self.temperature < 0:
+            raise ValueError(f"BeamSearchParams.temperature must be >= 0, got {self.temperature!r}.")

@@ -28,6 +28,7 @@ that was in flight when its request finished, was aborted or was preempted are d
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class EngineCoreOutput:
     new_logprobs: TokenLogprobs | None
     new_prompt_logprobs: TokenLogprobs | None
     num_cached_tokens: int
+    first_scheduled_time: float | None = None
+    """Wall-clock time of the first step that ran the request (for RequestOutput.metrics)."""
 
     @property
     def finished(self) -> bool:
@@ -184,6 +187,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
+                request.first_scheduled_time = time.time()
             new_reqs.append(
                 NewRequestData(
                     req_id=request.request_id,
@@ -193,6 +197,7 @@ class Scheduler:
                     block_ids=kv.get_block_ids(request),
                     num_computed_tokens=num_hit_tokens,
                     eos_token_id=request.eos_token_id,
+                    eos_token_ids=request.eos_token_ids,
                 )
             )
             num_scheduled_tokens[request.request_id] = num_new
@@ -261,6 +266,7 @@ class Scheduler:
                         new_logprobs=model_runner_output.logprobs.get(req_id),
                         new_prompt_logprobs=prompt_logprobs,
                         num_cached_tokens=request.num_cached_tokens,
+                        first_scheduled_time=request.first_scheduled_time,
                     )
                 )
         if stopped:
@@ -273,7 +279,7 @@ class Scheduler:
             if token_id in (params.stop_token_ids or ()):
                 request.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
-            if not params.ignore_eos and token_id == request.eos_token_id:
+            if not params.ignore_eos and (token_id == request.eos_token_id or token_id in request.eos_token_ids):
                 return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED

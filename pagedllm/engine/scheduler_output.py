@@ -9,6 +9,7 @@ grow with context length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.engine.sampling_params import SamplingParams
 
@@ -27,6 +28,8 @@ class NewRequestData:
     num_computed_tokens: int
     eos_token_id: int | None
     """The engine's EOS id (from the tokenizer), which min_tokens keeps from being sampled."""
+    eos_token_ids: frozenset[int] = frozenset()
+    """Further EOS ids from generation_config.json (min_tokens bans them too)."""
 
 
 @dataclass(slots=True)
@@ -47,6 +50,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)
     """Requests finished, aborted or preempted since the last step: workers drop their state."""
+    grammar_bitmask: Any = None
+    """numpy int32 [len(structured_output_request_ids), words]: the structured-output token
+    masks of this step (bit j of word i allows token 32 i + j); None when no request has one."""
+    structured_output_request_ids: dict[str, int] = field(default_factory=dict)
+    """Request id -> its row of grammar_bitmask."""
 
     @property
     def is_empty(self) -> bool:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm import envs
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.metrics import Metric
 from pagedllm.engine.outputs import RequestOutput
-from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.entrypoints.beam_search import BeamSearchOutput, run_beam_search
+from pagedllm.entrypoints.chat_utils import ChatMessage, conversations_to_prompts
 from pagedllm.inputs import PromptType
 
 logger = logging.getLogger(__name__)
 
-ChatMessage = dict[str, Any]
+POOLING_METHODS = ("encode", "embed", "classify", "score", "reward")
 
 
 class LLM:
@@ -26,18 +30,29 @@ class LLM:
 
     Takes the keyword arguments of vLLM's `LLM` (model, tokenizer, dtype, max_model_len,
     max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, kv_cache_memory_bytes,
-    enable_prefix_caching, block_size, load_format, download_dir, revision, seed, ...);
-    `model=None` uses the embedded default model (SmolLM2-135M-Instruct).
+    enable_prefix_caching, block_size, load_format, download_dir, revision, seed,
+    generation_config, hf_overrides, cpu_offload_gb, ...); `model=None` uses the embedded
+    default model (SmolLM2-135M-Instruct).
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.llm_engine = LLMEngine.from_engine_args(model, **kwargs)
         self._request_counter = itertools.count()
+        self._enqueued: list[str] = []
+        self._finished_aside: dict[str, RequestOutput] = {}
+        """Enqueued requests that finished while another call ran the engine."""
+        self._sleeping = False
         # Workers are released when the LLM is garbage-collected or the interpreter exits.
         self._finalizer = weakref.finalize(self, self.llm_engine.shutdown)
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.llm_engine.get_tokenizer()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults overridden by the model's generation_config.json (temperature,
+        top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens), unless
+        generation_config='vllm'. generate and chat use it when no params are given."""
+        return self.llm_engine.get_default_sampling_params()
 
     def generate(
         self,
@@ -47,7 +62,137 @@ class LLM:
     ) -> list[RequestOutput]:
         """Completes every prompt; the outputs are in the order of the prompts. Every prompt is
         checked before any work starts: a bad one raises ValueError naming its index."""
+        return self._run_engine(self._add_requests(prompts, sampling_params), use_tqdm)
+
+    def chat(
+        self,
+        messages: list[ChatMessage] | list[list[ChatMessage]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to each conversation, then generates."""
+        prompts = self.preprocess_chat(
+            messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs
+        )
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def preprocess_chat(
+        self,
+        messages: list[ChatMessage] | list[list[ChatMessage]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[PromptType]:
+        """The prompts LLM.chat would generate from (text and token ids per conversation)."""
+        return conversations_to_prompts(
+            self.get_tokenizer(), messages, chat_template, add_generation_prompt,
+            continue_final_message, chat_template_kwargs,
+        )
+
+    def beam_search(
+        self, prompts: Sequence[PromptType], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search (see entrypoints/beam_search.py): one BeamSearchOutput per prompt,
+        its beam_width best sequences first."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        probe = SamplingParams(max_tokens=1)
+        token_ids = [self.llm_engine.process_input(p, probe).prompt_token_ids for p in prompt_list]
+        tokenizer = self.get_tokenizer()
+        return run_beam_search(
+            lambda batch, step_params: self.generate(batch, step_params, use_tqdm=False),
+            token_ids, params, self.llm_engine.eos_token_id, tokenizer.decode if tokenizer is not None else None,
+        )
+
+    def enqueue(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[str]:
+        """Queues prompts without running them; `wait_for_completion()` runs and returns them."""
+        request_ids = self._add_requests(prompts, sampling_params)
+        self._enqueued.extend(request_ids)
+        return request_ids
+
+    def wait_for_completion(self, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every enqueued request to the end; outputs in the order they were enqueued."""
+        request_ids, self._enqueued = self._enqueued, []
+        return self._run_engine(request_ids, use_tqdm)
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Forgets every cached prefix; False (with a warning) while requests hold blocks."""
+        return self.llm_engine.scheduler.reset_prefix_cache()
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        timeout: float | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Runs a Worker method (by name) or a callable (worker, *args, **kwargs) on every rank;
+        returns the results in rank order. Callables must pickle for the mp and ray executors."""
+        if callable(method):
+            return self.llm_engine.executor.collective_rpc("run_callable", (method, *args), kwargs)
+        return self.llm_engine.executor.collective_rpc(method, tuple(args), kwargs)
+
+    def apply_model(self, func: Callable[[Any], Any]) -> list[Any]:
+        """func(model) on each rank's model (torch.nn.Module); the results in rank order."""
+        return self.llm_engine.executor.collective_rpc("apply_model", (func,))
+
+    def sleep(self, level: int = 1) -> None:
+        """Frees device memory while idle: level 1 keeps the weights in host memory and frees
+        the KV cache; level 2 frees both (weights reload from the checkpoint on wake_up)."""
+        if self.llm_engine.has_unfinished_requests():
+            raise ValueError("LLM.sleep() needs an idle engine; wait for the running requests first.")
+        if level not in (1, 2):
+            raise ValueError(f"sleep(level={level!r}): use level=1 or level=2.")
+        self.reset_prefix_cache()  # the cached KV is about to be freed
+        self.collective_rpc("sleep", args=(level,))
+        self._sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restores the weights and the KV cache ("weights", "kv_cache"; default both)."""
+        self.collective_rpc("wake_up", args=(tags,))
+        self._sleeping = any(self.collective_rpc("is_sleeping"))
+
+    def get_metrics(self) -> list[Metric]:
+        """Engine counters, gauges and latency histograms with vLLM's names (vllm:...)."""
+        return self.llm_engine.get_metrics()
+
+    def start_profile(self) -> None:
+        """Starts a torch profiler on every rank; traces go to PAGEDLLM_TORCH_PROFILER_DIR."""
+        trace_dir = envs.torch_profiler_dir()
+        if trace_dir is None:
+            raise ValueError(
+                "LLM.start_profile() needs PAGEDLLM_TORCH_PROFILER_DIR (or VLLM_TORCH_PROFILER_DIR) "
+                "set to the folder the traces go to."
+            )
+        self.collective_rpc("start_profile", args=(trace_dir,))
+
+    def stop_profile(self) -> None:
+        self.collective_rpc("stop_profile")
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def _add_requests(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[str]:
+        if self._sleeping:
+            raise ValueError("The engine is asleep: call LLM.wake_up() before generating.")
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
         processed = []
         for index, (prompt, params) in enumerate(zip(prompt_list, params_list)):
@@ -61,49 +206,12 @@ class LLM:
             request_id = str(next(self._request_counter))
             self.llm_engine.add_request(request_id, item, params)
             request_ids.append(request_id)
-        return self._run_engine(request_ids, use_tqdm)
-
-    def chat(
-        self,
-        messages: list[ChatMessage] | list[list[ChatMessage]],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
-        chat_template: str | None = None,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        chat_template_kwargs: dict[str, Any] | None = None,
-    ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation, then generates."""
-        tokenizer = self.get_tokenizer()
-        if tokenizer is None:
-            raise ValueError("LLM.chat needs a tokenizer; do not pass skip_tokenizer_init=True.")
-        if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("The tokenizer has no chat template; pass chat_template=... to LLM.chat.")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts: list[PromptType] = []
-        for conversation in conversations:
-            text = tokenizer.apply_chat_template(
-                conversation,
-                chat_template=chat_template,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message,
-                **(chat_template_kwargs or {}),
-            )
-            # The template already holds the special tokens (BOS and role markers).
-            token_ids = tokenizer.encode(text, add_special_tokens=False)
-            prompts.append({"prompt": text, "prompt_token_ids": token_ids})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-
-    def shutdown(self) -> None:
-        self._finalizer()
+        return request_ids
 
     @staticmethod
     def _params_per_prompt(
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+        sampling_params: SamplingParams | Sequence[SamplingParams], num_prompts: int
     ) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [SamplingParams()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         params = list(sampling_params)
@@ -115,13 +223,16 @@ class LLM:
         return params
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        finished = {r: self._finished_aside.pop(r) for r in request_ids if r in self._finished_aside}
         progress = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         num_output_tokens = 0
         try:
-            while self.llm_engine.has_unfinished_requests():
+            while len(finished) < len(wanted) and self.llm_engine.has_unfinished_requests():
                 for output in self.llm_engine.step(return_unfinished=False):
-                    if output.finished:
+                    if output.finished and output.request_id not in wanted:
+                        self._finished_aside[output.request_id] = output
+                    elif output.finished:
                         finished[output.request_id] = output
                         num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
                         progress.update(1)
@@ -133,3 +244,20 @@ class LLM:
         finally:
             progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _pooling_refusal(name: str) -> Callable[..., Any]:
+    def refuse(self: LLM, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(
+            f"LLM.{name}() runs pooling models (embeddings, classifiers, rewards); pagedllm runs "
+            "generative models only: use LLM.generate() or LLM.chat()."
+        )
+
+    refuse.__name__ = name
+    refuse.__doc__ = "Refused: pooling models are not supported (ValueError)."
+    return refuse
+
+
+# vLLM's pooling-model methods exist so that calling one says why it cannot work.
+for _name in POOLING_METHODS:
+    setattr(LLM, _name, _pooling_refusal(_name))

@@ -17,6 +17,7 @@ from torch import nn
 
 from pagedllm.engine.scheduler_output import TokenLogprobs
 from pagedllm.layers.sampling_metadata import SamplingMetadata
+from pagedllm.layers.token_controls import apply_grammar_bitmask, apply_token_controls
 
 # Rows of prompt logprobs handled at once, so a long prompt never holds a second
 # [num_tokens, vocab] float32 tensor (8k tokens x 150k vocab would be 4.9 GB).
@@ -48,11 +49,14 @@ class SamplerOutput:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         logits = logits.to(torch.float32)
+        # The grammar mask comes first, as in vLLM (its runner applies it before the sampler).
+        logits = apply_grammar_bitmask(logits, metadata.grammar_bitmask)
         # vLLM's default "raw_logprobs": the model's distribution, before any processing.
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
+        logits = apply_token_controls(logits, metadata.token_controls)
         logits = apply_min_tokens(logits, metadata.banned_token_index)
         if not metadata.no_penalties:
             logits = apply_penalties(logits, metadata)

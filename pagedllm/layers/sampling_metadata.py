@@ -10,6 +10,7 @@ from itertools import chain
 import torch
 
 from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.layers.token_controls import TokenControls, build_token_controls
 
 
 @dataclass(slots=True)
@@ -45,6 +46,10 @@ class SamplingMetadata:
     num_logprobs: list[int | None] = field(default_factory=list)
     """Per row: top tokens to return besides the sampled one (-1 resolved to the vocab size)."""
     max_num_logprobs: int | None = None
+    token_controls: TokenControls | None = None
+    """logit_bias, allowed_token_ids, bad_words and logits processors of the rows that set them."""
+    grammar_bitmask: torch.Tensor | None = None
+    """int32 [rows, words]: structured-output token masks (-1 rows are unconstrained)."""
 
     @property
     def no_top_k(self) -> bool:
@@ -73,6 +78,7 @@ class SamplingMetadata:
         eos_token_id: int | None,
         vocab_size: int,
         device: torch.device,
+        extra_eos_token_ids: frozenset[int] = frozenset(),
     ) -> SamplingMetadata:
         num_rows = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == num_rows):
@@ -135,6 +141,8 @@ class SamplingMetadata:
             stop_ids = set(p.stop_token_ids or ())
             if eos_token_id is not None and not p.ignore_eos:
                 stop_ids.add(eos_token_id)
+            if not p.ignore_eos:
+                stop_ids.update(extra_eos_token_ids)
             stop_ids = {t for t in stop_ids if t < vocab_size}
             banned_rows.extend([row] * len(stop_ids))
             banned_tokens.extend(stop_ids)
@@ -166,6 +174,7 @@ class SamplingMetadata:
             default_generator=default_generator,
             num_logprobs=num_logprobs,
             max_num_logprobs=max(requested) if requested else None,
+            token_controls=build_token_controls(params, prompt_token_ids, output_token_ids, vocab_size, device),
         )
 
 

@@ -131,7 +131,8 @@ class InputBatch:
 
 def reads_token_history(params: SamplingParams) -> bool:
     """Whether sampling a row reads the ids of its earlier tokens (not just their count)."""
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    return penalized or bool(params.logits_processors) or bool(params.bad_words_token_ids)
 
 
 @dataclass(slots=True)

@@ -45,11 +45,8 @@ class ModelRunner:
         self.vocab_size = self.model_config.vocab_size
         # Learned from the requests: the engine resolves EOS from the tokenizer.
         self.eos_token_id: int | None = None
-        scheduler_config = engine_config.scheduler_config
-        max_model_len = self.model_config.max_model_len
-        self.input_batch = InputBatch(
-            scheduler_config.max_num_seqs, max_model_len, -(-max_model_len // self.block_size)
-        )
+        self.eos_token_ids: frozenset[int] = frozenset()
+        self.input_batch = self._new_input_batch()
         self._cached_metadata: tuple[tuple[int, bytes], SamplingMetadata] | None = None
         self.sampler = Sampler()
         self.stager = HostStager(device)
@@ -69,6 +66,10 @@ class ModelRunner:
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
+        if self.config.load_config.cpu_offload_bytes:
+            from pagedllm.worker.cpu_offload import offload_weights_to_cpu
+
+            offload_weights_to_cpu(self.model, self.config.load_config.cpu_offload_bytes, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         if self.config.cache_config.cache_dtype == "fp8":
             for layer in self.attention_layers:
@@ -185,7 +186,7 @@ class ModelRunner:
             # copied here (which would wait for the forward before the sampler is queued).
             assert inputs.sample_token_rows is not None
             last_hidden_states = hidden_states[inputs.sample_token_rows]
-            step = self._sample(last_hidden_states, inputs.rows[inputs.samples], output, previous)
+            step = self._sample(last_hidden_states, inputs.rows[inputs.samples], output, previous, scheduler_output)
         self._in_flight = step
         if not self.async_scheduling:
             self._in_flight = None
@@ -198,6 +199,7 @@ class ModelRunner:
             batch.remove(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             self.eos_token_id = new.eos_token_id
+            self.eos_token_ids = new.eos_token_ids
             generator = None
             if new.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device)
@@ -210,7 +212,8 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         assert self.model is not None, "load_model() first"
-        if self.cuda_graphs is not None:
+        max_seq_len_to_capture = self.config.compilation_config.max_seq_len_to_capture
+        if self.cuda_graphs is not None and inputs.attn_metadata.max_seq_len <= max_seq_len_to_capture:
             batch_size = self.cuda_graphs.padded_size(inputs)
             if batch_size is not None:
                 return self.cuda_graphs.run(inputs, batch_size)
@@ -223,7 +226,7 @@ class ModelRunner:
 
     def _sample(
         self, last_hidden_states: torch.Tensor, rows: np.ndarray, output: ModelRunnerOutput,
-        previous: InFlightStep | None,
+        previous: InFlightStep | None, scheduler_output: SchedulerOutput,
     ) -> InFlightStep:
         logits = self._compute_logits(last_hidden_states)
         batch = self.input_batch
@@ -248,6 +251,11 @@ class ModelRunner:
         else:
             metadata = self._build_sampling_metadata(rows)
             self._cached_metadata = None if per_step else (key, metadata)
+        # The grammar bitmask changes every step, so it is set on the (possibly reused) metadata.
+        metadata.grammar_bitmask = None
+        if scheduler_output.grammar_bitmask is not None:
+            req_ids = [batch.req_ids[row] for row in rows.tolist()]
+            metadata.grammar_bitmask = grammar_bitmask_rows(scheduler_output, req_ids, self.device)
         sampler_output = self.sampler(logits, metadata)
         return InFlightStep.start(output, batch, rows, sampler_output.sampled_token_ids, sampler_output.logprobs)
 
@@ -260,7 +268,8 @@ class ModelRunner:
         for row, p in zip(rows.tolist(), params):
             history = bool(batch.reads_history[row])
             prompt_ids.append(batch.prompt_ids(row).tolist() if history else ())
-            output_ids.append(batch.output_ids(row).tolist() if history or p.min_tokens > 0 else ())
+            counts_output = history or p.min_tokens > 0 or bool(p.bad_words_token_ids)
+            output_ids.append(batch.output_ids(row).tolist() if counts_output else ())
         return SamplingMetadata.build(
             params=params,
             prompt_token_ids=prompt_ids,
@@ -270,6 +279,7 @@ class ModelRunner:
             eos_token_id=self.eos_token_id,
             vocab_size=self.vocab_size,
             device=self.device,
+            extra_eos_token_ids=self.eos_token_ids,
         )
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden_states: torch.Tensor) -> dict[str, TokenLogprobs]:
@@ -291,6 +301,18 @@ class ModelRunner:
             results[req_id] = compute_prompt_logprobs(self._compute_logits(rows), targets, num_logprobs)
         return results
 
+    def _new_input_batch(self) -> InputBatch:
+        max_model_len = self.model_config.max_model_len
+        return InputBatch(
+            self.config.scheduler_config.max_num_seqs, max_model_len, -(-max_model_len // self.block_size)
+        )
+
+    def drop_requests(self) -> None:
+        """Forgets every request (sleep mode frees the KV cache they live in)."""
+        self.input_batch = self._new_input_batch()
+        self._in_flight = None
+        self._cached_metadata = None
+
     def shutdown(self) -> None:
         self.cuda_graphs = None
         for layer in self.attention_layers:
@@ -298,6 +320,21 @@ class ModelRunner:
         self.kv_caches = []
         self.input_batch = InputBatch(0, 0, 0)
         self._in_flight = None
+
+
+def grammar_bitmask_rows(scheduler_output: SchedulerOutput, req_ids: list[str], device: torch.device) -> torch.Tensor | None:
+    """The step's structured-output bitmask in sampling-row order; unconstrained rows allow
+    every token (-1 words)."""
+    rows_of = scheduler_output.structured_output_request_ids
+    bitmask = scheduler_output.grammar_bitmask
+    if not any(req_id in rows_of for req_id in req_ids):
+        return None
+    full = np.full((len(req_ids), bitmask.shape[1]), -1, dtype=np.int32)
+    for row, req_id in enumerate(req_ids):
+        source = rows_of.get(req_id)
+        if source is not None:
+            full[row] = bitmask[source]
+    return torch.from_numpy(full).to(device)
 
 
 def _step_seed(seed: int | None, num_output_tokens: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.model_loader.loaders import model_weight_bytes
 from pagedllm.worker import memory_profiler
 from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.profiler import StepProfiler
+from pagedllm.worker.sleep_mode import SleepState, put_to_sleep, wake_up
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ class Worker:
         self.model_runner: ModelRunner | None = None
         self._graph_reserve_bytes = 0
         self._memory_baseline: memory_profiler.MemoryBaseline | None = None
+        self._num_kv_blocks = 0
+        self._sleep_state: SleepState | None = None
+        self._profiler: StepProfiler | None = None
 
     def init_device(self) -> None:
         if self.device.type == "cuda":
@@ -98,7 +104,7 @@ class Worker:
 
     def determine_num_kv_blocks(self) -> int:
         runner = self._runner()
-        weights_bytes = model_weight_bytes(runner.model)
+        weights_bytes = _device_weight_bytes(runner.model)
         if self.device.type == "cuda":
             assert self._memory_baseline is not None, "init_device() first"
             profile = memory_profiler.profile_cuda_memory(
@@ -135,6 +141,7 @@ class Worker:
         return graphs.graph_memory_bytes if graphs is not None else 0
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._num_kv_blocks = num_blocks
         self._runner().initialize_kv_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
@@ -168,6 +175,36 @@ class Worker:
     def get_pid(self) -> int:
         return os.getpid()
 
+    # --- LLM methods for RL frameworks and tools (collective_rpc, apply_model, sleep, profile) ---
+
+    def run_callable(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """LLM.collective_rpc(callable): the function runs with this worker as first argument."""
+        return function(self, *args, **kwargs)
+
+    def apply_model(self, function: Any) -> Any:
+        """LLM.apply_model: function(model) on this rank's model."""
+        return function(self._runner().model)
+
+    def sleep(self, level: int = 1) -> None:
+        if self._sleep_state is None:
+            self._sleep_state = put_to_sleep(self._runner(), level, self._num_kv_blocks)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if self._sleep_state is not None and wake_up(self._runner(), self._sleep_state, tags):
+            self._sleep_state = None
+
+    def is_sleeping(self) -> bool:
+        return self._sleep_state is not None
+
+    def start_profile(self, trace_dir: str) -> None:
+        if self._profiler is None:
+            self._profiler = StepProfiler(trace_dir, self.rank, self.device)
+
+    def stop_profile(self) -> None:
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._profiler = None
+
     def shutdown(self) -> None:
         if self.model_runner is not None:
             self.model_runner.shutdown()
@@ -179,6 +216,11 @@ class Worker:
         if self.model_runner is None:
             raise RuntimeError("load_model() must run before this call.")
         return self.model_runner
+
+
+def _device_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes resident on the GPU: with cpu_offload_gb, the offloaded ones live on the host."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
 
 
 def _num_usable_cpus() -> int:
