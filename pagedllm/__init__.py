@@ -34,6 +34,10 @@ def __getattr__(name: str) -> object:
         from pagedllm.entrypoints.llm import LLM
 
         return LLM
+    if name == "AsyncLLM":
+        from pagedllm.engine.async_llm import AsyncLLM
+
+        return AsyncLLM
     if name == "LLMEngine":
         from pagedllm.engine.llm_engine import LLMEngine
 
@@ -43,6 +47,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
     "LLMEngine",
     "CompletionOutput",
     "Logprob",

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
+from pagedllm.engine.stats import SchedulerStats
 from pagedllm.executor.base import Executor
 
 logger = logging.getLogger(__name__)
@@ -47,3 +48,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+    def make_stats(self) -> SchedulerStats:
+        """Running and waiting requests and KV cache usage, sent with each step's outputs."""
+        return self.scheduler.make_stats()
