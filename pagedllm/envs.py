@@ -60,3 +60,8 @@ def cache_root() -> str:
 def logging_level() -> str:
     """PAGEDLLM_LOGGING_LEVEL: level of the pagedllm logger (default INFO)."""
     return (_get("LOGGING_LEVEL") or "INFO").upper()
+
+
+def api_key() -> str | None:
+    """PAGEDLLM_API_KEY (alias VLLM_API_KEY): the bearer key `pagedllm serve` requires on /v1."""
+    return _get("API_KEY") or None

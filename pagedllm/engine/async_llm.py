@@ -275,10 +275,11 @@ class AsyncLLM:
                 pass
         self._dead_error = self._dead_error or error
 
-    def _fail_all(self, error: EngineDeadError) -> None:
+    def _fail_all(self, error: EngineDeadError, log_error: bool = True) -> None:
         if self._dead_error is None:
             self._dead_error = error
-            logger.error("%s", error)
+            if log_error:
+                logger.error("%s", error)
         for stream in self._streams.values():
             stream.fail(self._dead_error)
         self._streams.clear()
@@ -287,9 +288,17 @@ class AsyncLLM:
             self._output_task.cancel()
 
     def shutdown(self) -> None:
-        """Stops the engine-core process (and its workers); safe to call more than once."""
-        if self._output_task is not None and not self._output_task.done():
-            loop = self._output_task.get_loop()
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._output_task.cancel)
+        """Stops the engine-core process (and its workers); pending generate() iterators raise
+        EngineDeadError. Safe to call more than once, from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop.is_running():
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            error = EngineDeadError("The engine was shut down.")
+            if on_loop:
+                self._fail_all(error, log_error=False)
+            else:
+                loop.call_soon_threadsafe(self._fail_all, error, False)
         self.engine_core.shutdown()

@@ -28,6 +28,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="apply the chat template (auto: when the tokenizer has one)")
     EngineArgs.add_cli_args(generate)
     _add_save_sharded_parser(commands)
+    from pagedllm.entrypoints.openai.cli_args import add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 
@@ -93,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_generate(args)
     if args.command == "save-sharded":
         return run_save_sharded(args)
+    if args.command == "serve":
+        return args.dispatch(args)
     return 2
 
 
