@@ -149,7 +149,7 @@ class AsyncLLM:
         prompt raises ValueError before anything runs; a dead engine core, EngineDeadError.
         Closing the generator (or cancelling its task, as a disconnecting client does) aborts
         the request."""
-        stream = self.add_request(request_id, prompt, sampling_params)
+        stream = self.add_request(request_id, prompt, sampling_params)  # raises before anything runs
         finished = False
         try:
             while not finished:
@@ -159,8 +159,10 @@ class AsyncLLM:
                 finished = output.finished
                 yield output
         finally:
-            if not finished:
+            if not finished and self._streams.get(request_id) is stream:
                 self._abort([request_id])
+            elif not finished:
+                self.output_processor.abort_request(request_id)  # failed: forget its state
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> _RequestStream:
         if self._dead_error is not None:
