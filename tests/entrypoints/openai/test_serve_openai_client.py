@@ -17,6 +17,9 @@ from conftest import API_KEY, CHAT_TEMPLATE, ENGINE_OPTIONS, MODEL_NAME, ServerP
 
 from pagedllm import LLM, SamplingParams
 
+# One server for the whole module (~10 s to start on 2 cores).
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["hello world", "the paged attention model", "café naïve 中文 🙂"]
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
 

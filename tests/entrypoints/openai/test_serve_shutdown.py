@@ -7,9 +7,11 @@ import signal
 import threading
 
 import httpx
+import pytest
 from conftest import ServerProcess, children_of, engine_core_pid, wait_gone
 
 
+@pytest.mark.slow
 def test_sigint_with_an_open_stream_exits_cleanly(serve_model_dir, tmp_path):
     server = ServerProcess(serve_model_dir, ["--no-enable-prefix-caching"], tmp_path / "server.log")
     try:
