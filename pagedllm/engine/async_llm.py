@@ -210,6 +210,8 @@ class AsyncLLM:
             for child_id in children:
                 self._times.pop(child_id, None)
             stream = self._streams.pop(request_id, None)
+            if children:
+                logger.info("Aborted request %s.", request_id)
             if stream is not None:
                 stream.ready.set()  # wakes its consumer with nothing: the iterator ends
         if child_ids and self._dead_error is None:

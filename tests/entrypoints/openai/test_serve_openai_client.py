@@ -238,6 +238,20 @@ def test_aborted_stream_frees_its_blocks_and_metrics_count(server):
         assert time.monotonic() < deadline, metrics
         time.sleep(0.05)
     assert metrics["pagedllm:num_requests_waiting"] == 0
+
+    # A non-streaming client that gives up is aborted too (unless it was already done).
+    try:
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 230}, timeout=0.3,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+        gave_up = False
+    except httpx.TimeoutException:
+        gave_up = True
+    deadline = time.monotonic() + 10
+    while (metrics := _metrics(server))["pagedllm:num_requests_running"] or metrics["pagedllm:kv_cache_usage_perc"]:
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    if gave_up:
+        assert server.log().count("Aborted request") == 2
     assert metrics["pagedllm:prompt_tokens_total"] > 0 and metrics["pagedllm:generation_tokens_total"] > 0
     assert metrics["pagedllm:time_to_first_token_seconds_count"] > 0
     assert metrics["pagedllm:inter_token_latency_seconds_count"] > 0
