@@ -34,7 +34,7 @@ def __getattr__(name: str) -> object:
         from pagedllm.entrypoints.llm import LLM
 
         return LLM
-    if name == "AsyncLLM":
+    if name in ("AsyncLLM", "AsyncLLMEngine"):  # vLLM v1 keeps AsyncLLMEngine as an alias
         from pagedllm.engine.async_llm import AsyncLLM
 
         return AsyncLLM
@@ -48,6 +48,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "LLM",
     "AsyncLLM",
+    "AsyncLLMEngine",
     "LLMEngine",
     "CompletionOutput",
     "Logprob",

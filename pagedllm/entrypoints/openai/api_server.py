@@ -125,3 +125,19 @@ class _BearerKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def main() -> int:
+    """`python -m pagedllm.entrypoints.openai.api_server --model M ...`, as with vLLM; the same
+    as `pagedllm serve`."""
+    import argparse
+
+    from pagedllm.entrypoints.openai.cli_args import add_serve_arguments, run_serve
+
+    parser = argparse.ArgumentParser(prog="python -m pagedllm.entrypoints.openai.api_server")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,22 +21,26 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/models, /health, /metrics).",
     )
-    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                       help="model folder, .gguf file or hub id (same as --model; default: the embedded model)")
-    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $PAGEDLLM_API_KEY or $VLLM_API_KEY)")
-    serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="name(s) clients use in 'model' (default: the model argument)")
-    serve.add_argument("--chat-template", default=None,
-                       help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
-    serve.add_argument("--uvicorn-log-level", default="info",
-                       choices=("critical", "error", "warning", "info", "debug", "trace"))
-    serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
-    EngineArgs.add_cli_args(serve)
+    add_serve_arguments(serve)
     serve.set_defaults(dispatch=run_serve)
     return serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="model folder, .gguf file or hub id (same as --model; default: the embedded model)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $PAGEDLLM_API_KEY or $VLLM_API_KEY)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="name(s) clients use in 'model' (default: the model argument)")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug", "trace"))
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    EngineArgs.add_cli_args(parser)
 
 
 def load_chat_template(value: str | None) -> str | None:
