@@ -34,3 +34,13 @@ def test_chat_template_is_a_file_or_the_text(tmp_path):
     assert load_chat_template(None) is None
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         load_chat_template("missing.jinja")
+
+
+def test_api_key_from_the_environment_pagedllm_name_wins(monkeypatch):
+    from pagedllm import envs
+
+    monkeypatch.delenv("PAGEDLLM_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm")
+    assert envs.api_key() == "from-vllm"
+    monkeypatch.setenv("PAGEDLLM_API_KEY", "from-pagedllm")
+    assert envs.api_key() == "from-pagedllm"
