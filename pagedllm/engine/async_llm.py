@@ -161,8 +161,6 @@ class AsyncLLM:
         finally:
             if not finished and self._streams.get(request_id) is stream:
                 self._abort([request_id])
-            elif not finished:
-                self.output_processor.abort_request(request_id)  # failed: forget its state
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> _RequestStream:
         if self._dead_error is not None:
@@ -225,28 +223,42 @@ class AsyncLLM:
         self._output_task = loop.create_task(self._handle_outputs(), name="pagedllm-output-handler")
 
     async def _handle_outputs(self) -> None:
-        while self._dead_error is None:
-            message = await self.engine_core.get_output()
-            if message[0] == "error":
-                self._fail_all(EngineDeadError(f"The engine core failed: {message[1]}"))
-                return
-            _, core_outputs, scheduler_stats = message
-            self.scheduler_stats = scheduler_stats
-            iteration_stats = self._measure(core_outputs)
-            processed = self.output_processor.process_outputs(core_outputs)
-            if processed.stopped_by_string:
-                self.engine_core.abort_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
-            if processed.failed:
-                self.engine_core.abort_requests(processed.failed, RequestStatus.FINISHED_ERROR)
-            for output in processed.outputs:
-                stream = self._streams.get(output.request_id)
-                if stream is None:
-                    continue
-                if output.finished:
-                    del self._streams[output.request_id]
-                stream.put(output)
-            for stat_logger in self.stat_loggers:
-                stat_logger.record(scheduler_stats, iteration_stats)
+        try:
+            while self._dead_error is None:
+                message = await self.engine_core.get_output()
+                if message[0] == "error":
+                    self._fail_all(EngineDeadError(f"The engine core failed: {message[1]}"))
+                    return
+                self._process(message[1], message[2])
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - without this task no request can finish
+            logger.exception("The output handler failed.")
+            self._fail_all(EngineDeadError(f"The output handler failed: {type(error).__name__}: {error}"))
+
+    def _process(self, core_outputs: list[Any], scheduler_stats: SchedulerStats) -> None:
+        self.scheduler_stats = scheduler_stats
+        iteration_stats = self._measure(core_outputs)
+        processed = self.output_processor.process_outputs(core_outputs)
+        # Finished here, not in the engine core: it must stop them, and sends no last output.
+        now = time.monotonic()
+        for status, child_ids in ((RequestStatus.FINISHED_STOPPED, processed.stopped_by_string),
+                                  (RequestStatus.FINISHED_ERROR, processed.failed)):
+            if child_ids:
+                self.engine_core.abort_requests(child_ids, status)
+            for child_id in child_ids:
+                times = self._times.pop(child_id, None)
+                if times is not None:
+                    iteration_stats.finished_requests.append((status.finish_reason or "", now - times.arrival))
+        for output in processed.outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put(output)
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(scheduler_stats, iteration_stats)
 
     def _measure(self, core_outputs: list[Any]) -> IterationStats:
         stats = IterationStats()
@@ -284,7 +296,8 @@ class AsyncLLM:
             self._dead_error = error
             if log_error:
                 logger.error("%s", error)
-        for stream in self._streams.values():
+        for request_id, stream in self._streams.items():
+            self.output_processor.abort_request(request_id)
             stream.fail(self._dead_error)
         self._streams.clear()
         self._times.clear()
