@@ -50,10 +50,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, extra_args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, model_dir: Path, extra_args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 engine_options: dict[str, object] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        options = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_OPTIONS.items()]
+        options = [f"--{k.replace('_', '-')}={v}" for k, v in (engine_options or ENGINE_OPTIONS).items()]
         command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", str(model_dir), "--host", "127.0.0.1",
                    "--port", str(self.port), "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
                    *options, *extra_args]
