@@ -10,6 +10,9 @@ import httpx
 import pytest
 from conftest import ServerProcess, children_of, engine_core_pid, wait_gone
 
+for _package in ("fastapi", "uvicorn", "zmq", "prometheus_client"):
+    pytest.importorskip(_package)
+
 
 @pytest.mark.slow
 def test_sigint_with_an_open_stream_exits_cleanly(serve_model_dir, tmp_path):
