@@ -40,6 +40,10 @@ def __getattr__(name: str) -> object:
         from pagedllm.entrypoints.llm import LLM
 
         return LLM
+    if name in ("AsyncLLM", "AsyncLLMEngine"):  # vLLM v1 keeps AsyncLLMEngine as an alias
+        from pagedllm.engine.async_llm import AsyncLLM
+
+        return AsyncLLM
     if name == "LLMEngine":
         from pagedllm.engine.llm_engine import LLMEngine
 
@@ -53,6 +57,8 @@ __all__ = [
     "RequestOutputKind",
     "StructuredOutputsParams",
     "LLM",
+    "AsyncLLM",
+    "AsyncLLMEngine",
     "LLMEngine",
     "CompletionOutput",
     "Logprob",

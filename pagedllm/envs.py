@@ -67,3 +67,6 @@ def torch_profiler_dir() -> str | None:
     writes torch profiler traces; unset means profiling is off."""
     value = _get("TORCH_PROFILER_DIR")
     return os.path.abspath(os.path.expanduser(value)) if value else None
+def api_key() -> str | None:
+    """PAGEDLLM_API_KEY (alias VLLM_API_KEY): the bearer key `pagedllm serve` requires on /v1."""
+    return _get("API_KEY") or None

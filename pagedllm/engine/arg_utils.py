@@ -603,3 +603,7 @@ def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bo
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise ValueError(f"model={model_path!r} has no config.json: pass a model folder or hub id.")
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
+
+
+# vLLM's name for the options of its asynchronous engine; pagedllm's are the same options.
+AsyncEngineArgs = EngineArgs

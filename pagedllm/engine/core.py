@@ -12,6 +12,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.engine.stats import SchedulerStats
 from pagedllm.executor.base import Executor
 from pagedllm.structured_output import StructuredOutputManager
 from pagedllm.worker.memory_policy import largest_max_model_len
@@ -94,6 +95,9 @@ class EngineCore:
     def shutdown(self) -> None:
         self.executor.shutdown()
 
+    def make_stats(self) -> SchedulerStats:
+        """Running and waiting requests and KV cache usage, sent with each step's outputs."""
+        return self.scheduler.make_stats()
 
 def _with_auto_max_model_len(engine_config: EngineConfig, num_kv_blocks: int) -> EngineConfig:
     """max_model_len="auto": the model's length, or less when one request of it would not fit

@@ -43,6 +43,7 @@ from pagedllm.engine.scheduler_output import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from pagedllm.engine.stats import SchedulerStats
 
 if TYPE_CHECKING:
     # pagedllm.config imports torch; the scheduler only reads plain attributes from these.
@@ -136,6 +137,15 @@ class Scheduler:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
+
+    def make_stats(self) -> SchedulerStats:
+        """The load right now, for the server's metrics."""
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            num_preemptions=self.num_preemptions,
+        )
 
     def schedule(self) -> SchedulerOutput:
         kv = self.kv_cache_manager

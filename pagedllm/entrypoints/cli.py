@@ -125,7 +125,7 @@ def _add_plan_parser(commands: Any) -> Runner:
 def _add_serve_parser(commands: Any) -> Runner | None:
     """`serve` comes from the server package when it is installed alongside."""
     try:
-        server = importlib.import_module("pagedllm.entrypoints.openai")
+        server = importlib.import_module("pagedllm.entrypoints.openai.cli_args")
     except ModuleNotFoundError as error:
         if error.name is not None and error.name.startswith("pagedllm.entrypoints.openai"):
             return None

@@ -1,0 +1,321 @@
+"""`AsyncLLM`: the asynchronous engine behind the server, with vLLM v1's interface.
+
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=...))
+    async for output in engine.generate(prompt, SamplingParams(...), request_id):
+        ...  # a RequestOutput, cumulative: the text and tokens so far
+
+Tokenization (`InputProcessor`) and detokenization with stop strings (`OutputProcessor`) run
+here, in the front process, on the event loop; the step loop runs in the engine-core process
+(core_proc.py). One task receives every step's outputs and hands each request its latest
+output; a consumer that falls behind skips intermediate outputs (they are cumulative) instead
+of slowing the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.core_client import EngineCoreClient, EngineDeadError
+from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
+from pagedllm.engine.llm_engine import _eos_token_id
+from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
+from pagedllm.engine.outputs import RequestOutput
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.stats import IterationStats, SchedulerStats, StatLoggerBase
+from pagedllm.engine.tokenizer import init_tokenizer
+from pagedllm.inputs import PromptType
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncLLM", "EngineDeadError"]
+
+
+class _RequestStream:
+    """The latest output of one request, waiting for its consumer."""
+
+    __slots__ = ("latest", "error", "ready")
+
+    def __init__(self) -> None:
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        self.latest = output
+        self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.ready.set()
+
+    async def get(self) -> RequestOutput | None:
+        """The newest output; None when the request was aborted."""
+        await self.ready.wait()
+        self.ready.clear()
+        if self.latest is None and self.error is not None:
+            raise self.error
+        output, self.latest = self.latest, None
+        return output
+
+
+class _CompletionTimes:
+    __slots__ = ("arrival", "num_prompt_tokens", "last_token")
+
+    def __init__(self, arrival: float, num_prompt_tokens: int) -> None:
+        self.arrival = arrival
+        self.num_prompt_tokens = num_prompt_tokens
+        self.last_token: float | None = None
+
+
+class AsyncLLM:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        stat_loggers: list[StatLoggerBase] | None = None,
+    ) -> None:
+        start = time.perf_counter()
+        self.config = engine_config
+        self.model_config: ModelConfig = engine_config.model_config
+        self.tokenizer = init_tokenizer(self.model_config)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.eos_token_id = _eos_token_id(self.tokenizer, self.model_config.hf_config)
+        self.stat_loggers: list[StatLoggerBase] = list(stat_loggers or [])
+        self.scheduler_stats = SchedulerStats()
+        """The engine core's latest load figures."""
+        self._streams: dict[str, _RequestStream] = {}
+        self._times: dict[str, _CompletionTimes] = {}
+        """Per child request id (one per completion), for the latency metrics."""
+        self._dead_error: EngineDeadError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._output_task: asyncio.Task[None] | None = None
+        self.engine_core = EngineCoreClient(engine_config, self._on_engine_core_death)
+        logger.info("AsyncLLM ready in %.1f s.", time.perf_counter() - start)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, stat_loggers: list[StatLoggerBase] | None = None) -> AsyncLLM:
+        return cls(engine_args.create_engine_config(), stat_loggers=stat_loggers)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: EngineConfig, stat_loggers: list[StatLoggerBase] | None = None) -> AsyncLLM:
+        return cls(vllm_config, stat_loggers=stat_loggers)
+
+    # Properties and getters vLLM's AsyncLLM has.
+    @property
+    def errored(self) -> bool:
+        return self._dead_error is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self._dead_error is None
+
+    @property
+    def dead_error(self) -> BaseException:
+        return self._dead_error or EngineDeadError("The engine core is running.")
+
+    async def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.tokenizer
+
+    async def get_model_config(self) -> ModelConfig:
+        return self.model_config
+
+    async def check_health(self) -> None:
+        """Raises EngineDeadError when the engine core process is gone."""
+        if self._dead_error is not None:
+            raise self._dead_error
+
+    def process_input(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> ProcessedPrompt:
+        """Tokenizes and validates one prompt (ValueError when it cannot run)."""
+        if isinstance(prompt, ProcessedPrompt):
+            return prompt
+        return self.input_processor.process(prompt, params)
+
+    async def generate(
+        self,
+        prompt: PromptType | ProcessedPrompt,
+        sampling_params: SamplingParams,
+        request_id: str,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Yields the request's cumulative outputs until the last one (`finished=True`). A bad
+        prompt raises ValueError before anything runs; a dead engine core, EngineDeadError.
+        Closing the generator (or cancelling its task, as a disconnecting client does) aborts
+        the request."""
+        stream = self.add_request(request_id, prompt, sampling_params)  # raises before anything runs
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                if output is None:
+                    return  # aborted by abort()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished and self._streams.get(request_id) is stream:
+                self._abort([request_id])
+
+    def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> _RequestStream:
+        if self._dead_error is not None:
+            raise self._dead_error
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
+        if request_id in self._streams:
+            raise ValueError(f"Request id {request_id!r} is already running; give each request its own id.")
+        processed = self.process_input(prompt, params)
+        self._start_output_handler()
+        child_ids = child_request_ids(request_id, params.n)
+        child_params = [child_sampling_params(params, index) for index in range(params.n)]
+        self.output_processor.add_request(
+            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params
+        )
+        stream = _RequestStream()
+        self._streams[request_id] = stream
+        now = time.monotonic()
+        requests = []
+        for child_id, child_param in zip(child_ids, child_params):
+            self._times[child_id] = _CompletionTimes(now, len(processed.prompt_token_ids))
+            requests.append(
+                Request(
+                    request_id=child_id,
+                    prompt_token_ids=list(processed.prompt_token_ids),
+                    sampling_params=child_param,
+                    eos_token_id=self.eos_token_id,
+                    max_tokens=processed.max_tokens,
+                )
+            )
+        self.engine_core.add_requests(requests)
+        return stream
+
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Stops requests now: the engine core frees their KV blocks before its next step, and
+        their generate() iterators end."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        self._abort(ids)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        child_ids: list[str] = []
+        for request_id in request_ids:
+            children = self.output_processor.abort_request(request_id)
+            child_ids.extend(children)
+            for child_id in children:
+                self._times.pop(child_id, None)
+            stream = self._streams.pop(request_id, None)
+            if children:
+                logger.info("Aborted request %s.", request_id)
+            if stream is not None:
+                stream.ready.set()  # wakes its consumer with nothing: the iterator ends
+        if child_ids and self._dead_error is None:
+            self.engine_core.abort_requests(child_ids)
+
+    def _start_output_handler(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._output_task is not None and not self._output_task.done() and self._loop is loop:
+            return
+        self._loop = loop
+        self._output_task = loop.create_task(self._handle_outputs(), name="pagedllm-output-handler")
+
+    async def _handle_outputs(self) -> None:
+        try:
+            while self._dead_error is None:
+                message = await self.engine_core.get_output()
+                if message[0] == "error":
+                    self._fail_all(EngineDeadError(f"The engine core failed: {message[1]}"))
+                    return
+                self._process(message[1], message[2])
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - without this task no request can finish
+            logger.exception("The output handler failed.")
+            self._fail_all(EngineDeadError(f"The output handler failed: {type(error).__name__}: {error}"))
+
+    def _process(self, core_outputs: list[Any], scheduler_stats: SchedulerStats) -> None:
+        self.scheduler_stats = scheduler_stats
+        iteration_stats = self._measure(core_outputs)
+        processed = self.output_processor.process_outputs(core_outputs)
+        # Finished here, not in the engine core: it must stop them, and sends no last output.
+        now = time.monotonic()
+        for status, child_ids in ((RequestStatus.FINISHED_STOPPED, processed.stopped_by_string),
+                                  (RequestStatus.FINISHED_ERROR, processed.failed)):
+            if child_ids:
+                self.engine_core.abort_requests(child_ids, status)
+            for child_id in child_ids:
+                times = self._times.pop(child_id, None)
+                if times is not None:
+                    iteration_stats.finished_requests.append((status.finish_reason or "", now - times.arrival))
+        for output in processed.outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put(output)
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(scheduler_stats, iteration_stats)
+
+    def _measure(self, core_outputs: list[Any]) -> IterationStats:
+        stats = IterationStats()
+        now = time.monotonic()
+        for output in core_outputs:
+            times = self._times.get(output.request_id)
+            if times is None:
+                continue
+            if output.new_token_ids:
+                stats.num_generation_tokens += len(output.new_token_ids)
+                if times.last_token is None:
+                    stats.num_prompt_tokens += times.num_prompt_tokens
+                    stats.time_to_first_tokens.append(now - times.arrival)
+                else:
+                    stats.inter_token_latencies.append(now - times.last_token)
+                times.last_token = now
+            if output.finish_reason is not None:
+                stats.finished_requests.append((output.finish_reason, now - times.arrival))
+                del self._times[output.request_id]
+        return stats
+
+    def _on_engine_core_death(self, message: str) -> None:
+        """Called from the watcher thread when the engine-core process dies."""
+        error = EngineDeadError(f"{message} Every pending request failed; restart the server.")
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, error)
+                return
+            except RuntimeError:
+                pass
+        self._dead_error = self._dead_error or error
+
+    def _fail_all(self, error: EngineDeadError, log_error: bool = True) -> None:
+        if self._dead_error is None:
+            self._dead_error = error
+            if log_error:
+                logger.error("%s", error)
+        for request_id, stream in self._streams.items():
+            self.output_processor.abort_request(request_id)
+            stream.fail(self._dead_error)
+        self._streams.clear()
+        self._times.clear()
+        if self._output_task is not None and self._output_task is not asyncio.current_task():
+            self._output_task.cancel()
+
+    def shutdown(self) -> None:
+        """Stops the engine-core process (and its workers); pending generate() iterators raise
+        EngineDeadError. Safe to call more than once, from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop.is_running():
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            error = EngineDeadError("The engine was shut down.")
+            if on_loop:
+                self._fail_all(error, log_error=False)
+            else:
+                loop.call_soon_threadsafe(self._fail_all, error, False)
+        self.engine_core.shutdown()

@@ -1,0 +1,128 @@
+"""The engine-core process: `EngineCore`'s step loop in its own process, fed over ZeroMQ.
+
+The front process (`AsyncLLM`) tokenizes, detokenizes and serves HTTP; this process only
+schedules and runs steps, so neither holds the other's GIL. Messages are pickled tuples of
+plain dataclasses over local IPC sockets that only the two processes know (never network
+input):
+
+    front -> core   ("add", [Request, ...]) | ("abort", [request_id, ...], RequestStatus)
+                    | ("shutdown",)
+    core -> front   ("outputs", [EngineCoreOutput, ...], SchedulerStats) | ("error", text)
+
+Start-up ends with ("ready", num_kv_blocks) or ("error", text) on a pipe. The process leaves
+when the front process dies (it watches its parent), so it is never orphaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import zmq
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.request import RequestStatus
+
+logger = logging.getLogger(__name__)
+
+ADD, ABORT, SHUTDOWN, OUTPUTS, ERROR, READY = "add", "abort", "shutdown", "outputs", "error", "ready"
+
+
+def run_engine_core(
+    engine_config: EngineConfig, input_address: str, output_address: str, ready_conn: Connection
+) -> None:
+    """The body of the engine-core process."""
+    # Ctrl-C reaches the whole process group; the front process decides and tells us to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    _exit_with_parent()
+    from pagedllm.engine.core import EngineCore
+
+    try:
+        engine_core = EngineCore(engine_config)
+    except BaseException as error:  # noqa: BLE001 - every start-up failure goes to the front
+        ready_conn.send((ERROR, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+        ready_conn.close()
+        raise SystemExit(1) from None
+    context = zmq.Context(io_threads=1)
+    input_socket = context.socket(zmq.PULL)
+    input_socket.connect(input_address)
+    output_socket = context.socket(zmq.PUSH)
+    output_socket.setsockopt(zmq.LINGER, 2000)
+    output_socket.connect(output_address)
+    ready_conn.send((READY, engine_core.num_kv_blocks))
+    ready_conn.close()
+    try:
+        _EngineCoreLoop(engine_core, input_socket, output_socket).run()
+    except Exception as error:  # noqa: BLE001 - the front must learn why every request failed
+        logger.exception("The engine core failed.")
+        output_socket.send(pickle.dumps((ERROR, f"{type(error).__name__}: {error}")))
+        raise SystemExit(1) from None
+    finally:
+        engine_core.shutdown()
+        input_socket.close(linger=0)
+        output_socket.close()
+        context.term()
+
+
+class _EngineCoreLoop:
+    def __init__(self, engine_core: Any, input_socket: zmq.Socket, output_socket: zmq.Socket) -> None:
+        self.engine_core = engine_core
+        self.input_socket = input_socket
+        self.output_socket = output_socket
+        self._last_stats: object = None
+
+    def run(self) -> None:
+        core = self.engine_core
+        while True:
+            # Idle: sleep until a message comes. Busy: take what came, then step.
+            if not core.has_unfinished_requests():
+                self.input_socket.poll(timeout=None)
+            while self.input_socket.poll(timeout=0):
+                if not self._handle(pickle.loads(self.input_socket.recv())):
+                    return
+            outputs = core.step() if core.has_unfinished_requests() else []
+            stats = core.make_stats()
+            if outputs or stats != self._last_stats:
+                self.output_socket.send(pickle.dumps((OUTPUTS, outputs, stats), protocol=pickle.HIGHEST_PROTOCOL))
+                self._last_stats = stats
+
+    def _handle(self, message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == ADD:
+            for request in message[1]:
+                self.engine_core.add_request(request)
+        elif kind == ABORT:
+            status = message[2] if len(message) > 2 else RequestStatus.FINISHED_ABORTED
+            self.engine_core.finish_requests(message[1], status)
+        elif kind == SHUTDOWN:
+            return False
+        else:
+            raise ValueError(f"Unknown engine-core message {kind!r}.")
+        return True
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_with_parent() -> None:
+    """End this process when the front process ends, even if it was killed (SIGKILL leaves it
+    no chance to say goodbye). The executor's workers watch this process the same way."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pagedllm-parent-watch", daemon=True).start()

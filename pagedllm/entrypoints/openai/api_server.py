@@ -1,0 +1,143 @@
+"""The FastAPI app of `pagedllm serve`: /health, /v1/models, /v1/completions,
+/v1/chat/completions, /metrics; errors in OpenAI's shape; optional bearer-key auth."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import pagedllm
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.core_client import EngineDeadError
+from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
+from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_engine import RequestError, error_response
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(
+    engine: AsyncLLM,
+    served_model_names: list[str],
+    metrics: PrometheusStatLogger,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    completions = OpenAIServingCompletion(engine, served_model_names)
+    chat = OpenAIServingChat(engine, served_model_names, chat_template)
+
+    if api_key:
+        app.add_middleware(_BearerKeyMiddleware, expected=f"Bearer {api_key}".encode())
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, error: RequestError) -> JSONResponse:
+        return error_response(str(error), error.status, error.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')} (got {e.get('input')!r})"
+            for e in error.errors()
+        )
+        return error_response(f"Invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(str(error.detail), HTTPStatus(error.status_code))
+
+    @app.exception_handler(EngineDeadError)
+    async def on_engine_dead(request: Request, error: EngineDeadError) -> JSONResponse:
+        return error_response(f"EngineDeadError: {error}", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await engine.check_health()
+        except EngineDeadError as error:
+            return error_response(f"EngineDeadError: {error}", HTTPStatus.SERVICE_UNAVAILABLE)
+        return Response(status_code=200)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": pagedllm.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        root = engine.model_config.model
+        max_model_len = engine.model_config.max_model_len
+        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=max_model_len) for name in served_model_names])
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
+        await engine.check_health()
+        return await completions.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
+        await engine.check_health()
+        return await chat.create_chat_completion(request, raw_request)
+
+    return app
+
+
+class _BearerKeyMiddleware:
+    """Refuses /v1/* without `Authorization: Bearer KEY` (plain ASGI: streaming and client
+    disconnects pass through untouched). /health and /metrics stay open, as in vLLM."""
+
+    def __init__(self, app: ASGIApp, expected: bytes) -> None:
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(
+                    "Unauthorized: send the server's API key as 'Authorization: Bearer KEY'.", HTTPStatus.UNAUTHORIZED
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def main() -> int:
+    """`python -m pagedllm.entrypoints.openai.api_server --model M ...`, as with vLLM; the same
+    as `pagedllm serve`."""
+    import argparse
+
+    from pagedllm.entrypoints.openai.cli_args import add_serve_arguments, run_serve
+
+    parser = argparse.ArgumentParser(prog="python -m pagedllm.entrypoints.openai.api_server")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""`pagedllm serve [MODEL] [--host] [--port] [--api-key] [--served-model-name]
+[--chat-template] [engine options]`: the parser and the runner of the subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from typing import Any
+
+from pagedllm import envs
+from pagedllm.engine.arg_utils import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    serve = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics).",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(dispatch=run_serve)
+    return serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="model folder, .gguf file or hub id (same as --model; default: the embedded model)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $PAGEDLLM_API_KEY or $VLLM_API_KEY)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="name(s) clients use in 'model' (default: the model argument)")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug", "trace"))
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    EngineArgs.add_cli_args(parser)
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's content, or the template text itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as file:
+            return file.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(
+        f"--chat-template {value!r} is neither a file nor a Jinja template; pass a path to a "
+        "template file or the template text (with {{ ... }} / {% ... %})."
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """Stops the engine as soon as SIGINT / SIGTERM arrives, so open streams end at once
+        (with an error event) instead of holding the graceful shutdown."""
+
+        async def serve(self, sockets: Any = None) -> None:
+            self.running_loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has shut down, which kills the process
+            # (SIGTERM) or raises KeyboardInterrupt (SIGINT); the shutdown is clean, so exit
+            # with status 0 instead.
+            getattr(self, "_captured_signals", []).clear()
+            loop = getattr(self, "running_loop", None)
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(engine.shutdown)
+
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.entrypoints.openai.api_server import build_app
+    from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
+
+    if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
+        raise ValueError(f"Two models given: {args.model_tag!r} and --model {args.model!r}; give one.")
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}.")
+    chat_template = load_chat_template(args.chat_template)
+    engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.model is None:
+        from pagedllm.model_loader.default_model import DEFAULT_MODEL_NAME
+
+        logger.info("No model given: serving the embedded default model %s.", DEFAULT_MODEL_NAME)
+        served_model_names = args.served_model_name or [DEFAULT_MODEL_NAME.split(" ")[0]]
+    else:
+        served_model_names = args.served_model_name or [engine_args.model]
+    metrics = PrometheusStatLogger(served_model_names[0])
+    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[metrics])
+    try:
+        app = build_app(engine, served_model_names, metrics, args.api_key or envs.api_key(), chat_template)
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            # Open streams get this long to finish at shutdown (SIGTERM / Ctrl-C).
+            timeout_graceful_shutdown=5,
+        )
+        logger.info("Serving %s at http://%s:%d (OpenAI API under /v1).", served_model_names[0], args.host, args.port)
+        _Server(config).run()
+    finally:
+        engine.shutdown()
+    return 0

@@ -1,0 +1,252 @@
+"""What both generation endpoints share: model check, errors in OpenAI's shape, sampling
+parameters from a request body, prompt length checks, logprobs, and client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.input_processor import ProcessedPrompt
+from pagedllm.engine.outputs import CompletionOutput, RequestOutput
+from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+
+T = TypeVar("T")
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes an OpenAI error body with this status."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+_ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: "BadRequestError",
+    HTTPStatus.UNAUTHORIZED: "AuthenticationError",
+    HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
+    HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError",
+}
+
+
+def error_body(message: str, status: HTTPStatus, param: str | None = None) -> dict[str, Any]:
+    error = ErrorInfo(message=message, type=_ERROR_TYPES.get(status, status.phrase), param=param, code=int(status))
+    return ErrorResponse(error=error).model_dump()
+
+
+def error_response(message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=int(status))
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event; `payload` is a pydantic model or a dict."""
+    text = payload.model_dump_json(exclude_unset=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {text}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str]) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.max_model_len = engine.model_config.max_model_len
+        self.tokenizer = engine.tokenizer
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise RequestError(
+                f"The model `{model}` does not exist; this server serves {self.served_model_names}.",
+                HTTPStatus.NOT_FOUND, "model",
+            )
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("The server runs with --skip-tokenizer-init: send prompts as token ids.", param="prompt")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, name: str = "max_tokens") -> int:
+        """max_tokens, or all the room left when None; a ValueError saying by how much the
+        request is too long otherwise."""
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"prompt has {num_prompt_tokens} tokens, {1 - room} more than fit with at least one "
+                "output token. Please reduce the length of the prompt.",
+                param="prompt" if name == "max_tokens" else "messages",
+            )
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise RequestError(
+                f"'{name}' is too large: {max_tokens}. This model's maximum context length is "
+                f"{self.max_model_len} tokens and your request has {num_prompt_tokens} input tokens "
+                f"({max_tokens} > {self.max_model_len} - {num_prompt_tokens}), "
+                f"{max_tokens - room} tokens too many. Please reduce the length of the prompt or {name}.",
+                param=name,
+            )
+        return max_tokens
+
+    def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None, **extra: Any) -> SamplingParams:
+        """The SamplingParams of a request body; a bad value is a 400 naming the field."""
+        fields: dict[str, Any] = dict(
+            n=request.n,
+            max_tokens=max_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=0 if request.top_k is None else request.top_k,
+            min_p=0.0 if request.min_p is None else request.min_p,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            seed=request.seed,
+            stop=request.stop,
+            stop_token_ids=request.stop_token_ids,
+            ignore_eos=request.ignore_eos,
+            min_tokens=request.min_tokens,
+            logprobs=logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            **extra,
+        )
+        structured = self._structured_outputs(request)
+        if structured is not None:
+            fields["structured_outputs"] = structured
+        try:
+            return SamplingParams(**fields)
+        except (ValueError, TypeError) as error:
+            raise RequestError(str(error).replace("SamplingParams.", "")) from None
+
+    @staticmethod
+    def _structured_outputs(request: SamplingFields) -> Any:
+        spec: dict[str, Any] | None = None
+        response_format = request.response_format
+        if response_format is not None and response_format.type == "json_schema":
+            schema = response_format.json_schema.schema_ if response_format.json_schema else None
+            if schema is None:
+                raise RequestError("response_format json_schema needs json_schema.schema.", param="response_format")
+            spec = {"json": schema}
+        elif response_format is not None and response_format.type == "json_object":
+            spec = {"json_object": True}
+        elif request.structured_outputs:
+            spec = dict(request.structured_outputs)
+        elif request.guided_json is not None:
+            spec = {"json": request.guided_json}
+        if spec is None:
+            return None
+        try:
+            from pagedllm.engine.sampling_params import StructuredOutputsParams  # type: ignore[attr-defined]
+        except ImportError:
+            raise RequestError("response_format is not supported by this server.", param="response_format") from None
+        try:
+            return StructuredOutputsParams(**spec)
+        except (ValueError, TypeError) as error:
+            raise RequestError(f"Bad structured output request: {error}", param="response_format") from None
+
+    def process_input(self, prompt: dict[str, Any], params: SamplingParams) -> ProcessedPrompt:
+        """Checks the prompt before any response starts, so a bad one is a 400 even when
+        streaming."""
+        try:
+            return self.engine.process_input(prompt, params)
+        except (ValueError, TypeError) as error:
+            raise RequestError(str(error), param="prompt") from None
+
+    async def generate(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        try:
+            async for output in self.engine.generate(prompt, params, request_id):
+                yield output
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+
+
+def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def top_entries(completion: CompletionOutput, start: int, end: int, num_top: int) -> list[tuple[int, Any, list[tuple[int, Any]]]]:
+    """(token id, its Logprob, the num_top most likely (id, Logprob)) at positions [start, end)."""
+    rows = []
+    logprobs = completion.logprobs or []
+    for position in range(start, min(end, len(logprobs), len(completion.token_ids))):
+        entry = logprobs[position]
+        token_id = completion.token_ids[position]
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
+        rows.append((token_id, entry[token_id], ranked[:num_top]))
+    return rows
+
+
+def token_text(token_id: int, logprob: Any) -> str:
+    return logprob.decoded_token if logprob.decoded_token is not None else f"token_id:{token_id}"
+
+
+async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged with the iterator's index."""
+    if len(iterators) == 1:
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+
+    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
+        try:
+            async for item in iterator:
+                await queue.put((index, item, None, False))
+            await queue.put((index, None, None, True))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((index, None, error, True))
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item, error, done = await queue.get()
+            if error is not None:
+                raise error
+            if done:
+                remaining -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def listen_for_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(work: Awaitable[T], raw_request: Request) -> T | None:
+    """Runs `work` until done, or cancels it (aborting its requests) when the client leaves."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(listen_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    return task.result()

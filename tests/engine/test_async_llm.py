@@ -1,0 +1,162 @@
+"""AsyncLLM: the engine core in its own process, outputs streamed to asyncio consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from tiny_models import make_tiny_checkpoint
+
+pytest.importorskip("zmq")  # the GPU machine runs the suite from source, maybe without pyzmq
+
+from pagedllm import LLM, AsyncLLM, SamplingParams  # noqa: E402
+from pagedllm.engine.arg_utils import EngineArgs  # noqa: E402
+from pagedllm.engine.core_client import EngineDeadError  # noqa: E402
+
+ENGINE_OPTIONS = dict(dtype="float32", device="cpu", max_model_len=256, kv_cache_memory_bytes=1 << 22, enable_prefix_caching=False)
+PROMPTS = ["hello world", "the paged attention model", "café naïve 中文 🙂"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_bpe_tokenizer_dir):
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("async_llm") / "model", "qwen3", vocab_size=512,
+        tokenizer_dir=tiny_bpe_tokenizer_dir, seed=5,
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), **ENGINE_OPTIONS))
+    yield engine
+    engine.shutdown()
+
+
+async def _final(engine, prompt, params, request_id):
+    final = None
+    async for output in engine.generate(prompt, params, request_id):
+        final = output
+    return final
+
+
+def test_concurrent_requests_equal_llm_generate(engine, model_dir):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    llm = LLM(str(model_dir), **ENGINE_OPTIONS)
+    expected = llm.generate(PROMPTS, params, use_tqdm=False)
+    llm.shutdown()
+
+    async def run():
+        return await asyncio.gather(*(_final(engine, p, params, f"r{i}") for i, p in enumerate(PROMPTS)))
+
+    for got, want in zip(asyncio.run(run()), expected):
+        assert got.finished and got.prompt_token_ids == want.prompt_token_ids
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].text == want.outputs[0].text
+        # Same process layout differs (a second process), same float32 CPU kernels: close values.
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+def test_outputs_are_cumulative_and_stop_strings_apply(engine):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    async def run():
+        outputs = [o async for o in engine.generate(PROMPTS[1], params, "cumulative")]
+        full = outputs[-1].outputs[0].text
+        stop = full[4:7]
+        stopped = await _final(engine, PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]), "stopped")
+        return outputs, full, stop, stopped
+
+    outputs, full, stop, stopped = asyncio.run(run())
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    assert lengths == sorted(lengths) and lengths[-1] == 20 and outputs[-1].finished
+    assert all(not o.finished for o in outputs[:-1])
+    assert stopped.outputs[0].text == full[: full.index(stop)]
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == stop
+
+
+def test_bad_prompt_raises_and_others_go_on(engine):
+    async def run():
+        with pytest.raises(ValueError, match="max_model_len"):
+            await _final(engine, {"prompt_token_ids": [5] * 300}, SamplingParams(), "too-long")
+        return await _final(engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=3), "fine")
+
+    assert len(asyncio.run(run()).outputs[0].token_ids) >= 1
+
+
+def test_abort_frees_the_kv_blocks(engine):
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def run():
+        generator = engine.generate(PROMPTS[0] * 8, params, "long")
+        await generator.__anext__()
+        assert engine.scheduler_stats.kv_cache_usage > 0
+        await engine.abort("long")
+        with pytest.raises(StopAsyncIteration):
+            await generator.__anext__()
+        deadline = time.monotonic() + 10
+        while engine.scheduler_stats.num_running_reqs or engine.scheduler_stats.kv_cache_usage:
+            assert time.monotonic() < deadline, engine.scheduler_stats
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+
+
+def test_dead_engine_core_fails_pending_requests(engine):
+    # Runs last: it kills the module's engine.
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def run():
+        generator = engine.generate(PROMPTS[0], params, "doomed")
+        await generator.__anext__()
+        os.kill(engine.engine_core.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="died"):
+            async for _ in generator:
+                pass
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+        assert engine.errored
+
+    asyncio.run(run())
+
+
+def test_engine_core_exits_when_the_front_process_is_killed(model_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pagedllm import AsyncLLM
+        from pagedllm.engine.arg_utils import EngineArgs
+        if __name__ == "__main__":
+            engine = AsyncLLM.from_engine_args(EngineArgs(model={str(model_dir)!r}, **{ENGINE_OPTIONS!r}))
+            print(engine.engine_core.pid, flush=True)
+            time.sleep(600)
+    """)
+    (tmp_path / "front.py").write_text(script)
+    front = subprocess.Popen([sys.executable, str(tmp_path / "front.py")], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        core_pid = int(front.stdout.readline())
+        front.kill()
+        front.wait()
+        deadline = time.monotonic() + 15
+        while _alive(core_pid):
+            assert time.monotonic() < deadline, f"engine core {core_pid} outlived its front process"
+            time.sleep(0.1)
+    finally:
+        front.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
