@@ -1,0 +1,1 @@
+"""Kernels and the shared integer-weight core of the quantization methods."""
