@@ -184,3 +184,26 @@ def assert_engine_matches_reference(path: Path, reference: torch.nn.Module, **ll
             worst = max(worst, abs(logprob.logprob - expected[position - 1, token_id].item()))
     assert worst <= LOGPROB_ATOL, f"prompt logprobs differ by {worst:.2e} (> {LOGPROB_ATOL})"
     assert list(output.outputs[0].token_ids) == hf_tokens
+
+
+def ct_tensors(qt: Quantized, bits: int, sym: bool, with_g_idx: bool = False) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors of a quantization (offset-by-2**(bits-1)
+    unsigned values equal this quantizer's unsigned ones: its symmetric zero is 2**(bits-1))."""
+    tensors = {
+        "weight_packed": pack_along_rows(qt.q, bits).t().contiguous(),
+        "weight_scale": qt.scales.t().contiguous(),
+        "weight_shape": torch.tensor([qt.q.shape[1], qt.q.shape[0]]),
+    }
+    if not sym:
+        tensors["weight_zero_point"] = pack_along_rows(qt.zeros.t(), bits)
+    if with_g_idx:
+        tensors["weight_g_idx"] = qt.g_idx
+    return tensors
+
+
+def checkpoint_tensors(method: str, qt: Quantized, bits: int, sym: bool, g_idx: bool) -> dict[str, torch.Tensor]:
+    if method == "gptq":
+        return gptq_tensors(qt, bits)
+    if method == "awq":
+        return awq_tensors(qt)
+    return ct_tensors(qt, bits, sym, g_idx)
