@@ -164,16 +164,10 @@ def _load_dummy(
     model: torch.nn.Module, model_config: ModelConfig, load_config: LoadConfig, stats: ReadStats
 ) -> None:
     initialize_dummy_weights(model)
-    # Quantized layers' packed integers and scales need values their format can use (valid
-    # g_idx, positive scales): their method's optional `dummy_init(layer, generator)` fills them.
-    generators: dict[torch.device, torch.Generator] = {}
     for module in model.modules():
-        dummy_init = getattr(getattr(module, "quant_method", None), "dummy_init", None)
-        param = next(module.parameters(recurse=False), None)
-        if dummy_init is None or param is None:
-            continue
-        generator = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(0))
-        dummy_init(module, generator)
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None and hasattr(quant_method, "initialize_dummy_weights"):
+            quant_method.initialize_dummy_weights(module)
 
 
 def _load_sharded_state(

@@ -151,7 +151,13 @@ class IntGroupLinearMethod(LinearMethodBase):
 
     @abstractmethod
     def dummy_init(self, layer: nn.Module, generator: torch.Generator) -> None:
-        """Fill the checkpoint parameters with random but sane values (load_format='dummy')."""
+        """Fill the checkpoint parameters with random but sane values."""
+
+    def initialize_dummy_weights(self, layer: nn.Module) -> None:
+        """load_format='dummy': valid packed integers, small positive scales, in-order g_idx
+        (the loader's generic fill zeroes integers and gives scales of either sign)."""
+        device = next(layer.parameters()).device
+        self.dummy_init(layer, torch.Generator(device=device).manual_seed(0))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         qweight, scales, zeros, g_idx = self.to_internal(layer)

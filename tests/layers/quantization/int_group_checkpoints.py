@@ -201,6 +201,20 @@ def ct_tensors(qt: Quantized, bits: int, sym: bool, with_g_idx: bool = False) ->
     return tensors
 
 
+class OneMethodConfig:
+    """A quantization config giving every layer the method `make()` builds (stands in for
+    the compressed-tensors dispatcher, which lives in another module)."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def get_name(self) -> str:
+        return "compressed-tensors"
+
+    def get_linear_method(self, layer, prefix):
+        return self.make()
+
+
 def checkpoint_tensors(method: str, qt: Quantized, bits: int, sym: bool, g_idx: bool) -> dict[str, torch.Tensor]:
     if method == "gptq":
         return gptq_tensors(qt, bits)

@@ -8,41 +8,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from int_group_checkpoints import checkpoint_tensors, quantize
+from int_group_checkpoints import OneMethodConfig, checkpoint_tensors, quantize
 
 from pagedllm.distributed.parallel_state import override_tp_state_for_testing
 from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.quantization.awq import AWQConfig
-from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.quantization.compressed_tensors_wNa16 import CompressedTensorsWNA16
 from pagedllm.layers.quantization.gptq import GPTQConfig
 
 ATOL = 1e-4
 
 
-class _CompressedTensorsW4A16(QuantizationConfig):
-    """Stands in for the compressed-tensors dispatcher: one method for every layer."""
-
-    def __init__(self, sym: bool, group_size: int, actorder: str | None) -> None:
-        self.args = (4, group_size, sym, "group", actorder)
-
-    def get_name(self) -> str:
-        return "compressed-tensors"
-
-    @classmethod
-    def from_config(cls, config):
-        raise NotImplementedError
-
-    def get_linear_method(self, layer, prefix):
-        return CompressedTensorsWNA16(*self.args)
-
-
-def make_config(method: str, sym: bool, group_size: int, act_order: bool) -> QuantizationConfig:
+def make_config(method: str, sym: bool, group_size: int, act_order: bool):
     if method == "gptq":
         return GPTQConfig.from_config({"bits": 4, "group_size": group_size, "desc_act": act_order, "sym": sym})
     if method == "awq":
         return AWQConfig.from_config({"bits": 4, "group_size": group_size, "zero_point": True})
-    return _CompressedTensorsW4A16(sym, group_size, "group" if act_order else None)
+    actorder = "group" if act_order else None
+    return OneMethodConfig(lambda: CompressedTensorsWNA16(4, group_size, sym, "group", actorder))
 
 
 def random_g_idx(num_rows: int, group_size: int, seed: int) -> torch.Tensor:
