@@ -163,8 +163,9 @@ GREEDY_TOKENS = 8
 LOGPROB_ATOL = 1e-4
 
 
-def assert_engine_matches_reference(path: Path, reference: torch.nn.Module, **llm_kwargs) -> None:
-    """`LLM(path, dtype="float32")`'s prompt logprobs are the reference's within LOGPROB_ATOL and
+def assert_engine_matches_reference(path: Path, reference: torch.nn.Module, atol: float = LOGPROB_ATOL,
+                                    **llm_kwargs) -> None:
+    """`LLM(path, dtype="float32")`'s prompt logprobs are the reference's within `atol` and
     its greedy tokens are the reference's."""
     from pagedllm import LLM, SamplingParams
 
@@ -182,8 +183,9 @@ def assert_engine_matches_reference(path: Path, reference: torch.nn.Module, **ll
     for position in range(1, len(PROMPT)):
         for token_id, logprob in output.prompt_logprobs[position].items():
             worst = max(worst, abs(logprob.logprob - expected[position - 1, token_id].item()))
-    assert worst <= LOGPROB_ATOL, f"prompt logprobs differ by {worst:.2e} (> {LOGPROB_ATOL})"
+    assert worst <= atol, f"prompt logprobs differ by {worst:.2e} (> {atol})"
     assert list(output.outputs[0].token_ids) == hf_tokens
+    llm.shutdown()
 
 
 def ct_tensors(qt: Quantized, bits: int, sym: bool, with_g_idx: bool = False) -> dict[str, torch.Tensor]:

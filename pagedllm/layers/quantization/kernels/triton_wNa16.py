@@ -1,0 +1,148 @@
+"""Triton weight-only GEMM over the internal int-group layout (kernels/int_group.py):
+out = x @ W with W[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n], dequantized inside
+the kernel tile by tile, accumulated in float32.
+
+Decode (M <= 16 rows) is memory-bound: the kernel reads each packed word once and splits K
+across programs (float32 atomic adds) so that enough programs stream the weight to fill every
+SM. Prefill tiles over M with no split. Groups: each K tile lies inside one group (the tile
+size divides group_size), so a tile loads one row of scales and zeros; act-order layers pass
+`row_group` and load per-row scales instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _int_group_gemm_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr,
+    M, N, K, group_size,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    stride_om, stride_on,
+    BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_words = tl.arange(0, BLOCK_K // PACK)
+    shifts = tl.arange(0, PACK) * BITS
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    tile_start = pid_k * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(tile_start, tile_end):
+        k0 = tile * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # Each packed word is read once, then spread over its PACK rows.
+        word_rows = k0 // PACK + offs_words
+        words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                        mask=(word_rows[:, None] < K // PACK) & mask_n[None, :], other=0)
+        q = (words[:, None, :] >> shifts[None, :, None]) & MASK
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        if HAS_ROW_GROUP:
+            groups = tl.load(row_group_ptr + offs_k, mask=mask_k, other=0)
+            scale = tl.load(scales_ptr + groups[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + groups[:, None] * stride_zg + offs_n[None, :] * stride_zn,
+                           mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            w = (q - zero) * scale
+        else:
+            group = k0 // group_size
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
+            zero = tl.load(zeros_ptr + group * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
+            w = (q - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
+        if IEEE:
+            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    if not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device) -> dict[str, int]:
+    """Tiles, split-K and warps for one shape. `tile_group`: the K tile must divide it."""
+    if m <= 16:
+        block_m, block_n, block_k, warps, stages = 16, 128 if n >= 128 else 64, 128, 4, 4
+    elif m <= 64:
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
+    else:
+        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
+    while tile_group % block_k:
+        block_k //= 2
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    # Enough programs to keep every SM streaming weights (about four per SM).
+    split_k = max(1, min(k_tiles, (4 * _num_sms(device.index) + tiles - 1) // tiles)) if m <= 64 else 1
+    # Every split gets at least one K tile.
+    split_k = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split_k))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                num_warps=warps, num_stages=stages)
+
+
+def triton_int_group_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bits: int, group_size: int, perm: torch.Tensor | None = None,
+    row_group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x @ W` for a 2-D `x` [M, K] in the scales' dtype; same arguments as the reference."""
+    if perm is not None:
+        x = x.index_select(-1, perm.long())
+    x = x.to(scales.dtype)
+    m, k = x.shape
+    n = qweight.shape[1]
+    pack = 32 // bits
+    if k % pack or qweight.shape[0] != k // pack:
+        raise ValueError(f"x has {k} input features but the weight packs {qweight.shape[0] * pack}.")
+    if row_group is None and group_size != -1 and group_size % 16:
+        # Tiles of 16 rows cannot sit inside such groups: read each row's group instead.
+        row_group = torch.arange(k, device=x.device, dtype=torch.int32) // group_size
+    # One group (per-channel) or per-row groups: any K tile fits, so no limit on its size.
+    uniform_groups = row_group is None and group_size != -1
+    config = _launch_config(m, n, k, group_size if uniform_groups else 1 << 30, x.device)
+    # The kernel's group of a tile is k0 // kernel_group_size: 0 for one group.
+    kernel_group_size = group_size if uniform_groups else k + config["BLOCK_K"]
+    split_k = config["SPLIT_K"]
+    if split_k > 1:
+        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split_k)
+    _int_group_gemm_kernel[grid](
+        x, qweight, scales, zeros, row_group if row_group is not None else qweight, out,
+        m, n, k, kernel_group_size,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
+        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+        out.stride(0), out.stride(1),
+        BITS=bits, HAS_ROW_GROUP=row_group is not None, IEEE=x.dtype == torch.float32, **config,
+    )
+    return out.to(x.dtype) if split_k > 1 else out
