@@ -112,9 +112,10 @@ def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device
 def triton_int_group_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bits: int, group_size: int, perm: torch.Tensor | None = None,
-    row_group: torch.Tensor | None = None,
+    row_group: torch.Tensor | None = None, config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """`x @ W` for a 2-D `x` [M, K] in the scales' dtype; same arguments as the reference."""
+    """`x @ W` for a 2-D `x` [M, K] in the scales' dtype; same arguments as the reference.
+    `config` overrides the launch heuristics (benchmarks/int4_gemm.py --sweep)."""
     if perm is not None:
         x = x.index_select(-1, perm.long())
     x = x.to(scales.dtype)
@@ -128,7 +129,7 @@ def triton_int_group_matmul(
         row_group = torch.arange(k, device=x.device, dtype=torch.int32) // group_size
     # One group (per-channel) or per-row groups: any K tile fits, so no limit on its size.
     uniform_groups = row_group is None and group_size != -1
-    config = _launch_config(m, n, k, group_size if uniform_groups else 1 << 30, x.device)
+    config = config or _launch_config(m, n, k, group_size if uniform_groups else 1 << 30, x.device)
     # The kernel's group of a tile is k0 // kernel_group_size: 0 for one group.
     kernel_group_size = group_size if uniform_groups else k + config["BLOCK_K"]
     split_k = config["SPLIT_K"]
