@@ -114,12 +114,13 @@ def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
     m = x.shape[0]
     default = _launch_config(m, n, k, GROUP_SIZE, x.device)
     results = []
-    for block_n, block_k, split_k, warps, stages in itertools.product(
-        (32, 64, 128, 256), (64, 128), (1, 2, 4, 8, 16, 32), (2, 4, 8), (2, 3, 4, 5)
+    for block_m, block_n, split_k, warps, stages in itertools.product(
+        (1, 16) if m == 1 else (16,), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8), (3, 4)
     ):
+        block_k = 128
         if split_k > k // block_k:
             continue
-        config = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                       num_warps=warps, num_stages=stages)
         try:
             seconds = time_rotating(

@@ -4,7 +4,7 @@ the kernel tile by tile, accumulated in float32.
 
 Decode (M <= 16 rows) is memory-bound: the kernel reads each packed word once and splits K
 across programs (float32 atomic adds) so that enough programs stream the weight to fill every
-SM. Prefill tiles over M with no split. Groups: each K tile lies inside one group (the tile
+SM; one row skips the tensor-core tile (a plain multiply-and-sum per column). Prefill tiles over M with no split. Groups: each K tile lies inside one group (the tile
 size divides group_size), so a tile loads one row of scales and zeros; act-order layers pass
 `row_group` and load per-row scales instead.
 """
@@ -69,7 +69,10 @@ def _int_group_gemm_kernel(
             scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
             zero = tl.load(zeros_ptr + group * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
             w = (q - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
-        if IEEE:
+        if BLOCK_M == 1:
+            # One row (batch-1 decode): a dot product per column, no padded MMA tile.
+            acc += tl.sum(tl.sum(x.to(tl.float32), axis=0)[:, None] * w, axis=0)[None, :]
+        elif IEEE:
             acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
         else:
             acc += tl.dot(x, w.to(x.dtype))
@@ -91,7 +94,9 @@ def _num_sms(device_index: int | None) -> int:
 
 def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device) -> dict[str, int]:
     """Tiles, split-K and warps for one shape. `tile_group`: the K tile must divide it."""
-    if m <= 16:
+    if m == 1:
+        block_m, block_n, block_k, warps, stages = 1, 128 if n >= 128 else 64, 128, 4, 4
+    elif m <= 16:
         block_m, block_n, block_k, warps, stages = 16, 128 if n >= 128 else 64, 128, 4, 4
     elif m <= 64:
         block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
