@@ -133,6 +133,8 @@ class GPTQLinearMethod(IntGroupLinearMethod):
         make_param(layer, "scales", (groups, num_outputs), params_dtype,
                    {"input_dim": group_dim, "output_dim": 1})
         make_g_idx_param(layer, "g_idx", len(output_partition_sizes), input_size_per_partition)
+        # Without desc_act the rows are in group order and g_idx is unused: some exporters omit it.
+        layer.g_idx.optional_in_checkpoint = not self.scheme.act_order
 
     def to_internal(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         zeros = unpack_int32(layer.qzeros.data, self.scheme.bits, dim=1)
