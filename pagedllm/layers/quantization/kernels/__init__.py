@@ -1,1 +1,0 @@
-"""Kernels and the shared integer-weight core of the quantization methods."""
