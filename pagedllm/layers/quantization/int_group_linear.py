@@ -130,6 +130,12 @@ def _part_bounds(layer: nn.Module) -> list[tuple[int, int]]:
     return bounds
 
 
+def _triton_matmul():
+    from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul
+
+    return triton_int_group_matmul
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -176,12 +182,11 @@ class IntGroupLinearMethod(LinearMethodBase):
         layer.register_parameter("zeros", nn.Parameter(zeros.to(dtype).contiguous(), requires_grad=False))
         # One choice per layer, made once: Triton on CUDA, the readable reference elsewhere.
         layer.int_group_use_triton = qweight.is_cuda and _triton_available()
+        if layer.int_group_use_triton:
+            logger.debug("%s: int%d weights through the Triton kernel.", layer.prefix, self.scheme.bits)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if layer.int_group_use_triton:
-            from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul as matmul
-        else:
-            matmul = reference_matmul
+        matmul = _triton_matmul() if layer.int_group_use_triton else reference_matmul
         x2d = x.reshape(-1, x.shape[-1])
         bits, group_size = self.scheme.bits, self.scheme.group_size
         if not self.scheme.act_order:

@@ -106,8 +106,10 @@ def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device
         block_k //= 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
-    # Enough programs to keep every SM streaming weights (about four per SM).
-    split_k = max(1, min(k_tiles, (4 * _num_sms(device.index) + tiles - 1) // tiles)) if m <= 64 else 1
+    # Enough programs to keep every SM busy: about four small ones (decode) or two large ones
+    # per SM; a long prefill has that many output tiles already and does not split.
+    target = (4 if m <= 64 else 2) * _num_sms(device.index)
+    split_k = max(1, min(k_tiles, triton.cdiv(target, tiles)))
     # Every split gets at least one K tile.
     split_k = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split_k))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
