@@ -77,7 +77,8 @@ class GPTQConfig(QuantizationConfig):
             group_size=int(config.get("group_size", 128)),
             desc_act=bool(config.get("desc_act", False)),
             sym=bool(config.get("sym", True)),
-            checkpoint_format=str(config.get("checkpoint_format") or "gptq"),
+            # GPTQModel writes "format"; AutoGPTQ and optimum "checkpoint_format".
+            checkpoint_format=str(config.get("checkpoint_format") or config.get("format") or "gptq").lower(),
             modules_to_not_convert=tuple(config.get("modules_to_not_convert") or ()),
             dynamic=dict(config.get("dynamic") or {}),
         )
@@ -139,8 +140,8 @@ class GPTQLinearMethod(IntGroupLinearMethod):
     def to_internal(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         zeros = unpack_int32(layer.qzeros.data, self.scheme.bits, dim=1)
         if self.config.checkpoint_format == "gptq":
-            # v1 stores zero - 1 (and no modulo on reading: a stored 15 is a zero of 16).
-            zeros = zeros + 1
+            # v1 stores zero - 1 in `bits` bits, so a zero of 0 was stored as all ones.
+            zeros = (zeros + 1) & ((1 << self.scheme.bits) - 1)
         g_idx = layer.g_idx.data if self.scheme.act_order else None
         qweight, scales = layer.qweight.data, layer.scales.data
         del layer.qzeros, layer.g_idx

@@ -31,8 +31,7 @@ class Quantized:
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
              g_idx: torch.Tensor | None = None) -> Quantized:
-    """Min/max round-to-nearest quantization of a [N, K] weight along K in groups. Zero points
-    stay in [1, 2**bits - 1] so that GPTQ v1's stored `zero - 1` is representable."""
+    """Min/max round-to-nearest quantization of a [N, K] weight along K in groups."""
     w = weight.detach().float().t()  # [K, N]
     num_rows = w.shape[0]
     if g_idx is None:
@@ -50,7 +49,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
             zeros[group] = (maxq + 1) // 2
         else:
             scales[group] = (high - low) / maxq
-            zeros[group] = torch.round(-low / scales[group]).long().clamp(1, maxq)
+            zeros[group] = torch.round(-low / scales[group]).long().clamp(0, maxq)
     scales = scales.clamp(min=1e-6).half()
     s, z = scales.float()[g_idx], zeros[g_idx]
     q = (torch.round(w / s) + z).clamp(0, maxq).long()

@@ -18,10 +18,9 @@ from pagedllm.layers.quantization.awq import AWQConfig
 from pagedllm.layers.quantization.kernels.int_group import unpack_awq, unpack_int32
 
 
-@pytest.mark.parametrize("group_size", [32, 64])
-def test_awq_checkpoint_matches_dequantized_transformers(tmp_path, group_size):
+def test_awq_checkpoint_matches_dequantized_transformers(tmp_path):
     source = make_tiny_checkpoint(tmp_path / "src", "llama", seed=2)
-    reference = write_quantized_checkpoint(source, tmp_path / "awq", "awq", group_size=group_size, sym=False)
+    reference = write_quantized_checkpoint(source, tmp_path / "awq", "awq", group_size=32, sym=False)
     assert_engine_matches_reference(tmp_path / "awq", reference)
 
 

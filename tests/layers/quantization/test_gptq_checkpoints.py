@@ -23,11 +23,10 @@ def source(tmp_path_factory):
     [
         dict(bits=4, sym=True),
         dict(bits=4, sym=False),
-        dict(bits=8, sym=True),
         dict(bits=8, sym=False, group_size=-1),
         dict(bits=4, sym=False, desc_act=True),
     ],
-    ids=["4bit-sym", "4bit-asym", "8bit-sym", "8bit-asym-per-channel", "4bit-desc-act-g-idx"],
+    ids=["4bit-sym", "4bit-asym", "8bit-asym-per-channel", "4bit-desc-act-g-idx"],
 )
 def test_gptq_checkpoint_matches_dequantized_transformers(source, tmp_path, variant):
     reference = write_quantized_checkpoint(source, tmp_path / "gptq", "gptq", **variant)

@@ -36,14 +36,31 @@ def test_dynamic_rules_exclude_and_override_per_module():
     assert config.get_linear_method(None, "model.layers.1.mlp.gate_up_proj").scheme.bits == 4
 
 
+@pytest.mark.parametrize("format_key", ["checkpoint_format", "format"])
 @pytest.mark.parametrize("checkpoint_format, v1", [("gptq", True), ("gptq_v2", False)])
-def test_v1_stores_zero_minus_one_and_v2_stores_the_zero(checkpoint_format, v1):
+def test_v1_stores_zero_minus_one_and_v2_stores_the_zero(checkpoint_format, v1, format_key):
     torch.manual_seed(0)
     qt = quantize(torch.randn(32, 64), 4, 32, sym=False)
-    config = GPTQConfig.from_config({**BASE, "sym": False, "checkpoint_format": checkpoint_format})
+    config = GPTQConfig.from_config({**BASE, "sym": False, format_key: checkpoint_format})
     layer = ReplicatedLinear(64, 32, quant_config=config, prefix="proj")
     params = dict(layer.named_parameters())
     for name, tensor in gptq_tensors(qt, 4, v1=v1).items():
+        params[name].weight_loader(params[name], tensor)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), x @ qt.dequantized.t(), atol=1e-4, rtol=0)
+
+
+def test_v1_zero_point_of_zero_stored_as_all_ones_reads_as_zero():
+    """Groups of only positive weights have zero point 0; v1 stores 0 - 1 wrapped to 2**bits - 1."""
+    torch.manual_seed(1)
+    qt = quantize(torch.rand(32, 64) + 0.1, 4, 32, sym=False)
+    assert bool((qt.zeros == 0).all())
+    assert bool((gptq_tensors(qt, 4)["qzeros"] == -1).all())  # every nibble 0xF
+    config = GPTQConfig.from_config({**BASE, "sym": False})
+    layer = ReplicatedLinear(64, 32, quant_config=config, prefix="proj")
+    params = dict(layer.named_parameters())
+    for name, tensor in gptq_tensors(qt, 4).items():
         params[name].weight_loader(params[name], tensor)
     layer.quant_method.process_weights_after_loading(layer)
     x = torch.randn(2, 64)
