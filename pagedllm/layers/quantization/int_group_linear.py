@@ -37,14 +37,19 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gat
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 
 
+def _names_module(name: str, pattern: str) -> bool:
+    # Whole dotted components only: "mlp.gate" (a MoE router) must not catch "mlp.gate_proj".
+    return f".{pattern.strip('.')}." in f".{name}."
+
+
 def is_layer_excluded(prefix: str, patterns: list[str] | tuple[str, ...]) -> bool:
-    """Whether the layer `prefix` (or every checkpoint part of a fused one) matches one of
-    `patterns` (substrings of module names, as AWQ and GPTQ tools write them)."""
+    """Whether the layer `prefix` (or every checkpoint part of a fused one) is named by one of
+    `patterns` (module names or dotted parts of them, as AWQ and GPTQ tools write them)."""
     if not patterns:
         return False
     head, _, last = prefix.rpartition(".")
     names = [f"{head}.{part}" if head else part for part in FUSED_PARTS.get(last, ())] or [prefix]
-    matched = [any(pattern in name for pattern in patterns) for name in names]
+    matched = [any(_names_module(name, pattern) for pattern in patterns) for name in names]
     if any(matched) and not all(matched):
         raise ValueError(
             f"The quantization config excludes only some parts of the fused layer {prefix} "

@@ -20,6 +20,12 @@ def test_modules_to_not_convert_matches_checkpoint_names_of_fused_layers():
     assert isinstance(config.get_linear_method(None, "model.layers.0.mlp.down_proj"), GPTQLinearMethod)
 
 
+def test_exclusions_match_whole_module_names_not_prefixes_of_them():
+    config = GPTQConfig.from_config({**BASE, "modules_to_not_convert": ["mlp.gate", "lm_head"]})
+    assert isinstance(config.get_linear_method(None, "model.layers.0.mlp.gate_up_proj"), GPTQLinearMethod)
+    assert isinstance(config.get_linear_method(None, "model.layers.0.mlp.gate"), UnquantizedLinearMethod)
+
+
 def test_excluding_only_part_of_a_fused_layer_is_a_value_error():
     config = GPTQConfig.from_config({**BASE, "modules_to_not_convert": ["q_proj"]})
     with pytest.raises(ValueError, match="fused layer model.layers.0.self_attn.qkv_proj"):
