@@ -48,7 +48,9 @@ def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device
 
 INTERPRETER_CASES = [
     # (m, k, n, bits, group_size, act_order)
-    (1, 256, 64, 4, 128, False),    # decode: split-K
+    (1, 256, 64, 4, 128, False),    # decode: the one-row kernel, split-K
+    (1, 64, 32, 8, -1, False),      # one row, 8-bit, per-channel
+    (1, 64, 64, 4, 16, True),       # one row, act order
     (3, 64, 96, 4, -1, False),      # per-channel
     (5, 128, 64, 8, 32, False),     # 8-bit
     (2, 64, 64, 4, 16, True),       # act order: per-row groups
@@ -88,9 +90,10 @@ def test_layer_through_the_kernel_matches_dequantized_weights(act_order):
     layer, quantized = build_gptq_layer(act_order)
     assert layer.int_group_use_triton is False  # the CPU chooses the reference path
     layer.int_group_use_triton = True
-    x = torch.randn(3, 64)
-    expected = torch.cat([x @ qt.dequantized.t() for qt in quantized], dim=-1)
-    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=0)
+    for rows in (1, 3):
+        x = torch.randn(rows, 64)
+        expected = torch.cat([x @ qt.dequantized.t() for qt in quantized], dim=-1)
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=0)
 
 
 GPU_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672)]
@@ -123,6 +126,7 @@ def test_cuda_kernel_act_order_matches_reference(m):
 def test_cuda_layer_chooses_the_kernel_and_matches(act_order):
     layer, quantized = build_gptq_layer(act_order, "cuda")
     assert layer.int_group_use_triton is True
-    x = torch.randn(3, 64, device="cuda")
-    expected = torch.cat([x @ qt.dequantized.cuda().t() for qt in quantized], dim=-1)
-    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=0)
+    for rows in (1, 3):
+        x = torch.randn(rows, 64, device="cuda")
+        expected = torch.cat([x @ qt.dequantized.cuda().t() for qt in quantized], dim=-1)
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=0)

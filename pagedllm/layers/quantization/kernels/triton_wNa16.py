@@ -4,7 +4,8 @@ the kernel tile by tile, accumulated in float32.
 
 Decode (M <= 16 rows) is memory-bound: the kernel reads each packed word once and splits K
 across programs (float32 atomic adds) so that enough programs stream the weight to fill every
-SM; one row skips the tensor-core tile (a plain multiply-and-sum per column). Prefill tiles over M with no split. Groups: each K tile lies inside one group (the tile
+SM; one row runs a GEMV kernel that skips the tensor-core tile and keeps all its arithmetic
+elementwise on the packed tile as loaded. Prefill tiles over M with no split. Groups: each K tile lies inside one group (the tile
 size divides group_size), so a tile loads one row of scales and zeros; act-order layers pass
 `row_group` and load per-row scales instead.
 """
@@ -69,10 +70,7 @@ def _int_group_gemm_kernel(
             scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
             zero = tl.load(zeros_ptr + group * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
             w = (q - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
-        if BLOCK_M == 1:
-            # One row (batch-1 decode): a dot product per column, no padded MMA tile.
-            acc += tl.sum(tl.sum(x.to(tl.float32), axis=0)[:, None] * w, axis=0)[None, :]
-        elif IEEE:
+        if IEEE:
             acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
         else:
             acc += tl.dot(x, w.to(x.dtype))
@@ -83,6 +81,68 @@ def _int_group_gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _int_group_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr,
+    N, K, group_size,
+    stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_on,
+    BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One row (batch-1 decode). Every step is elementwise on the [words, N] tile as loaded:
+    value i of each word is multiplied by its x and summed into a per-word accumulator, so
+    nothing is reshaped or reduced across threads until the end."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    WORDS: tl.constexpr = BLOCK_K // PACK
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_words = tl.arange(0, WORDS)
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    tile_start = pid_k * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    for tile in range(tile_start, tile_end):
+        word_rows = tile * WORDS + offs_words
+        mask_w = word_rows < K // PACK
+        tile_mask = mask_w[:, None] & mask_n[None, :]
+        words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                        mask=tile_mask, other=0)
+        if HAS_ROW_GROUP:
+            for i in tl.static_range(PACK):
+                rows = word_rows * PACK + i
+                x = tl.load(x_ptr + rows * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+                groups = tl.load(row_group_ptr + rows, mask=mask_w, other=0)
+                scale = tl.load(scales_ptr + groups[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                                mask=tile_mask, other=0.0).to(tl.float32)
+                zero = tl.load(zeros_ptr + groups[:, None] * stride_zg + offs_n[None, :] * stride_zn,
+                               mask=tile_mask, other=0.0).to(tl.float32)
+                q = ((words >> (i * BITS)) & MASK).to(tl.float32)
+                acc += x[:, None] * ((q - zero) * scale)
+        else:
+            # The tile lies inside one group: subtract its zero per value, scale once per tile.
+            group = (tile * BLOCK_K) // group_size
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
+            zero = tl.load(zeros_ptr + group * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
+            tile_acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(PACK):
+                x = tl.load(x_ptr + (word_rows * PACK + i) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+                q = ((words >> (i * BITS)) & MASK).to(tl.float32)
+                tile_acc += x[:, None] * (q - zero.to(tl.float32)[None, :])
+            acc += tile_acc * scale.to(tl.float32)[None, :]
+
+    out = tl.sum(acc, axis=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n * stride_on, out, mask=mask_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,9 +204,21 @@ def triton_int_group_matmul(
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    row_group_arg = row_group if row_group is not None else qweight
+    if config["BLOCK_M"] == 1:
+        gemv_config = {key: value for key, value in config.items() if key != "BLOCK_M"}
+        for row in range(m):
+            _int_group_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split_k)](
+                x[row], qweight, scales, zeros, row_group_arg, out[row],
+                n, k, kernel_group_size,
+                x.stride(1), qweight.stride(0), qweight.stride(1),
+                scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out.stride(1),
+                BITS=bits, HAS_ROW_GROUP=row_group is not None, **gemv_config,
+            )
+        return out.to(x.dtype) if split_k > 1 else out
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split_k)
     _int_group_gemm_kernel[grid](
-        x, qweight, scales, zeros, row_group if row_group is not None else qweight, out,
+        x, qweight, scales, zeros, row_group_arg, out,
         m, n, k, kernel_group_size,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
