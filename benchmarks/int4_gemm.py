@@ -7,7 +7,7 @@ the device-to-device copy bandwidth measured in the same run, and the bf16 cuBLA
 of the same shape with its speed-up. Timings are medians of CUDA-graph replays rotating over
 enough weight copies to exceed the L2 cache, so weights come from HBM as in a real step.
 
-    python benchmarks/int4_gemm.py [--bits 4|8] [--sweep]
+    PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep]
 
 --sweep also times alternative tile/split-K configurations at M=1 and M=8 and prints the best
 per shape (to tune `_launch_config`).
@@ -115,7 +115,7 @@ def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
     default = _launch_config(m, n, k, GROUP_SIZE, x.device)
     results = []
     for block_m, block_n, split_k, warps, stages in itertools.product(
-        (1, 16) if m == 1 else (16,), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8), (3, 4)
+        (1, 16) if m == 1 else (16,), (64, 128, 256), (1, 2, 4, 8, 16, 32), (4,), (3, 4)
     ):
         block_k = 128
         if split_k > k // block_k:
