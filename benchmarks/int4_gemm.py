@@ -115,7 +115,7 @@ def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
     default = _launch_config(m, n, k, GROUP_SIZE, x.device)
     results = []
     for block_m, block_n, split_k, warps, stages in itertools.product(
-        (1, 16) if m == 1 else (16,), (64, 128, 256), (1, 2, 4, 8, 16, 32), (4,), (3, 4)
+        (1, 16) if m == 1 else (16,), (32, 64, 128, 256), (1, 2, 4, 8, 16, 32), (4,), (3, 4)
     ):
         block_k = 128
         if split_k > k // block_k:

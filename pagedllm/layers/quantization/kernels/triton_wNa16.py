@@ -3,8 +3,9 @@ out = x @ W with W[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n], dequant
 the kernel tile by tile, accumulated in float32.
 
 Decode (M <= 16 rows) is memory-bound: the kernel reads each packed word once and splits K
-across programs (float32 atomic adds) so that enough programs stream the weight to fill every
-SM; one row runs a GEMV kernel that skips the tensor-core tile and keeps all its arithmetic
+across programs (partial sums in a float32 workspace, added by one small kernel: no memset,
+no atomics, the same result every run) so that enough programs stream the weight to fill
+every SM; one row runs a GEMV kernel that skips the tensor-core tile and keeps all its arithmetic
 elementwise on the packed tile as loaded. Prefill tiles over M with no split. Groups: each K tile lies inside one group (the tile
 size divides group_size), so a tile loads one row of scales and zeros; act-order layers pass
 `row_group` and load per-row scales instead.
@@ -24,7 +25,7 @@ def _int_group_gemm_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr,
     M, N, K, group_size,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-    stride_om, stride_on,
+    stride_os, stride_om, stride_on,
     BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -75,19 +76,16 @@ def _int_group_gemm_kernel(
         else:
             acc += tl.dot(x, w.to(x.dtype))
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    # With split K, out_ptr is a float32 workspace [SPLIT_K, M, N] (see _sum_splits_kernel).
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _int_group_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr,
     N, K, group_size,
-    stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_on,
+    stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_os, stride_on,
     BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -139,10 +137,19 @@ def _int_group_gemv_kernel(
             acc += tile_acc * scale.to(tl.float32)[None, :]
 
     out = tl.sum(acc, axis=0)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(out_ptr + offs_n * stride_on, out, mask=mask_n)
+    # With split K, out_ptr is a float32 workspace [SPLIT_K, ...] summed by _sum_splits_kernel:
+    # plain stores, no zero-filled buffer, and the same sum every run.
+    tl.store(out_ptr + pid_k * stride_os + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _sum_splits_kernel(workspace_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        total += tl.load(workspace_ptr + split * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,29 +207,50 @@ def triton_int_group_matmul(
     # The kernel's group of a tile is k0 // kernel_group_size: 0 for one group.
     kernel_group_size = group_size if uniform_groups else k + config["BLOCK_K"]
     split_k = config["SPLIT_K"]
-    if split_k > 1:
-        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     row_group_arg = row_group if row_group is not None else qweight
     if config["BLOCK_M"] == 1:
-        gemv_config = {key: value for key, value in config.items() if key != "BLOCK_M"}
-        for row in range(m):
-            _int_group_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split_k)](
-                x[row], qweight, scales, zeros, row_group_arg, out[row],
-                n, k, kernel_group_size,
-                x.stride(1), qweight.stride(0), qweight.stride(1),
-                scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out.stride(1),
-                BITS=bits, HAS_ROW_GROUP=row_group is not None, **gemv_config,
-            )
-        return out.to(x.dtype) if split_k > 1 else out
+        return _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split_k)
     _int_group_gemm_kernel[grid](
-        x, qweight, scales, zeros, row_group_arg, out,
+        x, qweight, scales, zeros, row_group_arg, target,
         m, n, k, kernel_group_size,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-        out.stride(0), out.stride(1),
+        target.stride(0) if split_k > 1 else 0, target.stride(-2), target.stride(-1),
         BITS=bits, HAS_ROW_GROUP=row_group is not None, IEEE=x.dtype == torch.float32, **config,
     )
-    return out.to(x.dtype) if split_k > 1 else out
+    if split_k > 1:
+        _sum_splits(target, out)
+    return out
+
+
+def _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config) -> torch.Tensor:
+    """Each row through the one-row kernel; split-K partial sums go to a float32 workspace and
+    one more small kernel adds them (two launches per call, no memset, deterministic)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    split_k = config["SPLIT_K"]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    gemv_config = {key: value for key, value in config.items() if key != "BLOCK_M"}
+    for row in range(m):
+        row_target = out[row] if split_k == 1 else target[:, row]
+        _int_group_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split_k)](
+            x[row], qweight, scales, zeros, row_group_arg, row_target,
+            n, k, kernel_group_size,
+            x.stride(1), qweight.stride(0), qweight.stride(1),
+            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+            target.stride(0) if split_k > 1 else 0, row_target.stride(-1),
+            BITS=bits, HAS_ROW_GROUP=row_group is not None, **gemv_config,
+        )
+    if split_k > 1:
+        _sum_splits(target, out)
+    return out
+
+
+def _sum_splits(workspace: torch.Tensor, out: torch.Tensor) -> None:
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
+        workspace, out, out.numel(), SPLIT_K=workspace.shape[0], BLOCK=block)
