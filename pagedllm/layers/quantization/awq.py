@@ -47,6 +47,11 @@ class AWQConfig(QuantizationConfig):
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"AWQ group_size={self.group_size} is invalid; use -1 or a positive size.")
 
+    @property
+    def pack_factor(self) -> int:
+        """Values per int32 word (as vLLM's config names it)."""
+        return 32 // self.weight_bits
+
     def get_name(self) -> str:
         return "awq"
 

@@ -59,6 +59,11 @@ class GPTQConfig(QuantizationConfig):
                 f"{_CHECKPOINT_FORMATS}."
             )
 
+    @property
+    def pack_factor(self) -> int:
+        """Values per int32 word (as vLLM's config names it)."""
+        return 32 // self.weight_bits
+
     def get_name(self) -> str:
         return "gptq"
 
