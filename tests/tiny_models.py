@@ -22,13 +22,15 @@ def make_tiny_checkpoint(
     seed: int = 0,
     vocab_size: int = 384,
     tokenizer_dir: Path | None = None,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
 ) -> Path:
     """A 2-layer model of the family with weights large enough (initializer_range 0.2) that
     greedy choices are not near-ties, so our tokens can be compared with transformers'."""
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=num_key_value_heads,

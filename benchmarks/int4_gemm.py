@@ -1,0 +1,140 @@
+"""Micro-benchmark of the Triton int4 weight-only GEMM (kernels/triton_wNa16.py) on
+Llama-3.1-8B's linear shapes, group size 128, bf16 activations.
+
+For each shape and M in (1, 8, 256): the kernel's time, its achieved bandwidth (quantized
+bytes: packed weight + scales + zeros, divided by the time), that bandwidth as a fraction of
+the device-to-device copy bandwidth measured in the same run, and the bf16 cuBLAS matmul time
+of the same shape with its speed-up. Timings are medians of CUDA-graph replays rotating over
+enough weight copies to exceed the L2 cache, so weights come from HBM as in a real step.
+
+    PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep]
+
+--sweep also times alternative tile/split-K configurations at M=1 and M=8 and prints the best
+per shape (to tune `_launch_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+from benchmarks.common import measure_copy_bandwidth
+from pagedllm.layers.quantization.kernels.int_group import pack_int32
+from pagedllm.layers.quantization.kernels.triton_wNa16 import _launch_config, triton_int_group_matmul
+
+# name -> (input features K, output features N) of Llama-3.1-8B's fused linear layers.
+SHAPES = {
+    "qkv 4096->6144": (4096, 6144),
+    "o 4096->4096": (4096, 4096),
+    "gate_up 4096->28672": (4096, 28672),
+    "down 14336->4096": (14336, 4096),
+}
+ROWS = (1, 8, 256)
+GROUP_SIZE = 128
+DTYPE = torch.bfloat16
+L2_BYTES = 50 * 2**20
+
+
+def time_rotating(fn, copies: int, replays: int = 30) -> float:
+    """Median seconds per call of fn(i) for i over `copies` buffers, from CUDA-graph replays."""
+    calls = max(copies, 8)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):
+            fn(i % copies)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % copies)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def make_weights(k: int, n: int, bits: int, copies: int):
+    groups = k // GROUP_SIZE
+    layouts = []
+    for _ in range(copies):
+        q = torch.randint(0, 2**bits, (k, n), device="cuda", dtype=torch.int32)
+        layouts.append((
+            pack_int32(q, bits, 0),
+            (torch.rand(groups, n, device="cuda") * 1e-3).to(DTYPE),
+            torch.full((groups, n), float(2 ** (bits - 1)), device="cuda", dtype=DTYPE),
+        ))
+    return layouts
+
+
+def copies_for(num_bytes: int) -> int:
+    return max(2, -(-3 * L2_BYTES // num_bytes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    copy_bandwidth = measure_copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_bandwidth / 1e12:.2f} TB/s")
+    print(f"int{args.bits} weights, group size {GROUP_SIZE}, {str(DTYPE).removeprefix('torch.')} activations")
+    header = f"{'shape':<22}{'M':>5}{'int time':>11}{'GB/s':>8}{'of copy':>9}{'bf16 time':>11}{'speed-up':>10}"
+    print(header)
+    for name, (k, n) in SHAPES.items():
+        quant_bytes = k * n * args.bits // 8 + 2 * (k // GROUP_SIZE) * n * 2
+        copies = copies_for(quant_bytes)
+        layouts = make_weights(k, n, args.bits, copies)
+        dense_copies = copies_for(k * n * 2)
+        dense = [torch.randn(k, n, device="cuda", dtype=DTYPE) * 0.01 for _ in range(dense_copies)]
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            int_time = time_rotating(
+                lambda i: triton_int_group_matmul(x, *layouts[i], args.bits, GROUP_SIZE), copies)
+            dense_time = time_rotating(lambda i: torch.matmul(x, dense[i]), dense_copies)
+            bandwidth = quant_bytes / int_time
+            print(f"{name:<22}{m:>5}{int_time * 1e6:>9.1f}us{bandwidth / 1e9:>8.0f}"
+                  f"{bandwidth / copy_bandwidth:>9.0%}{dense_time * 1e6:>9.1f}us{dense_time / int_time:>9.2f}x")
+            if args.sweep and m <= 8:
+                sweep(x, layouts, copies, args.bits, quant_bytes, copy_bandwidth, k, n)
+        del layouts, dense
+        torch.cuda.empty_cache()
+
+
+def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
+    m = x.shape[0]
+    default = _launch_config(m, n, k, GROUP_SIZE, x.device)
+    results = []
+    for block_m, block_n, split_k, warps, stages in itertools.product(
+        (1, 16) if m == 1 else (16,), (32, 64, 128, 256), (1, 2, 4, 8, 16, 32), (4,), (3, 4)
+    ):
+        block_k = 128
+        if split_k > k // block_k:
+            continue
+        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                      num_warps=warps, num_stages=stages)
+        try:
+            seconds = time_rotating(
+                lambda i: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config),
+                copies, replays=10)
+        except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
+            print(f"    skipped {config}: {type(error).__name__}")
+            continue
+        results.append((seconds, config))
+    results.sort(key=lambda item: item[0])
+    for seconds, config in results[:3]:
+        print(f"    sweep M={m}: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy  {config}")
+    print(f"    default: {default}")
+
+
+if __name__ == "__main__":
+    main()
