@@ -13,10 +13,17 @@ Exports:
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels can only run in its interpreter; a kernel is interpreted or not
+# from when its module is imported, so this is set before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from tiny_models import FAMILIES, make_tiny_checkpoint
 
 # The GPU machine runs the suite from source without the optional GGUF reader.
