@@ -85,8 +85,10 @@ def test_dynamic_fp8_loading_streams(tmp_path) -> None:
         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
     )
     config.architectures = ["LlamaForCausalLM"]
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
-    bf16_bytes = sum(p.numel() * 2 for p in transformers.LlamaForCausalLM(config).parameters())
+    hf_model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    bf16_bytes = sum(p.numel() * 2 for p in hf_model.parameters())
+    hf_model.save_pretrained(tmp_path)
+    del hf_model
     engine_config = EngineArgs.from_kwargs(str(tmp_path), quantization="fp8", dtype="bfloat16").create_engine_config()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
