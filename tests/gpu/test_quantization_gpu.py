@@ -1,6 +1,7 @@
 """fp8 and int8 on the GPU: the torch._scaled_mm / torch._int_mm paths equal the reference path
-(dequantized weight, fake-quantized activations, float32 matmul) to bf16 output precision, and
-dynamic fp8 loading streams (peak memory about the fp8 model plus one layer, never bf16)."""
+(dequantized weight, fake-quantized activations, float32 matmul) to bf16 output precision, the
+one-launch Triton per-token quantization equals the torch expression bit for bit, and dynamic
+fp8 loading streams (peak memory about the fp8 model plus one layer, never bf16)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,19 @@ def test_gpu_kernel_equals_reference_path(config, kernel, num_tokens) -> None:
     ref = reference(layer, x)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOLERANCE
+
+
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 14336), (300, 1000)])
+def test_triton_per_token_quant_is_bit_identical_to_torch(qdtype, shape) -> None:
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+    from pagedllm.layers.quantization.kernels.w8a8 import quantize_activation
+
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 3
+    q, scale = per_token_quant(x, qdtype)
+    expected_q, expected_scale, _ = quantize_activation(x, qdtype, None, None, True, None)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
 
 
 def test_dynamic_fp8_loading_streams(tmp_path) -> None:
