@@ -208,14 +208,16 @@ class LlamaForCausalLM(nn.Module):
         """Hands an fp8 KV cache's per-layer scales (any of their checkpoint names) to the
         attention layers; passes every other tensor on."""
         for name, tensor in weights:
-            for suffix, targets in _KV_SCALE_NAMES:
-                if name.endswith(suffix):
-                    attention = self.get_submodule(name[: -len(suffix)] + ".self_attn.attn")
-                    for target in targets:
-                        attention.load_kv_scale(target, tensor)
-                    break
-            else:
+            suffix, targets = next(((s, t) for s, t in _KV_SCALE_NAMES if name.endswith(s)), ("", ()))
+            try:
+                attention = self.get_submodule(name[: -len(suffix)] + ".self_attn.attn") if targets else None
+            except AttributeError:
+                attention = None  # not this model's layer: reported as an unexpected tensor
+            if attention is None:
                 yield name, tensor
+                continue
+            for target in targets:
+                attention.load_kv_scale(target, tensor)
 
 
 # Checkpoint names of an fp8 KV cache's per-layer scales (compressed-tensors, ModelOpt /

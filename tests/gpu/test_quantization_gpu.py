@@ -1,6 +1,7 @@
 """fp8 and int8 on the GPU: the torch._scaled_mm / torch._int_mm paths equal the reference path
-(dequantized weight, fake-quantized activations, float32 matmul) to bf16 output precision, and
-dynamic fp8 loading streams (peak memory about the fp8 model plus one layer, never bf16)."""
+(dequantized weight, fake-quantized activations, float32 matmul) to bf16 output precision, the
+one-launch Triton per-token quantization equals the torch expression bit for bit, and dynamic
+fp8 loading streams (peak memory about the fp8 model plus one layer, never bf16)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def test_gpu_kernel_equals_reference_path(config, kernel, num_tokens) -> None:
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOLERANCE
 
 
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 14336), (300, 1000)])
+def test_triton_per_token_quant_is_bit_identical_to_torch(qdtype, shape) -> None:
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+    from pagedllm.layers.quantization.kernels.w8a8 import quantize_activation
+
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 3
+    q, scale = per_token_quant(x, qdtype)
+    expected_q, expected_scale, _ = quantize_activation(x, qdtype, None, None, True, None)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
+
+
 def test_dynamic_fp8_loading_streams(tmp_path) -> None:
     """A 1 GiB bf16 checkpoint loads with quantization="fp8" with a peak of about its fp8 size
     plus one layer in bf16; the loaded weights take about half the bf16 bytes."""
@@ -85,8 +99,10 @@ def test_dynamic_fp8_loading_streams(tmp_path) -> None:
         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
     )
     config.architectures = ["LlamaForCausalLM"]
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
-    bf16_bytes = sum(p.numel() * 2 for p in transformers.LlamaForCausalLM(config).parameters())
+    hf_model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    bf16_bytes = sum(p.numel() * 2 for p in hf_model.parameters())
+    hf_model.save_pretrained(tmp_path)
+    del hf_model
     engine_config = EngineArgs.from_kwargs(str(tmp_path), quantization="fp8", dtype="bfloat16").create_engine_config()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -259,12 +259,18 @@ class W8A8LinearMethod(LinearMethodBase):
         input_scale = getattr(layer, "input_scale", None)
         input_zero_point = getattr(layer, "input_zero_point", None)
         if layer.w8a8_kernel == "scaled_mm":
-            x_q, x_scale, _ = quantize_activation(x2, FP8_DTYPE, input_scale, None, True, None)
+            if input_scale is None:
+                x_q, x_scale = _per_token_quant(x2, FP8_DTYPE)
+            else:
+                x_q, x_scale, _ = quantize_activation(x2, FP8_DTYPE, input_scale, None, True, None)
             out = scaled_mm_fp8(x_q, x_scale, layer.weight, layer.weight_scale, bias, x.dtype)
         elif layer.w8a8_kernel == "int_mm":
-            x_q, x_scale, x_zero_point = quantize_activation(
-                x2, torch.int8, input_scale, input_zero_point, scheme.activation_symmetric, None
-            )
+            if input_scale is None and scheme.activation_symmetric:
+                (x_q, x_scale), x_zero_point = _per_token_quant(x2, torch.int8), None
+            else:
+                x_q, x_scale, x_zero_point = quantize_activation(
+                    x2, torch.int8, input_scale, input_zero_point, scheme.activation_symmetric, None
+                )
             out = int_mm_int8(
                 x_q, x_scale, x_zero_point, layer.weight, layer.weight_scale,
                 None if x_zero_point is None else self._weight_row_sums(layer), bias, x.dtype,
@@ -313,6 +319,13 @@ class W8A8LinearMethod(LinearMethodBase):
             layer.input_scale.data.fill_(1.0 / qmax)
         if hasattr(layer, "input_zero_point"):
             layer.input_zero_point.data.zero_()
+
+
+def _per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Imported here: the Triton module is only wanted on the GPU paths.
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+
+    return per_token_quant(x, qdtype)
 
 
 def _block_offsets(partition_sizes: list[int], block_n: int) -> list[int]:

@@ -1,0 +1,62 @@
+"""Per-token symmetric quantization of activations in one Triton launch (fp8 or int8): each
+program reads its row twice (largest |x|, then x / scale), which for decode-sized batches is
+one launch instead of the five of the torch expression (abs, amax, divide, clamp, cast)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE, qmax_of
+
+# Columns one program handles per loop iteration.
+_MAX_BLOCK = 8192
+
+
+@triton.jit
+def _per_token_quant_kernel(
+    x_ptr, q_ptr, scale_ptr, num_columns, stride_x, stride_q,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Row r: scale[r] = max(|x[r]|) / QMAX (at least 1e-12); q[r] = x[r] / scale[r], saturated
+    (fp8) or rounded half to even and clamped to [-128, 127] (int8). Grid: (rows,)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, num_columns, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < num_columns, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0) / QMAX, 1e-12)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, num_columns, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < num_columns, other=0.0).to(tl.float32)
+        y = tl.div_rn(x, scale)
+        if IS_INT8:
+            # Half to even, as torch.round: add and subtract 1.5 * 2^23.
+            y = (y + 12582912.0) - 12582912.0
+            y = tl.minimum(tl.maximum(y, -128.0), 127.0)
+        else:
+            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        tl.store(q_row + cols, y.to(q_ptr.dtype.element_ty), mask=cols < num_columns)
+
+
+def per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (last dim contiguous) → (quantized [M, K] of qdtype, float32 scales [M, 1]),
+    as kernels.w8a8.quantize_activation computes them for symmetric dynamic activations."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    num_rows, num_columns = x.shape
+    q = torch.empty((num_rows, num_columns), dtype=qdtype, device=x.device)
+    scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
+    if num_rows == 0:
+        return q, scale
+    block = min(triton.next_power_of_2(num_columns), _MAX_BLOCK)
+    _per_token_quant_kernel[(num_rows,)](
+        x, q, scale, num_columns, x.stride(0), q.stride(0),
+        QMAX=qmax_of(qdtype), IS_INT8=qdtype != FP8_DTYPE, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+    )
+    return q, scale
