@@ -92,13 +92,22 @@ def gemv(
     return out.to(x.dtype).reshape(*lead, N)
 
 
-def should_use_gemv(x: torch.Tensor) -> bool:
-    """Whether a matmul with input x runs as the Triton GEMV: half-precision CUDA inputs of
-    1-8 rows. A fixed rule, not a timing: two engines (or two ranks) must pick the same kernel
-    for the same shape, or their roundings, and so near-tie greedy tokens, could differ.
-    benchmarks/gemv_micro.py compares both per Llama-3.1-8B shape."""
+# Measured on an H200 (benchmarks/gemv_micro.py, BENCHMARKS.md): cuBLAS wins on every
+# Llama-3.1-8B layer shape at 1-8 rows except vocabulary-sized outputs (the LM head), where
+# the split-K kernel reads 2-3% faster; so only outputs this wide take the Triton path.
+MIN_GEMV_OUTPUT_FEATURES = 65536
+
+
+def should_use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weight.T` runs as the Triton GEMV: half-precision CUDA inputs of 1-8 rows
+    against a vocabulary-sized weight. A fixed rule, not a timing: two engines (or two ranks)
+    must pick the same kernel for the same shape, or their roundings, and so near-tie greedy
+    tokens, could differ."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.is_cuda and 0 < rows <= MAX_GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+    return (
+        x.is_cuda and 0 < rows <= MAX_GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype and weight.shape[0] >= MIN_GEMV_OUTPUT_FEATURES
+    )
 
 
 def _num_sms(device: torch.device) -> int:

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.layers.ops import triton_ops_available
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
@@ -137,12 +136,6 @@ class UnquantizedLinearMethod(LinearMethodBase):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # Decode-sized bf16/fp16 matmuls on CUDA: the split-K GEMV (1-8 rows).
-        if x.is_cuda and x.numel() <= 8 * x.shape[-1] and triton_ops_available("cuda"):
-            from pagedllm.layers.ops.gemv import gemv, should_use_gemv
-
-            if should_use_gemv(x):
-                return gemv(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
