@@ -42,14 +42,15 @@ MAX_TOKENS = 160
 
 
 @pytest.fixture(scope="module")
-def no_whitespace(serve_model_dir) -> dict:
-    """"vocab": token id -> text, and "logit_bias": a bias banning whitespace-only tokens: JSON allows any whitespace between tokens,
-    and the random model would fill max_tokens with it before closing the object."""
+def vocab(serve_model_dir) -> dict:
+    """"text": token id -> its text; "no_whitespace": a logit_bias banning whitespace-only
+    tokens (JSON allows any whitespace between tokens, and the random model would fill
+    max_tokens with it before closing the object)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(serve_model_dir)
     vocab = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
-    return {"logit_bias": {str(i): -100 for i, text in vocab.items() if not text.strip()}, "vocab": vocab}
+    return {"no_whitespace": {str(i): -100 for i, text in vocab.items() if not text.strip()}, "text": vocab}
 
 
 @pytest.fixture(scope="module")
@@ -60,35 +61,35 @@ def llm(serve_model_dir):
 
 
 @pytest.mark.parametrize("schema", [PERSON, FLAGS], ids=["person", "flags"])
-def test_chat_response_format_json_schema_output_validates(client, no_whitespace, schema):
+def test_chat_response_format_json_schema_output_validates(client, vocab, schema):
     response = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=1.0, seed=3,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
-        extra_body={"logit_bias": no_whitespace["logit_bias"]},
+        extra_body={"logit_bias": vocab["no_whitespace"]},
     )
     choice = response.choices[0]
     assert choice.finish_reason == "stop", choice
     jsonschema.validate(json.loads(choice.message.content), schema)
 
 
-def test_completions_response_format_and_json_object(client, no_whitespace):
+def test_completions_response_format_and_json_object(client, vocab):
     response = client.completions.create(
         model=MODEL_NAME, prompt="a person:", max_tokens=MAX_TOKENS, temperature=0,
         extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
-                    "logit_bias": no_whitespace["logit_bias"]},
+                    "logit_bias": vocab["no_whitespace"]},
     )
     jsonschema.validate(json.loads(response.choices[0].text), PERSON)
     # Any JSON object may nest without end: a bias towards "}" lets the random model close it.
-    closing = {str(i): 10 for i, text in no_whitespace["vocab"].items() if "}" in text}
+    closing = {str(i): 10 for i, text in vocab["text"].items() if "}" in text}
     response = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
-        response_format={"type": "json_object"}, extra_body={"logit_bias": {**no_whitespace["logit_bias"], **closing}},
+        response_format={"type": "json_object"}, extra_body={"logit_bias": {**vocab["no_whitespace"], **closing}},
     )
     assert response.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(response.choices[0].message.content), dict)
 
 
-def test_vllm_guided_extras_constrain_the_output(client, no_whitespace):
+def test_vllm_guided_extras_constrain_the_output(client, vocab):
     choice = client.completions.create(
         model=MODEL_NAME, prompt="pick", max_tokens=20, temperature=0, extra_body={"guided_choice": ["yes", "no"]},
     ).choices[0]
@@ -105,7 +106,7 @@ def test_vllm_guided_extras_constrain_the_output(client, no_whitespace):
     assert not re.search(r"\s\s|\n|\t", content), content
     content = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"guided_json": PERSON, "logit_bias": no_whitespace["logit_bias"]},
+        extra_body={"guided_json": PERSON, "logit_bias": vocab["no_whitespace"]},
     ).choices[0].message.content
     jsonschema.validate(json.loads(content), PERSON)
 
