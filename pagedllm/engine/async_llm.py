@@ -25,13 +25,12 @@ from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core_client import EngineCoreClient, EngineDeadError
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
-from pagedllm.engine.llm_engine import _eos_token_id
+from pagedllm.engine.frontend import ModelFrontend
 from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.request import RequestStatus
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.stats import IterationStats, SchedulerStats, StatLoggerBase
-from pagedllm.engine.tokenizer import init_tokenizer
 from pagedllm.inputs import PromptType
 
 logger = logging.getLogger(__name__)
@@ -83,12 +82,12 @@ class AsyncLLM:
         stat_loggers: list[StatLoggerBase] | None = None,
     ) -> None:
         start = time.perf_counter()
-        self.config = engine_config
-        self.model_config: ModelConfig = engine_config.model_config
-        self.tokenizer = init_tokenizer(self.model_config)
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.frontend = ModelFrontend.load(engine_config.model_config)
+        self.tokenizer = self.frontend.tokenizer
+        self.eos_token_id = self.frontend.eos_token_id
+        # Grammars are compiled here too, so an invalid one fails before the request is sent.
+        self.structured_output_manager = self.frontend.structured_output_manager()
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.eos_token_id = _eos_token_id(self.tokenizer, self.model_config.hf_config)
         self.stat_loggers: list[StatLoggerBase] = list(stat_loggers or [])
         self.scheduler_stats = SchedulerStats()
         """The engine core's latest load figures."""
@@ -99,6 +98,10 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._output_task: asyncio.Task[None] | None = None
         self.engine_core = EngineCoreClient(engine_config, self._on_engine_core_death)
+        # The core's config: max_model_len="auto" is settled once the KV cache is sized.
+        self.config = self.engine_core.engine_config
+        self.model_config: ModelConfig = self.config.model_config
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
         logger.info("AsyncLLM ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -133,22 +136,33 @@ class AsyncLLM:
         if self._dead_error is not None:
             raise self._dead_error
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json sampling fields applied:
+        what generate() uses when it is given no sampling params."""
+        return self.frontend.default_sampling_params()
+
     def process_input(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> ProcessedPrompt:
-        """Tokenizes and validates one prompt (ValueError when it cannot run)."""
+        """Tokenizes and validates one prompt (ValueError when it cannot run), and compiles its
+        structured-output grammar, as LLMEngine.process_input does."""
         if isinstance(prompt, ProcessedPrompt):
             return prompt
-        return self.input_processor.process(prompt, params)
+        processed = self.input_processor.process(prompt, params)
+        self.structured_output_manager.validate(params)
+        return processed
 
     async def generate(
         self,
         prompt: PromptType | ProcessedPrompt,
-        sampling_params: SamplingParams,
+        sampling_params: SamplingParams | None,
         request_id: str,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Yields the request's cumulative outputs until the last one (`finished=True`). A bad
-        prompt raises ValueError before anything runs; a dead engine core, EngineDeadError.
+        """Yields the request's cumulative outputs until the last one (`finished=True`).
+        `sampling_params=None` uses get_default_sampling_params(). A bad prompt raises
+        ValueError before anything runs; a dead engine core, EngineDeadError.
         Closing the generator (or cancelling its task, as a disconnecting client does) aborts
         the request."""
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         stream = self.add_request(request_id, prompt, sampling_params)  # raises before anything runs
         finished = False
         try:
@@ -173,8 +187,9 @@ class AsyncLLM:
         self._start_output_handler()
         child_ids = child_request_ids(request_id, params.n)
         child_params = [child_sampling_params(params, index) for index in range(params.n)]
+        arrival_time = time.time()
         self.output_processor.add_request(
-            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params
+            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params, arrival_time
         )
         stream = _RequestStream()
         self._streams[request_id] = stream
@@ -182,15 +197,7 @@ class AsyncLLM:
         requests = []
         for child_id, child_param in zip(child_ids, child_params):
             self._times[child_id] = _CompletionTimes(now, len(processed.prompt_token_ids))
-            requests.append(
-                Request(
-                    request_id=child_id,
-                    prompt_token_ids=list(processed.prompt_token_ids),
-                    sampling_params=child_param,
-                    eos_token_id=self.eos_token_id,
-                    max_tokens=processed.max_tokens,
-                )
-            )
+            requests.append(self.frontend.make_request(child_id, processed, child_param, arrival_time))
         self.engine_core.add_requests(requests)
         return stream
 

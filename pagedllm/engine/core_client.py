@@ -65,7 +65,7 @@ class EngineCoreClient:
         try:
             self.process.start()
             ready_writer.close()
-            self.num_kv_blocks = self._wait_until_ready(ready_reader)
+            self.num_kv_blocks, self.engine_config = self._wait_until_ready(ready_reader)
         except BaseException:
             self._closed = True
             self._finalizer()
@@ -75,10 +75,11 @@ class EngineCoreClient:
         logger.info("Engine core process (pid %d) ready in %.1f s.", self.process.pid, time.perf_counter() - start)
         threading.Thread(target=self._watch_process, name="pagedllm-engine-core-watch", daemon=True).start()
 
-    def _wait_until_ready(self, ready_reader: multiprocessing.connection.Connection) -> int:
+    def _wait_until_ready(self, ready_reader: multiprocessing.connection.Connection) -> tuple[int, EngineConfig]:
+        """The number of KV blocks and the engine core's config (max_model_len settled)."""
         multiprocessing.connection.wait([ready_reader, self.process.sentinel])
         try:
-            kind, value = ready_reader.recv()
+            kind, value, *rest = ready_reader.recv()
         except (EOFError, OSError):
             self.process.join(timeout=5.0)
             raise EngineDeadError(
@@ -88,7 +89,7 @@ class EngineCoreClient:
         if kind == ERROR:
             raise RuntimeError(f"The engine core failed to start: {value}")
         assert kind == READY, kind
-        return int(value)
+        return int(value), rest[0]
 
     def _watch_process(self) -> None:
         multiprocessing.connection.wait([self.process.sentinel])

@@ -9,7 +9,8 @@ input):
                     | ("shutdown",)
     core -> front   ("outputs", [EngineCoreOutput, ...], SchedulerStats) | ("error", text)
 
-Start-up ends with ("ready", num_kv_blocks) or ("error", text) on a pipe. The process leaves
+Start-up ends with ("ready", num_kv_blocks, engine_config) or ("error", text) on a pipe; the
+config sent back has max_model_len="auto" settled. The process leaves
 when the front process dies (it watches its parent), so it is never orphaned.
 """
 
@@ -45,9 +46,13 @@ def run_engine_core(
     signal.signal(signal.SIGTERM, _raise_system_exit)
     _exit_with_parent()
     from pagedllm.engine.core import EngineCore
+    from pagedllm.engine.frontend import ModelFrontend
 
     try:
-        engine_core = EngineCore(engine_config)
+        # The grammar matchers live next to the scheduler: this process loads the tokenizer
+        # too, exactly as LLMEngine does in-process.
+        manager = ModelFrontend.load(engine_config.model_config).structured_output_manager()
+        engine_core = EngineCore(engine_config, manager)
     except BaseException as error:  # noqa: BLE001 - every start-up failure goes to the front
         ready_conn.send((ERROR, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
         ready_conn.close()
@@ -58,7 +63,7 @@ def run_engine_core(
     output_socket = context.socket(zmq.PUSH)
     output_socket.setsockopt(zmq.LINGER, 2000)
     output_socket.connect(output_address)
-    ready_conn.send((READY, engine_core.num_kv_blocks))
+    ready_conn.send((READY, engine_core.num_kv_blocks, engine_core.config))
     ready_conn.close()
     try:
         _EngineCoreLoop(engine_core, input_socket, output_socket).run()

@@ -12,18 +12,16 @@ from transformers import PreTrainedTokenizerBase
 from pagedllm.config import EngineConfig
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core import EngineCore
-from pagedllm.engine.generation_config import load_generation_defaults
+from pagedllm.engine.frontend import ModelFrontend
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
 from pagedllm.engine.metrics import EngineStats, Metric
 from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.request import RequestStatus
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler
-from pagedllm.engine.tokenizer import init_tokenizer
 from pagedllm.executor.base import Executor
 from pagedllm.inputs import PromptType
-from pagedllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +29,10 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, engine_config: EngineConfig) -> None:
         start = time.perf_counter()
-        model_config = engine_config.model_config
-        self.tokenizer = init_tokenizer(model_config)
-        self.eos_token_id = _eos_token_id(self.tokenizer, model_config.hf_config)
-        self.generation_defaults = load_generation_defaults(
-            model_config.generation_config,
-            None if model_config.gguf_file else model_config.model_path,
-            getattr(model_config.hf_config, "eos_token_id", None),
-            model_config.override_generation_config,
-        )
-        self.eos_token_ids = self.generation_defaults.eos_token_ids - {self.eos_token_id}
-        all_eos = self.eos_token_ids | ({self.eos_token_id} if self.eos_token_id is not None else set())
-        self.structured_output_manager = StructuredOutputManager(self.tokenizer, model_config.vocab_size, all_eos)
+        self.frontend = ModelFrontend.load(engine_config.model_config)
+        self.tokenizer = self.frontend.tokenizer
+        self.eos_token_id = self.frontend.eos_token_id
+        self.structured_output_manager = self.frontend.structured_output_manager()
         self.engine_core = EngineCore(engine_config, self.structured_output_manager)
         # The core's config: max_model_len="auto" is settled once the KV cache is sized.
         self.config = self.engine_core.config
@@ -60,7 +50,7 @@ class LLMEngine:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json sampling fields applied."""
-        return SamplingParams(**self.generation_defaults.sampling_overrides)
+        return self.frontend.default_sampling_params()
 
     def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """Tokenizes and validates one prompt (ValueError when it cannot run), and compiles its
@@ -81,18 +71,7 @@ class LLMEngine:
             request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params, arrival_time
         )
         for child_id, child_param in zip(child_ids, child_params):
-            self.engine_core.add_request(
-                Request(
-                    request_id=child_id,
-                    prompt_token_ids=list(processed.prompt_token_ids),
-                    sampling_params=child_param,
-                    eos_token_id=self.eos_token_id,
-                    max_tokens=processed.max_tokens,
-                    eos_token_ids=self.eos_token_ids,
-                    cache_salt=processed.cache_salt,
-                    arrival_time=arrival_time,
-                )
-            )
+            self.engine_core.add_request(self.frontend.make_request(child_id, processed, child_param, arrival_time))
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -131,11 +110,3 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.engine_core.shutdown()
 
-
-def _eos_token_id(tokenizer: PreTrainedTokenizerBase | None, hf_config: Any) -> int | None:
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    eos = getattr(hf_config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        return int(eos[0]) if eos else None
-    return None if eos is None else int(eos)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ pytest.importorskip("zmq")  # the GPU machine runs the suite from source, maybe 
 from pagedllm import LLM, AsyncLLM, SamplingParams  # noqa: E402
 from pagedllm.engine.arg_utils import EngineArgs  # noqa: E402
 from pagedllm.engine.core_client import EngineDeadError  # noqa: E402
+from pagedllm.engine.sampling_params import StructuredOutputsParams  # noqa: E402
 
 ENGINE_OPTIONS = dict(dtype="float32", device="cpu", max_model_len=256, kv_cache_memory_bytes=1 << 22, enable_prefix_caching=False)
 PROMPTS = ["hello world", "the paged attention model", "café naïve 中文 🙂"]
@@ -107,6 +109,59 @@ def test_abort_frees_the_kv_blocks(engine):
             await asyncio.sleep(0.01)
 
     asyncio.run(run())
+
+
+def test_prompt_and_grammar_validation_and_output_fields_match_llm_engine(engine):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+
+    async def run():
+        with pytest.raises(ValueError, match="Unknown key"):
+            await _final(engine, {"prompt": "hi", "promt_token_ids": [1]}, SamplingParams(max_tokens=2), "typo")
+        with pytest.raises(ValueError, match="invalid"):
+            bad = StructuredOutputsParams(json={"type": "no-such-type"})
+            await _final(engine, "hi", SamplingParams(max_tokens=2, structured_outputs=bad), "bad-schema")
+        constrained = SamplingParams(
+            temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        )
+        return await _final(engine, PROMPTS[0], constrained, "json")
+
+    output = asyncio.run(run())
+    assert output.outputs[0].finish_reason == "stop"
+    assert isinstance(json.loads(output.outputs[0].text)["ok"], bool)
+    # RequestOutput fields LLMEngine fills (this engine runs without prefix caching).
+    assert output.num_cached_tokens == 0
+    metrics = output.metrics
+    assert metrics.arrival_time <= metrics.first_token_time <= metrics.finished_time
+
+
+def test_generation_config_defaults_and_every_eos_id_apply(engine, model_dir, tmp_path):
+    prompt = PROMPTS[1] * 4  # over one KV block, so a second run hits the prefix cache
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    tokens = asyncio.run(_final(engine, prompt, greedy, "greedy")).outputs[0].token_ids
+    stop_token = next(t for i, t in enumerate(tokens[2:], 2) if t not in tokens[:i])
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [2, stop_token], "temperature": 0.0, "max_new_tokens": 12})
+    )
+    options = {**ENGINE_OPTIONS, "enable_prefix_caching": True}
+    configured = AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), generation_config=str(tmp_path), **options))
+    try:
+        defaults = configured.get_default_sampling_params()
+        assert defaults.temperature == 0.0 and defaults.max_tokens == 12
+
+        async def run():
+            first = await _final(configured, prompt, None, "defaults")
+            second = await _final(configured, prompt, None, "again")
+            return first, second
+
+        first, second = asyncio.run(run())
+    finally:
+        configured.shutdown()
+    # No params: greedy from the generation config, stopped at its second EOS id like EOS.
+    end = tokens.index(stop_token) + 1
+    assert first.outputs[0].token_ids == tokens[:end]
+    assert first.outputs[0].finish_reason == "stop" and first.outputs[0].stop_reason is None
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens > 0
+    assert second.outputs[0].token_ids == tokens[:end]
 
 
 def test_dead_engine_core_fails_pending_requests(engine):

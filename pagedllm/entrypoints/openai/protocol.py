@@ -94,6 +94,13 @@ class SamplingFields(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     return_token_ids: bool = False
     request_id: str | None = None
 
@@ -115,6 +122,12 @@ class CompletionLogProbs(OpenAIBaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(OpenAIBaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
@@ -123,6 +136,8 @@ class CompletionChoice(OpenAIBaseModel):
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    """vLLM's extra: per prompt token, its logprob and the top ones, keyed by token id."""
 
 
 class CompletionResponse(OpenAIBaseModel):

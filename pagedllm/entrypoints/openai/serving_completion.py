@@ -16,6 +16,7 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    PromptLogprob,
     random_id,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
@@ -91,6 +92,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     stop_reason=completion.stop_reason,
                     token_ids=list(completion.token_ids) if request.return_token_ids else None,
                     prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids else None,
+                    prompt_logprobs=_prompt_logprobs(output),
                 ))
         return CompletionResponse(id=request_id, model=request.model or self.model_name, choices=choices,
                                   usage=usage_of(finals))
@@ -146,6 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                         token_ids=list(completion.token_ids[start_token:end_token]) if request.return_token_ids else None,
                         prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids and first else None,
+                        prompt_logprobs=_prompt_logprobs(output) if first else None,
                     ))
                 for choice in choices:
                     yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice]))
@@ -159,3 +162,16 @@ class OpenAIServingCompletion(OpenAIServing):
 
             yield sse(error_body(f"{type(error).__name__}: {error}", HTTPStatus.INTERNAL_SERVER_ERROR))
         yield "data: [DONE]\n\n"
+
+
+def _prompt_logprobs(output: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
+    """vLLM's shape: per prompt token (None for the first), token id -> its Logprob."""
+    if output.prompt_logprobs is None:
+        return None
+    return [
+        None if row is None else {
+            str(token_id): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+            for token_id, lp in row.items()
+        }
+        for row in output.prompt_logprobs
+    ]

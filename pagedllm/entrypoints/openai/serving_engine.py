@@ -15,10 +15,13 @@ from fastapi.responses import JSONResponse
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.input_processor import ProcessedPrompt
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
-from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
 
 T = TypeVar("T")
+
+# Body fields that, left unset, take the model's generation_config.json default.
+_DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class RequestError(Exception):
@@ -60,6 +63,8 @@ class OpenAIServing:
         self.served_model_names = served_model_names
         self.max_model_len = engine.model_config.max_model_len
         self.tokenizer = engine.tokenizer
+        self.default_sampling = engine.frontend.sampling_overrides
+        """The model's generation_config.json sampling fields: defaults for unset fields."""
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_model_names:
@@ -78,8 +83,9 @@ class OpenAIServing:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, name: str = "max_tokens") -> int:
-        """max_tokens, or all the room left when None; a ValueError saying by how much the
-        request is too long otherwise."""
+        """max_tokens, capped as vLLM caps it by the model's generation_config max_new_tokens,
+        or all the room left when neither is set; a 400 saying by how much the request is too
+        long otherwise."""
         room = self.max_model_len - num_prompt_tokens
         if room < 1:
             raise RequestError(
@@ -88,9 +94,7 @@ class OpenAIServing:
                 "output token. Please reduce the length of the prompt.",
                 param="prompt" if name == "max_tokens" else "messages",
             )
-        if max_tokens is None:
-            return room
-        if max_tokens > room:
+        if max_tokens is not None and max_tokens > room:
             raise RequestError(
                 f"'{name}' is too large: {max_tokens}. This model's maximum context length is "
                 f"{self.max_model_len} tokens and your request has {num_prompt_tokens} input tokens "
@@ -98,18 +102,17 @@ class OpenAIServing:
                 f"{max_tokens - room} tokens too many. Please reduce the length of the prompt or {name}.",
                 param=name,
             )
-        return max_tokens
+        limits = (room, max_tokens, self.default_sampling.get("max_tokens"))
+        return min(limit for limit in limits if limit is not None)
 
     def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None, **extra: Any) -> SamplingParams:
-        """The SamplingParams of a request body; a bad value is a 400 naming the field."""
+        """The SamplingParams of a request body; a bad value is a 400 naming the field. Fields
+        the client leaves unset take the model's generation_config.json defaults, as vLLM's
+        server does, then SamplingParams' own."""
+        defaults = self.default_sampling
         fields: dict[str, Any] = dict(
             n=request.n,
             max_tokens=max_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=0 if request.top_k is None else request.top_k,
-            min_p=0.0 if request.min_p is None else request.min_p,
-            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             seed=request.seed,
@@ -121,8 +124,17 @@ class OpenAIServing:
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            logit_bias=request.logit_bias,
+            allowed_token_ids=request.allowed_token_ids,
+            bad_words=request.bad_words,
             **extra,
         )
+        for name in _DEFAULTED_FIELDS:
+            value = getattr(request, name)
+            if value is None:
+                value = defaults.get(name)
+            if value is not None:
+                fields[name] = value
         structured = self._structured_outputs(request)
         if structured is not None:
             fields["structured_outputs"] = structured
@@ -132,30 +144,43 @@ class OpenAIServing:
             raise RequestError(str(error).replace("SamplingParams.", "")) from None
 
     @staticmethod
-    def _structured_outputs(request: SamplingFields) -> Any:
-        spec: dict[str, Any] | None = None
+    def _structured_outputs(request: SamplingFields) -> StructuredOutputsParams | None:
+        """response_format, or vLLM's structured_outputs / guided_* extras: one constraint."""
+        given: list[tuple[str, dict[str, Any]]] = []
         response_format = request.response_format
         if response_format is not None and response_format.type == "json_schema":
             schema = response_format.json_schema.schema_ if response_format.json_schema else None
             if schema is None:
-                raise RequestError("response_format json_schema needs json_schema.schema.", param="response_format")
-            spec = {"json": schema}
+                raise RequestError(
+                    "response_format of type json_schema needs json_schema.schema, e.g. "
+                    '{"type": "json_schema", "json_schema": {"name": "answer", "schema": {...}}}.',
+                    param="response_format",
+                )
+            given.append(("response_format", {"json": schema}))
         elif response_format is not None and response_format.type == "json_object":
-            spec = {"json_object": True}
-        elif request.structured_outputs:
-            spec = dict(request.structured_outputs)
-        elif request.guided_json is not None:
-            spec = {"json": request.guided_json}
-        if spec is None:
+            given.append(("response_format", {"json_object": True}))
+        if request.structured_outputs:
+            given.append(("structured_outputs", dict(request.structured_outputs)))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(request, name)
+            if value is not None:
+                given.append((name, {key: value}))
+        if not given:
             return None
-        try:
-            from pagedllm.engine.sampling_params import StructuredOutputsParams  # type: ignore[attr-defined]
-        except ImportError:
-            raise RequestError("response_format is not supported by this server.", param="response_format") from None
+        if len(given) > 1:
+            raise RequestError(
+                f"Give one output constraint, got {[name for name, _ in given]}: use response_format, "
+                "structured_outputs or one guided_* field.",
+                param=given[1][0],
+            )
+        name, spec = given[0]
+        if request.guided_whitespace_pattern is not None:
+            spec["whitespace_pattern"] = request.guided_whitespace_pattern
         try:
             return StructuredOutputsParams(**spec)
         except (ValueError, TypeError) as error:
-            raise RequestError(f"Bad structured output request: {error}", param="response_format") from None
+            raise RequestError(f"Bad {name}: {error}", param=name) from None
 
     def process_input(self, prompt: dict[str, Any], params: SamplingParams) -> ProcessedPrompt:
         """Checks the prompt before any response starts, so a bad one is a 400 even when
@@ -163,7 +188,8 @@ class OpenAIServing:
         try:
             return self.engine.process_input(prompt, params)
         except (ValueError, TypeError) as error:
-            raise RequestError(str(error), param="prompt") from None
+            param = "response_format" if str(error).startswith("structured_outputs") else "prompt"
+            raise RequestError(str(error), param=param) from None
 
     async def generate(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         try:

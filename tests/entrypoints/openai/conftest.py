@@ -1,7 +1,8 @@
 """A real `pagedllm serve` subprocess on a tiny checkpoint with the tiny BPE tokenizer.
 
-Exports fixtures `serve_model_dir` (module: the checkpoint folder), `chat_template_file`, and
-the helpers `ServerProcess` (start, wait until healthy, stop) and `children_of(pid)`."""
+Exports fixtures `serve_model_dir` (module: the checkpoint folder), `chat_template_file`,
+`server` (module: one `pagedllm serve` with the chat template and API_KEY) and `client` (an
+openai client on it), and the helpers `ServerProcess` (start, wait until healthy, stop) and `children_of(pid)`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,27 @@ def chat_template_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("template") / "template.jinja"
     path.write_text(CHAT_TEMPLATE)
     return path
+
+
+@pytest.fixture(scope="module")
+def server(serve_model_dir, chat_template_file, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server_log") / "server.log"
+    process = ServerProcess(
+        serve_model_dir,
+        ["--served-model-name", MODEL_NAME, "--chat-template", str(chat_template_file), "--api-key", API_KEY],
+        log,
+    )
+    try:
+        process.wait_until_healthy()
+        yield process
+    finally:
+        process.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 def free_port() -> int:

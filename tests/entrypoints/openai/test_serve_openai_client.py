@@ -4,7 +4,6 @@ non-streaming, concurrency, errors, auth, metrics, aborts, and a clean shutdown.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -12,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import API_KEY, CHAT_TEMPLATE, ENGINE_OPTIONS, MODEL_NAME, ServerProcess, children_of, engine_core_pid, wait_gone
+from conftest import API_KEY, CHAT_TEMPLATE, ENGINE_OPTIONS, MODEL_NAME, children_of, engine_core_pid, wait_gone
 
 from pagedllm import LLM, SamplingParams
 
@@ -21,7 +20,7 @@ openai = pytest.importorskip("openai")
 for _package in ("fastapi", "uvicorn", "zmq", "prometheus_client"):
     pytest.importorskip(_package)
 
-# One server for the whole module (~10 s to start on 2 cores).
+# One server for the whole module (conftest's `server`, ~10 s to start on 2 cores).
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["hello world", "the paged attention model", "café naïve 中文 🙂"]
@@ -29,30 +28,10 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 
 @pytest.fixture(scope="module")
-def server(serve_model_dir, chat_template_file, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server_log") / "server.log"
-    process = ServerProcess(
-        serve_model_dir,
-        ["--served-model-name", MODEL_NAME, "--chat-template", str(chat_template_file), "--api-key", API_KEY],
-        log,
-    )
-    try:
-        process.wait_until_healthy()
-        yield process
-    finally:
-        process.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
 def llm(serve_model_dir):
     llm = LLM(str(serve_model_dir), **ENGINE_OPTIONS)
     yield llm
     llm.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 def test_health_and_models(server, client):
@@ -201,23 +180,6 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
     assert client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2).choices[0].finish_reason is not None
-
-
-def test_response_format_is_mapped_or_refused(client):
-    try:
-        from pagedllm.engine.sampling_params import StructuredOutputsParams  # noqa: F401
-    except ImportError:
-        with pytest.raises(openai.BadRequestError, match="response_format is not supported"):
-            client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=5,
-                                           response_format={"type": "json_object"})
-        return
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    response = client.chat.completions.create(
-        model=MODEL_NAME, messages=MESSAGES, max_tokens=40,
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-    )
-    if response.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(response.choices[0].message.content)["a"], int)
 
 
 def _metrics(server) -> dict[str, float]:
