@@ -54,6 +54,10 @@ def put_to_sleep(runner: ModelRunner, level: int, num_kv_blocks: int) -> SleepSt
             state.host_weights[name] = host
             tensor.data = host
     else:
+        # Emptied in place, so the memory returns even where another object still holds the
+        # module (the weights are read again from the checkpoint on wake_up).
+        for tensor in [*runner.model.parameters(), *runner.model.buffers()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
         runner.model = None
         runner.attention_layers = []
     _empty_device_cache(runner.device)

@@ -82,7 +82,9 @@ class ServerProcess:
                    *options, *extra_args]
         self.log_path = log_path
         self._log = open(log_path, "w")
-        environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        # The repository first, then what the caller's path holds (packages installed beside it).
+        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=REPO_ROOT)
 
     def wait_until_healthy(self, timeout: float = 120.0) -> None:
