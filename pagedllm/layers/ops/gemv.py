@@ -26,13 +26,11 @@ _BLOCK_M = 16
 @triton.jit
 def _gemv_split_k_kernel(
     x_ptr, w_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_ps, stride_pm, k_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_INPUTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, m, n] = sum over k in slice s of x[m, k] * w[n, k], in float32.
 
     Layout: x [M, K] and w [N, K] with contiguous last dims; partial [SPLIT_K, M, N] float32.
-    FP8_INPUTS: x and w are float8_e4m3fn, widened to bf16 in registers (exactly: every e4m3
-    value is a bf16 value), so the weight costs one byte per element to read.
     Grid: (cdiv(N, BLOCK_N), SPLIT_K); k_per_split is a multiple of BLOCK_K.
     Bytes: N * K * elem (the weight, read once) + SPLIT_K * M * N * 4; FLOPs: 2 * M * N * K.
     """
@@ -50,9 +48,6 @@ def _gemv_split_k_kernel(
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if FP8_INPUTS:
-            x = x.to(tl.bfloat16)
-            w = w.to(tl.bfloat16)
         acc += tl.dot(x, tl.trans(w))
     out = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :]
     tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
@@ -65,14 +60,9 @@ def gemv(
     split_k: int | None = None,
     block_n: int = 64,
     block_k: int = 128,
-    x_scale: torch.Tensor | None = None,
-    weight_scale: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) for at most MAX_GEMV_ROWS rows, like F.linear.
-    split_k=None picks enough K slices for about four programs per SM. fp8 x and weight (W8A8
-    decode) take their per-row scales, x_scale [M] or [M, 1] and weight_scale [N] or [N, 1],
-    applied to the float32 sums; out_dtype is then the output's dtype."""
+    split_k=None picks enough K slices for about four programs per SM."""
     *lead, K = x.shape
     N = weight.shape[0]
     rows = x.reshape(-1, K)
@@ -92,21 +82,14 @@ def gemv(
     split_k = triton.cdiv(K, k_per_split)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, block_n), split_k)
-    fp8_inputs = weight.dtype == torch.float8_e4m3fn
-    if fp8_inputs != (rows.dtype == torch.float8_e4m3fn):
-        raise ValueError(f"gemv takes fp8 x with an fp8 weight, got {rows.dtype} and {weight.dtype}.")
     _gemv_split_k_kernel[grid](
         rows, weight, partial, M, N, K, rows.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
-        k_per_split, BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, FP8_INPUTS=fp8_inputs, num_warps=4,
+        k_per_split, BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     out = partial[0] if split_k == 1 else partial.sum(dim=0)
-    if x_scale is not None:
-        out = out * x_scale.float().reshape(M, 1)
-    if weight_scale is not None:
-        out = out * weight_scale.float().reshape(1, N)
     if bias is not None:
         out = out + bias.float()
-    return out.to(out_dtype or x.dtype).reshape(*lead, N)
+    return out.to(x.dtype).reshape(*lead, N)
 
 
 # Measured on an H200 (benchmarks/gemv_micro.py, BENCHMARKS.md): cuBLAS wins on every

@@ -259,18 +259,11 @@ class W8A8LinearMethod(LinearMethodBase):
         input_scale = getattr(layer, "input_scale", None)
         input_zero_point = getattr(layer, "input_zero_point", None)
         if layer.w8a8_kernel == "scaled_mm":
-            from pagedllm.layers.ops.gemv import MAX_GEMV_ROWS, gemv
-
             if input_scale is None:
                 x_q, x_scale = _per_token_quant(x2, FP8_DTYPE)
             else:
                 x_q, x_scale, _ = quantize_activation(x2, FP8_DTYPE, input_scale, None, True, None)
-            if x_q.shape[0] <= MAX_GEMV_ROWS:
-                # Decode rows: the split-K GEMV reads the fp8 weight at the bandwidth limit,
-                # where _scaled_mm's tiles of 64+ rows measured slower than bf16 (BENCHMARKS.md).
-                out = gemv(x_q, layer.weight, bias, x_scale=x_scale, weight_scale=layer.weight_scale, out_dtype=x.dtype)
-            else:
-                out = scaled_mm_fp8(x_q, x_scale, layer.weight, layer.weight_scale, bias, x.dtype)
+            out = scaled_mm_fp8(x_q, x_scale, layer.weight, layer.weight_scale, bias, x.dtype)
         elif layer.w8a8_kernel == "int_mm":
             if input_scale is None and scheme.activation_symmetric:
                 (x_q, x_scale), x_zero_point = _per_token_quant(x2, torch.int8), None
