@@ -17,12 +17,8 @@ when the front process dies (it watches its parent), so it is never orphaned.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import multiprocessing.connection
-import os
 import pickle
 import signal
-import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,6 +27,7 @@ import zmq
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.request import RequestStatus
+from pagedllm.executor.base import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ def run_engine_core(
     # Ctrl-C reaches the whole process group; the front process decides and tells us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
-    _exit_with_parent()
+    exit_with_parent()
     from pagedllm.engine.core import EngineCore
     from pagedllm.engine.frontend import ModelFrontend
 
@@ -117,17 +114,3 @@ class _EngineCoreLoop:
 
 def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def _exit_with_parent() -> None:
-    """End this process when the front process ends, even if it was killed (SIGKILL leaves it
-    no chance to say goodbye). The executor's workers watch this process the same way."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="pagedllm-parent-watch", daemon=True).start()

@@ -4,7 +4,11 @@ through `collective_rpc`."""
 from __future__ import annotations
 
 import abc
+import multiprocessing
+import multiprocessing.connection
+import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -215,3 +219,18 @@ def describe_exit_code(exit_code: int | None) -> str:
 def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note"):  # Python 3.11+
         error.add_note(note)
+
+
+def exit_with_parent() -> None:
+    """End this process when the process that started it ends, even if that one was killed
+    (SIGKILL leaves it no chance to say goodbye) and this one is blocked in a collective or a
+    step, where it would never read a closed pipe."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pagedllm-parent-watch", daemon=True).start()

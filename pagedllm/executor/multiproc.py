@@ -20,10 +20,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import pickle
 import signal
-import threading
 import time
 import traceback
 import weakref
@@ -35,7 +33,7 @@ from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, get_open_port
+from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, exit_with_parent, get_open_port
 from pagedllm.executor.shm_broadcast import GPU_SPIN_S, ShmBroadcast
 
 logger = logging.getLogger(__name__)
@@ -191,7 +189,7 @@ def _worker_main(
     """The body of each worker process: answer RPCs until told to stop or the engine is gone."""
     # Ctrl-C reaches the whole process group; the engine decides what happens and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    exit_with_parent()
     from pagedllm.worker.worker import Worker
 
     worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
@@ -237,20 +235,6 @@ def _next_message(broadcast: ShmBroadcast, conn: Connection) -> bytes:
         if isinstance(message, bytes):
             return message
         sleep_s = broadcast.wait_sleep(sleep_s)
-
-
-def _exit_with_parent() -> None:
-    """End this process when the engine's process ends, even if it was killed and this rank is
-    blocked in a collective (where it would never read the closed pipe)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="pagedllm-parent-watch", daemon=True).start()
 
 
 def _picklable(error: BaseException) -> BaseException:

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from safetensors import safe_open

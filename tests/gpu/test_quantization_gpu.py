@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import MergedColumnParallelLinear
 from pagedllm.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from pagedllm.layers.quantization.fp8 import Fp8Config
 from pagedllm.layers.quantization.kernels.w8a8 import fake_quantize_activation

@@ -1,7 +1,7 @@
-"""Tensor parallelism on two GPUs (NCCL): greedy tokens against transformers with CUDA graphs
-captured around the all-reduces, workers started after the parent touched CUDA, the sharded
-state round trip, and Ray actors. Skipped with fewer than 2 GPUs visible; run with
-`pytest -m gpu tests/gpu` on a machine with 2+ GPUs."""
+"""Tensor parallelism on two and four GPUs (NCCL): greedy tokens against transformers with CUDA
+graphs captured around the all-reduces, workers started after the parent touched CUDA (at four
+ranks the tiny models have fewer KV heads than ranks), the sharded state round trip, and Ray
+actors. Each size is skipped with fewer GPUs visible; run with `pytest -m gpu tests/gpu`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ pytestmark = [
 
 PROMPTS = [[5, 17, 99, 23, 8], list(range(30, 100)), [(7 * i) % 380 + 3 for i in range(40)] + [11, 12], [300]]
 MAX_TOKENS = 12
-ENGINE = dict(skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3, tensor_parallel_size=2)
+ENGINE = dict(skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3)
+TP_SIZES = [
+    pytest.param(size, marks=pytest.mark.skipif(torch.cuda.device_count() < size, reason=f"needs {size} CUDA GPUs"))
+    for size in (2, 4)
+]
 KV_HEADS = {"llama": 2, "qwen2": 2, "qwen3": 1}  # qwen3: one KV head replicated on both GPUs
 
 
@@ -36,8 +40,9 @@ def _release(llm) -> None:
     gc.collect()
 
 
+@pytest.mark.parametrize("tp_size", TP_SIZES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_gpus_give_transformers_greedy_tokens_even_after_the_parent_used_cuda(tmp_path, family):
+def test_gpus_give_transformers_greedy_tokens_even_after_the_parent_used_cuda(tmp_path, family, tp_size):
     from pagedllm import LLM
 
     # The engine's process has a CUDA context before the workers start: spawned workers
@@ -46,21 +51,22 @@ def test_two_gpus_give_transformers_greedy_tokens_even_after_the_parent_used_cud
     path = make_tiny_checkpoint(tmp_path / family, family, num_key_value_heads=KV_HEADS[family])
     expected = hf_greedy(path, PROMPTS, MAX_TOKENS)
     for enforce_eager in (True, False):
-        llm = LLM(str(path), enforce_eager=enforce_eager, **ENGINE)
+        llm = LLM(str(path), enforce_eager=enforce_eager, tensor_parallel_size=tp_size, **ENGINE)
         try:
             assert _tokens(llm) == expected, f"enforce_eager={enforce_eager}"
-            assert len(set(llm.llm_engine.executor.collective_rpc("get_pid"))) == 2
+            assert len(set(llm.llm_engine.executor.collective_rpc("get_pid"))) == tp_size
         finally:
             _release(llm)
 
 
-def test_two_gpu_sharded_state_round_trip(tmp_path):
+@pytest.mark.parametrize("tp_size", TP_SIZES)
+def test_sharded_state_round_trip(tmp_path, tp_size):
     from pagedllm import LLM
     from pagedllm.entrypoints.save_sharded import save_sharded_checkpoint
 
     source = make_tiny_checkpoint(tmp_path / "model", "llama")
-    save_sharded_checkpoint(str(source), str(tmp_path / "sharded"), 2, dtype="float32")
-    llm = LLM(str(tmp_path / "sharded"), load_format="sharded_state", **ENGINE)
+    save_sharded_checkpoint(str(source), str(tmp_path / "sharded"), tp_size, dtype="float32")
+    llm = LLM(str(tmp_path / "sharded"), load_format="sharded_state", tensor_parallel_size=tp_size, **ENGINE)
     try:
         assert _tokens(llm) == hf_greedy(source, PROMPTS, MAX_TOKENS)
     finally:
@@ -74,7 +80,7 @@ def test_ray_actors_on_two_gpus(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "model", "llama")
     ray.init(num_gpus=2, include_dashboard=False)
     try:
-        llm = LLM(str(path), distributed_executor_backend="ray", **ENGINE)
+        llm = LLM(str(path), distributed_executor_backend="ray", tensor_parallel_size=2, **ENGINE)
         try:
             assert _tokens(llm) == hf_greedy(path, PROMPTS, MAX_TOKENS)
         finally:
