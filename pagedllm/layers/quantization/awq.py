@@ -19,6 +19,7 @@ from torch import nn
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig, UnquantizedLinearMethod
 from pagedllm.layers.quantization.int_group_linear import (
     IntGroupLinearMethod,
+    check_input_packing,
     check_output_packing,
     dummy_fill,
     input_groups,
@@ -89,11 +90,7 @@ class AWQLinearMethod(IntGroupLinearMethod):
         self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
         input_size: int, output_size: int, params_dtype: torch.dtype,
     ) -> None:
-        if input_size_per_partition % self.scheme.pack_factor:
-            raise ValueError(
-                f"{layer.prefix}: AWQ input size {input_size_per_partition} is not a multiple of "
-                f"{self.scheme.pack_factor}."
-            )
+        check_input_packing(layer, input_size_per_partition, self.scheme.pack_factor, "AWQ")
         check_output_packing(layer, output_partition_sizes, _AWQ_PACK)
         groups, split = input_groups(self.scheme, layer, input_size_per_partition, input_size, False)
         group_dim = 0 if split else None

@@ -22,6 +22,7 @@ from torch import nn
 from pagedllm.layers.quantization.base import LoadedWeight, copy_loaded_weight
 from pagedllm.layers.quantization.int_group_linear import (
     IntGroupLinearMethod,
+    check_input_packing,
     check_output_packing,
     dummy_fill,
     dummy_g_idx,
@@ -59,11 +60,7 @@ class CompressedTensorsWNA16(IntGroupLinearMethod):
         input_size: int, output_size: int, params_dtype: torch.dtype,
     ) -> None:
         pack = self.scheme.pack_factor
-        if input_size_per_partition % pack:
-            raise ValueError(
-                f"{layer.prefix}: pack-quantized input size {input_size_per_partition} is not a "
-                f"multiple of the {pack} values packed per int32."
-            )
+        check_input_packing(layer, input_size_per_partition, pack, "pack-quantized")
         groups, split = input_groups(self.scheme, layer, input_size_per_partition, input_size, True)
         group_dim = 1 if split else None
         num_outputs = sum(output_partition_sizes)

@@ -23,6 +23,7 @@ from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConf
 from pagedllm.layers.quantization.int_group_linear import (
     FUSED_PARTS,
     IntGroupLinearMethod,
+    check_input_packing,
     check_output_packing,
     dummy_fill,
     dummy_g_idx,
@@ -122,11 +123,7 @@ class GPTQLinearMethod(IntGroupLinearMethod):
         input_size: int, output_size: int, params_dtype: torch.dtype,
     ) -> None:
         pack = self.scheme.pack_factor
-        if input_size_per_partition % pack:
-            raise ValueError(
-                f"{layer.prefix}: GPTQ input size {input_size_per_partition} is not a multiple of "
-                f"the {pack} values packed per int32."
-            )
+        check_input_packing(layer, input_size_per_partition, pack, "GPTQ")
         check_output_packing(layer, output_partition_sizes, pack)
         groups, split = input_groups(self.scheme, layer, input_size_per_partition, input_size, True)
         group_dim = 0 if split else None

@@ -93,6 +93,15 @@ def input_groups(scheme: IntGroupScheme, layer: nn.Module, input_size_per_partit
     return input_size_per_partition // scheme.group_size, True
 
 
+def check_input_packing(layer: nn.Module, input_size_per_partition: int, pack: int, format_name: str) -> None:
+    if input_size_per_partition % pack:
+        raise ValueError(
+            f"{layer.prefix}: {format_name} input size {input_size_per_partition} per rank is not a "
+            f"multiple of the {pack} values packed per int32; use a tensor_parallel_size that "
+            "keeps it a multiple."
+        )
+
+
 def check_output_packing(layer: nn.Module, output_partition_sizes: list[int], pack: int) -> None:
     for size in output_partition_sizes:
         if size % pack:
