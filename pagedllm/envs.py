@@ -60,3 +60,18 @@ def cache_root() -> str:
 def logging_level() -> str:
     """PAGEDLLM_LOGGING_LEVEL: level of the pagedllm logger (default INFO)."""
     return (_get("LOGGING_LEVEL") or "INFO").upper()
+
+
+def mm_input_cache_bytes() -> int:
+    """PAGEDLLM_MM_INPUT_CACHE_GIB (alias VLLM_MM_INPUT_CACHE_GIB): bound of the processed
+    multi-modal input cache in GiB, default 4; 0 turns the cache off."""
+    value = _get("MM_INPUT_CACHE_GIB")
+    if value is None or value.strip() == "":
+        return 4 << 30
+    try:
+        gib = float(value)
+    except ValueError:
+        raise ValueError(f"PAGEDLLM_MM_INPUT_CACHE_GIB={value!r} is not a number of GiB; set e.g. 4 (0: off).") from None
+    if gib < 0:
+        raise ValueError(f"PAGEDLLM_MM_INPUT_CACHE_GIB={value!r} must be >= 0 GiB (0 turns the cache off).")
+    return int(gib * (1 << 30))

@@ -183,6 +183,9 @@ class Scheduler:
                     block_ids=kv.get_block_ids(request),
                     num_computed_tokens=num_hit_tokens,
                     eos_token_id=request.eos_token_id,
+                    mm_features=request.mm_features,
+                    mrope_positions=request.mrope_positions,
+                    mrope_position_delta=request.mrope_position_delta,
                 )
             )
             num_scheduled_tokens[request.request_id] = num_new

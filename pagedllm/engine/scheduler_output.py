@@ -9,6 +9,7 @@ grow with context length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.engine.sampling_params import SamplingParams
 
@@ -27,6 +28,12 @@ class NewRequestData:
     num_computed_tokens: int
     eos_token_id: int | None
     """The engine's EOS id (from the tokenizer), which min_tokens keeps from being sampled."""
+    mm_features: list[Any] = field(default_factory=list)
+    """The prompt's multi-modal items (MultiModalFeature: tensors, placeholder, hash)."""
+    mrope_positions: Any = None
+    """[3, num_prompt_tokens] M-RoPE positions, or None."""
+    mrope_position_delta: int = 0
+    """Positions after the prompt are p + delta (M-RoPE)."""
 
 
 @dataclass(slots=True)

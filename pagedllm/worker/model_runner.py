@@ -17,6 +17,7 @@ from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, to_token_logprobs
 from pagedllm.model_loader.loaders import get_model
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
+from pagedllm.worker.multimodal_runner import MultiModalRunner, supports_multimodal
 from pagedllm.worker.input_batch import (
     CachedRequestState,
     HostStager,
@@ -50,10 +51,13 @@ class ModelRunner:
         self.attention_layers: list[Attention] = []
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CUDAGraphRunner | None = None
+        self.mm_runner: MultiModalRunner | None = None
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if supports_multimodal(self.model):
+            self.mm_runner = MultiModalRunner(self.model, self.device)
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         return [layer.kv_cache_spec() for layer in self.attention_layers]
@@ -95,7 +99,10 @@ class ModelRunner:
         inputs = build_profile_inputs(
             scheduler_config.max_num_batched_tokens, self.model_config.max_model_len, self.device
         )
+        # The encoder's peak, and its outputs held through the text forward as in a real step.
+        encoder_outputs = self.mm_runner.profile_encoder(self.config) if self.mm_runner is not None else []
         hidden_states = self._forward(inputs)
+        del encoder_outputs
         num_rows = min(scheduler_config.max_num_seqs, hidden_states.shape[0])
         logits = self._compute_logits(hidden_states[:num_rows])
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1)
@@ -119,7 +126,10 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.stager)
-        hidden_states = self._forward(inputs)
+        inputs_embeds = None
+        if self.mm_runner is not None:
+            inputs_embeds = self.mm_runner.prepare(inputs, inputs.input_ids)
+        hidden_states = self._forward(inputs, inputs_embeds)
 
         sample_rows, sample_req_ids = [], []
         for req_id, start, query_start, query_len in zip(
@@ -149,7 +159,11 @@ class ModelRunner:
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
+            if self.mm_runner is not None:
+                self.mm_runner.remove_request(req_id)
         for new in scheduler_output.scheduled_new_reqs:
+            if self.mm_runner is not None:
+                self.mm_runner.add_request(new)
             self.eos_token_id = new.eos_token_id
             generator = None
             if new.sampling_params.seed is not None:
@@ -168,13 +182,17 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         assert self.model is not None, "load_model() first"
-        if self.cuda_graphs is not None:
+        # Graphs are captured on input ids and 1-D positions: steps with merged embeddings or
+        # M-RoPE [3, T] positions run eagerly.
+        if self.cuda_graphs is not None and inputs_embeds is None and inputs.positions.ndim == 1:
             batch_size = self.cuda_graphs.padded_size(inputs)
             if batch_size is not None:
                 return self.cuda_graphs.run(inputs, batch_size)
         with set_forward_context(inputs.attn_metadata):
+            if inputs_embeds is not None:
+                return self.model(inputs.input_ids, inputs.positions, inputs_embeds)
             return self.model(inputs.input_ids, inputs.positions)
 
     def _compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
