@@ -82,6 +82,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts: list[PromptType] = []
         for conversation in conversations:
+            conversation, mm_data = self._parse_content_parts(conversation)
             text = tokenizer.apply_chat_template(
                 conversation,
                 chat_template=chat_template,
@@ -92,11 +93,35 @@ class LLM:
             )
             # The template already holds the special tokens (BOS and role markers).
             token_ids = tokenizer.encode(text, add_special_tokens=False)
-            prompts.append({"prompt": text, "prompt_token_ids": token_ids})
+            prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": token_ids}
+            if mm_data:
+                prompt["multi_modal_data"] = mm_data
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def shutdown(self) -> None:
         self._finalizer()
+
+    def _parse_content_parts(self, conversation: list[ChatMessage]) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """OpenAI content parts (text, image_url, image_pil, video) → messages with string
+        content holding the model's placeholders, and the items by modality."""
+        from pagedllm.multimodal.inputs import parse_chat_content
+
+        mm_processor = self.llm_engine.input_processor.mm_processor
+        adapter = mm_processor.adapter if mm_processor is not None else None
+        placeholders = {m: adapter.placeholder_text(m) for m in adapter.modalities} if adapter else {}
+        parsed: list[ChatMessage] = []
+        mm_data: dict[str, list[Any]] = {}
+        for message in conversation:
+            content = message.get("content")
+            if content is None or isinstance(content, str):
+                parsed.append(message)
+                continue
+            text, items = parse_chat_content(content, placeholders)
+            for modality, values in items.items():
+                mm_data.setdefault(modality, []).extend(values)
+            parsed.append({**message, "content": text})
+        return parsed, mm_data
 
     @staticmethod
     def _params_per_prompt(

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import transformers
 from PIL import Image
@@ -28,7 +29,7 @@ def make_tiny_vl_checkpoint(path: Path, tokenizer_dir: Path, family: str = "qwen
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        initializer_range=0.2,
+        initializer_range=0.2, bos_token_id=0, eos_token_id=1,
     )
     vision = dict(depth=2, num_heads=2, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
     if family == "qwen2_vl":
@@ -42,7 +43,7 @@ def make_tiny_vl_checkpoint(path: Path, tokenizer_dir: Path, family: str = "qwen
         text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
     )
     config.vision_config.initializer_range = 0.2
     config.architectures = [model_class.__name__]
@@ -77,3 +78,26 @@ def hf_greedy_vl(path: Path, token_ids: list[int], mm_data: dict, max_new_tokens
         out = model.generate(input_ids=input_ids, mm_token_type_ids=token_types, generation_config=generation, **mm_data)
         logits = model(input_ids=input_ids, mm_token_type_ids=token_types, **mm_data).logits[0]
     return out[0, len(token_ids):].tolist(), torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_bpe_tokenizer_dir: Path) -> dict[str, Path]:
+    """{"qwen2_vl": folder, "qwen2_5_vl": folder}; import this fixture into a test module."""
+    root = tmp_path_factory.mktemp("tiny_vl")
+    return {
+        family: make_tiny_vl_checkpoint(root / family, tiny_bpe_tokenizer_dir, family)
+        for family in ("qwen2_vl", "qwen2_5_vl")
+    }
+
+
+def processed_inputs(llm, prompt: str, mm_data: dict, **kwargs):
+    """Our processor's expanded token ids and the processed tensors, stacked as transformers
+    takes them (pixel_values of every image concatenated, grids stacked)."""
+    processor = llm.llm_engine.input_processor.mm_processor
+    token_ids = llm.get_tokenizer().encode(prompt)
+    mm = processor.process(token_ids, mm_data, kwargs or None)
+    tensors: dict[str, list] = {}
+    for feature in mm.features:
+        for key, value in feature.data.items():
+            tensors.setdefault(key, []).append(value)
+    return mm.prompt_token_ids, {key: torch.cat(values) for key, values in tensors.items()}
