@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,8 @@ from pagedllm.layers.vocab_embedding import ParallelLMHead
 from pagedllm.models.llama import LlamaModel
 from pagedllm.models.qwen2 import Qwen2DecoderLayer
 from pagedllm.models.utils import head_dim_of, load_weights_by_mapping, maybe_prefix
+
+logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -202,6 +206,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.model.visual = (
             self.vision_tower_cls(hf_config.vision_config, prefix="model.visual") if self.has_vision else None
         )
+        if not self.has_vision:
+            log_vision_tower_skipped(self.vision_tower_cls, hf_config.vision_config)
         self.model.language_model = LlamaModel(
             text_config, quant_config, prefix="model.language_model", decoder_layer_cls=Qwen2DecoderLayer
         )
@@ -239,6 +245,19 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             skip.append(self.vision_prefix)
         renamed = ((_checkpoint_name(name), tensor) for name, tensor in weights)
         return load_weights_by_mapping(self, renamed, self.packed_modules_mapping, skip)
+
+
+def log_vision_tower_skipped(tower_cls: Any, vision_config: Any) -> int:
+    """Logs (and returns) the bytes the unbuilt tower would have taken: measured on a
+    skeleton on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        tower = tower_cls(vision_config)
+    num_bytes = sum(p.numel() for p in tower.parameters()) * torch.get_default_dtype().itemsize
+    logger.info(
+        "Text only (limit_mm_per_prompt is 0 for every modality): the vision tower is not built "
+        "or loaded, saving %.3f GiB of weights.", num_bytes / (1 << 30),
+    )
+    return num_bytes
 
 
 def _checkpoint_name(name: str) -> str:
