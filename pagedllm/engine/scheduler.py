@@ -133,11 +133,18 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         preempted = False
+        # Vision-encoder tokens this step may start (vLLM's encoder compute budget): an item
+        # is encoded at the first step that computes one of its tokens.
+        encoder_budget = self.max_num_batched_tokens
 
         index = 0
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            if request.mm_features and num_new > 0:
+                num_new, encoder_budget = _cap_by_encoder_budget(
+                    request, request.num_computed_tokens, num_new, encoder_budget, False, self.max_num_batched_tokens
+                )
             if num_new <= 0:
                 # Its last sampled token has not been appended yet; nothing to compute.
                 index += 1
@@ -166,6 +173,12 @@ class Scheduler:
             request = self.waiting[0]
             hit_blocks, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, token_budget)
+            if request.mm_features:
+                num_new, encoder_budget = _cap_by_encoder_budget(
+                    request, num_hit_tokens, num_new, encoder_budget, True, self.max_num_batched_tokens
+                )
+                if num_new <= 0:
+                    break
             if kv.allocate_slots(request, num_new, hit_blocks) is None:
                 break
             self.waiting.popleft()
@@ -278,3 +291,25 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
+
+
+def _cap_by_encoder_budget(
+    request: Request, start: int, num_new: int, encoder_budget: int, admitting: bool, full_budget: int
+) -> tuple[int, int]:
+    """Shortens the chunk [start, start + num_new) to end before the first multi-modal item
+    whose encoding would overrun this step's encoder budget; returns (num_new, budget left).
+    Items started in an earlier step are already encoded (the runner keeps their outputs);
+    at admission every overlapped item is encoded, including one a prefix hit cut into. An
+    item larger than the whole budget may still start a step, so every request progresses."""
+    end = start + num_new
+    used_any = False
+    for feature in request.mm_features:
+        offset, length = feature.placeholder.offset, feature.placeholder.length
+        if offset >= end or offset + length <= start or (offset < start and not admitting):
+            continue
+        cost = feature.placeholder.num_embeds
+        if cost > encoder_budget and (used_any or encoder_budget < full_budget):
+            return max(offset - start, 0), encoder_budget
+        encoder_budget -= cost
+        used_any = True
+    return num_new, max(encoder_budget, 0)

@@ -215,3 +215,19 @@ def test_text_model_rejects_multi_modal_data(tiny_checkpoints):
     with pytest.raises(ValueError, match="text-only model"):
         engine.generate({"prompt": "hi", "multi_modal_data": {"image": random_image(28, 28, 0)}}, GREEDY, use_tqdm=False)
     engine.shutdown()
+
+
+def test_scheduler_budgets_encoder_work_per_step(tiny_vl_checkpoints):
+    # 24 tokens per step: the chunk [0, 24) would start both 16-token images (32 encoder
+    # tokens), so it stops where the second begins.
+    engine = LLM(str(tiny_vl_checkpoints["qwen2_vl"]), dtype="float32", max_model_len=512, max_num_batched_tokens=24,
+                 enable_prefix_caching=False)
+    prompt = {"prompt": IMAGE_PLACEHOLDER + IMAGE_PLACEHOLDER + " two",
+              "multi_modal_data": {"image": [random_image(200, 200, 1), random_image(200, 200, 2)]}}
+    scheduler = engine.llm_engine.scheduler
+    processed = engine.llm_engine.process_input(prompt, GREEDY)
+    engine.llm_engine.add_request("budget", processed, GREEDY)
+    first_step = scheduler.schedule()
+    assert first_step.num_scheduled_tokens["budget"] == processed.mm_inputs.features[1].placeholder.offset
+    engine.llm_engine.abort_request("budget")
+    engine.shutdown()
