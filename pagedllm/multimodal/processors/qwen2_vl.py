@@ -92,12 +92,14 @@ class Qwen2VLProcessorAdapter(MultiModalProcessorAdapter):
         return torch.cat(groups), [len(frames) // temporal, grid_h, grid_w]
 
     def dummy_item(self, modality: str, kwargs: Mapping[str, Any]) -> Any:
-        """A square image at the processor's largest pixel count (max_pixels)."""
+        """A square image at the processor's largest pixel count (max_pixels), but no more tokens
+        than max_model_len: a larger image could never be part of an accepted prompt."""
         from PIL import Image
 
         processor = self.image_processor(kwargs)
-        max_pixels = int(_size_of(processor, "longest_edge", "max_pixels"))
         factor = int(processor.patch_size) * int(processor.merge_size)
+        max_pixels = int(_size_of(processor, "longest_edge", "max_pixels"))
+        max_pixels = min(max_pixels, (self.model_config.max_model_len - 1) * factor * factor)
         side = max(factor, int((max_pixels**0.5) // factor) * factor)
         image = Image.new("RGB", (side, side), color=(127, 127, 127))
         return image if modality == "image" else [image] * int(processor.temporal_patch_size)
