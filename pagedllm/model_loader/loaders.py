@@ -142,7 +142,10 @@ def _load_checkpoint(
 
     files, weight_format = find_weight_files(model_config.model_path, load_config.load_format)
     weights: Iterable[tuple[str, Any]]
-    if weight_format == "safetensors" and get_tp_size() > 1:
+    # A model that skips part of its checkpoint (a text-only multi-modal model's vision
+    # tower) also reads lazily, so the matrices it skips are never read.
+    skips_tensors = bool(getattr(model, "skipped_checkpoint_prefixes", ()))
+    if weight_format == "safetensors" and (get_tp_size() > 1 or skips_tensors):
         # Sliced reads: each tensor-parallel rank reads only the rows or columns it keeps.
         weights = sharded_safetensors_iterator(files, stats)
     elif weight_format == "safetensors":

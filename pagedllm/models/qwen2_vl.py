@@ -191,7 +191,6 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
     vision_tower_cls: Any = Qwen2VisionTransformer
-    vision_prefix = "model.visual."
 
     def __init__(
         self, hf_config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "",
@@ -208,6 +207,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         )
         if not self.has_vision:
             log_vision_tower_skipped(self.vision_tower_cls, hf_config.vision_config)
+        self.skipped_checkpoint_prefixes: tuple[str, ...] = () if self.has_vision else ("model.visual.", "visual.")
         self.model.language_model = LlamaModel(
             text_config, quant_config, prefix="model.language_model", decoder_layer_cls=Qwen2DecoderLayer
         )
@@ -241,8 +241,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         skip = ["lm_head."] if self.tie_word_embeddings else []
-        if not self.has_vision:
-            skip.append(self.vision_prefix)
+        skip.extend(self.skipped_checkpoint_prefixes)
         renamed = ((_checkpoint_name(name), tensor) for name, tensor in weights)
         return load_weights_by_mapping(self, renamed, self.packed_modules_mapping, skip)
 

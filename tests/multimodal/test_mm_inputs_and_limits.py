@@ -231,3 +231,14 @@ def test_scheduler_budgets_encoder_work_per_step(tiny_vl_checkpoints):
     assert first_step.num_scheduled_tokens["budget"] == processed.mm_inputs.features[1].placeholder.offset
     engine.llm_engine.abort_request("budget")
     engine.shutdown()
+
+
+def test_text_only_mode_does_not_read_the_vision_matrices(tiny_vl_checkpoints):
+    path = tiny_vl_checkpoints["qwen2_vl"]
+    tensors = load_file(path / "model.safetensors")
+    vision_matrix_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if ".visual." in k and t.ndim >= 2)
+    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    engine = LLM(str(path), dtype="float32", max_model_len=512, limit_mm_per_prompt={"image": 0, "video": 0})
+    bytes_read = engine.llm_engine.executor.collective_rpc("loaded_weight_bytes")[0]
+    engine.shutdown()
+    assert bytes_read <= total_bytes - vision_matrix_bytes
