@@ -49,3 +49,19 @@ def test_cache_size_env_var_and_its_vllm_alias(monkeypatch):
     monkeypatch.setenv("PAGEDLLM_MM_INPUT_CACHE_GIB", "lots")
     with pytest.raises(ValueError, match="PAGEDLLM_MM_INPUT_CACHE_GIB"):
         envs.mm_input_cache_bytes()
+
+
+def test_cli_takes_limits_as_json_or_pairs_and_processor_kwargs_as_json():
+    import argparse
+
+    from pagedllm.engine.arg_utils import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = EngineArgs.from_cli_args(parser.parse_args(
+        ["--limit-mm-per-prompt", '{"image": 3, "video": 0}', "--mm-processor-kwargs", '{"max_pixels": 1000}']
+    ))
+    assert args.limit_mm_per_prompt == {"image": 3, "video": 0}
+    assert args.mm_processor_kwargs == {"max_pixels": 1000}
+    pairs = EngineArgs.from_cli_args(parser.parse_args(["--limit-mm-per-prompt", "image=2,video=1"]))
+    assert pairs.limit_mm_per_prompt == {"image": 2, "video": 1}
