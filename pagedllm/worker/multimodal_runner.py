@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pagedllm.engine.scheduler_output import NewRequestData
+from pagedllm.multimodal.inputs import MultiModalFeature, PlaceholderRange
 from pagedllm.worker.input_batch import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -73,45 +74,56 @@ class MultiModalRunner:
             return None
         if self.uses_mrope:
             inputs.positions = self._mrope_positions(inputs, scheduled)
-        rows, embeds = [], []
+        overlaps = []
+        to_encode: dict[str, list[tuple[_RequestItems, int]]] = {}
         for req_id, start, query_start, query_len in scheduled:
             state = self.requests[req_id]
-            end = start + query_len
             for index, feature in enumerate(state.features):
                 offset, length = feature.placeholder.offset, feature.placeholder.length
-                first, last = max(start, offset), min(end, offset + length)
+                first, last = max(start, offset), min(start + query_len, offset + length)
                 if first >= last:
                     continue
-                output = state.encoder_outputs.get(index)
-                if output is None:
-                    output = self._encode(feature)
-                    state.encoder_outputs[index] = output
-                local = np.arange(first - offset, last - offset)
-                if feature.placeholder.is_embed is not None:
-                    mask = np.asarray(feature.placeholder.is_embed, dtype=bool)
-                    embed_index = np.cumsum(mask) - 1
-                    local = local[mask[local]]
-                    output_rows = embed_index[local]
-                else:
-                    output_rows = local
-                rows.append(query_start + offset - start + local)
-                embeds.append(output[torch.from_numpy(output_rows).to(self.device)])
-                if last == offset + length:
-                    del state.encoder_outputs[index]
-        if not rows:
+                overlaps.append((state, index, first, last, query_start - start))
+                if index not in state.encoder_outputs:
+                    to_encode.setdefault(feature.modality, []).append((state, index))
+        if not overlaps:
             return None
+        for modality, pending in to_encode.items():
+            outputs = self._encode(modality, [state.features[index] for state, index in pending])
+            for (state, index), output in zip(pending, outputs):
+                state.encoder_outputs[index] = output
+        rows, embeds = [], []
+        for state, index, first, last, row_shift in overlaps:
+            feature = state.features[index]
+            offset, length = feature.placeholder.offset, feature.placeholder.length
+            local = np.arange(first - offset, last - offset)
+            if feature.placeholder.is_embed is not None:
+                mask = np.asarray(feature.placeholder.is_embed, dtype=bool)
+                local = local[mask[local]]
+                output_rows = (np.cumsum(mask) - 1)[local]
+            else:
+                output_rows = local
+            rows.append(offset + row_shift + local)
+            embeds.append(state.encoder_outputs[index][torch.from_numpy(output_rows).to(self.device)])
+            if last == offset + length:
+                del state.encoder_outputs[index]
         inputs_embeds = self.model.get_input_embeddings(input_ids)
         row_index = torch.from_numpy(np.concatenate(rows)).to(self.device)
         inputs_embeds[row_index] = torch.cat(embeds).to(inputs_embeds.dtype)
         return inputs_embeds
 
-    def _encode(self, feature: Any) -> torch.Tensor:
-        data = {
-            key: value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in feature.data.items()
-        }
-        self.num_encoder_calls += 1
-        return self.model.embed_multimodal(feature.modality, data)
+    def _encode(self, modality: str, features: list[Any]) -> list[torch.Tensor]:
+        """Encoder outputs of the step's new items of one modality: in one call when the model
+        has `embed_multimodal_batch(modality, [data, ...])`, else item by item."""
+        datas = [
+            {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in f.data.items()}
+            for f in features
+        ]
+        self.num_encoder_calls += len(features)
+        batch_fn = getattr(self.model, "embed_multimodal_batch", None)
+        if batch_fn is not None and len(datas) > 1:
+            return list(batch_fn(modality, datas))
+        return [self.model.embed_multimodal(modality, data) for data in datas]
 
     def _mrope_positions(self, inputs: StepInputs, scheduled: list[tuple[str, int, int, int]]) -> torch.Tensor:
         """[3, T] positions (or [T] when all three rows agree, as in decode steps, which keeps
@@ -147,16 +159,16 @@ class MultiModalRunner:
             return []
         processor = MultiModalProcessor(model_config, tokenizer=None)
         budget = max(engine_config.scheduler_config.max_num_batched_tokens, 1)
-        outputs = []
+        outputs: list[torch.Tensor] = []
         for modality in mm_config.modalities:
             limit = mm_config.limit_of(modality)
             if limit == 0:
                 continue
             item = processor.dummy_features(modality)
             num_items = max(1, min(limit, budget // max(item.num_embeds, 1)))
-            data = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in item.data.items()}
-            for _ in range(num_items):
-                outputs.append(self.model.embed_multimodal(modality, data))
+            # Encoded together, as a step that starts them all would.
+            dummy = MultiModalFeature(modality, "profile", item.data, PlaceholderRange(0, item.num_embeds))
+            outputs.extend(self._encode(modality, [dummy] * num_items))
             logger.info(
                 "Profiling %d %s item(s) of %d tokens each (largest under mm_processor_kwargs %s).",
                 num_items, modality, item.num_embeds, mm_config.mm_processor_kwargs,
