@@ -154,9 +154,15 @@ def memory_report(folder: str, modalities: tuple[str, ...]) -> list[tuple[str, s
             continue
         llm = LLM(folder, **engine_kwargs(**extra))
         kv_bytes = llm.llm_engine.executor.collective_rpc("kv_cache_bytes")[0]
+        model = llm.llm_engine.executor.worker.model_runner.model
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        del model
         shutdown(llm)
         baseline = kv_bytes if baseline is None else baseline
-        rows.append((f"KV cache, {name}", f"{kv_bytes / 2**30:.2f} GiB (+{(kv_bytes - baseline) / 2**30:.2f} GiB vs default)"))
+        rows.append((
+            f"KV cache, {name}",
+            f"{kv_bytes / 2**30:.2f} GiB (+{(kv_bytes - baseline) / 2**30:.2f} GiB vs default); weights {weights / 2**30:.2f} GiB",
+        ))
     return rows
 
 
