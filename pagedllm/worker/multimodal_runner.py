@@ -148,9 +148,10 @@ class MultiModalRunner:
     @torch.inference_mode()
     def profile_encoder(self, engine_config: Any) -> list[torch.Tensor]:
         """Encodes the largest items the limits allow, for each modality that is on: as many as
-        one step's token budget holds (at least one), at most the per-prompt limit. Returns
-        the outputs, which the caller keeps alive through the text forward (they coexist in
-        a real step)."""
+        one step's encoder budget (max_num_batched_tokens) holds, at least one, at most the
+        per-prompt limit. The budget bounds a step's new encoder tokens over all modalities,
+        so the outputs returned (the caller keeps them alive through the text forward, as in
+        a real step) are those of the modality that gave the most rows."""
         from pagedllm.multimodal.processing import MultiModalProcessor
 
         model_config = engine_config.model_config
@@ -159,7 +160,7 @@ class MultiModalRunner:
             return []
         processor = MultiModalProcessor(model_config, tokenizer=None)
         budget = max(engine_config.scheduler_config.max_num_batched_tokens, 1)
-        outputs: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
         for modality in mm_config.modalities:
             limit = mm_config.limit_of(modality)
             if limit == 0:
@@ -168,9 +169,12 @@ class MultiModalRunner:
             num_items = max(1, min(limit, budget // max(item.num_embeds, 1)))
             # Encoded together, as a step that starts them all would.
             dummy = MultiModalFeature(modality, "profile", item.data, PlaceholderRange(0, item.num_embeds))
-            outputs.extend(self._encode(modality, [dummy] * num_items))
+            outputs = self._encode(modality, [dummy] * num_items)
+            if sum(o.shape[0] for o in outputs) > sum(o.shape[0] for o in kept):
+                kept = outputs
+            del outputs
             logger.info(
                 "Profiling %d %s item(s) of %d tokens each (largest under mm_processor_kwargs %s).",
                 num_items, modality, item.num_embeds, mm_config.mm_processor_kwargs,
             )
-        return outputs
+        return kept
