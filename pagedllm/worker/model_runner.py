@@ -128,7 +128,7 @@ class ModelRunner:
         inputs = build_step_inputs(scheduler_output, self.requests, self.block_size, self.stager)
         inputs_embeds = None
         if self.mm_runner is not None:
-            inputs_embeds = self.mm_runner.prepare(inputs, inputs.input_ids)
+            inputs_embeds = self.mm_runner.prepare(inputs)
         hidden_states = self._forward(inputs, inputs_embeds)
 
         sample_rows, sample_req_ids = [], []

@@ -58,7 +58,7 @@ class MultiModalRunner:
     def remove_request(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
 
-    def prepare(self, inputs: StepInputs, input_ids: torch.Tensor) -> torch.Tensor | None:
+    def prepare(self, inputs: StepInputs) -> torch.Tensor | None:
         """The step's inputs_embeds, or None when no placeholder token is scheduled; sets
         inputs.positions to M-RoPE positions when a scheduled request has them."""
         if not self.requests:
@@ -107,7 +107,7 @@ class MultiModalRunner:
             embeds.append(state.encoder_outputs[index][torch.from_numpy(output_rows).to(self.device)])
             if last == offset + length:
                 del state.encoder_outputs[index]
-        inputs_embeds = self.model.get_input_embeddings(input_ids)
+        inputs_embeds = self.model.get_input_embeddings(inputs.input_ids)
         row_index = torch.from_numpy(np.concatenate(rows)).to(self.device)
         inputs_embeds[row_index] = torch.cat(embeds).to(inputs_embeds.dtype)
         return inputs_embeds
