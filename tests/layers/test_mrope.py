@@ -43,3 +43,11 @@ def test_equal_rows_are_plain_rope():
 def test_sections_must_cover_half_the_head():
     with pytest.raises(ValueError, match="mrope_section"):
         MRotaryEmbedding(HEAD_DIM, 256, 10000.0, [2, 2, 2])
+
+
+def test_older_configs_with_rope_type_mrope_read_as_default_frequencies():
+    from pagedllm.layers.rotary_embedding import rope_parameters_of
+
+    config = transformers.Qwen2VLTextConfig(rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    params = rope_parameters_of(config)
+    assert params["rope_type"] == "default" and params["mrope_section"] == [16, 24, 24]

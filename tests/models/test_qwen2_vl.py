@@ -95,3 +95,26 @@ def test_chunked_prefill_splits_an_image_and_encodes_it_once(tiny_vl_checkpoints
     assert out.outputs[0].token_ids == expected
     assert runner.num_encoder_calls == 1
     chunked.shutdown()
+
+
+def test_pre_4_52_checkpoint_names_load(tiny_vl_checkpoints, tmp_path):
+    """Hub checkpoints saved before transformers 4.52 name tensors visual.* and model.layers.*."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_vl_checkpoints["qwen2_vl"]
+    legacy = tmp_path / "legacy"
+    shutil.copytree(source, legacy)
+    renamed = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        name = name.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
+        renamed[name] = tensor
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    prompt = {"prompt": f"a {IMAGE_PLACEHOLDER} b", "multi_modal_data": {"image": random_image(50, 70, seed=8)}}
+    outputs = []
+    for path in (source, legacy):
+        llm = LLM(str(path), dtype="float32", max_model_len=256)
+        outputs.append(llm.generate(prompt, _greedy(), use_tqdm=False)[0].outputs[0].token_ids)
+        llm.shutdown()
+    assert outputs[0] == outputs[1]
