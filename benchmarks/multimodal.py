@@ -123,10 +123,14 @@ def hf_rates(folder: str, processed: list[Any], args: argparse.Namespace) -> tup
     inputs = {k: torch.cat(v).to("cuda") for k, v in tensors.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    token_types = torch.zeros_like(ids)
+    # Newer transformers take the image positions as token type ids (M-RoPE / Gemma's mask).
+    import inspect
+
     image_token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index")
-    token_types[ids == image_token] = 1
-    inputs["mm_token_type_ids" if "qwen" in config.model_type else "token_type_ids"] = token_types
+    for name in ("mm_token_type_ids", "token_type_ids"):
+        if name in inspect.signature(model.forward).parameters:
+            inputs[name] = (ids == image_token).to(torch.int32 if name.startswith("mm") else torch.long)
+            break
     generate = lambda: model.generate(  # noqa: E731
         input_ids=ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False,
         pad_token_id=0, **inputs,

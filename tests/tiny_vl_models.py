@@ -51,7 +51,9 @@ def make_tiny_vl_checkpoint(path: Path, tokenizer_dir: Path, family: str = "qwen
     model = model_class(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    # transformers >= 5.2x names the PIL processor ...Pil; before, the plain name is the PIL one.
+    processor_class = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    image_processor = processor_class(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     image_processor.save_pretrained(path)
     return path
 
@@ -61,6 +63,19 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def token_type_kwargs(model, input_ids: torch.Tensor) -> dict:
+    """transformers >= 5.2x takes mm_token_type_ids (0 text, 1 image, 2 video) for M-RoPE;
+    earlier versions find the vision tokens in input_ids themselves."""
+    import inspect
+
+    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == model.config.image_token_id] = 1
+    types[input_ids == model.config.video_token_id] = 2
+    return {"mm_token_type_ids": types}
+
+
 def hf_greedy_vl(path: Path, token_ids: list[int], mm_data: dict, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """transformers' greedy tokens for a prompt whose placeholders our processor expanded;
     `mm_data` holds the processed tensors (pixel_values, image_grid_thw, ...). Also returns
@@ -68,15 +83,13 @@ def hf_greedy_vl(path: Path, token_ids: list[int], mm_data: dict, max_new_tokens
     model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     config = model.config
     input_ids = torch.tensor([token_ids])
-    token_types = torch.zeros_like(input_ids, dtype=torch.int32)
-    token_types[input_ids == config.image_token_id] = 1
-    token_types[input_ids == config.video_token_id] = 2
+    mm_data = {**mm_data, **token_type_kwargs(model, input_ids)}
     generation = transformers.GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, mm_token_type_ids=token_types, generation_config=generation, **mm_data)
-        logits = model(input_ids=input_ids, mm_token_type_ids=token_types, **mm_data).logits[0]
+        out = model.generate(input_ids=input_ids, generation_config=generation, **mm_data)
+        logits = model(input_ids=input_ids, **mm_data).logits[0]
     return out[0, len(token_ids):].tolist(), torch.log_softmax(logits.float(), dim=-1)
 
 

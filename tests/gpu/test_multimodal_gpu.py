@@ -8,7 +8,7 @@ import gc
 
 import pytest
 import torch
-from tiny_vl_models import IMAGE_PLACEHOLDER, make_tiny_vl_checkpoint, random_image
+from tiny_vl_models import IMAGE_PLACEHOLDER, make_tiny_vl_checkpoint, random_image, token_type_kwargs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,9 +44,8 @@ def test_gpu_image_batch_with_cuda_graphs_equals_transformers(tmp_path, tiny_bpe
     for output, item in zip(outputs, processed):
         ids = torch.tensor([item.prompt_token_ids], device="cuda")
         feature = item.mm_inputs.features[0]
-        types = (ids == model.config.image_token_id).to(torch.int32)
         with torch.no_grad():
-            ref = model.generate(input_ids=ids, mm_token_type_ids=types, max_new_tokens=8, do_sample=False,
+            ref = model.generate(input_ids=ids, **token_type_kwargs(model, ids), max_new_tokens=8, do_sample=False,
                                  eos_token_id=None, pad_token_id=0,
                                  **{k: v.cuda() for k, v in feature.data.items()})
         assert list(output.outputs[0].token_ids) == ref[0, ids.shape[1]:].tolist()
