@@ -67,12 +67,9 @@ def write_model_dir(name: str) -> str:
     folder = tempfile.mkdtemp(prefix=f"pagedllm-{name}-")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(MODELS[name], f, indent=1)
-    if name.startswith("qwen"):
-        processor = transformers.Qwen2VLImageProcessorPil() if hasattr(transformers, "Qwen2VLImageProcessorPil") \
-            else transformers.Qwen2VLImageProcessor()
-    else:
-        processor = transformers.Gemma3ImageProcessor() if hasattr(transformers, "Gemma3ImageProcessor") \
-            else transformers.Gemma3ImageProcessorPil()
+    # The PIL processors (named ...Pil in transformers >= 5.2x) need no torchvision.
+    base = "Qwen2VLImageProcessor" if name.startswith("qwen") else "Gemma3ImageProcessor"
+    processor = (getattr(transformers, f"{base}Pil", None) or getattr(transformers, base))()
     processor.save_pretrained(folder)
     return folder
 
