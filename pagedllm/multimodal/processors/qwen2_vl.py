@@ -41,7 +41,11 @@ class Qwen2VLProcessorAdapter(MultiModalProcessorAdapter):
         return self.image_token_id if modality == "image" else self.video_token_id
 
     def image_processor(self, kwargs: Mapping[str, Any]) -> Any:
-        from transformers import AutoImageProcessor
+        import transformers
+
+        # The PIL processor (named ...Pil from transformers 5.2x; before, the plain name is it):
+        # the fast one needs torchvision. It reads the checkpoint's preprocessor_config.json.
+        processor_class = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
 
         unknown = sorted(set(kwargs) - set(_IMAGE_KWARGS) - set(_VIDEO_KWARGS))
         if unknown:
@@ -52,9 +56,7 @@ class Qwen2VLProcessorAdapter(MultiModalProcessorAdapter):
         image_kwargs = {k: v for k, v in kwargs.items() if k in _IMAGE_KWARGS}
         key = tuple(sorted((k, repr(v)) for k, v in image_kwargs.items()))
         if key not in self._image_processors:
-            self._image_processors[key] = AutoImageProcessor.from_pretrained(
-                self.model_config.model_path, use_fast=False, **image_kwargs
-            )
+            self._image_processors[key] = processor_class.from_pretrained(self.model_config.model_path, **image_kwargs)
         return self._image_processors[key]
 
     def process(self, modality: str, item: Any, kwargs: Mapping[str, Any]) -> ProcessedItem:
