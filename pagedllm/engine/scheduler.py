@@ -134,7 +134,8 @@ class Scheduler:
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         preempted = False
         # Vision-encoder tokens this step may start (vLLM's encoder compute budget): an item
-        # is encoded at the first step that computes one of its tokens.
+        # is encoded at the first step that computes one of its tokens. _cap_for_items also
+        # keeps unchunked items (Gemma 3's images) in one chunk.
         encoder_budget = self.max_num_batched_tokens
 
         index = 0
@@ -142,7 +143,7 @@ class Scheduler:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
             if request.mm_features and num_new > 0:
-                num_new, encoder_budget = _cap_by_encoder_budget(
+                num_new, encoder_budget = _cap_for_items(
                     request, request.num_computed_tokens, num_new, encoder_budget, False, self.max_num_batched_tokens
                 )
             if num_new <= 0:
@@ -174,7 +175,7 @@ class Scheduler:
             hit_blocks, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, token_budget)
             if request.mm_features:
-                num_new, encoder_budget = _cap_by_encoder_budget(
+                num_new, encoder_budget = _cap_for_items(
                     request, num_hit_tokens, num_new, encoder_budget, True, self.max_num_batched_tokens
                 )
                 if num_new <= 0:
@@ -293,19 +294,31 @@ class Scheduler:
         self.finished_req_ids.add(request.request_id)
 
 
-def _cap_by_encoder_budget(
+def _cap_for_items(
     request: Request, start: int, num_new: int, encoder_budget: int, admitting: bool, full_budget: int
 ) -> tuple[int, int]:
-    """Shortens the chunk [start, start + num_new) to end before the first multi-modal item
-    whose encoding would overrun this step's encoder budget; returns (num_new, budget left).
-    Items started in an earlier step are already encoded (the runner keeps their outputs);
-    at admission every overlapped item is encoded, including one a prefix hit cut into. An
-    item larger than the whole budget may still start a step, so every request progresses."""
+    """Shortens the chunk [start, start + num_new) for the request's multi-modal items;
+    returns (num_new, encoder budget left).
+
+    - An `unchunked` item (bidirectional attention among its tokens, e.g. Gemma 3) is never
+      split: the chunk stops before the item's remaining tokens unless they all fit (a
+      request may then wait a step for a larger budget); an item longer than
+      max_num_batched_tokens is split anyway, or it could never run.
+    - Encoder budget: the chunk stops before the first item whose encoding would overrun it.
+      Items started in an earlier step are already encoded (the runner keeps their outputs);
+      at admission every overlapped item is encoded, including one a prefix hit cut into. An
+      item larger than the whole budget may still start a step, so every request progresses.
+    """
     end = start + num_new
     used_any = False
     for feature in request.mm_features:
         offset, length = feature.placeholder.offset, feature.placeholder.length
-        if offset >= end or offset + length <= start or (offset < start and not admitting):
+        if offset >= end or offset + length <= start:
+            continue
+        first = max(offset, start)
+        if getattr(feature, "unchunked", False) and offset + length > end and offset + length - first <= full_budget:
+            return first - start, encoder_budget
+        if offset < start and not admitting:
             continue
         cost = feature.placeholder.num_embeds
         if cost > encoder_budget and (used_any or encoder_budget < full_budget):

@@ -49,6 +49,9 @@ class MultiModalFeature:
     placeholder: PlaceholderRange
     extra: dict[str, Any] = field(default_factory=dict)
     """Model-specific plain values (e.g. the Qwen grid for M-RoPE)."""
+    unchunked: bool = False
+    """The item's placeholder tokens must be computed in one step (its tokens attend to each
+    other bidirectionally, as Gemma 3's image tokens do): the scheduler never splits it."""
 
 
 def items_of(multi_modal_data: Mapping[str, Any]) -> dict[str, list[Any]]:

@@ -50,6 +50,9 @@ class MultiModalProcessorAdapter:
     raise NotImplementedError; the defaults cover placeholders that are one token each."""
 
     modalities: tuple[str, ...] = ("image",)
+    requires_unchunked_items: bool = False
+    """True when an item's tokens attend to each other bidirectionally (Gemma 3): chunked
+    prefill then never splits an item (MultiModalFeature.unchunked)."""
 
     def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
         self.model_config = model_config
@@ -158,7 +161,10 @@ class MultiModalProcessor:
             placeholder = PlaceholderRange(len(new_ids), len(replacement), is_embed)
             assert placeholder.num_embeds == processed.num_embeds, (placeholder, processed.num_embeds)
             features.append(
-                MultiModalFeature(modality, identifier, processed.data, placeholder, dict(processed.extra))
+                MultiModalFeature(
+                    modality, identifier, processed.data, placeholder, dict(processed.extra),
+                    unchunked=self.adapter.requires_unchunked_items,
+                )
             )
             new_ids.extend(replacement)
         result = MultiModalPrompt(new_ids, features)
