@@ -72,8 +72,11 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation, then generates."""
+        """Applies the tokenizer's chat template to each conversation, then generates. Message
+        content may be OpenAI content parts (text, image_url, image_pil, video) for a
+        multi-modal model; mm_processor_kwargs apply to every conversation's items."""
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer; do not pass skip_tokenizer_init=True.")
@@ -96,6 +99,8 @@ class LLM:
             prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": token_ids}
             if mm_data:
                 prompt["multi_modal_data"] = mm_data
+            if mm_processor_kwargs is not None:
+                prompt["mm_processor_kwargs"] = mm_processor_kwargs
             prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
