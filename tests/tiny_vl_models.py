@@ -3,7 +3,6 @@ with transformers (float32, CPU), and transformers' greedy decoding on them."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -26,7 +26,7 @@ from pagedllm.layers.rotary_embedding import rope_parameters_of
 from pagedllm.layers.vocab_embedding import ParallelLMHead
 from pagedllm.models.llama import LlamaModel
 from pagedllm.models.qwen2 import Qwen2DecoderLayer
-from pagedllm.models.utils import head_dim_of, load_weights_by_mapping, maybe_prefix
+from pagedllm.models.utils import head_dim_of, load_weights_by_mapping
 
 logger = logging.getLogger(__name__)
 

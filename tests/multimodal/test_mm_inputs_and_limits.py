@@ -8,7 +8,6 @@ import io
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
