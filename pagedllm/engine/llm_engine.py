@@ -80,19 +80,23 @@ class LLMEngine:
         self.output_processor.add_request(
             request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params, arrival_time
         )
+        mm_inputs = processed.mm_inputs
         for child_id, child_param in zip(child_ids, child_params):
-            self.engine_core.add_request(
-                Request(
-                    request_id=child_id,
-                    prompt_token_ids=list(processed.prompt_token_ids),
-                    sampling_params=child_param,
-                    eos_token_id=self.eos_token_id,
-                    max_tokens=processed.max_tokens,
-                    eos_token_ids=self.eos_token_ids,
-                    cache_salt=processed.cache_salt,
-                    arrival_time=arrival_time,
-                )
+            request = Request(
+                request_id=child_id,
+                prompt_token_ids=list(processed.prompt_token_ids),
+                sampling_params=child_param,
+                eos_token_id=self.eos_token_id,
+                max_tokens=processed.max_tokens,
+                eos_token_ids=self.eos_token_ids,
+                cache_salt=processed.cache_salt,
+                arrival_time=arrival_time,
             )
+            if mm_inputs is not None:
+                request.mm_features = mm_inputs.features
+                request.mrope_positions = mm_inputs.mrope_positions
+                request.mrope_position_delta = mm_inputs.mrope_position_delta
+            self.engine_core.add_request(request)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
