@@ -1,0 +1,72 @@
+"""Driving a multi-modal model by hand, as the model runner does: one flat prefill step over
+several requests (each with its own inputs_embeds), then batched greedy decode steps over a
+paged KV cache. Used to compare our vision-language models with transformers' generate()
+before (and independently of) the engine's multi-modal wiring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pagedllm.forward_context import set_forward_context
+from pagedllm.layers.attention.layer import Attention
+
+BLOCK_SIZE = 4
+
+
+def bind_kv_caches(model: torch.nn.Module, num_blocks: int) -> None:
+    """NaN-filled caches: reading a slot nobody wrote poisons the result."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            spec = module.kv_cache_spec()
+            module.kv_cache = torch.full(
+                (2, num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_size), float("nan")
+            )
+
+
+def paged_greedy(
+    model: torch.nn.Module,
+    prompts: Sequence[torch.Tensor],
+    prompt_embeds: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    make_attn_metadata: Callable,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """(greedy tokens per request, prefill logits of every prompt token concatenated)."""
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    blocks_per_request = -(-max_len // BLOCK_SIZE)
+    bind_kv_caches(model, blocks_per_request * len(prompts))
+    tables = [list(range(i * blocks_per_request, (i + 1) * blocks_per_request)) for i in range(len(prompts))]
+    lens = [len(p) for p in prompts]
+    with torch.no_grad():
+        metadata = make_attn_metadata(lens, lens, tables, BLOCK_SIZE)
+        positions = torch.cat([torch.arange(n) for n in lens])
+        with set_forward_context(metadata):
+            hidden = model(torch.cat(list(prompts)), positions, torch.cat(list(prompt_embeds)))
+        prefill_logits = model.compute_logits(hidden)
+        last_rows = torch.tensor(metadata.query_start_loc_cpu[1:]) - 1
+        next_tokens = prefill_logits[last_rows].argmax(-1)
+        outputs = [[t] for t in next_tokens.tolist()]
+        seq_lens = list(lens)
+        for _ in range(max_new_tokens - 1):
+            positions = torch.tensor(seq_lens)
+            seq_lens = [n + 1 for n in seq_lens]
+            metadata = make_attn_metadata([1] * len(prompts), seq_lens, tables, BLOCK_SIZE)
+            with set_forward_context(metadata):
+                hidden = model(next_tokens, positions, model.get_input_embeddings(next_tokens))
+            next_tokens = model.compute_logits(hidden).argmax(-1)
+            for out, token in zip(outputs, next_tokens.tolist()):
+                out.append(token)
+    return outputs, prefill_logits
+
+
+def randomize_(model: torch.nn.Module, norm_mean: float = 0.0, seed: int = 0) -> None:
+    """Random weights everywhere (norms around norm_mean: 0 for Gemma's (1 + w) norms, 1 for
+    the others) so a misplaced norm or bias shows in the outputs."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.normal_(norm_mean, 0.2)
+            else:
+                param.normal_(0.0, 0.1)
