@@ -60,6 +60,17 @@ def paged_greedy(
     return outputs, prefill_logits
 
 
+def merged_embeddings(
+    model: torch.nn.Module, input_ids: torch.Tensor, image_token_id: int, image_rows: list[torch.Tensor]
+) -> torch.Tensor:
+    """What the runner feeds a prefill: text embeddings with each image's encoder rows written
+    over its placeholder tokens, in order."""
+    embeds = model.get_input_embeddings(input_ids)
+    if image_rows:
+        embeds[input_ids == image_token_id] = torch.cat(image_rows)
+    return embeds
+
+
 def randomize_(model: torch.nn.Module, norm_mean: float = 0.0, seed: int = 0) -> None:
     """Random weights everywhere (norms around norm_mean: 0 for Gemma's (1 + w) norms, 1 for
     the others) so a misplaced norm or bias shows in the outputs."""

@@ -4,18 +4,17 @@ projects them into the text embedding space, and those rows replace the image pl
 tokens' embeddings. During prefill the tokens of one image attend to each other in both
 directions (causal elsewhere), as transformers' Gemma 3 masks do.
 
-Interface for the multi-modal model runner (see docs/mm-gemma-internvl.md):
-- `embed_multimodal(pixel_values, num_crops=None) -> list[Tensor]`: one
-  [(1 + num_crops_i) * mm_tokens_per_image, hidden] tensor per image;
-- `get_input_embeddings(input_ids, multimodal_embeddings=None, is_multimodal=None)`;
-- `forward(input_ids, positions, inputs_embeds=None)`: input_ids must still hold the image
-  placeholder ids, from which each prefill step's bidirectional image spans are derived.
+Multi-modal interface (pagedllm/multimodal, worker/multimodal_runner.py): `supports_multimodal`,
+the `multimodal_config` constructor argument (every modality at 0: no vision tower),
+`embed_multimodal(modality, data)` for one processed image (its crops included), and
+`get_input_embeddings(input_ids)`. `forward` needs input_ids to still hold the image
+placeholder ids: each prefill step's bidirectional image spans are derived from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +100,7 @@ def image_token_spans(
 
 
 class Gemma3ForConditionalGeneration(nn.Module):
+    supports_multimodal = True
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
@@ -108,17 +108,17 @@ class Gemma3ForConditionalGeneration(nn.Module):
 
     def __init__(
         self, hf_config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "",
-        multimodal_enabled: bool = True,
+        multimodal_config: Any = None,
     ) -> None:
-        """multimodal_enabled=False (every modality limited to 0) builds no vision tower and
-        projector; their checkpoint tensors are then skipped, never read."""
+        """With every modality limited to 0 (multimodal_config.is_text_only) no vision tower
+        or projector is built; their checkpoint tensors are then skipped, never read."""
         super().__init__()
         self.config = hf_config
         text_config = hf_config.text_config
         self.image_token_id = int(hf_config.image_token_id)
         self.mm_tokens_per_image = int(hf_config.mm_tokens_per_image)
-        self.multimodal_enabled = multimodal_enabled
-        if multimodal_enabled:
+        self.multimodal_enabled = not getattr(multimodal_config, "is_text_only", False)
+        if self.multimodal_enabled:
             # The vision tower is small and runs once per image: unquantized.
             self.vision_tower = SiglipVisionModel(hf_config.vision_config, prefix=maybe_prefix(prefix, "vision_tower"))
             self.multi_modal_projector = Gemma3MultiModalProjector(hf_config)
@@ -133,40 +133,28 @@ class Gemma3ForConditionalGeneration(nn.Module):
             text_config.vocab_size, soft_cap=getattr(text_config, "final_logit_softcapping", None)
         )
 
-    def embed_multimodal(
-        self, pixel_values: torch.Tensor, num_crops: Sequence[int] | torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """pixel_values [sum_i (1 + num_crops[i]), 3, S, S] (each image then its pan-and-scan
-        crops, as the processor orders them) → per image [(1 + num_crops[i]) * mm_tokens, hidden]."""
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] (images or pan-and-scan crops) → [N, mm_tokens_per_image, hidden]."""
         if not self.multimodal_enabled:
-            raise ValueError("This model was built with limit_mm_per_prompt={'image': 0}; it takes no images.")
-        features = self.multi_modal_projector(self.vision_tower(pixel_values))
-        counts = [1] * features.shape[0] if num_crops is None else [1 + int(n) for n in num_crops]
-        return [chunk.flatten(0, 1) for chunk in features.split(counts)]
-
-    get_multimodal_embeddings = embed_multimodal
-
-    def get_input_embeddings(
-        self, input_ids: torch.Tensor, multimodal_embeddings: Sequence[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scaled text embeddings; rows where `is_multimodal` (default: input_ids ==
-        image_token_id) take the rows of the concatenated multimodal_embeddings, in order (image
-        rows are not scaled, as in transformers)."""
-        vocab_size = self.config.text_config.vocab_size
-        embeds = self.language_model.embed(input_ids.masked_fill(input_ids >= vocab_size, 0))
-        if not multimodal_embeddings:
-            return embeds
-        if is_multimodal is None:
-            is_multimodal = input_ids == self.image_token_id
-        rows = torch.cat(list(multimodal_embeddings)).to(embeds.dtype)
-        if rows.shape[0] != int(is_multimodal.sum()):
             raise ValueError(
-                f"{rows.shape[0]} image embedding rows for {int(is_multimodal.sum())} placeholder tokens; "
-                "each image needs exactly mm_tokens_per_image placeholder tokens per crop."
+                "This engine has limit_mm_per_prompt={'image': 0}: the vision tower is not loaded; "
+                "raise the image limit to send images."
             )
-        embeds[is_multimodal] = rows
-        return embeds
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed_multimodal(self, modality: str, data: Mapping[str, Any]) -> torch.Tensor:
+        """One image's processed data ({"pixel_values": [1 + num_crops, 3, S, S]}, the image
+        then its pan-and-scan crops) → [(1 + num_crops) * mm_tokens_per_image, hidden], the
+        rows of its image placeholder tokens in prompt order."""
+        if modality != "image":
+            raise ValueError(f"Gemma 3 takes image inputs only, not {modality!r}.")
+        return self.encode_images(data["pixel_values"]).flatten(0, 1)
+
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Scaled text embeddings (placeholder ids outside the vocabulary read row 0); the
+        runner then writes the image rows, unscaled, over the placeholders as transformers does."""
+        vocab_size = self.config.text_config.vocab_size
+        return self.language_model.embed(input_ids.masked_fill(input_ids >= vocab_size, 0))
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None

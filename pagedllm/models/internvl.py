@@ -11,14 +11,15 @@ Two checkpoint layouts map onto the same modules:
   language_model.lm_head), whose config.json (llm_config, vision_config, select_layer, ...)
   internvl_config.py reads without remote code.
 
-Interface for the multi-modal model runner: `embed_multimodal(pixel_values, num_patches=None)`
-→ one [num_tiles_i * num_image_token, hidden] tensor per image; `get_input_embeddings(input_ids,
-multimodal_embeddings=None, is_multimodal=None)`; `forward(input_ids, positions, inputs_embeds=None)`.
+Multi-modal interface (pagedllm/multimodal, worker/multimodal_runner.py): `supports_multimodal`,
+the `multimodal_config` constructor argument (every modality at 0: no vision tower),
+`embed_multimodal(modality, data)` for one processed image (all its tiles), and
+`get_input_embeddings(input_ids)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -88,29 +89,34 @@ def pixel_shuffle(features: torch.Tensor, scale_factor: float) -> torch.Tensor:
     return features.permute(0, 2, 1, 3)
 
 
+class _Activation(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.fn = vision_activation(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 class InternVLProjector(nn.Sequential):
     """mlp1: LayerNorm → Linear → GELU → Linear, indexed 0, 1, 3 as the checkpoints name it."""
 
     def __init__(self, vision_hidden: int, text_hidden: int, activation: str) -> None:
-        act = vision_activation(activation)
-
-        class _Activation(nn.Module):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return act(x)
-
         super().__init__(
-            nn.LayerNorm(vision_hidden), nn.Linear(vision_hidden, text_hidden), _Activation(),
+            nn.LayerNorm(vision_hidden), nn.Linear(vision_hidden, text_hidden), _Activation(activation),
             nn.Linear(text_hidden, text_hidden),
         )
 
 
 class InternVLForConditionalGeneration(nn.Module):
+    supports_multimodal = True
+
     def __init__(
         self, hf_config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "",
-        multimodal_enabled: bool = True,
+        multimodal_config: Any = None,
     ) -> None:
-        """multimodal_enabled=False (every modality limited to 0) builds no vision tower and
-        projector; their checkpoint tensors are then skipped, never read."""
+        """With every modality limited to 0 (multimodal_config.is_text_only) no vision tower
+        or projector is built; their checkpoint tensors are then skipped, never read."""
         super().__init__()
         self.config = hf_config
         text_config = hf_config.text_config
@@ -124,9 +130,9 @@ class InternVLForConditionalGeneration(nn.Module):
             )
         if not getattr(vision_config, "use_mean_pooling", True):
             raise ValueError("vision_config.use_mean_pooling=false (a final vision LayerNorm) is not supported.")
-        self.multimodal_enabled = multimodal_enabled
+        self.multimodal_enabled = not getattr(multimodal_config, "is_text_only", False)
         self.num_vision_layers = _vision_layers_used(vision_config, int(hf_config.vision_feature_layer))
-        if multimodal_enabled:
+        if self.multimodal_enabled:
             self.vision_model = InternVisionModel(
                 vision_config, prefix=maybe_prefix(prefix, "vision_model"), num_layers=self.num_vision_layers
             )
@@ -143,42 +149,29 @@ class InternVLForConditionalGeneration(nn.Module):
             text_config, quant_config, prefix=maybe_prefix(prefix, "language_model")
         )
 
-    def embed_multimodal(
-        self, pixel_values: torch.Tensor, num_patches: Sequence[int] | torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """pixel_values [total_tiles, 3, 448, 448] (each image's tiles, thumbnail last, image
-        after image) → per image [num_patches[i] * num_image_token, hidden]."""
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] (tiles) → [N, num_image_token, hidden]."""
         if not self.multimodal_enabled:
-            raise ValueError("This model was built with limit_mm_per_prompt={'image': 0}; it takes no images.")
+            raise ValueError(
+                "This engine has limit_mm_per_prompt={'image': 0}: the vision tower is not loaded; "
+                "raise the image limit to send images."
+            )
         features = self.vision_model(pixel_values)[:, 1:]
         batch, num_tokens, channels = features.shape
         side = int(round(num_tokens**0.5))
         features = pixel_shuffle(features.reshape(batch, side, side, channels), self.downsample_ratio)
-        features = self.mlp1(features.reshape(batch, -1, features.shape[-1]))
-        counts = [1] * batch if num_patches is None else [int(n) for n in num_patches]
-        return [chunk.flatten(0, 1) for chunk in features.split(counts)]
+        return self.mlp1(features.reshape(batch, -1, features.shape[-1]))
 
-    get_multimodal_embeddings = embed_multimodal
+    def embed_multimodal(self, modality: str, data: Mapping[str, Any]) -> torch.Tensor:
+        """One image's processed data ({"pixel_values": [num_tiles, 3, S, S]}, thumbnail last)
+        → [num_tiles * num_image_token, hidden], the rows of its <IMG_CONTEXT> tokens."""
+        if modality != "image":
+            raise ValueError(f"InternVL takes image inputs only here, not {modality!r}.")
+        return self.encode_images(data["pixel_values"]).flatten(0, 1)
 
-    def get_input_embeddings(
-        self, input_ids: torch.Tensor, multimodal_embeddings: Sequence[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Text embeddings; rows where `is_multimodal` (default: input_ids == image_token_id)
-        take the rows of the concatenated multimodal_embeddings, in order."""
-        embeds = self.language_model.get_input_embeddings(input_ids)
-        if not multimodal_embeddings:
-            return embeds
-        if is_multimodal is None:
-            is_multimodal = input_ids == self.image_token_id
-        rows = torch.cat(list(multimodal_embeddings)).to(embeds.dtype)
-        if rows.shape[0] != int(is_multimodal.sum()):
-            raise ValueError(
-                f"{rows.shape[0]} image embedding rows for {int(is_multimodal.sum())} <IMG_CONTEXT> tokens; "
-                "each tile needs exactly num_image_token placeholder tokens."
-            )
-        embeds[is_multimodal] = rows
-        return embeds
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings; the runner writes the image rows over the <IMG_CONTEXT> tokens."""
+        return self.language_model.get_input_embeddings(input_ids)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None

@@ -9,11 +9,12 @@ Tolerances (fp32, same math in another order): image features 1e-5, logits 1e-4.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
-from mm_model_steps import paged_greedy, randomize_
+from mm_model_steps import merged_embeddings, paged_greedy, randomize_
 
 from pagedllm.models.gemma3_mm import image_token_spans
 from pagedllm.models.registry import get_model_class
@@ -76,7 +77,10 @@ def test_image_features_match_transformers(pair) -> None:
     pixel_values = pixels(3, 0)
     with torch.no_grad():
         expected = hf_model.model.get_image_features(pixel_values).pooler_output
-        ours = model.embed_multimodal(pixel_values, num_crops=[0, 1])
+        ours = [
+            model.embed_multimodal("image", {"pixel_values": pixel_values[:1]}),
+            model.embed_multimodal("image", {"pixel_values": pixel_values[1:]}),  # an image and its crop
+        ]
     assert [t.shape for t in ours] == [(MM_TOKENS, 64), (2 * MM_TOKENS, 64)]
     torch.testing.assert_close(torch.cat(ours), expected.flatten(0, 1), atol=1e-5, rtol=0)
 
@@ -96,8 +100,10 @@ def test_prefill_logits_and_greedy_tokens_match_transformers(pair, make_attn_met
     embeds = []
     with torch.no_grad():
         for ids, pixel_values in zip(prompts, images):
-            mm = model.embed_multimodal(pixel_values) if pixel_values is not None else None
-            embeds.append(model.get_input_embeddings(ids, mm))
+            rows = [] if pixel_values is None else [
+                model.embed_multimodal("image", {"pixel_values": image[None]}) for image in pixel_values
+            ]
+            embeds.append(merged_embeddings(model, ids, IMAGE_TOKEN, rows))
     tokens, prefill_logits = paged_greedy(model, prompts, embeds, 8, make_attn_metadata)
     expected_logits = torch.cat([hf_forward_logits(hf_model, ids, px) for ids, px in zip(prompts, images)])
     torch.testing.assert_close(prefill_logits, expected_logits, atol=1e-4, rtol=0)
@@ -124,7 +130,8 @@ def test_bidirectional_image_attention_changes_the_prefill(pair, make_attn_metad
 
 def test_text_only_build_skips_vision_weights(pair) -> None:
     hf_model, _ = pair
-    model = get_model_class("Gemma3ForConditionalGeneration")(tiny_gemma3_config(), multimodal_enabled=False)
+    text_only = SimpleNamespace(is_text_only=True)
+    model = get_model_class("Gemma3ForConditionalGeneration")(tiny_gemma3_config(), multimodal_config=text_only)
     weights = hf_model.state_dict()
     loaded = model.load_weights(weights.items())
     assert loaded == set(dict(model.named_parameters()))

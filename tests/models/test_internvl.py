@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from mm_model_steps import paged_greedy, randomize_
+from mm_model_steps import merged_embeddings, paged_greedy, randomize_
 
 from pagedllm.models.internvl_config import internvl_chat_config
 from pagedllm.models.registry import get_model_class
@@ -79,7 +80,10 @@ def test_image_features_match_transformers(variant: str) -> None:
     pixel_values = tiles(3, 0)
     with torch.no_grad():
         expected = hf_model.model.get_image_features(pixel_values).pooler_output
-        ours = model.embed_multimodal(pixel_values, num_patches=[1, 2])
+        ours = [
+            model.embed_multimodal("image", {"pixel_values": pixel_values[:1]}),
+            model.embed_multimodal("image", {"pixel_values": pixel_values[1:]}),
+        ]
     assert [t.shape for t in ours] == [(TOKENS_PER_TILE, 64), (2 * TOKENS_PER_TILE, 64)]
     torch.testing.assert_close(torch.cat(ours), expected.flatten(0, 1), atol=1e-5, rtol=0)
 
@@ -97,8 +101,10 @@ def check_against_transformers(hf_model, model, make_attn_metadata: Callable) ->
     embeds = []
     with torch.no_grad():
         for ids, pixels, counts in zip(prompts, pixel_values, patches):
-            mm = model.embed_multimodal(pixels, num_patches=counts) if pixels is not None else None
-            embeds.append(model.get_input_embeddings(ids, mm))
+            rows = []
+            for image in (pixels.split(counts) if pixels is not None else []):
+                rows.append(model.embed_multimodal("image", {"pixel_values": image}))
+            embeds.append(merged_embeddings(model, ids, IMAGE_TOKEN, rows))
     tokens, prefill_logits = paged_greedy(model, prompts, embeds, 8, make_attn_metadata)
     with torch.no_grad():
         expected = torch.cat([
@@ -194,7 +200,8 @@ def test_remote_code_chat_checkpoint_matches_transformers(pair, tmp_path, make_a
 
 def test_text_only_build_skips_vision_weights(pair) -> None:
     hf_model, _ = pair
-    model = get_model_class("InternVLForConditionalGeneration")(tiny_internvl_config(), multimodal_enabled=False)
+    text_only = SimpleNamespace(is_text_only=True)
+    model = get_model_class("InternVLForConditionalGeneration")(tiny_internvl_config(), multimodal_config=text_only)
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded == set(dict(model.named_parameters()))
     assert not any(name.startswith(("vision_model", "mlp1")) for name in loaded)
