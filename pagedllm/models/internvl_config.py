@@ -69,6 +69,7 @@ def internvl_chat_config(config_dict: dict[str, Any], model_path: str) -> Pretra
         use_thumbnail=bool(config_dict.get("use_thumbnail", True)),
         dynamic_image_size=bool(config_dict.get("dynamic_image_size", True)),
         tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
+        dtype=config_dict.get("torch_dtype") or llm.get("torch_dtype"),
     )
     config.model_type = "internvl_chat"
     return config
