@@ -116,7 +116,3 @@ def preprocess_image(image: Image.Image, options: TilingOptions) -> torch.Tensor
     pixels = (arrays - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
-
-def image_prompt_replacement(tiles: int, tokens_per_tile: int) -> str:
-    """The text that replaces one `<image>` placeholder of a prompt."""
-    return "<img>" + "<IMG_CONTEXT>" * (tiles * tokens_per_tile) + "</img>"
