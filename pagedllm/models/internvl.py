@@ -33,16 +33,17 @@ from pagedllm.models.utils import load_weights_by_mapping, maybe_prefix
 
 _LANGUAGE_MODELS = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
-# transformers' InternVLForConditionalGeneration names → ours (InternVL's own layout).
+# transformers' InternVLForConditionalGeneration names (in memory: model.vision_tower.*; as saved:
+# vision_tower.*, language_model.model.*) → ours (InternVL's own layout).
 _HF_NAME_PARTS = (
-    ("model.vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
-    ("model.vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
-    ("model.vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
-    ("model.vision_tower.encoder.layer.", "vision_model.encoder.layers."),
-    ("model.multi_modal_projector.layer_norm.", "mlp1.0."),
-    ("model.multi_modal_projector.linear_1.", "mlp1.1."),
-    ("model.multi_modal_projector.linear_2.", "mlp1.3."),
-    ("model.language_model.", "language_model.model."),
+    ("vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
+    ("vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+    ("vision_tower.encoder.layer.", "vision_model.encoder.layers."),
+    ("multi_modal_projector.layer_norm.", "mlp1.0."),
+    ("multi_modal_projector.linear_1.", "mlp1.1."),
+    ("multi_modal_projector.linear_2.", "mlp1.3."),
+    ("language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 )
 _HF_LAYER_PARTS = (
@@ -58,6 +59,10 @@ _VISION_PREFIXES = ("vision_model.", "mlp1.")
 
 def to_internvl_name(name: str) -> str:
     """Any supported checkpoint name → our parameter name."""
+    if name.startswith(("vision_model.", "mlp1.", "language_model.model.", "language_model.lm_head.")):
+        return name.replace(".attn.qkv.", ".attn.qkv_proj.")  # InternVL's own layout
+    if name.startswith("model."):
+        name = name[len("model."):]
     for old, new in _HF_NAME_PARTS:
         if name.startswith(old):
             name = new + name[len(old):]
@@ -65,7 +70,7 @@ def to_internvl_name(name: str) -> str:
                 for old_part, new_part in _HF_LAYER_PARTS:
                     name = name.replace(old_part, new_part)
             return name
-    return name.replace(".attn.qkv.", ".attn.qkv_proj.")
+    return name
 
 
 def _vision_layers_used(vision_config: Any, select_layer: int) -> int:
@@ -148,6 +153,11 @@ class InternVLForConditionalGeneration(nn.Module):
         self.language_model = get_model_class(_LANGUAGE_MODELS[model_type])(
             text_config, quant_config, prefix=maybe_prefix(prefix, "language_model")
         )
+        # transformers ties the output embedding when the top-level config says so, whatever
+        # text_config says (its checkpoints then hold no lm_head).
+        if getattr(hf_config, "tie_word_embeddings", False) and not self.language_model.tie_word_embeddings:
+            self.language_model.lm_head.tie_weights(self.language_model.model.embed_tokens)
+            self.language_model.tie_word_embeddings = True
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] (tiles) → [N, num_image_token, hidden]."""

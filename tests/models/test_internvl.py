@@ -205,3 +205,15 @@ def test_text_only_build_skips_vision_weights(pair) -> None:
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded == set(dict(model.named_parameters()))
     assert not any(name.startswith(("vision_model", "mlp1")) for name in loaded)
+
+
+def test_saved_checkpoint_layout_loads(pair, tmp_path) -> None:
+    """save_pretrained writes vision_tower.* / language_model.model.* names (not the in-memory
+    model.* ones): both map onto the same parameters."""
+    from safetensors.torch import load_file
+
+    hf_model, _ = pair
+    hf_model.save_pretrained(tmp_path)
+    model = get_model_class("InternVLForConditionalGeneration")(tiny_internvl_config())
+    loaded = model.load_weights(load_file(tmp_path / "model.safetensors").items())
+    assert loaded == set(dict(model.named_parameters()))
