@@ -53,7 +53,7 @@ def hf_greedy(model: torch.nn.Module, token_ids: list[int], images: list, max_pa
 @pytest.mark.parametrize("layout", ["hf", "chat"])
 def test_greedy_tokens_with_one_and_two_images_match_transformers(checkpoints: dict[str, Path], layout: str) -> None:
     llm = LLM(str(checkpoints[layout]), dtype="float32", kv_cache_memory_bytes=1 << 24, max_model_len=512)
-    images = [random_image(100, 40, seed=1), random_image(30, 30, seed=2)]  # 2 tiles + thumbnail, 1 tile
+    images = [random_image(100, 40, seed=1), random_image(30, 30, seed=2)]  # 3 x 1 tiles + thumbnail, 1 tile
     prompts = [
         {"prompt": "describe <IMG_CONTEXT> this", "multi_modal_data": {"image": images[0]}},
         {"prompt": "a <IMG_CONTEXT> and <IMG_CONTEXT> b", "multi_modal_data": {"image": images}},
@@ -62,7 +62,7 @@ def test_greedy_tokens_with_one_and_two_images_match_transformers(checkpoints: d
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     hf_model = load_hf_internvl(checkpoints["hf"])
     image_token = hf_model.config.image_token_id
-    assert sum(t == image_token for t in outputs[0].prompt_token_ids) == 3 * TOKENS_PER_TILE
+    assert sum(t == image_token for t in outputs[0].prompt_token_ids) == 4 * TOKENS_PER_TILE
     for output, used in zip(outputs, [images[:1], images, []]):
         assert output.outputs[0].token_ids == hf_greedy(hf_model, output.prompt_token_ids, used)
 
