@@ -15,13 +15,13 @@ from pagedllm.layers.attention.layer import Attention
 BLOCK_SIZE = 4
 
 
-def bind_kv_caches(model: torch.nn.Module, num_blocks: int) -> None:
+def bind_kv_caches(model: torch.nn.Module, num_blocks: int, device: str = "cpu") -> None:
     """NaN-filled caches: reading a slot nobody wrote poisons the result."""
     for module in model.modules():
         if isinstance(module, Attention):
             spec = module.kv_cache_spec()
             module.kv_cache = torch.full(
-                (2, num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_size), float("nan")
+                (2, num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_size), float("nan"), device=device
             )
 
 
@@ -31,27 +31,29 @@ def paged_greedy(
     prompt_embeds: Sequence[torch.Tensor],
     max_new_tokens: int,
     make_attn_metadata: Callable,
+    device: str = "cpu",
 ) -> tuple[list[list[int]], torch.Tensor]:
-    """(greedy tokens per request, prefill logits of every prompt token concatenated)."""
+    """(greedy tokens per request, prefill logits of every prompt token concatenated); the
+    model, prompts and embeddings live on `device`."""
     max_len = max(len(p) for p in prompts) + max_new_tokens
     blocks_per_request = -(-max_len // BLOCK_SIZE)
-    bind_kv_caches(model, blocks_per_request * len(prompts))
+    bind_kv_caches(model, blocks_per_request * len(prompts), device)
     tables = [list(range(i * blocks_per_request, (i + 1) * blocks_per_request)) for i in range(len(prompts))]
     lens = [len(p) for p in prompts]
     with torch.no_grad():
-        metadata = make_attn_metadata(lens, lens, tables, BLOCK_SIZE)
-        positions = torch.cat([torch.arange(n) for n in lens])
+        metadata = make_attn_metadata(lens, lens, tables, BLOCK_SIZE, device)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(device)
         with set_forward_context(metadata):
             hidden = model(torch.cat(list(prompts)), positions, torch.cat(list(prompt_embeds)))
         prefill_logits = model.compute_logits(hidden)
-        last_rows = torch.tensor(metadata.query_start_loc_cpu[1:]) - 1
+        last_rows = torch.tensor(metadata.query_start_loc_cpu[1:], device=device) - 1
         next_tokens = prefill_logits[last_rows].argmax(-1)
         outputs = [[t] for t in next_tokens.tolist()]
         seq_lens = list(lens)
         for _ in range(max_new_tokens - 1):
-            positions = torch.tensor(seq_lens)
+            positions = torch.tensor(seq_lens, device=device)
             seq_lens = [n + 1 for n in seq_lens]
-            metadata = make_attn_metadata([1] * len(prompts), seq_lens, tables, BLOCK_SIZE)
+            metadata = make_attn_metadata([1] * len(prompts), seq_lens, tables, BLOCK_SIZE, device)
             with set_forward_context(metadata):
                 hidden = model(next_tokens, positions, model.get_input_embeddings(next_tokens))
             next_tokens = model.compute_logits(hidden).argmax(-1)
@@ -70,14 +72,3 @@ def merged_embeddings(
         embeds[input_ids == image_token_id] = torch.cat(image_rows)
     return embeds
 
-
-def randomize_(model: torch.nn.Module, norm_mean: float = 0.0, seed: int = 0) -> None:
-    """Random weights everywhere (norms around norm_mean: 0 for Gemma's (1 + w) norms, 1 for
-    the others) so a misplaced norm or bias shows in the outputs."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.normal_(norm_mean, 0.2)
-            else:
-                param.normal_(0.0, 0.1)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from tiny_models import hf_greedy
+from tiny_vlm_checkpoints import randomize_
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.forward_context import set_forward_context
@@ -46,22 +47,17 @@ def tiny_gemma3_text_config(**overrides: object) -> transformers.Gemma3TextConfi
     return transformers.Gemma3TextConfig(**values)
 
 
-def randomize_(model: torch.nn.Module) -> None:
-    """Random norms too (their init is 0, i.e. a scale of 1), so a misplaced one shows."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(0.0, 0.2 if "norm" in name else 0.1)
-
-
-def build_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_pair(device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(transformers model, ours), fp32 on device; ours built under the device, as the worker
+    builds it, so that it picks that device's attention backend."""
     config = tiny_gemma3_text_config()
     hf_model = transformers.Gemma3ForCausalLM(config).eval()
-    randomize_(hf_model)
-    model = get_model_class("Gemma3ForCausalLM")(config).eval()
+    randomize_(hf_model, norm_mean=0.0)
+    with torch.device(device):
+        model = get_model_class("Gemma3ForCausalLM")(config).eval()
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded == set(dict(model.named_parameters()))
-    return hf_model, model
+    return hf_model.to(device), model
 
 
 def hf_logits(hf_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,29 +89,43 @@ SCHEDULE = [[(0, 7)], [(0, 5), (1, 9)], [(1, 2), (0, 1)], [(0, 1), (1, 1)], [(0,
 
 
 def test_paged_chunked_prefill_and_decode_match_transformers(make_attn_metadata: Callable) -> None:
-    hf_model, model = build_pair()
+    run_schedule_against_transformers("cpu", make_attn_metadata, ATOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_paged_steps_on_the_triton_backend_match_transformers(make_attn_metadata: Callable) -> None:
+    # fp32 on both sides; 2e-3 allows for TF32 or another summation order in the kernels.
+    run_schedule_against_transformers("cuda", make_attn_metadata, 2e-3)
+
+
+def run_schedule_against_transformers(device: str, make_attn_metadata: Callable, atol: float) -> None:
+    hf_model, model = build_pair(device)
     gen = torch.Generator().manual_seed(2)
     seq_lens = [sum(n for step in SCHEDULE for r, n in step if r == req) for req in (0, 1)]
-    sequences = [torch.randint(0, VOCAB, (n,), generator=gen) for n in seq_lens]
+    sequences = [torch.randint(0, VOCAB, (n,), generator=gen).to(device) for n in seq_lens]
     perm = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
     needed = [-(-n // BLOCK_SIZE) for n in seq_lens]
     block_tables = [perm[: needed[0]], perm[needed[0] : sum(needed)]]
     for module in model.modules():
         if isinstance(module, Attention):
             spec = module.kv_cache_spec()
-            module.kv_cache = torch.full((2, NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_size), float("nan"))
+            module.kv_cache = torch.full(
+                (2, NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_size), float("nan"), device=device
+            )
     expected = [hf_logits(hf_model, seq) for seq in sequences]
     done = [0, 0]
     for step in SCHEDULE:
         metadata = make_attn_metadata(
-            [n for _, n in step], [done[r] + n for r, n in step], [block_tables[r] for r, _ in step], BLOCK_SIZE
+            [n for _, n in step], [done[r] + n for r, n in step], [block_tables[r] for r, _ in step], BLOCK_SIZE,
+            device,
         )
         input_ids = torch.cat([sequences[r][done[r] : done[r] + n] for r, n in step])
-        positions = torch.cat([torch.arange(done[r], done[r] + n) for r, n in step])
+        positions = torch.cat([torch.arange(done[r], done[r] + n, device=device) for r, n in step])
         with torch.no_grad(), set_forward_context(metadata):
             logits = model.compute_logits(model(input_ids, positions))
         want = torch.cat([expected[r][done[r] : done[r] + n] for r, n in step])
-        torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits, want, atol=atol, rtol=0)
         for r, n in step:
             done[r] += n
 
@@ -124,7 +134,7 @@ def test_paged_chunked_prefill_and_decode_match_transformers(make_attn_metadata:
 def gemma3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("gemma3_text")
     model = transformers.Gemma3ForCausalLM(tiny_gemma3_text_config()).eval()
-    randomize_(model)
+    randomize_(model, norm_mean=0.0)
     model.save_pretrained(path)
     return path
 

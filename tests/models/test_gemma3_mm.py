@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from mm_model_steps import merged_embeddings, paged_greedy, randomize_
+from mm_model_steps import merged_embeddings, paged_greedy
+from tiny_vlm_checkpoints import randomize_
 
 from pagedllm.models.gemma3_mm import image_token_spans
 from pagedllm.models.registry import get_model_class
@@ -41,15 +42,20 @@ def tiny_gemma3_config() -> transformers.Gemma3Config:
     )
 
 
-@pytest.fixture(scope="module")
-def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_pair(device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     config = tiny_gemma3_config()
     hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
     randomize_(hf_model, norm_mean=0.0)
-    model = get_model_class("Gemma3ForConditionalGeneration")(config).eval()
+    with torch.device(device):
+        model = get_model_class("Gemma3ForConditionalGeneration")(config).eval()
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded == set(dict(model.named_parameters()))
     return hf_model, model
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    return build_pair()
 
 
 def image_prompt(num_images: int, seed: int) -> torch.Tensor:
@@ -93,20 +99,32 @@ def test_image_token_spans_follow_runs_and_requests() -> None:
 
 
 def test_prefill_logits_and_greedy_tokens_match_transformers(pair, make_attn_metadata: Callable) -> None:
+    check_against_transformers(*pair, make_attn_metadata, "cpu", 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_image_prefill_on_cuda_takes_the_bidirectional_fallback_and_matches_transformers(make_attn_metadata: Callable) -> None:
+    """The Triton backend hands steps with image spans to the reference attention; decode
+    steps stay on the kernels. fp32; 2e-3 allows for TF32 in the vision tower and kernels."""
+    hf_model, model = build_pair("cuda")
+    check_against_transformers(hf_model, model, make_attn_metadata, "cuda", 2e-3)
+
+
+def check_against_transformers(hf_model, model, make_attn_metadata: Callable, device: str, atol: float) -> None:
     """One batch: a one-image prompt, a two-image prompt and a text-only prompt."""
-    hf_model, model = pair
     prompts = [image_prompt(1, 1), image_prompt(2, 2), torch.randint(3, 300, (9,))]
     images = [pixels(1, 3), pixels(2, 4), None]
     embeds = []
     with torch.no_grad():
         for ids, pixel_values in zip(prompts, images):
             rows = [] if pixel_values is None else [
-                model.embed_multimodal("image", {"pixel_values": image[None]}) for image in pixel_values
+                model.embed_multimodal("image", {"pixel_values": image[None].to(device)}) for image in pixel_values
             ]
-            embeds.append(merged_embeddings(model, ids, IMAGE_TOKEN, rows))
-    tokens, prefill_logits = paged_greedy(model, prompts, embeds, 8, make_attn_metadata)
+            embeds.append(merged_embeddings(model, ids.to(device), IMAGE_TOKEN, rows))
+    tokens, prefill_logits = paged_greedy(model, [p.to(device) for p in prompts], embeds, 8, make_attn_metadata, device)
     expected_logits = torch.cat([hf_forward_logits(hf_model, ids, px) for ids, px in zip(prompts, images)])
-    torch.testing.assert_close(prefill_logits, expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(prefill_logits.cpu(), expected_logits, atol=atol, rtol=0)
     for ids, pixel_values, ours in zip(prompts, images, tokens):
         kwargs = {}
         if pixel_values is not None:

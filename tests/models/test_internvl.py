@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from mm_model_steps import merged_embeddings, paged_greedy, randomize_
+from mm_model_steps import merged_embeddings, paged_greedy
+from tiny_vlm_checkpoints import randomize_
 
 from pagedllm.models.internvl_config import internvl_chat_config
 from pagedllm.models.registry import get_model_class
