@@ -25,6 +25,10 @@ _IMAGE_KWARGS = ("do_pan_and_scan", *_PAN_AND_SCAN_DEFAULTS, "size", "image_mean
 
 class Gemma3ProcessorAdapter(MultiModalProcessorAdapter):
     modalities = ("image",)
+    requires_unchunked_items = True
+    """An image's tokens attend to each other both ways, so a prefill chunk must hold all of
+    an image's placeholder tokens (vLLM's disable_chunked_mm_input): a chunk that ended
+    inside one would compute its first tokens without seeing the rest."""
 
     def __init__(self, model_config: Any, tokenizer: Any) -> None:
         super().__init__(model_config, tokenizer)
