@@ -130,3 +130,12 @@ def test_chunked_prefill_does_not_split_an_image(llm: LLM, checkpoint: Path) -> 
     for a, b in zip(whole.prompt_logprobs[1:], chunked.prompt_logprobs[1:]):
         for token_id, logprob in a.items():
             assert abs(logprob.logprob - b[token_id].logprob) < 1e-4
+
+
+def test_pan_and_scan_sizes_the_profiled_image(checkpoint: Path) -> None:
+    model_config = EngineArgs.from_kwargs(str(checkpoint)).create_engine_config().model_config
+    processor = MultiModalProcessor(model_config, tokenizer=None)
+    assert processor.dummy_features("image").num_embeds == 16
+    assert processor.dummy_features("image", {"do_pan_and_scan": True}).num_embeds == (1 + 4) * 16
+    crops_2 = {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 2}
+    assert processor.dummy_features("image", crops_2).num_embeds == (1 + 2) * 16

@@ -78,3 +78,15 @@ def test_max_dynamic_patch_per_request_changes_the_tile_count(checkpoints: dict[
     assert sum(t == image_token for t in default.prompt_token_ids) == 5 * TOKENS_PER_TILE
     assert sum(t == image_token for t in single.prompt_token_ids) == 1 * TOKENS_PER_TILE
     assert single.outputs[0].token_ids == hf_greedy(hf_model, single.prompt_token_ids, [image], max_patches=1)
+
+
+def test_max_dynamic_patch_sizes_the_profiled_image(checkpoints: dict[str, Path]) -> None:
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.multimodal.processing import MultiModalProcessor
+
+    for layout in ("hf", "chat"):
+        model_config = EngineArgs.from_kwargs(str(checkpoints[layout])).create_engine_config().model_config
+        processor = MultiModalProcessor(model_config, tokenizer=None)
+        largest = processor.dummy_features("image").num_embeds
+        smaller = processor.dummy_features("image", {"max_dynamic_patch": 2}).num_embeds
+        assert (largest, smaller) == (5 * TOKENS_PER_TILE, 3 * TOKENS_PER_TILE)

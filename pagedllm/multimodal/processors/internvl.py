@@ -38,6 +38,12 @@ class InternVLProcessorAdapter(MultiModalProcessorAdapter):
     def placeholder_text(self, modality: str) -> str:
         return IMG_CONTEXT
 
+    def prompt_text(self, text: str) -> str:
+        """InternVL2's own prompts mark an image with the text "<image>", which its tokenizer
+        splits into several tokens: for those checkpoints it becomes the one-token mark. (Call
+        before tokenizing a prompt's text.)"""
+        return text.replace("<image>", IMG_CONTEXT) if self.uses_own_tiling else text
+
     def placeholder_token_id(self, modality: str) -> int:
         return self.image_token_id
 
