@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.forward_context import AttentionMetadata, get_forward_context, set_forward_context
+from pagedllm.forward_context import get_forward_context, set_forward_context
 from pagedllm.layers.logits_processor import LogitsProcessor
 from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.vocab_embedding import ParallelLMHead
@@ -159,15 +159,16 @@ class Gemma3ForConditionalGeneration(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if inputs_embeds is None:
+            # The runner passes embeddings whenever a step holds image tokens: none here.
+            return self.language_model(input_ids, positions, self.get_input_embeddings(input_ids))
         metadata = get_forward_context().attn_metadata
         spans = None
-        if metadata.max_query_len > 1:  # decode steps never hold image tokens: no host sync
+        if metadata.max_query_len > 1:  # decode rows never hold image tokens
             spans = image_token_spans(input_ids, positions, self.image_token_id, metadata.query_start_loc_cpu)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings(input_ids)
         if spans is None:
             return self.language_model(input_ids, positions, inputs_embeds)
-        with set_forward_context(_with_spans(metadata, spans)):
+        with set_forward_context(dataclasses.replace(metadata, bidirectional_spans=spans)):
             return self.language_model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -180,6 +181,3 @@ class Gemma3ForConditionalGeneration(nn.Module):
         renamed = ((normalize_checkpoint_name(name, _NAME_PREFIXES), tensor) for name, tensor in weights)
         return load_weights_by_mapping(self, renamed, self.packed_modules_mapping, skip)
 
-
-def _with_spans(metadata: AttentionMetadata, spans: list[list[tuple[int, int]]]) -> AttentionMetadata:
-    return dataclasses.replace(metadata, bidirectional_spans=spans)
