@@ -40,6 +40,7 @@ _NAME_PREFIXES = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+_VISION_CHECKPOINT_PREFIXES = (*_VISION_PREFIXES, "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def normalize_checkpoint_name(name: str, prefixes: Sequence[tuple[str, str]]) -> str:
@@ -118,6 +119,8 @@ class Gemma3ForConditionalGeneration(nn.Module):
         self.image_token_id = int(hf_config.image_token_id)
         self.mm_tokens_per_image = int(hf_config.mm_tokens_per_image)
         self.multimodal_enabled = not getattr(multimodal_config, "is_text_only", False)
+        # Read by the loader: tensors under these prefixes are skipped without being read.
+        self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else _VISION_CHECKPOINT_PREFIXES
         if self.multimodal_enabled:
             # The vision tower is small and runs once per image: unquantized.
             self.vision_tower = SiglipVisionModel(hf_config.vision_config, prefix=maybe_prefix(prefix, "vision_tower"))
@@ -149,6 +152,14 @@ class Gemma3ForConditionalGeneration(nn.Module):
         if modality != "image":
             raise ValueError(f"Gemma 3 takes image inputs only, not {modality!r}.")
         return self.encode_images(data["pixel_values"]).flatten(0, 1)
+
+    def embed_multimodal_batch(self, modality: str, datas: list[Mapping[str, Any]]) -> list[torch.Tensor]:
+        """Several images (all the same size) in one encoder call."""
+        if modality != "image":
+            raise ValueError(f"Gemma 3 takes image inputs only, not {modality!r}.")
+        features = self.encode_images(torch.cat([data["pixel_values"] for data in datas]))
+        sizes = [data["pixel_values"].shape[0] for data in datas]
+        return [chunk.flatten(0, 1) for chunk in features.split(sizes)]
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Scaled text embeddings (placeholder ids outside the vocabulary read row 0); the

@@ -55,6 +55,9 @@ _HF_LAYER_PARTS = (
     (".lambda_2", ".ls2"),
 )
 _VISION_PREFIXES = ("vision_model.", "mlp1.")
+_VISION_CHECKPOINT_PREFIXES = (
+    *_VISION_PREFIXES, "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+)
 
 
 def to_internvl_name(name: str) -> str:
@@ -136,6 +139,8 @@ class InternVLForConditionalGeneration(nn.Module):
         if not getattr(vision_config, "use_mean_pooling", True):
             raise ValueError("vision_config.use_mean_pooling=false (a final vision LayerNorm) is not supported.")
         self.multimodal_enabled = not getattr(multimodal_config, "is_text_only", False)
+        # Read by the loader: tensors under these prefixes are skipped without being read.
+        self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else _VISION_CHECKPOINT_PREFIXES
         self.num_vision_layers = _vision_layers_used(vision_config, int(hf_config.vision_feature_layer))
         if self.multimodal_enabled:
             self.vision_model = InternVisionModel(
@@ -178,6 +183,14 @@ class InternVLForConditionalGeneration(nn.Module):
         if modality != "image":
             raise ValueError(f"InternVL takes image inputs only here, not {modality!r}.")
         return self.encode_images(data["pixel_values"]).flatten(0, 1)
+
+    def embed_multimodal_batch(self, modality: str, datas: list[Mapping[str, Any]]) -> list[torch.Tensor]:
+        """Several images' tiles (all the same size) in one encoder call."""
+        if modality != "image":
+            raise ValueError(f"InternVL takes image inputs only here, not {modality!r}.")
+        features = self.encode_images(torch.cat([data["pixel_values"] for data in datas]))
+        sizes = [data["pixel_values"].shape[0] for data in datas]
+        return [chunk.flatten(0, 1) for chunk in features.split(sizes)]
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings; the runner writes the image rows over the <IMG_CONTEXT> tokens."""

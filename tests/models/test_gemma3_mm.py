@@ -87,8 +87,13 @@ def test_image_features_match_transformers(pair) -> None:
             model.embed_multimodal("image", {"pixel_values": pixel_values[:1]}),
             model.embed_multimodal("image", {"pixel_values": pixel_values[1:]}),  # an image and its crop
         ]
+        batched = model.embed_multimodal_batch(
+            "image", [{"pixel_values": pixel_values[:1]}, {"pixel_values": pixel_values[1:]}]
+        )
     assert [t.shape for t in ours] == [(MM_TOKENS, 64), (2 * MM_TOKENS, 64)]
     torch.testing.assert_close(torch.cat(ours), expected.flatten(0, 1), atol=1e-5, rtol=0)
+    for one, together in zip(ours, batched, strict=True):
+        torch.testing.assert_close(together, one, atol=1e-5, rtol=0)
 
 
 def test_image_token_spans_follow_runs_and_requests() -> None:
@@ -154,6 +159,7 @@ def test_text_only_build_skips_vision_weights(pair) -> None:
     loaded = model.load_weights(weights.items())
     assert loaded == set(dict(model.named_parameters()))
     assert not any(name.startswith(("vision_tower", "multi_modal_projector")) for name in loaded)
+    assert "model.vision_tower.embeddings.patch_embedding.weight".startswith(model.skipped_checkpoint_prefixes)
 
 
 def test_saved_checkpoint_layout_loads(pair, tmp_path) -> None:

@@ -85,8 +85,13 @@ def test_image_features_match_transformers(variant: str) -> None:
             model.embed_multimodal("image", {"pixel_values": pixel_values[:1]}),
             model.embed_multimodal("image", {"pixel_values": pixel_values[1:]}),
         ]
+        batched = model.embed_multimodal_batch(
+            "image", [{"pixel_values": pixel_values[:1]}, {"pixel_values": pixel_values[1:]}]
+        )
     assert [t.shape for t in ours] == [(TOKENS_PER_TILE, 64), (2 * TOKENS_PER_TILE, 64)]
     torch.testing.assert_close(torch.cat(ours), expected.flatten(0, 1), atol=1e-5, rtol=0)
+    for one, together in zip(ours, batched, strict=True):
+        torch.testing.assert_close(together, one, atol=1e-5, rtol=0)
 
 
 def image_kwargs(pixels: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -206,6 +211,7 @@ def test_text_only_build_skips_vision_weights(pair) -> None:
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded == set(dict(model.named_parameters()))
     assert not any(name.startswith(("vision_model", "mlp1")) for name in loaded)
+    assert "vision_tower.encoder.layer.0.mlp.fc1.weight".startswith(model.skipped_checkpoint_prefixes)
 
 
 def test_saved_checkpoint_layout_loads(pair, tmp_path) -> None:
