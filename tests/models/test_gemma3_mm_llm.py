@@ -138,3 +138,17 @@ def test_pan_and_scan_sizes_the_profiled_image(checkpoint: Path) -> None:
     assert processor.dummy_features("image", {"do_pan_and_scan": True}).num_embeds == (1 + 4) * 16
     crops_2 = {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 2}
     assert processor.dummy_features("image", crops_2).num_embeds == (1 + 2) * 16
+
+
+def test_token_prompts_without_a_tokenizer_place_the_image_tokens(checkpoint: Path) -> None:
+    """skip_tokenizer_init (as with dummy weights): the replacement is the image block without
+    the surrounding newline tokens, and the image still reaches the model as transformers'."""
+    llm = LLM(str(checkpoint), dtype="float32", kv_cache_memory_bytes=1 << 24, max_model_len=512,
+              skip_tokenizer_init=True)
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    image = random_image(40, 30, seed=6)
+    prompt = {"prompt_token_ids": [40, 41, config.boi_token_index, 42], "multi_modal_data": {"image": image}}
+    output = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    image_block = [config.boi_token_index] + [config.image_token_index] * 16 + [config.eoi_token_index]
+    assert output.prompt_token_ids == [40, 41, *image_block, 42]
+    assert output.outputs[0].token_ids == hf_greedy(checkpoint, output.prompt_token_ids, [image])

@@ -90,3 +90,15 @@ def test_max_dynamic_patch_sizes_the_profiled_image(checkpoints: dict[str, Path]
         largest = processor.dummy_features("image").num_embeds
         smaller = processor.dummy_features("image", {"max_dynamic_patch": 2}).num_embeds
         assert (largest, smaller) == (5 * TOKENS_PER_TILE, 3 * TOKENS_PER_TILE)
+
+
+def test_token_prompts_without_a_tokenizer_read_the_frame_tokens_from_its_files(checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(checkpoints["chat"]), dtype="float32", kv_cache_memory_bytes=1 << 24, max_model_len=512,
+              skip_tokenizer_init=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoints["chat"])
+    start, end, context = tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
+    image = random_image(30, 30, seed=7)
+    output = llm.generate({"prompt_token_ids": [40, context, 41], "multi_modal_data": {"image": image}},
+                          GREEDY, use_tqdm=False)[0]
+    assert output.prompt_token_ids == [40, start, *[context] * TOKENS_PER_TILE, end, 41]
+    assert output.outputs[0].token_ids == hf_greedy(load_hf_internvl(checkpoints["hf"]), output.prompt_token_ids, [image])

@@ -81,8 +81,12 @@ class Gemma3ProcessorAdapter(MultiModalProcessorAdapter):
             extra={"num_crops": num_crops},
         )
 
+    def _text(self, text: str) -> list[int]:
+        # Without a tokenizer (skip_tokenizer_init) only the image tokens themselves are placed.
+        return self.tokenizer.encode(text, add_special_tokens=False) if self.tokenizer is not None else []
+
     def _image_block(self) -> list[int]:
-        newlines = self.tokenizer.encode("\n\n", add_special_tokens=False)
+        newlines = self._text("\n\n")
         soft_tokens = [self.image_token_id] * self.mm_tokens_per_image
         return newlines + [self.boi_token_id, *soft_tokens, self.eoi_token_id] + newlines
 
@@ -92,13 +96,10 @@ class Gemma3ProcessorAdapter(MultiModalProcessorAdapter):
         if num_crops == 0:
             tokens = block
         else:
-            def text(s: str) -> list[int]:
-                return self.tokenizer.encode(s, add_special_tokens=False)
-
-            tokens = text("Here is the original image ") + block
-            tokens += text(" and here are some crops to help you see better ")
+            tokens = self._text("Here is the original image ") + block
+            tokens += self._text(" and here are some crops to help you see better ")
             for index in range(num_crops):
-                tokens += (text(" ") if index else []) + block
+                tokens += (self._text(" ") if index else []) + block
         return tokens, tuple(token == self.image_token_id for token in tokens)
 
     def dummy_item(self, modality: str, kwargs: Mapping[str, Any]) -> Any:

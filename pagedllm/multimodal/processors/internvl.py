@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pagedllm.models.internvl_config import added_token_id
 from pagedllm.models.internvl_processing import (
     IMAGENET_MEAN,
     TilingOptions,
@@ -34,6 +35,14 @@ class InternVLProcessorAdapter(MultiModalProcessorAdapter):
         self.tokens_per_tile = num_image_token(self.hf_config)
         self.uses_own_tiling = self.model_config.architecture == "InternVLChatModel"
         self._image_processor: Any = None
+        # <img> / </img> around each image; from the tokenizer files when it is not loaded
+        # (skip_tokenizer_init), and left out if neither has them.
+        self.frame_token_ids = [self._token_id(t) for t in (IMG_START, IMG_END)]
+
+    def _token_id(self, token: str) -> int | None:
+        if self.tokenizer is not None:
+            return int(self.tokenizer.convert_tokens_to_ids(token))
+        return added_token_id(self.model_config.model_path, token)
 
     def placeholder_text(self, modality: str) -> str:
         return IMG_CONTEXT
@@ -83,9 +92,9 @@ class InternVLProcessorAdapter(MultiModalProcessorAdapter):
         )
 
     def replacement(self, modality: str, item: ProcessedItem) -> tuple[list[int], tuple[bool, ...] | None]:
-        start, end = (int(self.tokenizer.convert_tokens_to_ids(t)) for t in (IMG_START, IMG_END))
-        tokens = [start] + [self.image_token_id] * item.num_embeds + [end]
-        return tokens, (False,) + (True,) * item.num_embeds + (False,)
+        start, end = ([] if t is None else [t] for t in self.frame_token_ids)
+        tokens = start + [self.image_token_id] * item.num_embeds + end
+        return tokens, tuple(token == self.image_token_id for token in tokens)
 
     def dummy_item(self, modality: str, kwargs: Mapping[str, Any]) -> Any:
         """The image giving the most tiles: max_dynamic_patch side by side (plus the thumbnail)."""
