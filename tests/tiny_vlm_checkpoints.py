@@ -59,7 +59,8 @@ def make_tiny_gemma3_checkpoint(path: Path, tokenizer_dir: Path, seed: int = 0) 
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
     randomize_(model, norm_mean=0.0, seed=seed)
     model.save_pretrained(path)
-    image_processor = transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor_class = getattr(transformers, "Gemma3ImageProcessorPil", None) or transformers.Gemma3ImageProcessor
+    image_processor = processor_class(size={"height": 32, "width": 32})
     transformers.Gemma3Processor(image_processor, tokenizer, image_seq_length=16).save_pretrained(path)
     return path
 
@@ -89,7 +90,7 @@ def make_tiny_internvl_checkpoint(path: Path, tokenizer_dir: Path, layout: str =
     tokenizer.save_pretrained(path)
     if layout == "hf":
         model.save_pretrained(path)
-        transformers.GotOcr2ImageProcessorPil(
+        (getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor)(
             size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4,
             image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
         ).save_pretrained(path)

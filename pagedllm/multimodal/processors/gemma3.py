@@ -60,14 +60,15 @@ class Gemma3ProcessorAdapter(MultiModalProcessorAdapter):
         return options
 
     def image_processor(self, options: Mapping[str, Any]) -> Any:
-        from transformers import AutoImageProcessor
+        import transformers
 
+        # The PIL processor (named ...Pil from transformers 5.2x; before, the plain name is it):
+        # the fast one needs torchvision. It reads the checkpoint's preprocessor_config.json.
+        processor_class = getattr(transformers, "Gemma3ImageProcessorPil", None) or transformers.Gemma3ImageProcessor
         constructor = {k: v for k, v in options.items() if k not in ("do_pan_and_scan", *_PAN_AND_SCAN_DEFAULTS)}
         key = tuple(sorted((k, repr(v)) for k, v in constructor.items()))
         if key not in self._image_processors:
-            self._image_processors[key] = AutoImageProcessor.from_pretrained(
-                self.model_config.model_path, use_fast=False, **constructor
-            )
+            self._image_processors[key] = processor_class.from_pretrained(self.model_config.model_path, **constructor)
         return self._image_processors[key]
 
     def process(self, modality: str, item: Any, kwargs: Mapping[str, Any]) -> ProcessedItem:

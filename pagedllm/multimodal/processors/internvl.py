@@ -68,9 +68,12 @@ class InternVLProcessorAdapter(MultiModalProcessorAdapter):
 
     def _hf_image_processor(self) -> Any:
         if self._image_processor is None:
-            from transformers import AutoImageProcessor
+            import transformers
 
-            self._image_processor = AutoImageProcessor.from_pretrained(self.model_config.model_path, use_fast=False)
+            # The PIL processor (GotOcr2ImageProcessorPil from transformers 5.2x, the plain name
+            # before): the fast one needs torchvision.
+            processor_class = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+            self._image_processor = processor_class.from_pretrained(self.model_config.model_path)
         return self._image_processor
 
     def process(self, modality: str, item: Any, kwargs: Mapping[str, Any]) -> ProcessedItem:
