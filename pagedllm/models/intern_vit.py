@@ -60,7 +60,9 @@ class InternVisionEncoderLayer(nn.Module):
         self.norm1 = _norm(norm_type, config.hidden_size, config.layer_norm_eps)
         self.attn = InternAttention(config, quant_config, f"{prefix}.attn")
         self.norm2 = _norm(norm_type, config.hidden_size, config.layer_norm_eps)
-        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act, quant_config, f"{prefix}.mlp")
+        self.mlp = VisionMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, quant_config, f"{prefix}.mlp"
+        )
         self.ls1 = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
         self.ls2 = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
 

@@ -37,8 +37,12 @@ class VisionMLP(nn.Module):
         quant_config: QuantizationConfig | None = None, prefix: str = "",
     ) -> None:
         super().__init__()
-        self.fc1 = ColumnParallelLinear(hidden_size, intermediate_size, bias=True, quant_config=quant_config, prefix=f"{prefix}.fc1")
-        self.fc2 = RowParallelLinear(intermediate_size, hidden_size, bias=True, quant_config=quant_config, prefix=f"{prefix}.fc2")
+        self.fc1 = ColumnParallelLinear(
+            hidden_size, intermediate_size, bias=True, quant_config=quant_config, prefix=f"{prefix}.fc1"
+        )
+        self.fc2 = RowParallelLinear(
+            intermediate_size, hidden_size, bias=True, quant_config=quant_config, prefix=f"{prefix}.fc2"
+        )
         self.act = vision_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,9 @@ def test_prefill_logits_and_greedy_tokens_match_transformers(pair, make_attn_met
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_image_prefill_on_cuda_takes_the_bidirectional_fallback_and_matches_transformers(make_attn_metadata: Callable) -> None:
+def test_image_prefill_on_cuda_takes_the_bidirectional_fallback_and_matches_transformers(
+    make_attn_metadata: Callable,
+) -> None:
     """The Triton backend hands steps with image spans to the reference attention; decode
     steps stay on the kernels. fp32; 2e-3 allows for TF32 in the vision tower and kernels."""
     hf_model, model = build_pair("cuda")

@@ -65,7 +65,8 @@ def image_prompt(tiles_per_image: list[int], seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     parts = [torch.randint(3, 300, (4,), generator=gen)]
     for n in tiles_per_image:
-        parts += [torch.tensor([377] + [IMAGE_TOKEN] * (n * TOKENS_PER_TILE) + [378]), torch.randint(3, 300, (3,), generator=gen)]
+        image = torch.tensor([377] + [IMAGE_TOKEN] * (n * TOKENS_PER_TILE) + [378])
+        parts += [image, torch.randint(3, 300, (3,), generator=gen)]
     return torch.cat(parts)
 
 

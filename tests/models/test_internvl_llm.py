@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny_vlm_checkpoints import IMAGENET_MEAN, IMAGENET_STD, load_hf_internvl, make_tiny_internvl_checkpoint, random_image
+from tiny_vlm_checkpoints import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_hf_internvl,
+    make_tiny_internvl_checkpoint,
+    random_image,
+)
 
 pytest.importorskip("pagedllm.multimodal.processing", reason="needs the multi-modal infrastructure (mm-qwen)")
 
@@ -101,4 +107,5 @@ def test_token_prompts_without_a_tokenizer_read_the_frame_tokens_from_its_files(
     output = llm.generate({"prompt_token_ids": [40, context, 41], "multi_modal_data": {"image": image}},
                           GREEDY, use_tqdm=False)[0]
     assert output.prompt_token_ids == [40, start, *[context] * TOKENS_PER_TILE, end, 41]
-    assert output.outputs[0].token_ids == hf_greedy(load_hf_internvl(checkpoints["hf"]), output.prompt_token_ids, [image])
+    expected = hf_greedy(load_hf_internvl(checkpoints["hf"]), output.prompt_token_ids, [image])
+    assert output.outputs[0].token_ids == expected

@@ -72,7 +72,9 @@ class InternVLProcessorAdapter(MultiModalProcessorAdapter):
 
             # The PIL processor (GotOcr2ImageProcessorPil from transformers 5.2x, the plain name
             # before): the fast one needs torchvision.
-            processor_class = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+            processor_class = (
+                getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+            )
             self._image_processor = processor_class.from_pretrained(self.model_config.model_path)
         return self._image_processor
 

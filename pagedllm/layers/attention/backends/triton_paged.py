@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from pagedllm.forward_context import AttentionMetadata
+from pagedllm.layers.attention.backends.torch_sdpa import TorchSDPAAttention
 from pagedllm.layers.attention.ops.decode_attention import MAX_NUM_SPLITS, choose_num_splits, paged_decode_attention
 from pagedllm.layers.attention.ops.prefill_attention import paged_prefill_attention
-from pagedllm.layers.attention.backends.torch_sdpa import TorchSDPAAttention
 from pagedllm.layers.attention.ops.reshape_and_cache import reshape_and_cache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
