@@ -655,8 +655,16 @@ def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bo
         from pagedllm.model_loader.gguf import load_gguf_config
 
         return load_gguf_config(gguf_file)
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
+    config_path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_path):
         raise ValueError(f"model={model_path!r} has no config.json: pass a model folder or hub id.")
+    from pagedllm.models.registry import read_remote_code_config
+
+    # Remote-code checkpoints whose model pagedllm implements (InternVL2's InternVLChatModel)
+    # are read without their code.
+    native = read_remote_code_config(config_path)
+    if native is not None:
+        return native
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
 
 

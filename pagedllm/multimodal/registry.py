@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 # architecture → (module under pagedllm.multimodal.processors, adapter class, modalities)
 _PROCESSORS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ProcessorAdapter", ("image",)),
+    "InternVLChatModel": ("internvl", "InternVLProcessorAdapter", ("image",)),
+    "InternVLForConditionalGeneration": ("internvl", "InternVLProcessorAdapter", ("image",)),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLProcessorAdapter", ("image", "video")),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2_5_VLProcessorAdapter", ("image", "video")),
 }
