@@ -81,6 +81,27 @@ def test_batch_mixing_text_and_images_gives_each_alone(family_llm):
     assert together == alone
 
 
+def test_synchronous_scheduling_gives_the_async_tokens(family_llm):
+    """The async step loop takes decode input ids from the device while image rows of a
+    prefill chunk get merged embeddings in the same step; without it both come from the host.
+    A short first prompt decodes while the later image prompts prefill in small chunks."""
+    path, llm = family_llm
+    prompts = [
+        "hi",
+        {"prompt": f"look {IMAGE_PLACEHOLDER} there", "multi_modal_data": {"image": random_image(70, 50, seed=8)}},
+        {"prompt": f"{IMAGE_PLACEHOLDER} and {IMAGE_PLACEHOLDER}",
+         "multi_modal_data": {"image": [random_image(30, 60, seed=9), random_image(50, 50, seed=10)]}},
+    ]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)]
+    sync = LLM(str(path), dtype="float32", max_model_len=512, async_scheduling=False, max_num_batched_tokens=8,
+               enforce_eager=True)
+    assert [o.outputs[0].token_ids for o in sync.generate(prompts, _greedy(), use_tqdm=False)] == expected
+    sync.shutdown()
+    chunked_async = LLM(str(path), dtype="float32", max_model_len=512, max_num_batched_tokens=8, enforce_eager=True)
+    assert [o.outputs[0].token_ids for o in chunked_async.generate(prompts, _greedy(), use_tqdm=False)] == expected
+    chunked_async.shutdown()
+
+
 def test_chunked_prefill_splits_an_image_and_encodes_it_once(tiny_vl_checkpoints):
     path = tiny_vl_checkpoints["qwen2_5_vl"]
     image = random_image(84, 84, seed=7)
