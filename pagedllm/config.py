@@ -12,6 +12,39 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
+def text_config_of(hf_config: PretrainedConfig) -> PretrainedConfig:
+    """A multi-modal config's text_config (transformers' get_text_config), else the config."""
+    get_text_config = getattr(hf_config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else hf_config
+
+
+@dataclass(frozen=True)
+class MultiModalConfig:
+    modalities: tuple[str, ...] = ("image",)
+    """The modalities the model takes (from its processor adapter)."""
+    limit_per_prompt: dict[str, int] = field(default_factory=dict)
+    """Most items of each modality one prompt may carry ("image", "video"); 0 turns a
+    modality off (inputs rejected, nothing reserved for it at profiling). A modality the
+    model supports but the user did not name gets vLLM's default, 999."""
+    mm_processor_kwargs: dict[str, object] = field(default_factory=dict)
+    """Keyword arguments of the model's image/video processor (e.g. max_pixels), overridable
+    per request by the prompt's "mm_processor_kwargs"."""
+    input_cache_bytes: int = 4 << 30
+    """Bound of the processed-input cache (PAGEDLLM_MM_INPUT_CACHE_GIB); 0 turns it off."""
+
+    def limit_of(self, modality: str) -> int:
+        return self.limit_per_prompt.get(modality, DEFAULT_MM_LIMIT)
+
+    @property
+    def is_text_only(self) -> bool:
+        """Every modality of the model limited to 0: the vision tower is never built or loaded."""
+        return all(self.limit_of(modality) == 0 for modality in self.modalities)
+
+
+DEFAULT_MM_LIMIT = 999
+"""vLLM's (V1) default number of items per modality per prompt."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str
@@ -54,6 +87,8 @@ class ModelConfig:
     max_model_len_auto: bool = False
     """max_model_len="auto" (or -1): max_model_len is the model's until the KV cache is sized,
     then the engine lowers it to what one request can use (EngineCore)."""
+    multimodal_config: MultiModalConfig | None = None
+    """Limits and processor settings of a multi-modal model; None for text-only models."""
 
     @property
     def architecture(self) -> str:
@@ -61,28 +96,33 @@ class ModelConfig:
         return architectures[0] if architectures else ""
 
     @property
+    def text_config(self) -> PretrainedConfig:
+        """The language model's config: hf_config itself, or a multi-modal model's text_config."""
+        return text_config_of(self.hf_config)
+
+    @property
     def vocab_size(self) -> int:
-        return int(self.hf_config.vocab_size)
+        return int(self.text_config.vocab_size)
 
     @property
     def hidden_size(self) -> int:
-        return int(self.hf_config.hidden_size)
+        return int(self.text_config.hidden_size)
 
     @property
     def num_hidden_layers(self) -> int:
-        return int(self.hf_config.num_hidden_layers)
+        return int(self.text_config.num_hidden_layers)
 
     @property
     def num_attention_heads(self) -> int:
-        return int(self.hf_config.num_attention_heads)
+        return int(self.text_config.num_attention_heads)
 
     @property
     def num_key_value_heads(self) -> int:
-        return int(getattr(self.hf_config, "num_key_value_heads", None) or self.num_attention_heads)
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_attention_heads)
 
     @property
     def head_dim(self) -> int:
-        head_dim = getattr(self.hf_config, "head_dim", None)
+        head_dim = getattr(self.text_config, "head_dim", None)
         return int(head_dim or self.hidden_size // self.num_attention_heads)
 
 
@@ -180,6 +220,7 @@ __all__ = [
     "EngineConfig",
     "LoadConfig",
     "ModelConfig",
+    "MultiModalConfig",
     "ParallelConfig",
     "SchedulerConfig",
 ]

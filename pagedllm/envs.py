@@ -67,6 +67,23 @@ def torch_profiler_dir() -> str | None:
     writes torch profiler traces; unset means profiling is off."""
     value = _get("TORCH_PROFILER_DIR")
     return os.path.abspath(os.path.expanduser(value)) if value else None
+
+
 def api_key() -> str | None:
     """PAGEDLLM_API_KEY (alias VLLM_API_KEY): the bearer key `pagedllm serve` requires on /v1."""
     return _get("API_KEY") or None
+
+
+def mm_input_cache_bytes() -> int:
+    """PAGEDLLM_MM_INPUT_CACHE_GIB (alias VLLM_MM_INPUT_CACHE_GIB): bound of the processed
+    multi-modal input cache in GiB, default 4; 0 turns the cache off."""
+    value = _get("MM_INPUT_CACHE_GIB")
+    if value is None or value.strip() == "":
+        return 4 << 30
+    try:
+        gib = float(value)
+    except ValueError:
+        raise ValueError(f"PAGEDLLM_MM_INPUT_CACHE_GIB={value!r} is not a number of GiB; set e.g. 4 (0: off).") from None
+    if gib < 0:
+        raise ValueError(f"PAGEDLLM_MM_INPUT_CACHE_GIB={value!r} must be >= 0 GiB (0 turns the cache off).")
+    return int(gib * (1 << 30))

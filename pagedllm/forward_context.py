@@ -41,6 +41,10 @@ class AttentionMetadata:
     is written; -1 for padding rows."""
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    bidirectional_spans: list[list[tuple[int, int]]] | None = None
+    """Per request, [start, end) sequence positions whose tokens also see each other (not only
+    earlier ones): Gemma 3's image tokens. Set only for prefill steps that hold such tokens;
+    None everywhere else (then attention is causal)."""
 
 
 @dataclass(slots=True)

@@ -27,8 +27,10 @@ from pagedllm.config import (
     EngineConfig,
     LoadConfig,
     ModelConfig,
+    MultiModalConfig,
     ParallelConfig,
     SchedulerConfig,
+    text_config_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,16 @@ def _json_value(text: str) -> Any:
 
 def _max_model_len_value(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else int(text)
+
+
+def _mm_limits_value(text: str) -> Any:
+    """--limit-mm-per-prompt takes JSON ('{"image": 3}') or vLLM's older 'image=3,video=1'."""
+    if text.lstrip().startswith("{"):
+        return _json_value(text)
+    try:
+        return {key.strip(): int(value) for key, value in (pair.split("=") for pair in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither JSON nor 'image=3,video=1'") from None
 
 
 @dataclass
@@ -121,6 +133,8 @@ class EngineArgs:
     cpu_offload_gb: float = _option(0.0, "GiB of weights kept in pinned host memory and streamed to the GPU per layer at each forward", float)
     enable_sleep_mode: bool = _option(False, "accepted for vLLM compatibility: LLM.sleep() / wake_up() always work")
     structured_outputs_config: dict[str, Any] | None = _option(None, "structured outputs settings as JSON; backend 'auto' or 'xgrammar' (the one backend)", "json")
+    limit_mm_per_prompt: dict[str, int] | None = _option(None, "most multi-modal items per prompt, per modality, as JSON, e.g. '{\"image\": 3, \"video\": 0}' (default 999 each; 0 turns a modality off)", _mm_limits_value)
+    mm_processor_kwargs: dict[str, Any] | None = _option(None, "multi-modal processor arguments as JSON, e.g. '{\"max_pixels\": 602112}' (a prompt's own mm_processor_kwargs override them)", "json")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
@@ -301,6 +315,7 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
     from pagedllm.layers.quantization import resolve_quantization
 
     quantization = resolve_quantization(args["quantization"], hf_config)
+    multimodal_config = _build_multimodal_config(args, hf_config)
     tokenizer = resolved.model_path
     return ModelConfig(
         model=model,
@@ -321,7 +336,45 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
         max_model_len_auto=max_model_len_auto,
         generation_config=_check_generation_config(args["generation_config"]),
         override_generation_config=args["override_generation_config"],
+        multimodal_config=multimodal_config,
     )
+
+
+def _build_multimodal_config(args: dict[str, Any], hf_config: PretrainedConfig) -> MultiModalConfig | None:
+    from pagedllm.multimodal.registry import modalities_of
+
+    architecture = (getattr(hf_config, "architectures", None) or [""])[0]
+    modalities = modalities_of(architecture)
+    limits, kwargs = args["limit_mm_per_prompt"], args["mm_processor_kwargs"]
+    if not modalities:
+        if limits or kwargs:
+            name = "limit_mm_per_prompt" if limits else "mm_processor_kwargs"
+            raise ValueError(f"{name} was given, but {architecture or 'the model'} is not a multi-modal model; drop {name}.")
+        return None
+    limits = dict(limits or {})
+    for modality, limit in limits.items():
+        if modality not in modalities:
+            raise ValueError(
+                f"limit_mm_per_prompt has modality {modality!r}, which {architecture} does not take; "
+                f"use {', '.join(modalities)}."
+            )
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be an integer >= 0 (0 turns it off), got {limit!r}.")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"mm_processor_kwargs must be a dict, e.g. {{'max_pixels': 602112}}, got {kwargs!r}.")
+    config = MultiModalConfig(
+        modalities=modalities,
+        limit_per_prompt=limits,
+        mm_processor_kwargs=dict(kwargs or {}),
+        input_cache_bytes=envs.mm_input_cache_bytes(),
+    )
+    logger.info(
+        "Multi-modal %s: items per prompt %s%s, processor kwargs %s, input cache %.1f GiB.",
+        architecture, {m: config.limit_of(m) for m in modalities},
+        " (text only: the vision tower is not loaded)" if config.is_text_only else "",
+        config.mm_processor_kwargs, config.input_cache_bytes / (1 << 30),
+    )
+    return config
 
 
 def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: torch.device) -> SchedulerConfig:
@@ -429,9 +482,10 @@ def _check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> N
     into `tp_size` equal shards (the layers would only fail later, inside the workers)."""
     if tp_size == 1:
         return
+    architecture = (getattr(hf_config, "architectures", None) or ["the model"])[0]
+    hf_config = text_config_of(hf_config)
     if getattr(hf_config, "num_attention_heads", None) is None:
         return  # not a decoder config this check understands; the layers check when built
-    architecture = (getattr(hf_config, "architectures", None) or ["the model"])[0]
     num_heads = int(hf_config.num_attention_heads)
     num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
     sizes = {"num_attention_heads": num_heads}
@@ -587,6 +641,7 @@ def config_dtype_of(hf_config: PretrainedConfig) -> torch.dtype | None:
 
 def derive_max_model_len(hf_config: PretrainedConfig) -> int:
     """The model's context length from config.json (the smallest of the keys present)."""
+    hf_config = text_config_of(hf_config)
     lengths = [
         int(value)
         for key in _CONTEXT_LENGTH_KEYS
@@ -600,8 +655,16 @@ def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bo
         from pagedllm.model_loader.gguf import load_gguf_config
 
         return load_gguf_config(gguf_file)
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
+    config_path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_path):
         raise ValueError(f"model={model_path!r} has no config.json: pass a model folder or hub id.")
+    from pagedllm.models.registry import read_remote_code_config
+
+    # Remote-code checkpoints whose model pagedllm implements (InternVL2's InternVLChatModel)
+    # are read without their code.
+    native = read_remote_code_config(config_path)
+    if native is not None:
+        return native
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
 
 

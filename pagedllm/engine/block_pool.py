@@ -20,7 +20,9 @@ BlockHash = bytes
 ROOT_BLOCK_HASH: BlockHash = bytes(32)
 
 
-def hash_block_tokens(parent_hash: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+def hash_block_tokens(
+    parent_hash: BlockHash, token_ids: Sequence[int], extra_keys: Sequence[str] = ()
+) -> BlockHash:
     """Hash of one full block, chained on its parent's hash so that a hit on block i implies
     the whole prefix up to block i matches.
 
@@ -32,7 +34,10 @@ def hash_block_tokens(parent_hash: BlockHash, token_ids: Sequence[int]) -> Block
     """
     # int64 keeps every token id exact (vocabularies fit easily); the fixed-width bytes keep
     # block boundaries unambiguous, which a text encoding like "1,23" would not.
-    return hashlib.sha256(parent_hash + array("q", token_ids).tobytes()).digest()
+    digest = hashlib.sha256(parent_hash + array("q", token_ids).tobytes())
+    for key in extra_keys:
+        digest.update(b"\x00" + key.encode())
+    return digest.digest()
 
 
 class BlockPool:

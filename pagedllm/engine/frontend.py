@@ -72,8 +72,9 @@ class ModelFrontend:
     def make_request(
         self, request_id: str, processed: ProcessedPrompt, params: SamplingParams, arrival_time: float
     ) -> Request:
-        """The scheduler's view of one completion of a processed prompt."""
-        return Request(
+        """The scheduler's view of one completion of a processed prompt (with its multi-modal
+        features and M-RoPE positions when it carries images or video)."""
+        request = Request(
             request_id=request_id,
             prompt_token_ids=list(processed.prompt_token_ids),
             sampling_params=params,
@@ -83,6 +84,12 @@ class ModelFrontend:
             cache_salt=processed.cache_salt,
             arrival_time=arrival_time,
         )
+        mm_inputs = processed.mm_inputs
+        if mm_inputs is not None:
+            request.mm_features = mm_inputs.features
+            request.mrope_positions = mm_inputs.mrope_positions
+            request.mrope_position_delta = mm_inputs.mrope_position_delta
+        return request
 
 
 def _eos_token_id(tokenizer: PreTrainedTokenizerBase | None, hf_config: Any) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -31,24 +32,38 @@ class ProcessedPrompt:
     """Separates this prompt's prefix-cache namespace from prompts with another salt."""
     extra: dict | None = None
     """Other keys of the prompt dict (multi_modal_data, mm_processor_kwargs, ...)."""
+    mm_inputs: Any = None
+    """A multimodal.processing.MultiModalPrompt when the prompt carried multi_modal_data
+    (prompt_token_ids then hold the expanded placeholders)."""
 
 
 class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.mm_processor = None
+        if model_config.multimodal_config is not None:
+            from pagedllm.multimodal.processing import MultiModalProcessor
+
+            self.mm_processor = MultiModalProcessor(model_config, tokenizer)
 
     def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """Tokenize and validate; raises ValueError naming what is wrong and what would work."""
         cache_salt, extra = self._check_keys(prompt)
         text, token_ids = self._tokenize(prompt)
-        token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
+        mm_inputs = self._process_multimodal(prompt, token_ids)
+        if mm_inputs is not None:
+            token_ids = mm_inputs.prompt_token_ids
+        else:
+            # A multi-modal prompt is not truncated: that could cut an item's placeholders.
+            token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         self._validate(token_ids, params)
         validate_token_controls(params, self.tokenizer, self.model_config.vocab_size)
         room = self.model_config.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return ProcessedPrompt(
-            prompt=text, prompt_token_ids=token_ids, max_tokens=max_tokens, cache_salt=cache_salt, extra=extra
+            prompt=text, prompt_token_ids=token_ids, max_tokens=max_tokens, cache_salt=cache_salt, extra=extra,
+            mm_inputs=mm_inputs,
         )
 
     @staticmethod
@@ -71,6 +86,27 @@ class InputProcessor:
             return token_ids
         keep = self.model_config.max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
         return token_ids[-keep:] if len(token_ids) > keep else token_ids
+
+    def _process_multimodal(self, prompt: PromptType, token_ids: list[int]) -> Any:
+        if not isinstance(prompt, Mapping):
+            return None
+        data = prompt.get("multi_modal_data")
+        request_kwargs = prompt.get("mm_processor_kwargs")
+        if self.mm_processor is None:
+            if data:
+                raise ValueError(
+                    f"multi_modal_data was given, but {self.model_config.architecture or 'this model'} "
+                    "is a text-only model; use a multi-modal model (e.g. Qwen2-VL) or drop the data."
+                )
+            return None
+        if data is None and request_kwargs is None and not self._has_placeholders(token_ids):
+            return None
+        return self.mm_processor.process(token_ids, data or {}, request_kwargs)
+
+    def _has_placeholders(self, token_ids: list[int]) -> bool:
+        adapter = self.mm_processor.adapter
+        marks = {adapter.placeholder_token_id(m) for m in adapter.modalities}
+        return any(t in marks for t in token_ids)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -205,6 +205,16 @@ class KVCacheManager:
                     tokens = output[start - num_prompt : end - num_prompt]
                 else:
                     tokens = prompt[start:] + output[: end - num_prompt]
-                parent = hash_block_tokens(parent, tokens)
+                parent = hash_block_tokens(parent, tokens, _item_keys(request, start, end))
                 hashes.append(parent)
         return hashes
+
+
+def _item_keys(request: Request, start: int, end: int) -> list[str]:
+    """Identifiers of the request's multi-modal items whose placeholders overlap [start, end)."""
+    keys = []
+    for feature in request.mm_features:
+        offset, length = feature.placeholder.offset, feature.placeholder.length
+        if offset < end and start < offset + length:
+            keys.append(feature.identifier)
+    return keys

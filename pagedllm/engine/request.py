@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.engine.sampling_params import SamplingParams
 
@@ -64,6 +65,12 @@ class Request:
     num_output_placeholders: int = 0
     """With async scheduling: tokens sampled by steps in flight whose ids the host does not
     know yet. They count as computed-to-be inputs for the next step's scheduling."""
+    mm_features: list[Any] = field(default_factory=list)
+    """multimodal.inputs.MultiModalFeature per item of the prompt, in prompt order. The
+    scheduler reads only their placeholder ranges and identifiers (for block hashes)."""
+    mrope_positions: Any = None
+    """[3, num_prompt_tokens] M-RoPE positions (numpy) for the Qwen2-VL family, else None."""
+    mrope_position_delta: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -155,14 +155,22 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         preempted = False
+        # Vision-encoder tokens this step may start (vLLM's encoder compute budget): an item
+        # is encoded at the first step that computes one of its tokens. _cap_for_items also
+        # keeps unchunked items (Gemma 3's images) in one chunk.
+        encoder_budget = self.max_num_batched_tokens
 
         index = 0
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, token_budget)
+            if request.mm_features and num_new > 0:
+                num_new, encoder_budget = _cap_for_items(
+                    request, request.num_computed_tokens, num_new, encoder_budget, False, self.max_num_batched_tokens
+                )
             if num_new <= 0 or self._may_be_done(request):
                 # Its last sampled token has not been appended yet, or a step in flight may
-                # end it: nothing to compute now.
+                # end it, or its next chunk waits for encoder budget: nothing to compute now.
                 index += 1
                 continue
             while (new_block_ids := kv.allocate_slots(request, num_new)) is None:
@@ -189,6 +197,12 @@ class Scheduler:
             request = self.waiting[0]
             hit_blocks, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, token_budget)
+            if request.mm_features:
+                num_new, encoder_budget = _cap_for_items(
+                    request, num_hit_tokens, num_new, encoder_budget, True, self.max_num_batched_tokens
+                )
+                if num_new <= 0:
+                    break
             if kv.allocate_slots(request, num_new, hit_blocks) is None:
                 break
             self.waiting.popleft()
@@ -208,6 +222,9 @@ class Scheduler:
                     num_computed_tokens=num_hit_tokens,
                     eos_token_id=request.eos_token_id,
                     eos_token_ids=request.eos_token_ids,
+                    mm_features=request.mm_features,
+                    mrope_positions=request.mrope_positions,
+                    mrope_position_delta=request.mrope_position_delta,
                 )
             )
             num_scheduled_tokens[request.request_id] = num_new
@@ -324,3 +341,37 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
+
+
+def _cap_for_items(
+    request: Request, start: int, num_new: int, encoder_budget: int, admitting: bool, full_budget: int
+) -> tuple[int, int]:
+    """Shortens the chunk [start, start + num_new) for the request's multi-modal items;
+    returns (num_new, encoder budget left).
+
+    - An `unchunked` item (bidirectional attention among its tokens, e.g. Gemma 3) is never
+      split: the chunk stops before the item's remaining tokens unless they all fit (a
+      request may then wait a step for a larger budget); an item longer than
+      max_num_batched_tokens is split anyway, or it could never run.
+    - Encoder budget: the chunk stops before the first item whose encoding would overrun it.
+      Items started in an earlier step are already encoded (the runner keeps their outputs);
+      at admission every overlapped item is encoded, including one a prefix hit cut into. An
+      item larger than the whole budget may still start a step, so every request progresses.
+    """
+    end = start + num_new
+    used_any = False
+    for feature in request.mm_features:
+        offset, length = feature.placeholder.offset, feature.placeholder.length
+        if offset >= end or offset + length <= start:
+            continue
+        first = max(offset, start)
+        if getattr(feature, "unchunked", False) and offset + length > end and offset + length - first <= full_budget:
+            return first - start, encoder_budget
+        if offset < start and not admitting:
+            continue
+        cost = feature.placeholder.num_embeds
+        if cost > encoder_budget and (used_any or encoder_budget < full_budget):
+            return max(offset - start, 0), encoder_budget
+        encoder_budget -= cost
+        used_any = True
+    return num_new, max(encoder_budget, 0)

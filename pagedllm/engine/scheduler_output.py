@@ -30,6 +30,12 @@ class NewRequestData:
     """The engine's EOS id (from the tokenizer), which min_tokens keeps from being sampled."""
     eos_token_ids: frozenset[int] = frozenset()
     """Further EOS ids from generation_config.json (min_tokens bans them too)."""
+    mm_features: list[Any] = field(default_factory=list)
+    """The prompt's multi-modal items (MultiModalFeature: tensors, placeholder, hash)."""
+    mrope_positions: Any = None
+    """[3, num_prompt_tokens] M-RoPE positions, or None."""
+    mrope_position_delta: int = 0
+    """Positions after the prompt are p + delta (M-RoPE)."""
 
 
 @dataclass(slots=True)

@@ -18,7 +18,11 @@ def conversations_to_prompts(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
+    placeholders: dict[str, str] | None = None,
+    mm_processor_kwargs: dict[str, Any] | None = None,
 ) -> list[PromptType]:
+    """`placeholders`: the model's placeholder text per modality, which stands for each
+    multi-modal content part in the templated text (empty for a text-only model)."""
     if tokenizer is None:
         raise ValueError("LLM.chat needs a tokenizer; do not pass skip_tokenizer_init=True.")
     if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
@@ -26,6 +30,7 @@ def conversations_to_prompts(
     conversations = [messages] if messages and isinstance(messages[0], dict) else messages
     prompts: list[PromptType] = []
     for conversation in conversations:
+        conversation, mm_data = _parse_content_parts(conversation, placeholders or {})
         text = tokenizer.apply_chat_template(
             conversation,
             chat_template=chat_template,
@@ -36,5 +41,31 @@ def conversations_to_prompts(
         )
         # The template already holds the special tokens (BOS and role markers).
         token_ids = tokenizer.encode(text, add_special_tokens=False)
-        prompts.append({"prompt": text, "prompt_token_ids": token_ids})
+        prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": token_ids}
+        if mm_data:
+            prompt["multi_modal_data"] = mm_data
+        if mm_processor_kwargs is not None:
+            prompt["mm_processor_kwargs"] = mm_processor_kwargs
+        prompts.append(prompt)
     return prompts
+
+
+def _parse_content_parts(
+    conversation: list[ChatMessage], placeholders: dict[str, str]
+) -> tuple[list[ChatMessage], dict[str, list[Any]]]:
+    """OpenAI content parts (text, image_url, image_pil, video) → messages with string
+    content holding the model's placeholders, and the items by modality."""
+    from pagedllm.multimodal.inputs import parse_chat_content
+
+    parsed: list[ChatMessage] = []
+    mm_data: dict[str, list[Any]] = {}
+    for message in conversation:
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            parsed.append(message)
+            continue
+        text, items = parse_chat_content(content, placeholders)
+        for modality, values in items.items():
+            mm_data.setdefault(modality, []).extend(values)
+        parsed.append({**message, "content": text})
+    return parsed, mm_data

@@ -73,10 +73,14 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation, then generates."""
+        """Applies the tokenizer's chat template to each conversation, then generates. Message
+        content may be OpenAI content parts (text, image_url, image_pil, video) for a
+        multi-modal model; mm_processor_kwargs apply to every conversation's items."""
         prompts = self.preprocess_chat(
-            messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs
+            messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs,
+            mm_processor_kwargs,
         )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -87,11 +91,16 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[PromptType]:
-        """The prompts LLM.chat would generate from (text and token ids per conversation)."""
+        """The prompts LLM.chat would generate from (text and token ids per conversation, and
+        the multi-modal items of its content parts)."""
+        mm_processor = self.llm_engine.input_processor.mm_processor
+        adapter = mm_processor.adapter if mm_processor is not None else None
+        placeholders = {m: adapter.placeholder_text(m) for m in adapter.modalities} if adapter else {}
         return conversations_to_prompts(
             self.get_tokenizer(), messages, chat_template, add_generation_prompt,
-            continue_final_message, chat_template_kwargs,
+            continue_final_message, chat_template_kwargs, placeholders, mm_processor_kwargs,
         )
 
     def beam_search(

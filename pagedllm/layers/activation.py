@@ -28,3 +28,11 @@ class SiluAndMul(nn.Module):
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+class GeluTanhAndMul(nn.Module):
+    """[..., 2 * d] → gelu_tanh(x[..., :d]) * x[..., d:] (Gemma's `gelu_pytorch_tanh` gate)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]

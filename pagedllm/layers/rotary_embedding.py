@@ -36,6 +36,10 @@ def rope_parameters_of(hf_config: Any, layer_type: str | None = None) -> dict[st
         params = getattr(hf_config, "rope_scaling", None) or {}
     params = dict(params)
     params["rope_type"] = params.pop("type", None) or params.get("rope_type") or "default"
+    if params["rope_type"] == "mrope":
+        # Qwen2-VL's older config.json: default frequencies; the M-RoPE sections are applied by
+        # layers/mrope.py from params["mrope_section"].
+        params["rope_type"] = "default"
     if params.get("rope_theta") is None:
         params["rope_theta"] = float(getattr(hf_config, "rope_theta", None) or 10000.0)
     partial = getattr(hf_config, "partial_rotary_factor", None)

@@ -74,8 +74,12 @@ def get_model(
             f"load_format={load_format!r} is not supported; use one of {', '.join(map(repr, _LOADERS))}."
         )
     model_class = get_model_class(model_config.architecture)
+    # Multi-modal models take their limits (every modality 0: no vision tower is built).
+    extra: dict[str, Any] = {}
+    if getattr(model_class, "supports_multimodal", False):
+        extra["multimodal_config"] = model_config.multimodal_config
     with torch.device(device), set_default_dtype(model_config.dtype):
-        model = model_class(model_config.hf_config, quant_config=quant_config)
+        model = model_class(model_config.hf_config, quant_config=quant_config, **extra)
     # A sharded state was saved after post-processing (as vLLM's is): give the parameters
     # their processed shapes first, then copy the saved values over them.
     process_first = load_format == "sharded_state"
@@ -143,7 +147,10 @@ def _load_checkpoint(
 
     files, weight_format = find_weight_files(model_config.model_path, load_config.load_format)
     weights: Iterable[tuple[str, Any]]
-    if weight_format == "safetensors" and get_tp_size() > 1:
+    # A model that skips part of its checkpoint (a text-only multi-modal model's vision
+    # tower) also reads lazily, so the matrices it skips are never read.
+    skips_tensors = bool(getattr(model, "skipped_checkpoint_prefixes", ()))
+    if weight_format == "safetensors" and (get_tp_size() > 1 or skips_tensors):
         # Sliced reads: each tensor-parallel rank reads only the rows or columns it keeps.
         weights = sharded_safetensors_iterator(files, stats)
     elif weight_format == "safetensors":

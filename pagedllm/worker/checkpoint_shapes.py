@@ -70,7 +70,8 @@ def config_tensors(config: EngineConfig) -> list[CheckpointTensor]:
     hidden, head_dim = model_config.hidden_size, model_config.head_dim
     q_size = model_config.num_attention_heads * head_dim
     kv_size = model_config.num_key_value_heads * head_dim
-    intermediate = int(hf_config.intermediate_size)
+    # A multi-modal model's decoder sizes are in its text config (its vision tower is not counted).
+    intermediate = int(model_config.text_config.intermediate_size)
     architecture = model_config.architecture
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (model_config.vocab_size, hidden)}
     for layer in range(model_config.num_hidden_layers):

@@ -159,7 +159,7 @@ def estimate_activation_bytes(config: EngineConfig) -> int:
     hidden, head_dim = model_config.hidden_size, model_config.head_dim
     heads = model_config.num_attention_heads // tp_size
     kv_heads = max(1, model_config.num_key_value_heads // tp_size)
-    intermediate = int(getattr(model_config.hf_config, "intermediate_size", 4 * hidden)) // tp_size
+    intermediate = int(getattr(model_config.text_config, "intermediate_size", 4 * hidden)) // tp_size
     per_token = 3 * hidden + (2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate
     rows = min(scheduler_config.max_num_seqs, tokens)
     sampler = rows * model_config.vocab_size * _SAMPLER_BYTES_PER_LOGIT

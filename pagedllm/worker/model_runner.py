@@ -31,6 +31,7 @@ from pagedllm.worker.input_batch import (
     build_profile_inputs,
     build_step_inputs,
 )
+from pagedllm.worker.multimodal_runner import MultiModalRunner, supports_multimodal
 from pagedllm.worker.step_output import InFlightStep
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class ModelRunner:
         self.async_scheduling = engine_config.scheduler_config.async_scheduling
         self._in_flight: InFlightStep | None = None
         """The last step run, whose sampled ids may not have reached the host yet."""
+        self.mm_runner: MultiModalRunner | None = None
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config, self.config.load_config, self.device)
@@ -74,6 +76,8 @@ class ModelRunner:
         if self.config.cache_config.cache_dtype == "fp8":
             for layer in self.attention_layers:
                 layer.set_kv_cache_dtype(torch.float8_e4m3fn)
+        if supports_multimodal(self.model):
+            self.mm_runner = MultiModalRunner(self.model, self.device)
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         return [layer.kv_cache_spec() for layer in self.attention_layers]
@@ -144,7 +148,10 @@ class ModelRunner:
         inputs = build_profile_inputs(
             scheduler_config.max_num_batched_tokens, self.model_config.max_model_len, self.device
         )
+        # The encoder's peak, and its outputs held through the text forward as in a real step.
+        encoder_outputs = self.mm_runner.profile_encoder(self.config) if self.mm_runner is not None else []
         hidden_states = self._forward(inputs)
+        del encoder_outputs
         num_rows = min(scheduler_config.max_num_seqs, hidden_states.shape[0])
         logits = self._compute_logits(hidden_states[:num_rows])
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1)
@@ -175,7 +182,10 @@ class ModelRunner:
         batch = self.input_batch
         previous_sampled = previous.device_sampled if previous is not None else None
         inputs = build_step_inputs(scheduler_output, batch, self.block_size, self.stager, previous_sampled)
-        hidden_states = self._forward(inputs)
+        # After build_step_inputs: decode rows' ids (sampled by the step in flight) are already
+        # on the device; the merge overwrites only the placeholder rows of prefill chunks.
+        inputs_embeds = self.mm_runner.prepare(inputs) if self.mm_runner is not None else None
+        hidden_states = self._forward(inputs, inputs_embeds)
 
         batch.num_computed_tokens[inputs.rows] = inputs.start_positions + inputs.query_lens
         output = ModelRunnerOutput(sampled_token_ids={req_id: [] for req_id in inputs.req_ids})
@@ -197,7 +207,11 @@ class ModelRunner:
         batch = self.input_batch
         for req_id in scheduler_output.finished_req_ids:
             batch.remove(req_id)
+            if self.mm_runner is not None:
+                self.mm_runner.remove_request(req_id)
         for new in scheduler_output.scheduled_new_reqs:
+            if self.mm_runner is not None:
+                self.mm_runner.add_request(new)
             self.eos_token_id = new.eos_token_id
             self.eos_token_ids = new.eos_token_ids
             generator = None
@@ -210,14 +224,23 @@ class ModelRunner:
             batch.append_blocks(row, cached.new_block_ids)
             batch.num_computed_tokens[row] = cached.num_computed_tokens
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         assert self.model is not None, "load_model() first"
         max_seq_len_to_capture = self.config.compilation_config.max_seq_len_to_capture
-        if self.cuda_graphs is not None and inputs.attn_metadata.max_seq_len <= max_seq_len_to_capture:
+        # Graphs are captured on input ids and 1-D positions: steps with merged embeddings or
+        # M-RoPE [3, T] positions run eagerly.
+        if (
+            self.cuda_graphs is not None
+            and inputs_embeds is None
+            and inputs.positions.ndim == 1
+            and inputs.attn_metadata.max_seq_len <= max_seq_len_to_capture
+        ):
             batch_size = self.cuda_graphs.padded_size(inputs)
             if batch_size is not None:
                 return self.cuda_graphs.run(inputs, batch_size)
         with set_forward_context(inputs.attn_metadata):
+            if inputs_embeds is not None:
+                return self.model(inputs.input_ids, inputs.positions, inputs_embeds)
             return self.model(inputs.input_ids, inputs.positions)
 
     def _compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -312,6 +335,8 @@ class ModelRunner:
         self.input_batch = self._new_input_batch()
         self._in_flight = None
         self._cached_metadata = None
+        if self.mm_runner is not None:
+            self.mm_runner.requests.clear()
 
     def shutdown(self) -> None:
         self.cuda_graphs = None

@@ -54,15 +54,20 @@ def gather_kv(
 
 
 def causal_mask(
-    q_len: int, kv_len: int, sliding_window: int | None, device: torch.device
+    q_len: int, kv_len: int, sliding_window: int | None, device: torch.device,
+    bidirectional_spans: list[tuple[int, int]] = (),
 ) -> torch.Tensor | None:
     """[q_len, kv_len] bool, True where query j (at position kv_len - q_len + j) may see the key;
-    None when every query sees every key."""
-    if sliding_window is None and q_len == 1:
+    None when every query sees every key. Queries and keys inside one of `bidirectional_spans`
+    ([start, end) positions) also see each other, as transformers' Gemma 3 masks compose it:
+    (causal OR same span) AND within the window (the window bounds only the past)."""
+    if sliding_window is None and q_len == 1 and not bidirectional_spans:
         return None
     query_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
     key_pos = torch.arange(kv_len, device=device).unsqueeze(0)
     mask = key_pos <= query_pos
+    for start, end in bidirectional_spans:
+        mask |= (query_pos >= start) & (query_pos < end) & (key_pos >= start) & (key_pos < end)
     if sliding_window is not None:
         mask &= key_pos > query_pos - sliding_window
     return mask
@@ -110,16 +115,18 @@ class TorchSDPAAttention:
                 k, v = gather_kv(kv_cache, attn_metadata.block_table[i], kv_len)
                 k = from_cache_dtype(k, query.dtype, k_scale)
                 v = from_cache_dtype(v, query.dtype, v_scale)
-            output[start:end] = self._attend(query[start:end], k, v, kv_len, scale)
+            spans = attn_metadata.bidirectional_spans[i] if attn_metadata.bidirectional_spans else []
+            output[start:end] = self._attend(query[start:end], k, v, kv_len, scale, spans)
         return output
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, scale: float,
+        bidirectional_spans: list[tuple[int, int]] = (),
     ) -> torch.Tensor:
         q_len = q.shape[0]
         # SDPA's is_causal aligns the mask top-left, right only when q_len == kv_len.
-        use_is_causal = self.sliding_window is None and q_len == kv_len and q_len > 1
-        mask = None if use_is_causal else causal_mask(q_len, kv_len, self.sliding_window, q.device)
+        use_is_causal = self.sliding_window is None and q_len == kv_len and q_len > 1 and not bidirectional_spans
+        mask = None if use_is_causal else causal_mask(q_len, kv_len, self.sliding_window, q.device, bidirectional_spans)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             k.to(q.dtype).transpose(0, 1).unsqueeze(0),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.forward_context import AttentionMetadata
+from pagedllm.layers.attention.backends.torch_sdpa import TorchSDPAAttention
 from pagedllm.layers.attention.ops.decode_attention import MAX_NUM_SPLITS, choose_num_splits, paged_decode_attention
 from pagedllm.layers.attention.ops.prefill_attention import paged_prefill_attention
 from pagedllm.layers.attention.ops.reshape_and_cache import reshape_and_cache
@@ -79,6 +80,16 @@ class TritonPagedAttention:
         """See AttentionImpl. output, if given, is a contiguous [T, H, D] tensor of query's
         dtype that receives the result (a static buffer under CUDA graphs); it is returned."""
         _check_inputs(query, key, value, kv_cache)
+        if attn_metadata.bidirectional_spans and any(attn_metadata.bidirectional_spans):
+            # Gemma 3 image prefill (tokens of one image see each other): the kernels only know
+            # causal masks, so these steps (never captured in CUDA graphs) take the reference path.
+            result = TorchSDPAAttention(self.sliding_window).forward(
+                query, key, value, kv_cache, attn_metadata, scale, k_scale=k_scale, v_scale=v_scale
+            )
+            if output is None:
+                return result
+            output.copy_(result)
+            return output
         if query.stride(-1) != 1:
             query = query.contiguous()
         num_tokens = query.shape[0]

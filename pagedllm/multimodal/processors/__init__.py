@@ -1,0 +1,1 @@
+"""Processor adapters, one per multi-modal family (registered in multimodal/registry.py)."""
