@@ -153,7 +153,9 @@ def memory_report(folder: str, modalities: tuple[str, ...]) -> list[tuple[str, s
     for name, extra in variants.items():
         if "max_pixels" in name and not folder_has_qwen(folder):
             continue
-        llm = LLM(folder, **engine_kwargs(**extra))
+        # A headroom this large lifts the cap at max_num_seqs x max_model_len, so the KV cache
+        # shows the whole budget that profiling left, which is what the settings change.
+        llm = LLM(folder, **engine_kwargs(kv_cache_headroom=1000.0, **extra))
         kv_bytes = llm.llm_engine.executor.collective_rpc("kv_cache_bytes")[0]
         model = llm.llm_engine.executor.worker.model_runner.model
         weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -57,7 +57,7 @@ def test_gpu_profiled_peak_follows_max_pixels_and_limits(tmp_path, tiny_bpe_toke
     path = make_tiny_vl_checkpoint(tmp_path / "vl", tiny_bpe_tokenizer_dir, "qwen2_5_vl")
 
     def peak(**kwargs) -> int:
-        llm = LLM(str(path), dtype="float32", max_model_len=4096, max_num_batched_tokens=256, enforce_eager=True, **kwargs)
+        llm = LLM(str(path), dtype="float32", max_model_len=1024, max_num_batched_tokens=256, enforce_eager=True, **kwargs)
         runner = llm.llm_engine.executor.worker.model_runner
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
