@@ -123,7 +123,7 @@ class EngineArgs:
     device: str = _option("auto", "auto | cuda | cpu", str)
     max_logprobs: int = _option(20, "largest logprobs / prompt_logprobs a request may ask for (-1: no limit)")
     disable_log_stats: bool = _option(True, "accepted for vLLM compatibility")
-    # vLLM's everyday options (offline-api issue); see docs/offline-api.md.
+    # vLLM's everyday options (offline-api issue); see README.md.
     generation_config: str = _option("auto", "'auto' (the model's generation_config.json sets the default sampling and EOS ids), 'vllm' (ignore its sampling fields), or a folder holding one", str)
     override_generation_config: dict[str, Any] | None = _option(None, "generation config fields that override the file's, as JSON, e.g. '{\"temperature\": 0.5}'", "json")
     hf_overrides: Any = _option(None, "dict merged into the model's config.json (or, from Python, a callable config -> config)", "json")

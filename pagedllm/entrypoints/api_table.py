@@ -1,6 +1,6 @@
 """The table of vLLM's offline API and what pagedllm does with each name, generated from the
 code so it cannot drift: `python -m pagedllm.entrypoints.api_table` prints it, `--write
-docs/offline-api.md` updates the committed copy (a test checks the two are equal).
+README.md` updates the committed copy (a test checks the two are equal).
 
 A name is "supported" when pagedllm has it (a SamplingParams field, an LLM method, an
 EngineArgs option, an output field) and no note below says otherwise; a name pagedllm lacks

@@ -1,4 +1,4 @@
-"""The committed API table in docs/offline-api.md is the one the code generates."""
+"""The committed API table in README.md is the one the code generates."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import Path
 
 from pagedllm.entrypoints.api_table import build_table, committed_section
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "offline-api.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_committed_table_equals_the_generated_one():
     assert committed_section(DOC.read_text(encoding="utf-8")) == build_table(), (
-        "docs/offline-api.md is stale: run python -m pagedllm.entrypoints.api_table --write docs/offline-api.md"
+        "README.md is stale: run python -m pagedllm.entrypoints.api_table --write README.md"
     )
 
 
