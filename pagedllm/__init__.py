@@ -44,6 +44,10 @@ def __getattr__(name: str) -> object:
         from pagedllm.engine.async_llm import AsyncLLM
 
         return AsyncLLM
+    if name in ("EngineArgs", "AsyncEngineArgs"):  # vLLM exports both; one class here
+        from pagedllm.engine.arg_utils import EngineArgs
+
+        return EngineArgs
     if name == "LLMEngine":
         from pagedllm.engine.llm_engine import LLMEngine
 
@@ -60,6 +64,8 @@ __all__ = [
     "AsyncLLM",
     "AsyncLLMEngine",
     "LLMEngine",
+    "EngineArgs",
+    "AsyncEngineArgs",
     "CompletionOutput",
     "Logprob",
     "RequestOutput",
