@@ -14,7 +14,7 @@ placeholder ids: each prefill step's bidirectional image spans are derived from 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.vocab_embedding import ParallelLMHead
 from pagedllm.models.gemma3 import Gemma3TextModel, GemmaRMSNorm
 from pagedllm.models.siglip import SiglipVisionModel
-from pagedllm.models.utils import load_weights_by_mapping, maybe_prefix
+from pagedllm.models.utils import ImageTilesEmbeddingMixin, load_weights_by_mapping, maybe_prefix
 
 # Checkpoint name prefixes (transformers 4 hub layout, transformers 5 in-memory and saved
 # layouts) → ours.
@@ -100,8 +100,9 @@ def image_token_spans(
     return spans
 
 
-class Gemma3ForConditionalGeneration(nn.Module):
+class Gemma3ForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
     supports_multimodal = True
+    family_name = "Gemma 3"
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
@@ -144,22 +145,6 @@ class Gemma3ForConditionalGeneration(nn.Module):
                 "raise the image limit to send images."
             )
         return self.multi_modal_projector(self.vision_tower(pixel_values))
-
-    def embed_multimodal(self, modality: str, data: Mapping[str, Any]) -> torch.Tensor:
-        """One image's processed data ({"pixel_values": [1 + num_crops, 3, S, S]}, the image
-        then its pan-and-scan crops) → [(1 + num_crops) * mm_tokens_per_image, hidden], the
-        rows of its image placeholder tokens in prompt order."""
-        if modality != "image":
-            raise ValueError(f"Gemma 3 takes image inputs only, not {modality!r}.")
-        return self.encode_images(data["pixel_values"]).flatten(0, 1)
-
-    def embed_multimodal_batch(self, modality: str, datas: list[Mapping[str, Any]]) -> list[torch.Tensor]:
-        """Several images (all the same size) in one encoder call."""
-        if modality != "image":
-            raise ValueError(f"Gemma 3 takes image inputs only, not {modality!r}.")
-        features = self.encode_images(torch.cat([data["pixel_values"] for data in datas]))
-        sizes = [data["pixel_values"].shape[0] for data in datas]
-        return [chunk.flatten(0, 1) for chunk in features.split(sizes)]
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Scaled text embeddings (placeholder ids outside the vocabulary read row 0); the

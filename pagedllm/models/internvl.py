@@ -19,7 +19,7 @@ the `multimodal_config` constructor argument (every modality at 0: no vision tow
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.models.intern_vit import InternVisionModel
 from pagedllm.models.registry import get_model_class
 from pagedllm.models.siglip import vision_activation
-from pagedllm.models.utils import load_weights_by_mapping, maybe_prefix
+from pagedllm.models.utils import ImageTilesEmbeddingMixin, load_weights_by_mapping, maybe_prefix
 
 _LANGUAGE_MODELS = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -116,8 +116,9 @@ class InternVLProjector(nn.Sequential):
         )
 
 
-class InternVLForConditionalGeneration(nn.Module):
+class InternVLForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
     supports_multimodal = True
+    family_name = "InternVL"
 
     def __init__(
         self, hf_config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "",
@@ -176,21 +177,6 @@ class InternVLForConditionalGeneration(nn.Module):
         side = int(round(num_tokens**0.5))
         features = pixel_shuffle(features.reshape(batch, side, side, channels), self.downsample_ratio)
         return self.mlp1(features.reshape(batch, -1, features.shape[-1]))
-
-    def embed_multimodal(self, modality: str, data: Mapping[str, Any]) -> torch.Tensor:
-        """One image's processed data ({"pixel_values": [num_tiles, 3, S, S]}, thumbnail last)
-        → [num_tiles * num_image_token, hidden], the rows of its <IMG_CONTEXT> tokens."""
-        if modality != "image":
-            raise ValueError(f"InternVL takes image inputs only here, not {modality!r}.")
-        return self.encode_images(data["pixel_values"]).flatten(0, 1)
-
-    def embed_multimodal_batch(self, modality: str, datas: list[Mapping[str, Any]]) -> list[torch.Tensor]:
-        """Several images' tiles (all the same size) in one encoder call."""
-        if modality != "image":
-            raise ValueError(f"InternVL takes image inputs only here, not {modality!r}.")
-        features = self.encode_images(torch.cat([data["pixel_values"] for data in datas]))
-        sizes = [data["pixel_values"].shape[0] for data in datas]
-        return [chunk.flatten(0, 1) for chunk in features.split(sizes)]
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings; the runner writes the image rows over the <IMG_CONTEXT> tokens."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from pagedllm.layers.linear import QKVParallelLinear
@@ -112,3 +113,30 @@ def process_weights_after_loading(model: nn.Module) -> None:
         if quant_method is not None:
             quant_method.process_weights_after_loading(module)
 
+
+class ImageTilesEmbeddingMixin:
+    """`embed_multimodal` / `embed_multimodal_batch` for image-only families whose processed
+    image is {"pixel_values": [num_tiles, 3, S, S]} (crops or tiles of one image) and whose
+    `encode_images([N, 3, S, S]) -> [N, tokens_per_tile, hidden]`: an image's placeholder rows
+    are its tiles' tokens in order."""
+
+    family_name: str = "This model"
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_image(self, modality: str) -> None:
+        if modality != "image":
+            raise ValueError(f"{self.family_name} takes image inputs only, not {modality!r}.")
+
+    def embed_multimodal(self, modality: str, data: Mapping[str, Any]) -> torch.Tensor:
+        """One image → [num_tiles * tokens_per_tile, hidden]."""
+        self._check_image(modality)
+        return self.encode_images(data["pixel_values"]).flatten(0, 1)
+
+    def embed_multimodal_batch(self, modality: str, datas: list[Mapping[str, Any]]) -> list[torch.Tensor]:
+        """Several images (tiles of one size) in one encoder call."""
+        self._check_image(modality)
+        features = self.encode_images(torch.cat([data["pixel_values"] for data in datas]))
+        sizes = [data["pixel_values"].shape[0] for data in datas]
+        return [chunk.flatten(0, 1) for chunk in features.split(sizes)]
