@@ -30,7 +30,7 @@ def conversations_to_prompts(
     conversations = [messages] if messages and isinstance(messages[0], dict) else messages
     prompts: list[PromptType] = []
     for conversation in conversations:
-        conversation, mm_data = _parse_content_parts(conversation, placeholders or {})
+        conversation, mm_data = parse_content_parts(conversation, placeholders or {})
         text = tokenizer.apply_chat_template(
             conversation,
             chat_template=chat_template,
@@ -50,7 +50,7 @@ def conversations_to_prompts(
     return prompts
 
 
-def _parse_content_parts(
+def parse_content_parts(
     conversation: list[ChatMessage], placeholders: dict[str, str]
 ) -> tuple[list[ChatMessage], dict[str, list[Any]]]:
     """OpenAI content parts (text, image_url, image_pil, video) → messages with string

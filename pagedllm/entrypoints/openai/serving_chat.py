@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
+from pagedllm.entrypoints.chat_utils import parse_content_parts
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -47,12 +48,15 @@ class OpenAIServingChat(OpenAIServing):
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true.", param="top_logprobs")
         request_id = request.request_id or random_id("chatcmpl")
-        prompt_token_ids, prompt_text = self._apply_chat_template(request)
+        prompt_token_ids, prompt_text, mm_data = self._apply_chat_template(request)
         name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), request.max_completion_tokens or request.max_tokens, name)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens, logprobs)
-        processed = self.process_input({"prompt": prompt_text, "prompt_token_ids": prompt_token_ids}, params)
+        prompt: dict[str, Any] = {"prompt": prompt_text, "prompt_token_ids": prompt_token_ids}
+        if mm_data:
+            prompt["multi_modal_data"] = mm_data
+        processed = self.process_input(prompt, params)
         stream = self.generate(processed, params, request_id)
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, stream), media_type="text/event-stream")
@@ -75,7 +79,9 @@ class OpenAIServingChat(OpenAIServing):
             prompt_token_ids=list(final.prompt_token_ids) if request.return_token_ids else None,
         )
 
-    def _apply_chat_template(self, request: ChatCompletionRequest) -> tuple[list[int], str]:
+    def _apply_chat_template(self, request: ChatCompletionRequest) -> tuple[list[int], str, dict[str, list[Any]]]:
+        """The templated prompt's token ids and text, and the images (or video) its content
+        parts carry, by modality, with the model's placeholders standing for them in the text."""
         if self.tokenizer is None:
             raise RequestError("Chat needs a tokenizer; the server runs with --skip-tokenizer-init.", param="messages")
         template = request.chat_template or self.chat_template
@@ -84,7 +90,12 @@ class OpenAIServingChat(OpenAIServing):
                 "The model's tokenizer has no chat template: start the server with "
                 "--chat-template FILE_OR_STRING, or use /v1/completions.", param="messages",
             )
-        conversation = [_message_dict(message.model_dump(exclude_none=True)) for message in request.messages]
+        messages = [message.model_dump(exclude_none=True) for message in request.messages]
+        _check_media_urls(messages)
+        try:
+            conversation, mm_data = parse_content_parts(messages, self.placeholders())
+        except ValueError as error:
+            raise RequestError(str(error), param="messages") from None
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation,
@@ -97,7 +108,13 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as error:  # noqa: BLE001 - a template error is the request's fault
             raise RequestError(f"The chat template failed on these messages: {error}", param="messages") from None
         # The template holds the special tokens (BOS, role markers) itself, as in LLM.chat.
-        return self.encode(text, add_special_tokens=False), text
+        return self.encode(text, add_special_tokens=False), text, mm_data
+
+    def placeholders(self) -> dict[str, str]:
+        """The model's placeholder text per modality (none for a text-only model)."""
+        mm_processor = self.engine.input_processor.mm_processor
+        adapter = mm_processor.adapter if mm_processor is not None else None
+        return {modality: adapter.placeholder_text(modality) for modality in adapter.modalities} if adapter else {}
 
     @staticmethod
     async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -163,15 +180,16 @@ class OpenAIServingChat(OpenAIServing):
         yield "data: [DONE]\n\n"
 
 
-def _message_dict(message: dict[str, Any]) -> dict[str, Any]:
-    """A message whose content is a list of parts becomes plain text (text parts joined), which
-    every text-only chat template understands."""
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text":
-                raise RequestError(f"Message content part of type {part.get('type')!r} is not supported; use text.", param="messages")
-            texts.append(part.get("text", ""))
-        message = {**message, "content": "\n".join(texts)}
-    return message
+def _check_media_urls(messages: list[dict[str, Any]]) -> None:
+    """Over HTTP only inline images (data: URLs) are read: a file path or a remote URL would let
+    a client read the server's files or make it fetch from the network."""
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if part.get("type") == "image_url" and not str(url or "").startswith("data:"):
+                raise RequestError(
+                    "image_url must be a data: URL (data:image/png;base64,...); the server reads no "
+                    "files or remote URLs.", param="messages",
+                )

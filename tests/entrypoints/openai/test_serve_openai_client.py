@@ -167,6 +167,10 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     assert status == 400 and "logprobs" in error["message"]
     status, error = _status_and_error(post("/v1/completions", {"model": MODEL_NAME, "prompt": [999999]}))
     assert status == 400 and "vocabulary" in error["message"]
+    image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    image_message = [{"role": "user", "content": [image_part, {"type": "text", "text": "hi"}]}]
+    status, error = _status_and_error(post("/v1/chat/completions", {"model": MODEL_NAME, "messages": image_message}))
+    assert status == 400 and "image" in error["message"]
     status, error = _status_and_error(post("/v1/completions", {"model": "gpt-4", "prompt": "hi"}))
     assert status == 404 and error["code"] == 404 and "gpt-4" in error["message"]
     for bad_headers in ({}, {"Authorization": "Bearer wrong"}):
