@@ -1,7 +1,8 @@
 """Engine configuration: frozen dataclasses, one per part of the engine.
 
 They are built and validated in one place, `EngineArgs.create_engine_config()`
-(engine/arg_utils.py), and never mutated afterwards. Every field is documented where it is
+(engine/arg_utils.py declares the options, engine/config_builder.py checks them and builds
+these), and never mutated afterwards. Every field is documented where it is
 declared. This module imports no other pagedllm module, so any module may import it.
 """
 

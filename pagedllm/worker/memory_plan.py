@@ -209,7 +209,7 @@ def _suggestions(
 ) -> list[str]:
     """Settings that would make the plan fit (or hold max_num_seqs requests at once), each with
     its numbers, from re-planning with that one setting changed."""
-    from pagedllm.engine.arg_utils import _check_tensor_parallel_split
+    from pagedllm.engine.config_builder import check_tensor_parallel_split
 
     def replan(changed: EngineConfig, fp8: bool = False) -> MemoryPlan:
         return _plan(changed, tensors, source, gpu_memory_bytes, fp8_weights=fp8)
@@ -228,7 +228,7 @@ def _suggestions(
             if tp_size <= plan.tensor_parallel_size:
                 continue
             try:
-                _check_tensor_parallel_split(config.model_config.hf_config, tp_size)
+                check_tensor_parallel_split(config.model_config.hf_config, tp_size)
             except ValueError:
                 continue
             parallel = dataclasses.replace(config.parallel_config, tensor_parallel_size=tp_size)

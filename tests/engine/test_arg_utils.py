@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from pagedllm.engine.arg_utils import EngineArgs, resolve_dtype
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.config_builder import resolve_dtype
 
 
 @pytest.fixture(scope="module")

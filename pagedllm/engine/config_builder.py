@@ -1,0 +1,521 @@
+"""Turns `EngineArgs`' values into the frozen configs of config.py, validating each option once:
+a bad value is a ValueError naming the option, the value given and what would work. Reads the
+model's config.json (or GGUF metadata) once, resolves the model and tokenizer locations, and
+derives what the options leave open (dtype, max_model_len, batch sizes, graph sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from pagedllm import envs
+from pagedllm.config import (
+    CacheConfig,
+    CompilationConfig,
+    DeviceConfig,
+    EngineConfig,
+    LoadConfig,
+    ModelConfig,
+    MultiModalConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    text_config_of,
+)
+
+logger = logging.getLogger(__name__)
+
+_STR_TO_DTYPE = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf", "sharded_state")
+TOKENIZER_MODES = ("auto", "slow")
+GENERATION_CONFIG_MODES = ("auto", "vllm")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+# Keys of config.json that may hold the context length, most specific first (vLLM's list).
+_CONTEXT_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "model_max_length",
+)
+
+
+# vLLM's default decode batch sizes for CUDA graphs: 1, 2, 4, then every 8 up to 512.
+_DEFAULT_CAPTURE_SIZES = (1, 2, 4, *range(8, 513, 8))
+
+
+def build_engine_config(model: str, args: dict[str, Any], planned_device: torch.device | None = None) -> EngineConfig:
+    from pagedllm.model_loader.discovery import resolve_model, resolve_tokenizer
+
+    device = planned_device or _resolve_device(args["device"])
+    load_format = args["load_format"]
+    _check_choice("load_format", load_format, LOAD_FORMATS)
+    _check_structured_outputs_config(args["structured_outputs_config"])
+    if args["tokenizer_mode"] == "mistral":
+        raise ValueError(
+            "tokenizer_mode='mistral' (mistral_common's tekken tokenizer) is not supported; use "
+            "tokenizer_mode='auto' with a checkpoint that ships a Hugging Face tokenizer."
+        )
+    _check_choice("tokenizer_mode", args["tokenizer_mode"], TOKENIZER_MODES)
+    resolved = resolve_model(model, args["revision"], args["download_dir"], load_format)
+    if resolved.gguf_file is not None and load_format not in ("auto", "gguf"):
+        raise ValueError(f"model={model!r} is a GGUF file: use load_format='auto' or 'gguf', not {load_format!r}.")
+    if resolved.gguf_file is None and load_format == "gguf":
+        raise ValueError(f"load_format='gguf' needs model= to be a .gguf file, got {model!r}.")
+    cpu_offload_gb = args["cpu_offload_gb"]
+    if isinstance(cpu_offload_gb, bool) or not isinstance(cpu_offload_gb, (int, float)) or cpu_offload_gb < 0:
+        raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0, got {cpu_offload_gb!r}.")
+    if cpu_offload_gb > 0 and device.type != "cuda":
+        raise ValueError(
+            f"cpu_offload_gb={cpu_offload_gb} offloads weights from a GPU to host memory, but the "
+            f"device is {device}; use cpu_offload_gb=0 on CPU."
+        )
+    load_config = LoadConfig(
+        load_format="gguf" if resolved.gguf_file else load_format,
+        download_dir=args["download_dir"],
+        cpu_offload_bytes=int(cpu_offload_gb * (1 << 30)),
+    )
+    hf_config = read_hf_config(resolved.model_path, resolved.gguf_file, args["trust_remote_code"], args["revision"])
+    hf_config = apply_hf_overrides(hf_config, args["hf_overrides"])
+    model_config = _build_model_config(model, resolved, hf_config, args, device)
+    scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
+    cache_config = _build_cache_config(args, device)
+    parallel_config = _build_parallel_config(args, hf_config, device, check_visible_gpus=planned_device is None)
+    if load_config.load_format == "sharded_state":
+        from pagedllm.model_loader.sharded_state import check_sharded_state_folder
+
+        check_sharded_state_folder(resolved.model_path, parallel_config.tensor_parallel_size)
+    compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs, model_config.max_model_len)
+    if args["tokenizer"] is not None and not args["skip_tokenizer_init"]:
+        tokenizer = resolve_tokenizer(args["tokenizer"], args["tokenizer_revision"], args["download_dir"])
+        model_config = dataclasses.replace(model_config, tokenizer=tokenizer)
+    logger.info(
+        "Model %s (%s): dtype %s, max_model_len %d, device %s, max_num_seqs %d, "
+        "max_num_batched_tokens %d, block_size %d, prefix caching %s.",
+        model, model_config.architecture, str(model_config.dtype).removeprefix("torch."),
+        model_config.max_model_len, device, scheduler_config.max_num_seqs,
+        scheduler_config.max_num_batched_tokens, cache_config.block_size,
+        "on" if cache_config.enable_prefix_caching else "off",
+    )
+    return EngineConfig(
+        model_config=model_config,
+        load_config=load_config,
+        cache_config=cache_config,
+        parallel_config=parallel_config,
+        scheduler_config=scheduler_config,
+        compilation_config=compilation_config,
+        device_config=DeviceConfig(device=device),
+    )
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device={device!r} is not supported; use 'auto', 'cuda' or 'cpu'.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'.")
+    return torch.device(device)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}.")
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, args: dict[str, Any], device: torch.device) -> ModelConfig:
+    dtype = resolve_dtype(args["dtype"], config_dtype_of(hf_config), device)
+    if device.type == "cpu" and dtype == torch.float16:
+        logger.warning("float16 is slow on CPU and may overflow; consider dtype='bfloat16' or 'float32'.")
+    derived_len = derive_max_model_len(hf_config)
+    max_model_len = args["max_model_len"]
+    max_model_len_auto = max_model_len == "auto" or (max_model_len == -1 and not isinstance(max_model_len, bool))
+    if max_model_len is None or max_model_len_auto:
+        max_model_len = derived_len
+    else:
+        max_model_len = _check_positive_int("max_model_len", max_model_len)
+        if max_model_len > derived_len and not envs.allow_long_max_model_len():
+            raise ValueError(
+                f"max_model_len={max_model_len} is larger than the model's context length "
+                f"({derived_len}, from its config.json); use max_model_len <= {derived_len}, or "
+                "set PAGEDLLM_ALLOW_LONG_MAX_MODEL_LEN=1 if you know the model handles it."
+            )
+    seed = args["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+    max_logprobs = args["max_logprobs"]
+    if not isinstance(max_logprobs, int) or max_logprobs < -1:
+        raise ValueError(f"max_logprobs must be -1 (no limit) or an integer >= 0, got {max_logprobs!r}.")
+    from pagedllm.layers.quantization import resolve_quantization
+
+    quantization = resolve_quantization(args["quantization"], hf_config)
+    multimodal_config = _build_multimodal_config(args, hf_config)
+    tokenizer = resolved.model_path
+    return ModelConfig(
+        model=model,
+        model_path=resolved.model_path,
+        gguf_file=resolved.gguf_file,
+        tokenizer=tokenizer,
+        tokenizer_mode=args["tokenizer_mode"],
+        trust_remote_code=bool(args["trust_remote_code"]),
+        revision=args["revision"],
+        tokenizer_revision=args["tokenizer_revision"],
+        skip_tokenizer_init=bool(args["skip_tokenizer_init"]),
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
+        quantization=quantization,
+        hf_config=hf_config,
+        max_model_len_auto=max_model_len_auto,
+        generation_config=_check_generation_config(args["generation_config"]),
+        override_generation_config=args["override_generation_config"],
+        multimodal_config=multimodal_config,
+    )
+
+
+def _build_multimodal_config(args: dict[str, Any], hf_config: PretrainedConfig) -> MultiModalConfig | None:
+    from pagedllm.multimodal.registry import modalities_of
+
+    architecture = (getattr(hf_config, "architectures", None) or [""])[0]
+    modalities = modalities_of(architecture)
+    limits, kwargs = args["limit_mm_per_prompt"], args["mm_processor_kwargs"]
+    if not modalities:
+        if limits or kwargs:
+            name = "limit_mm_per_prompt" if limits else "mm_processor_kwargs"
+            raise ValueError(f"{name} was given, but {architecture or 'the model'} is not a multi-modal model; drop {name}.")
+        return None
+    limits = dict(limits or {})
+    for modality, limit in limits.items():
+        if modality not in modalities:
+            raise ValueError(
+                f"limit_mm_per_prompt has modality {modality!r}, which {architecture} does not take; "
+                f"use {', '.join(modalities)}."
+            )
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be an integer >= 0 (0 turns it off), got {limit!r}.")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"mm_processor_kwargs must be a dict, e.g. {{'max_pixels': 602112}}, got {kwargs!r}.")
+    config = MultiModalConfig(
+        modalities=modalities,
+        limit_per_prompt=limits,
+        mm_processor_kwargs=dict(kwargs or {}),
+        input_cache_bytes=envs.mm_input_cache_bytes(),
+    )
+    logger.info(
+        "Multi-modal %s: items per prompt %s%s, processor kwargs %s, input cache %.1f GiB.",
+        architecture, {m: config.limit_of(m) for m in modalities},
+        " (text only: the vision tower is not loaded)" if config.is_text_only else "",
+        config.mm_processor_kwargs, config.input_cache_bytes / (1 << 30),
+    )
+    return config
+
+
+def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: torch.device) -> SchedulerConfig:
+    max_num_seqs = args["max_num_seqs"]
+    max_num_seqs = 256 if max_num_seqs is None else _check_positive_int("max_num_seqs", max_num_seqs)
+    max_num_batched_tokens = args["max_num_batched_tokens"]
+    if max_num_batched_tokens is None:
+        # Chunked prefill splits longer prompts, so this only bounds a step's activations.
+        max_num_batched_tokens = 8192 if device.type == "cuda" else 4096
+        if not args["enable_chunked_prefill"]:
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+    else:
+        max_num_batched_tokens = _check_positive_int("max_num_batched_tokens", max_num_batched_tokens)
+    if not args["enable_chunked_prefill"] and max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"enable_chunked_prefill=False needs max_num_batched_tokens ({max_num_batched_tokens}) "
+            f">= max_model_len ({max_model_len}); raise max_num_batched_tokens, lower "
+            "max_model_len, or leave chunked prefill on."
+        )
+    async_scheduling = args["async_scheduling"]
+    return SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        async_scheduling=True if async_scheduling is None else bool(async_scheduling),
+    )
+
+
+# kv_cache_dtype values (vLLM's names); "fp8" means float8_e4m3fn.
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConfig:
+    block_size = args["block_size"]
+    block_size = 16 if block_size is None else _check_positive_int("block_size", block_size)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two (e.g. 16), got {block_size}.")
+    utilization = args["gpu_memory_utilization"]
+    if not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}.")
+    kv_bytes = args["kv_cache_memory_bytes"]
+    if kv_bytes is not None:
+        kv_bytes = _check_positive_int("kv_cache_memory_bytes", kv_bytes)
+    enable_prefix_caching = args["enable_prefix_caching"]
+    headroom = args["kv_cache_headroom"]
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0.0 <= headroom:
+        raise ValueError(f"kv_cache_headroom must be a fraction >= 0 (e.g. 0.1), got {headroom!r}.")
+    cache_dtype = str(args["kv_cache_dtype"]).lower()
+    if cache_dtype not in _KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype={args['kv_cache_dtype']!r} is not supported; use one of "
+            f"{', '.join(map(repr, _KV_CACHE_DTYPES))}."
+        )
+    return CacheConfig(
+        cache_dtype="auto" if cache_dtype == "auto" else "fp8",
+        block_size=block_size,
+        enable_prefix_caching=True if enable_prefix_caching is None else bool(enable_prefix_caching),
+        gpu_memory_utilization=float(utilization),
+        kv_cache_memory_bytes=kv_bytes,
+        cpu_kv_cache_bytes=envs.cpu_kvcache_space_bytes() if device.type == "cpu" else 0,
+        kv_cache_headroom=float(headroom),
+    )
+
+
+def _build_parallel_config(
+    args: dict[str, Any], hf_config: PretrainedConfig, device: torch.device, check_visible_gpus: bool = True
+) -> ParallelConfig:
+    tp_size = _check_positive_int("tensor_parallel_size", args["tensor_parallel_size"])
+    backend = args["distributed_executor_backend"]
+    if backend is None:
+        backend = "uni" if tp_size == 1 else "mp"
+    _check_choice("distributed_executor_backend", backend, EXECUTOR_BACKENDS)
+    if backend == "uni" and tp_size > 1:
+        raise ValueError(
+            f"distributed_executor_backend='uni' runs one rank in this process, but "
+            f"tensor_parallel_size={tp_size}; use distributed_executor_backend='mp' (one process "
+            "per rank, the default) or 'ray'."
+        )
+    if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(
+                "distributed_executor_backend='ray' needs the ray package: "
+                "pip install 'pagedllm[ray]', or use distributed_executor_backend='mp'."
+            )
+    check_tensor_parallel_split(hf_config, tp_size)
+    if check_visible_gpus and device.type == "cuda" and backend != "ray" and tp_size > torch.cuda.device_count():
+        # Ray may place ranks on other machines; one host must see every rank's GPU.
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} needs {tp_size} GPUs but "
+            f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower tensor_parallel_size or "
+            "use distributed_executor_backend='ray' across machines."
+        )
+    return ParallelConfig(
+        tensor_parallel_size=tp_size,
+        distributed_executor_backend=backend,
+        disable_custom_all_reduce=bool(args["disable_custom_all_reduce"]),
+    )
+
+
+def check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> None:
+    """Fail at start-up, before any process starts, when the model's layers cannot be split
+    into `tp_size` equal shards (the layers would only fail later, inside the workers)."""
+    if tp_size == 1:
+        return
+    architecture = (getattr(hf_config, "architectures", None) or ["the model"])[0]
+    hf_config = text_config_of(hf_config)
+    if getattr(hf_config, "num_attention_heads", None) is None:
+        return  # not a decoder config this check understands; the layers check when built
+    num_heads = int(hf_config.num_attention_heads)
+    num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
+    sizes = {"num_attention_heads": num_heads}
+    intermediate_size = getattr(hf_config, "intermediate_size", None)
+    if isinstance(intermediate_size, int):
+        sizes["intermediate_size"] = intermediate_size
+
+    def splits(size: int) -> bool:
+        return all(value % size == 0 for value in sizes.values()) and (
+            num_kv_heads % size == 0 if size <= num_kv_heads else size % num_kv_heads == 0
+        )
+
+    bad = [(name, value) for name, value in sizes.items() if value % tp_size]
+    kv_bad = num_kv_heads % tp_size if tp_size <= num_kv_heads else tp_size % num_kv_heads
+    if not bad and not kv_bad:
+        return
+    working = [size for size in range(1, num_heads + 1) if splits(size)]
+    if bad:
+        name, value = bad[0]
+        problem = f"{name} ({value}) of {architecture} is not divisible by tensor_parallel_size ({tp_size})"
+    else:
+        # Fewer KV heads than ranks is fine when each head is replicated a whole number of times.
+        problem = (
+            f"num_key_value_heads ({num_kv_heads}) of {architecture} and tensor_parallel_size "
+            f"({tp_size}) do not divide one another"
+        )
+    raise ValueError(
+        f"{problem}, so the model cannot be split across {tp_size} ranks; use "
+        f"tensor_parallel_size in {working}."
+    )
+
+
+def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int, max_model_len: int) -> CompilationConfig:
+    raw = args["compilation_config"] or {}
+    if isinstance(raw, int):
+        raw = {"mode": raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"compilation_config must be a dict (e.g. {{'cudagraph_capture_sizes': [1, 2, 4]}}), got {raw!r}.")
+    if args["cudagraph_capture_sizes"] is not None:
+        if "cudagraph_capture_sizes" in raw:
+            raise ValueError(
+                "cudagraph_capture_sizes is given both as an option and in compilation_config; pass it once."
+            )
+        raw = {**raw, "cudagraph_capture_sizes": args["cudagraph_capture_sizes"]}
+    max_seq_len_to_capture = args["max_seq_len_to_capture"]
+    if max_seq_len_to_capture is None:
+        max_seq_len_to_capture = max_model_len
+    else:
+        max_seq_len_to_capture = min(_check_positive_int("max_seq_len_to_capture", max_seq_len_to_capture), max_model_len)
+    known = {"cudagraph_capture_sizes", "max_cudagraph_capture_size", "cudagraph_mode", "mode", "level"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"compilation_config has unknown key(s) {unknown}; known keys: {sorted(known)}.")
+    mode = str(raw.get("cudagraph_mode", "FULL")).upper()
+    if mode not in ("NONE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE"):
+        raise ValueError(f"compilation_config['cudagraph_mode']={mode!r}: use 'NONE' or 'FULL_DECODE_ONLY'.")
+    # Offloaded weights are copied in per forward at new addresses, which a graph cannot follow.
+    use_cudagraph = device.type == "cuda" and not args["enforce_eager"] and mode != "NONE" and not args["cpu_offload_gb"]
+    max_size = raw.get("max_cudagraph_capture_size")
+    sizes = raw.get("cudagraph_capture_sizes")
+    if sizes is None:
+        cap = min(max_num_seqs, max_size if max_size is not None else 512)
+        sizes = [size for size in _DEFAULT_CAPTURE_SIZES if size <= cap]
+    elif not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"compilation_config['cudagraph_capture_sizes'] must be positive integers, got {sizes!r}.")
+    elif max_size is not None:
+        sizes = [size for size in sizes if size <= max_size]
+    return CompilationConfig(
+        cudagraph_capture_sizes=tuple(sorted(set(sizes))) if use_cudagraph else (),
+        use_cudagraph=use_cudagraph,
+        max_seq_len_to_capture=max_seq_len_to_capture,
+    )
+
+
+def _check_structured_outputs_config(config: Any) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise ValueError(f"structured_outputs_config must be a dict like {{'backend': 'xgrammar'}}, got {config!r}.")
+    backend = config.get("backend", "auto")
+    if backend not in ("auto", "xgrammar"):
+        raise ValueError(
+            f"structured_outputs_config backend={backend!r} is not available; use 'auto' or 'xgrammar'."
+        )
+
+
+def _check_generation_config(value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not value:
+        raise ValueError(
+            f"generation_config must be 'auto', 'vllm' or a folder holding generation_config.json, got {value!r}."
+        )
+    value = os.fspath(value)
+    if value not in GENERATION_CONFIG_MODES and not os.path.isdir(value):
+        raise ValueError(
+            f"generation_config={value!r} is neither 'auto', 'vllm' nor an existing folder; pass one of those."
+        )
+    return value
+
+
+def apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> PretrainedConfig:
+    """vLLM's `hf_overrides`: a dict merged into config.json (nested dicts into nested
+    configs such as text_config), or a callable that returns the new config."""
+    if hf_overrides is None:
+        return hf_config
+    if callable(hf_overrides):
+        result = hf_overrides(hf_config)
+        if not isinstance(result, PretrainedConfig):
+            raise ValueError(f"hf_overrides must return a PretrainedConfig, got {type(result).__name__}.")
+        return result
+    if not isinstance(hf_overrides, dict):
+        raise ValueError(
+            f"hf_overrides must be a dict (e.g. {{'rope_theta': 1e6}}) or a callable, got {hf_overrides!r}."
+        )
+    for key, value in hf_overrides.items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and isinstance(current, PretrainedConfig):
+            apply_hf_overrides(current, value)
+        else:
+            setattr(hf_config, key, value)
+    return hf_config
+
+
+def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """vLLM's rules for `dtype`: "auto" takes the checkpoint's dtype (config.json's
+    `torch_dtype`/`dtype`), except that a float32 (or missing) one becomes bfloat16 on a GPU
+    that supports it (float16 otherwise), since serving in float32 halves throughput; on CPU,
+    float32 and float16 checkpoints stay float32 (CPUs lack fast float16 kernels) and bfloat16
+    stays bfloat16. An explicit dtype is used as given."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested != "auto":
+        if requested not in _STR_TO_DTYPE:
+            raise ValueError(
+                f"dtype={requested!r} is not supported; use one of "
+                f"'auto', {', '.join(repr(k) for k in _STR_TO_DTYPE)}."
+            )
+        return _STR_TO_DTYPE[requested]
+    if device.type == "cuda":
+        if config_dtype in (torch.float16, torch.bfloat16):
+            return config_dtype
+        # Planning without a GPU (`pagedllm plan`) assumes a current one, with bfloat16.
+        return torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if config_dtype == torch.bfloat16 else torch.float32
+
+
+def config_dtype_of(hf_config: PretrainedConfig) -> torch.dtype | None:
+    # transformers 5 calls it `dtype`; reading the old `torch_dtype` alias only warns.
+    value = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
+    if isinstance(value, str):
+        return _STR_TO_DTYPE.get(value)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def derive_max_model_len(hf_config: PretrainedConfig) -> int:
+    """The model's context length from config.json (the smallest of the keys present)."""
+    hf_config = text_config_of(hf_config)
+    lengths = [
+        int(value)
+        for key in _CONTEXT_LENGTH_KEYS
+        if isinstance(value := getattr(hf_config, key, None), (int, float)) and value > 0
+    ]
+    return min(lengths) if lengths else 2048
+
+
+def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bool, revision: str | None) -> PretrainedConfig:
+    if gguf_file is not None:
+        from pagedllm.model_loader.gguf import load_gguf_config
+
+        return load_gguf_config(gguf_file)
+    config_path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"model={model_path!r} has no config.json: pass a model folder or hub id.")
+    from pagedllm.models.registry import read_remote_code_config
+
+    # Remote-code checkpoints whose model pagedllm implements (InternVL2's InternVLChatModel)
+    # are read without their code.
+    native = read_remote_code_config(config_path)
+    if native is not None:
+        return native
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
