@@ -101,7 +101,7 @@ class AsyncLLM:
         # The core's config: max_model_len="auto" is settled once the KV cache is sized.
         self.config = self.engine_core.engine_config
         self.model_config: ModelConfig = self.config.model_config
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer, self.structured_output_manager)
         logger.info("AsyncLLM ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -146,9 +146,7 @@ class AsyncLLM:
         structured-output grammar, as LLMEngine.process_input does."""
         if isinstance(prompt, ProcessedPrompt):
             return prompt
-        processed = self.input_processor.process(prompt, params)
-        self.structured_output_manager.validate(params)
-        return processed
+        return self.input_processor.process(prompt, params)
 
     async def generate(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -12,6 +12,9 @@ from pagedllm.config import ModelConfig
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.token_controls import validate_token_controls
 from pagedllm.inputs import PromptType
+
+if TYPE_CHECKING:
+    from pagedllm.structured_output import StructuredOutputManager
 
 
 # Keys a prompt dict may carry (vLLM's TextPrompt / TokensPrompt / EmbedsPrompt keys); the
@@ -38,9 +41,15 @@ class ProcessedPrompt:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def __init__(
+        self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
+        structured_output_manager: StructuredOutputManager | None = None,
+    ) -> None:
+        """`structured_output_manager` compiles each request's grammar while its prompt is
+        checked, so a bad schema fails before any work."""
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.structured_output_manager = structured_output_manager
         self.mm_processor = None
         if model_config.multimodal_config is not None:
             from pagedllm.multimodal.processing import MultiModalProcessor
@@ -59,6 +68,8 @@ class InputProcessor:
             token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         self._validate(token_ids, params)
         validate_token_controls(params, self.tokenizer, self.model_config.vocab_size)
+        if self.structured_output_manager is not None:
+            self.structured_output_manager.validate(params)
         room = self.model_config.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return ProcessedPrompt(

@@ -36,7 +36,7 @@ class LLMEngine:
         self.engine_core = EngineCore(engine_config, self.structured_output_manager)
         # The core's config: max_model_len="auto" is settled once the KV cache is sized.
         self.config = self.engine_core.config
-        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.structured_output_manager)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
@@ -55,9 +55,7 @@ class LLMEngine:
     def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """Tokenizes and validates one prompt (ValueError when it cannot run), and compiles its
         structured-output grammar."""
-        processed = self.input_processor.process(prompt, params)
-        self.structured_output_manager.validate(params)
-        return processed
+        return self.input_processor.process(prompt, params)
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> None:
         """Queues one prompt; a bad prompt raises ValueError and leaves other requests alone."""

@@ -49,6 +49,7 @@ class InputBatch:
         self.reads_history = np.zeros(max_num_reqs, dtype=bool)
         """The row's sampling reads its earlier token ids (penalties), not just their count."""
         self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.wants_prompt_logprobs = np.zeros(max_num_reqs, dtype=bool)
         self.version = 0
         """Bumped whenever rows are added, removed or moved (keys cached sampling metadata)."""
         self._num_added = 0
@@ -74,6 +75,7 @@ class InputBatch:
         self.seeded[row] = generator is not None
         self.reads_history[row] = reads_token_history(params)
         self.min_tokens[row] = params.min_tokens
+        self.wants_prompt_logprobs[row] = params.prompt_logprobs is not None
         self._num_added += 1
         self.epoch[row] = self._num_added
         self.version += 1
@@ -100,7 +102,8 @@ class InputBatch:
             num_blocks = int(self.num_blocks[last])
             self.block_table[row, :num_blocks] = self.block_table[last, :num_blocks]
             for array in (self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.num_blocks,
-                          self.last_sample_index, self.epoch, self.seeded, self.reads_history, self.min_tokens):
+                          self.last_sample_index, self.epoch, self.seeded, self.reads_history, self.min_tokens,
+                          self.wants_prompt_logprobs):
                 array[row] = array[last]
         self.req_ids.pop()
         self.sampling_params.pop()

@@ -291,8 +291,7 @@ class ModelRunner:
         for row, p in zip(rows.tolist(), params):
             history = bool(batch.reads_history[row])
             prompt_ids.append(batch.prompt_ids(row).tolist() if history else ())
-            counts_output = history or p.min_tokens > 0 or bool(p.bad_words_token_ids)
-            output_ids.append(batch.output_ids(row).tolist() if counts_output else ())
+            output_ids.append(batch.output_ids(row).tolist() if history or p.min_tokens > 0 else ())
         return SamplingMetadata.build(
             params=params,
             prompt_token_ids=prompt_ids,
@@ -310,10 +309,10 @@ class ModelRunner:
         p score prompt token p + 1."""
         results: dict[str, TokenLogprobs] = {}
         batch = self.input_batch
-        for index, row in enumerate(inputs.rows.tolist()):
+        # One array test per step; the loop runs only over the rows that asked.
+        for index in np.flatnonzero(batch.wants_prompt_logprobs[inputs.rows]).tolist():
+            row = int(inputs.rows[index])
             num_logprobs = batch.sampling_params[row].prompt_logprobs
-            if num_logprobs is None:
-                continue
             start, query_start = int(inputs.start_positions[index]), int(inputs.query_starts[index])
             end = min(start + int(inputs.query_lens[index]), int(batch.num_prompt_tokens[row]) - 1)
             if start >= end:
