@@ -80,8 +80,7 @@ class Scheduler:
         self.max_num_seqs: int = scheduler_config.max_num_seqs
         self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
         self.max_model_len: int = scheduler_config.max_model_len
-        # Duck-typed configs (tests) without the field schedule synchronously.
-        self.async_scheduling: bool = getattr(scheduler_config, "async_scheduling", False)
+        self.async_scheduling: bool = scheduler_config.async_scheduling
         self.block_size: int = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(
             num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching
@@ -365,7 +364,7 @@ def _cap_for_items(
         if offset >= end or offset + length <= start:
             continue
         first = max(offset, start)
-        if getattr(feature, "unchunked", False) and offset + length > end and offset + length - first <= full_budget:
+        if feature.unchunked and offset + length > end and offset + length - first <= full_budget:
             return first - start, encoder_budget
         if offset < start and not admitting:
             continue

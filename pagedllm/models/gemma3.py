@@ -4,7 +4,6 @@ five sliding-window layers per global one, each kind with its own rope table."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,8 +15,9 @@ from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from pagedllm.layers.logits_processor import LogitsProcessor
 from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_parameters_of
-from pagedllm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedllm.models.utils import head_dim_of, load_weights_by_mapping, maybe_prefix
+from pagedllm.layers.vocab_embedding import VocabParallelEmbedding
+from pagedllm.models.llama import LlamaForCausalLM
+from pagedllm.models.utils import head_dim_of, maybe_prefix
 
 _SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 
@@ -196,42 +196,18 @@ class Gemma3TextModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class Gemma3ForCausalLM(nn.Module):
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """Llama's wiring of embedding, decoder and LM head around Gemma 3's decoder stack, with
+    tied embeddings by default and the final logit soft cap."""
 
-    def __init__(
-        self, hf_config: Any, quant_config: QuantizationConfig | None = None, prefix: str = ""
-    ) -> None:
-        super().__init__()
-        self.config = hf_config
-        self.model = Gemma3TextModel(hf_config, quant_config, prefix=maybe_prefix(prefix, "model"))
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", True))
-        self.lm_head = ParallelLMHead(
-            hf_config.vocab_size, hf_config.hidden_size, prefix=maybe_prefix(prefix, "lm_head")
-        )
-        if self.tie_word_embeddings:
-            self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(
-            hf_config.vocab_size, soft_cap=getattr(hf_config, "final_logit_softcapping", None)
-        )
+    tie_word_embeddings_default = True
+
+    def make_model(self, hf_config: Any, quant_config: QuantizationConfig | None, prefix: str) -> nn.Module:
+        return Gemma3TextModel(hf_config, quant_config, prefix=prefix)
+
+    def make_logits_processor(self, hf_config: Any) -> LogitsProcessor:
+        return LogitsProcessor(hf_config.vocab_size, soft_cap=getattr(hf_config, "final_logit_softcapping", None))
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Scaled token embeddings: what forward() uses when inputs_embeds is None."""
         return self.model.embed(input_ids)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids, positions [T] (a flat batch) → hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.",) if self.tie_word_embeddings else ()
-        return load_weights_by_mapping(self, weights, self.packed_modules_mapping, skip)

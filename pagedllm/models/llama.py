@@ -167,23 +167,29 @@ class LlamaForCausalLM(nn.Module):
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
     decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+    tie_word_embeddings_default = False
+    """What a config.json without tie_word_embeddings means for the family."""
 
     def __init__(
         self, hf_config: Any, quant_config: QuantizationConfig | None = None, prefix: str = ""
     ) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(
-            hf_config, quant_config, prefix=maybe_prefix(prefix, "model"),
-            decoder_layer_cls=self.decoder_layer_cls,
-        )
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.model = self.make_model(hf_config, quant_config, maybe_prefix(prefix, "model"))
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", self.tie_word_embeddings_default))
         self.lm_head = ParallelLMHead(
             hf_config.vocab_size, hf_config.hidden_size, prefix=maybe_prefix(prefix, "lm_head")
         )
         if self.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(hf_config.vocab_size)
+        self.logits_processor = self.make_logits_processor(hf_config)
+
+    def make_model(self, hf_config: Any, quant_config: QuantizationConfig | None, prefix: str) -> nn.Module:
+        """The decoder stack; families with another stack override this."""
+        return LlamaModel(hf_config, quant_config, prefix=prefix, decoder_layer_cls=self.decoder_layer_cls)
+
+    def make_logits_processor(self, hf_config: Any) -> LogitsProcessor:
+        return LogitsProcessor(hf_config.vocab_size)
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

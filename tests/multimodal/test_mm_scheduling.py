@@ -13,7 +13,7 @@ from pagedllm.multimodal.inputs import MultiModalFeature, PlaceholderRange
 
 
 def _scheduler(max_num_batched_tokens: int) -> Scheduler:
-    scheduler_config = SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens, max_model_len=512)
+    scheduler_config = SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens, max_model_len=512, async_scheduling=False)
     cache_config = SimpleNamespace(block_size=4, enable_prefix_caching=False)
     return Scheduler(scheduler_config, cache_config, num_kv_blocks=256)
 
