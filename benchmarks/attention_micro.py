@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import graph_seconds_per_call
 from pagedllm.layers.attention.ops.common import TileConfig
 from pagedllm.layers.attention.ops.decode_attention import DecodeConfig, decode_config, paged_decode_attention
 from pagedllm.layers.attention.ops.prefill_attention import paged_prefill_attention
@@ -28,35 +28,11 @@ L2_BYTES = 50 * 2**20
 ELEM = 2
 
 
-def time_graph(fn, calls_per_replay: int, replays: int = 30) -> float:
-    """Median seconds per fn call, from replays of a graph that calls fn calls_per_replay times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(calls_per_replay):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls_per_replay):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls_per_replay)
-    return statistics.median(times)
-
-
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 2 GiB device-to-device copy."""
     src = torch.randn(2**30, dtype=DTYPE, device="cuda")
     dst = torch.empty_like(src)
-    seconds = time_graph(lambda i: dst.copy_(src), 1, replays=20)
+    seconds = graph_seconds_per_call(lambda i: dst.copy_(src), 1, replays=20)
     del src, dst
     return 2 * 2**31 / seconds
 
@@ -65,7 +41,7 @@ def read_bandwidth() -> float:
     """Bytes read per second by a sum over 2 GiB: the ceiling for decode, which only reads."""
     src = torch.randn(2**30, dtype=DTYPE, device="cuda")
     total = torch.empty((), dtype=torch.float32, device="cuda")
-    seconds = time_graph(lambda i: torch.sum(src, 0, dtype=torch.float32, out=total), 1, replays=20)
+    seconds = graph_seconds_per_call(lambda i: torch.sum(src, 0, dtype=torch.float32, out=total), 1, replays=20)
     del src
     return 2**31 / seconds
 
@@ -90,7 +66,7 @@ def decode_case(batch: int, context: int, configs: list[tuple[str, DecodeConfig,
                 HEAD_SIZE**-0.5, num_splits, config=config,
             )
 
-        seconds = time_graph(fn, num_sets)
+        seconds = graph_seconds_per_call(fn, num_sets)
         results.append(dict(kind="decode", batch=batch, context=context, config=label, splits=num_splits,
                             us=seconds * 1e6, gbps=kv_bytes / seconds / 1e9))
     del kv_cache
@@ -117,7 +93,7 @@ def prefill_case(
             paged_prefill_attention(out, query, kv_cache[0], kv_cache[1], table, qsl, seq_lens, 1, head_size**-0.5,
                                     kv_from_cache=True, skip_decode=False, config=config)
 
-        seconds = time_graph(ours, 1, replays=10)
+        seconds = graph_seconds_per_call(ours, 1, replays=10)
         label = (
             "default" if config is None
             else f"m{config.block_m}n{config.block_n}w{config.num_warps}s{config.num_stages}"
@@ -130,7 +106,7 @@ def prefill_case(
         k = torch.randn(1, NUM_KV_HEADS, query_len, head_size, dtype=DTYPE, device="cuda")
         v = torch.randn_like(k)
         try:
-            sdpa = time_graph(lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), 1, 10)
+            sdpa = graph_seconds_per_call(lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), 1, 10)
             row["sdpa_tflops"] = flops / sdpa / 1e12
         except RuntimeError as error:  # a reference number only; never fail the run over it
             print(f"torch SDPA skipped: {error}")

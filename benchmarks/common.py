@@ -89,3 +89,31 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     print(f"\n## {title}")
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
+
+
+def graph_seconds_per_call(fn: Callable[[int], object], calls_per_replay: int, replays: int = 30) -> float:
+    """Median seconds per call of fn(i), i = 0..calls_per_replay-1, from replays of one CUDA
+    graph holding all the calls (so launch overhead is not timed). fn(i) may rotate through
+    buffers by i so that successive calls do not hit a warm L2."""
+    import statistics
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls_per_replay):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls_per_replay):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls_per_replay)
+    return statistics.median(times)

@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import measure_copy_bandwidth, print_table
+from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth, print_table
 from pagedllm.layers.ops.gemv import gemv
 
 # (name, in_features K, out_features N) per Llama-3.1-8B layer, tensor_parallel_size=1.
@@ -25,31 +25,6 @@ SHAPES = [
     ("lm_head", 4096, 128256),
 ]
 _CALLS_PER_GRAPH = 20
-
-
-def graph_seconds_per_call(fn, repeats: int = 20) -> float:
-    """Median time of one call, from replays of a graph holding _CALLS_PER_GRAPH calls."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(_CALLS_PER_GRAPH):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / _CALLS_PER_GRAPH)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> None:
@@ -67,8 +42,8 @@ def main() -> None:
             x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)
             num_bytes = weight.numel() * 2 + x.numel() * 2 + num_rows * out_features * 2
             torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), rtol=2e-2, atol=2e-2)
-            cublas = num_bytes / graph_seconds_per_call(lambda: F.linear(x, weight))
-            triton_rate = num_bytes / graph_seconds_per_call(lambda: gemv(x, weight))
+            cublas = num_bytes / graph_seconds_per_call(lambda i: F.linear(x, weight), _CALLS_PER_GRAPH, 20)
+            triton_rate = num_bytes / graph_seconds_per_call(lambda i: gemv(x, weight), _CALLS_PER_GRAPH, 20)
             worst_triton = min(worst_triton, max(triton_rate, cublas) / bandwidth)
             rows_out.append((
                 f"{name} {in_features}->{out_features}, M={num_rows}",

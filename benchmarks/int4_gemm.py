@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 
-from benchmarks.common import measure_copy_bandwidth
+from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth
 from pagedllm.layers.quantization.kernels.int_group import pack_int32
 from pagedllm.layers.quantization.kernels.triton_wNa16 import _launch_config, triton_int_group_matmul
 
@@ -39,28 +38,9 @@ L2_BYTES = 50 * 2**20
 
 
 def time_rotating(fn, copies: int, replays: int = 30) -> float:
-    """Median seconds per call of fn(i) for i over `copies` buffers, from CUDA-graph replays."""
-    calls = max(copies, 8)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(calls):
-            fn(i % copies)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % copies)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times)
+    """Median seconds per call of fn(i) for i over `copies` weight copies (at least 8 calls per
+    graph), so successive calls read from HBM, not L2."""
+    return graph_seconds_per_call(lambda i: fn(i % copies), max(copies, 8), replays)
 
 
 def make_weights(k: int, n: int, bits: int, copies: int):
