@@ -9,6 +9,11 @@ import torch
 import transformers
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+# A chat template for the tiny BPE tokenizer (which ships none): role, content, then the turn.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 
 def make_tiny_checkpoint(
@@ -68,6 +73,16 @@ def make_tiny_checkpoint(
     if tokenizer_dir is not None:
         for item in Path(tokenizer_dir).iterdir():
             shutil.copy(item, path / item.name)
+    return path
+
+
+def make_tiny_chat_checkpoint(path: Path, tokenizer_dir: Path) -> Path:
+    """The tiny Qwen3 checkpoint (seed 5, vocabulary 512) with the tiny BPE tokenizer and
+    CHAT_TEMPLATE saved beside it, for the chat, CLI and server tests."""
+    make_tiny_checkpoint(path, "qwen3", vocab_size=512, tokenizer_dir=tokenizer_dir, seed=5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
     return path
 
 

@@ -10,16 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_chat_checkpoint
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.entrypoints.cli import main
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
 ENGINE_FLAGS = ["--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 22)]
 SAMPLING_FLAGS = ["--max-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
 PARAMS = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3)
@@ -27,14 +22,7 @@ PARAMS = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3)
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, tiny_bpe_tokenizer_dir) -> Path:
-    path = make_tiny_checkpoint(
-        tmp_path_factory.mktemp("cli_model") / "model", "qwen3", vocab_size=512,
-        tokenizer_dir=tiny_bpe_tokenizer_dir, seed=5,
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tiny_chat_checkpoint(tmp_path_factory.mktemp("cli_model") / "model", tiny_bpe_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,26 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_chat_checkpoint
 
 from pagedllm import LLM, SamplingParams
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory, tiny_bpe_tokenizer_dir) -> Path:
-    path = make_tiny_checkpoint(
-        tmp_path_factory.mktemp("text_model") / "model", "qwen3", vocab_size=512,
-        tokenizer_dir=tiny_bpe_tokenizer_dir, seed=5,
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tiny_chat_checkpoint(tmp_path_factory.mktemp("text_model") / "model", tiny_bpe_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tiny_models import make_tiny_checkpoint
+from tiny_models import CHAT_TEMPLATE, make_tiny_checkpoint
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
 # The engine options of the server, and of the LLM it is compared with.
