@@ -1,20 +1,24 @@
-"""Decode-sized matmuls of Llama-3.1-8B (bf16, 1-8 rows): cuBLAS (F.linear) against the split-K
-Triton GEMV, as achieved bandwidth (weight + activation bytes over time) and its fraction of
-the device-to-device copy bandwidth measured in the same run. Timed inside CUDA graphs
-(20 calls per replay), as the engine runs them.
+"""Decode-sized matmuls of Llama-3.1-8B (1-8 rows): cuBLAS (F.linear; torch._scaled_mm for fp8)
+against the Triton GEMV of layers/ops/gemv.py, as achieved bandwidth (weight + activation +
+output bytes over time) and its fraction of the device-to-device copy bandwidth measured in the
+same run. Timed inside CUDA graphs (20 calls per replay, rotating through weight copies so that
+no call finds its weight in L2), as the engine runs them.
 
-    PYTHONPATH=. python3 benchmarks/gemv_micro.py [--rows 1 2 4 8]
+    PYTHONPATH=. python3 benchmarks/gemv_micro.py [--rows 1 2 4 8] [--fp8]
+    PYTHONPATH=. python3 benchmarks/gemv_micro.py --sweep [--json out.json]   # tile search
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth, print_table
-from pagedllm.layers.ops.gemv import gemv
+from pagedllm.layers.ops.gemv import DOT, DOT_SWAPPED, FMA, GemvConfig, default_config, gemv
 
 # (name, in_features K, out_features N) per Llama-3.1-8B layer, tensor_parallel_size=1.
 SHAPES = [
@@ -25,35 +29,118 @@ SHAPES = [
     ("lm_head", 4096, 128256),
 ]
 _CALLS_PER_GRAPH = 20
+# Weight copies rotated through: enough bytes that L2 (50 MB) holds none of them between calls.
+_ROTATION_BYTES = 256 << 20
+
+SWEEP_CONFIGS = {
+    "bf16": (
+        [GemvConfig(bn, bk, FMA, warps, stages) for bn, bk in [(8, 512), (16, 256), (16, 512), (32, 256), (8, 1024)]
+         for warps in (4, 8) for stages in (3, 4)]
+        + [GemvConfig(bn, bk, DOT, 4, stages) for bn, bk in [(16, 128), (32, 128), (32, 256), (64, 128)] for stages in (3, 4)]
+        + [GemvConfig(bn, bk, DOT_SWAPPED, 4, stages) for bn, bk in [(64, 128), (128, 128), (64, 256)] for stages in (3, 4)]
+    ),
+    "fp8": (
+        [GemvConfig(bn, bk, FMA, warps, stages) for bn, bk in [(16, 512), (32, 512), (32, 256), (64, 256)]
+         for warps in (4, 8) for stages in (3, 4)]
+        + [GemvConfig(bn, bk, inner, 4, stages) for inner, bn, bk in
+           [(DOT_SWAPPED, 64, 128), (DOT_SWAPPED, 64, 256), (DOT_SWAPPED, 128, 128), (DOT, 32, 128), (DOT, 64, 256)]
+           for stages in (3, 4, 5)]
+    ),
+}
+
+
+def _weights(out_features: int, in_features: int, fp8: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    elem = 1 if fp8 else 2
+    copies = max(1, min(8, math.ceil(_ROTATION_BYTES / (out_features * in_features * elem))))
+    base = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
+    if not fp8:
+        return [base] + [base.clone() for _ in range(copies - 1)], None
+    scale = (base.float().abs().amax(dim=1) / 448.0).clamp(min=1e-12)
+    quantized = (base.float() / scale[:, None]).to(torch.float8_e4m3fn)
+    return [quantized] + [quantized.clone() for _ in range(copies - 1)], scale
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None):
+    if scale is None:
+        return F.linear(x, weight)
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+    from pagedllm.layers.quantization.kernels.w8a8 import scaled_mm_fp8
+
+    x_q, x_scale = per_token_quant(x, torch.float8_e4m3fn)
+    return scaled_mm_fp8(x_q, x_scale, weight, scale, None, x.dtype)
+
+
+def _fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, config: GemvConfig | None):
+    return gemv(x, weight, weight_scale=scale, config=config)
+
+
+def _prequantized_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, config: GemvConfig | None):
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+
+    x_q, x_scale = per_token_quant(x, torch.float8_e4m3fn)
+    return gemv(x_q, weight, weight_scale=scale, input_scale=x_scale, config=config, out_dtype=x.dtype)
+
+
+def _rate(fn, weights: list[torch.Tensor], num_bytes: int) -> float:
+    return num_bytes / graph_seconds_per_call(lambda i: fn(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--fp8", action="store_true", help="fp8 weights (dynamic per-token activations)")
+    parser.add_argument("--sweep", choices=sorted(SWEEP_CONFIGS), default=None,
+                        help="time every tile of SWEEP_CONFIGS for bf16 or fp8 weights (fp8: also with the "
+                             "activations quantized by a separate launch first)")
+    parser.add_argument("--json", default=None, help="write the sweep's timings here")
     args = parser.parse_args()
     # measure_copy_bandwidth counts bytes read + written; a GEMV only reads, so its limit is
     # the same bytes per second of traffic.
     bandwidth = measure_copy_bandwidth()
     rows_out = [("measured copy bandwidth", f"{bandwidth / 1e12:.2f} TB/s")]
-    worst_triton = 1.0
-    for name, in_features, out_features in SHAPES:
-        weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
-        for num_rows in args.rows:
-            x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)
-            num_bytes = weight.numel() * 2 + x.numel() * 2 + num_rows * out_features * 2
-            torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), rtol=2e-2, atol=2e-2)
-            cublas = num_bytes / graph_seconds_per_call(lambda i: F.linear(x, weight), _CALLS_PER_GRAPH, 20)
-            triton_rate = num_bytes / graph_seconds_per_call(lambda i: gemv(x, weight), _CALLS_PER_GRAPH, 20)
-            worst_triton = min(worst_triton, max(triton_rate, cublas) / bandwidth)
-            rows_out.append((
-                f"{name} {in_features}->{out_features}, M={num_rows}",
-                f"cuBLAS {cublas / 1e12:.2f} TB/s ({cublas / bandwidth:.1%})  "
-                f"Triton split-K {triton_rate / 1e12:.2f} TB/s ({triton_rate / bandwidth:.1%})  "
-                f"best {'Triton' if triton_rate > cublas else 'cuBLAS'}",
-            ))
-        del weight
-    rows_out.append(("worst shape, best kernel (target >= 90%)", f"{worst_triton:.1%}"))
-    print_table(f"GEMV micro-benchmark, Llama-3.1-8B shapes, bf16, {torch.cuda.get_device_name()}", rows_out)
+    sweep_records = []
+    worst = 1.0
+    for fp8 in ((args.sweep == "fp8",) if args.sweep else (args.fp8,)):
+        for name, in_features, out_features in SHAPES:
+            weights, scale = _weights(out_features, in_features, fp8)
+            for num_rows in ((1, 4, 8) if args.sweep else args.rows):
+                x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)
+                num_bytes = weights[0].numel() * weights[0].element_size() + x.numel() * 2 + num_rows * out_features * 2
+                label = f"{'fp8 ' if fp8 else ''}{name} {in_features}->{out_features}, M={num_rows}"
+                expected = _reference(x, weights[0], scale)
+                baseline = _rate(lambda w: _reference(x, w, scale), weights, num_bytes)
+                configs = [None]
+                if args.sweep:
+                    configs = [c for c in SWEEP_CONFIGS[args.sweep] if c.inner != FMA or num_rows == 1]
+                variants = [(config, False) for config in configs]
+                if args.sweep == "fp8":
+                    variants += [(config, True) for config in configs if config.inner != FMA]
+                timings = []
+                for config, prequantize in variants:
+                    fn = _prequantized_gemv if prequantize else _fused_gemv
+                    got = fn(x, weights[0], scale, config)
+                    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+                    rate = _rate(lambda w: fn(x, w, scale, config), weights, num_bytes)
+                    config = config or default_config(num_rows, out_features, in_features, weights[0].dtype)
+                    timings.append((rate, f"{config}{' after per_token_quant' if prequantize else ''}"))
+                timings.sort(key=lambda item: -item[0])
+                best_rate, best_config = timings[0]
+                worst = min(worst, max(best_rate, baseline) / bandwidth)
+                rows_out.append((label, (
+                    f"{'_scaled_mm' if fp8 else 'cuBLAS'} {baseline / bandwidth:.1%}  "
+                    f"Triton {best_rate / bandwidth:.1%} ({best_config})"
+                )))
+                sweep_records.append({
+                    "shape": name, "fp8": fp8, "rows": num_rows, "baseline": baseline / bandwidth,
+                    "configs": [(rate / bandwidth, config) for rate, config in timings],
+                })
+            del weights
+            torch.cuda.empty_cache()
+    rows_out.append(("worst shape, best kernel (target >= 90%)", f"{worst:.1%}"))
+    print_table(f"GEMV micro-benchmark, Llama-3.1-8B shapes, {torch.cuda.get_device_name()}", rows_out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(sweep_records, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,13 @@ def write_model_dir(name: str) -> str:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(MODELS[name], f, indent=1)
     # The PIL processors (named ...Pil in transformers >= 5.2x) need no torchvision.
-    base = "Qwen2VLImageProcessor" if name.startswith("qwen") else "Gemma3ImageProcessor"
-    processor = (getattr(transformers, f"{base}Pil", None) or getattr(transformers, base))()
+    # The settings of the models' own preprocessor_config.json: Qwen2.5-VL up to 12845056
+    # pixels (16384 tokens), Gemma 3 at 896 x 896 (256 tokens).
+    if name.startswith("qwen"):
+        base, settings = "Qwen2VLImageProcessor", {"max_pixels": 12845056, "min_pixels": 3136}
+    else:
+        base, settings = "Gemma3ImageProcessor", {"size": {"height": 896, "width": 896}}
+    processor = (getattr(transformers, f"{base}Pil", None) or getattr(transformers, base))(**settings)
     processor.save_pretrained(folder)
     return folder
 
@@ -144,10 +149,14 @@ def memory_report(folder: str, modalities: tuple[str, ...]) -> list[tuple[str, s
     from pagedllm import LLM
 
     rows = []
+    one_image = {**dict.fromkeys(modalities, 0), "image": 1}
     variants = {
         "default": {},
         f"limit_mm_per_prompt {dict.fromkeys(modalities, 0)}": {"limit_mm_per_prompt": dict.fromkeys(modalities, 0)},
-        f"mm_processor_kwargs max_pixels={SMALL_MAX_PIXELS}": {"mm_processor_kwargs": {"max_pixels": SMALL_MAX_PIXELS}},
+        f"limit_mm_per_prompt {one_image}": {"limit_mm_per_prompt": one_image},
+        f"limit_mm_per_prompt {one_image}, max_pixels={SMALL_MAX_PIXELS}": {
+            "limit_mm_per_prompt": one_image, "mm_processor_kwargs": {"max_pixels": SMALL_MAX_PIXELS},
+        },
     }
     baseline = None
     for name, extra in variants.items():

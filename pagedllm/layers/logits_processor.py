@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pagedllm.distributed.communication import tensor_model_parallel_all_gather
+from pagedllm.layers.ops import dense_linear
 from pagedllm.layers.vocab_embedding import VocabParallelEmbedding
 
 
@@ -24,7 +25,7 @@ class LogitsProcessor(nn.Module):
 
     def forward(self, lm_head: VocabParallelEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] → [num_tokens, vocab_size], in the hidden states' dtype."""
-        logits = _lm_head_matmul(hidden_states, lm_head.weight, getattr(lm_head, "bias", None))
+        logits = dense_linear(hidden_states, lm_head.weight, getattr(lm_head, "bias", None))
         logits = tensor_model_parallel_all_gather(logits, dim=-1)
         # Padding rows are the last ones (each rank holds a contiguous block, in rank order).
         logits = logits[..., : self.vocab_size]
@@ -33,14 +34,3 @@ class LogitsProcessor(nn.Module):
         if self.scale != 1.0:
             logits = logits * self.scale
         return logits
-
-
-def _lm_head_matmul(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Decode-sized rows against the vocabulary: the split-K Triton GEMV where it beats cuBLAS."""
-    if hidden_states.is_cuda:
-        from pagedllm.layers.ops import triton_ops_available
-        from pagedllm.layers.ops.gemv import gemv, should_use_gemv
-
-        if triton_ops_available("cuda") and should_use_gemv(hidden_states, weight):
-            return gemv(hidden_states, weight, bias)
-    return nn.functional.linear(hidden_states, weight, bias)

@@ -44,6 +44,8 @@ class Worker:
         self.device = engine_config.device_config.device
         self.model_runner: ModelRunner | None = None
         self._graph_reserve_bytes = 0
+        # The start-up memory profile (CUDA only), kept for tests and tools to read.
+        self.memory_profile: memory_profiler.MemoryProfile | None = None
         self._memory_baseline: memory_profiler.MemoryBaseline | None = None
         self._num_kv_blocks = 0
         self._sleep_state: SleepState | None = None
@@ -110,6 +112,7 @@ class Worker:
             profile = memory_profiler.profile_cuda_memory(
                 self.config, self.device, self._memory_baseline, weights_bytes, runner.profile_run
             )
+            self.memory_profile = profile
             self._graph_reserve_bytes = memory_profiler.estimate_cuda_graph_bytes(
                 self.config, profile.peak_activation_bytes
             )

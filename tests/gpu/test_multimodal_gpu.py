@@ -57,13 +57,9 @@ def test_gpu_profiled_peak_follows_max_pixels_and_limits(tmp_path, tiny_bpe_toke
     path = make_tiny_vl_checkpoint(tmp_path / "vl", tiny_bpe_tokenizer_dir, "qwen2_5_vl")
 
     def peak(**kwargs) -> int:
+        # The profile taken at start-up (profile_run needs the KV cache not to exist yet).
         llm = LLM(str(path), dtype="float32", max_model_len=1024, max_num_batched_tokens=256, enforce_eager=True, **kwargs)
-        runner = llm.llm_engine.executor.worker.model_runner
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        runner.profile_run()
-        result = torch.cuda.max_memory_allocated() - before
+        result = llm.llm_engine.executor.worker.memory_profile.peak_activation_bytes
         _release(llm)
         return result
 

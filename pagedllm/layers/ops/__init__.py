@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 
+import torch
+import torch.nn.functional as F
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,3 +32,14 @@ def triton_ops_available(device_type: str) -> bool:
         )
         return False
     return True
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or on CUDA at decode sizes (1-8 rows) the Triton GEMV (ops/gemv.py), which
+    reads the weight closer to the bandwidth limit than cuBLAS on every Llama-3.1-8B shape."""
+    if x.is_cuda and triton_ops_available("cuda"):
+        from pagedllm.layers.ops.gemv import gemv, should_use_gemv
+
+        if weight.dtype == x.dtype and should_use_gemv(x, weight):
+            return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -1,38 +1,74 @@
-"""Decode-sized matmuls (1-8 rows) as a split-K Triton kernel.
+"""Decode-sized matmuls (1-8 rows) as one Triton kernel, for bf16/fp16 weights and for fp8
+weights with per-channel scales (dynamic fp8's decode path).
 
 At M <= 8 rows a linear layer is a GEMV: it reads the whole [N, K] weight once and does almost
-no arithmetic per byte, so its speed is the weight's bytes over the memory bandwidth. cuBLAS
-picks tiles made for large M and, for some shapes (Llama-3.1-8B's qkv and o at batch 1),
-launches too few blocks to keep every SM streaming. This kernel splits both N (BLOCK_N rows
-of W per program) and K (SPLIT_K slices) so that there are several programs per SM whatever
-the shape, and writes float32 partial sums that one small reduction adds in a fixed order
-(deterministic, unlike atomics).
+no arithmetic per byte, so its speed is the weight's bytes over the memory bandwidth. Each
+program reads BLOCK_N whole rows of W (K slices of BLOCK_K per iteration, pipelined
+NUM_STAGES deep), so a step is one launch with nothing to reduce afterwards: the output, its
+bias, and for fp8 the activation quantization and both scales are done in the same kernel.
+Wide outputs (the LM head) may also split K (SPLIT_K programs per row block) and add float32
+partial sums in a fixed order afterwards (deterministic, unlike atomics).
 
-`should_use_gemv` is the dispatch rule UnquantizedLinearMethod.apply follows.
+Three inner loops, picked per shape from the table measured on an H200
+(`benchmarks/gemv_micro.py --sweep`): FMA (one row: multiply-add into a [BLOCK_N, BLOCK_K]
+float32 tile, summed once at the end), and tl.dot in either operand order (rows padded to 16).
+
+fp8: the activation rows are quantized per token inside the kernel (scale = max|x| / 448, the
+same rounding as kernels.per_token_quant) or with a static input scale, and multiplied as the
+fp8 values they are (upcast exactly to the activation dtype), so the result is the w8a8 product
+torch._scaled_mm computes, with no extra launches.
+
+`should_use_gemv` is the dispatch rule the linear methods follow.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_GEMV_ROWS = 8
-# tl.dot needs at least 16 rows; the padding rows are masked loads of zeros, which cost no
-# memory traffic, and the tensor cores have time to spare in a bandwidth-bound kernel.
-_BLOCK_M = 16
+FP8_DTYPE = torch.float8_e4m3fn
+# The Triton interpreter (tests on CPU) rounds float32 -> fp8 without the carry into the
+# exponent; the kernel then rounds on its own first. GPUs round in the cast itself.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Inner loops.
+FMA, DOT, DOT_SWAPPED = 0, 1, 2
+# Activation handling.
+ACT_NONE, ACT_FP8_DYNAMIC, ACT_FP8_STATIC, ACT_FP8_QUANTIZED = 0, 1, 2, 3
 
 
 @triton.jit
-def _gemv_split_k_kernel(
-    x_ptr, w_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_ps, stride_pm, k_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """partial[s, m, n] = sum over k in slice s of x[m, k] * w[n, k], in float32.
+def _round_to_e4m3(v):
+    """v (float32, |v| <= 448) rounded half to even onto the float8_e4m3fn grid, as a float32:
+    the grid step is 2^(exponent - 3) for normal values and 2^-9 below 2^-6, and adding then
+    subtracting 1.5 * 2^23 steps rounds to it. The cast to fp8 afterwards is then exact (the
+    Triton interpreter's own cast loses the carry into the exponent when it rounds up)."""
+    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    step_exponent = tl.maximum(exponent - 3, -9)
+    magic = (((step_exponent + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (v + magic) - magic
 
-    Layout: x [M, K] and w [N, K] with contiguous last dims; partial [SPLIT_K, M, N] float32.
-    Grid: (cdiv(N, BLOCK_N), SPLIT_K); k_per_split is a multiple of BLOCK_K.
-    Bytes: N * K * elem (the weight, read once) + SPLIT_K * M * N * 4; FLOPs: 2 * M * N * K.
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    stride_xm, stride_wn, stride_w_scale, stride_os, stride_om, k_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr,
+    ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+):
+    """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
+
+    Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
+    ACT 3: x is fp8 already, with per-row scales x_scale [M].
+    Grid: (cdiv(N, BLOCK_N), SPLIT_K). SPLIT_K == 1: out [M, N] in out's dtype, bias and scales
+    applied; else out is float32 partials [SPLIT_K, M, N] of unscaled sums (the caller adds
+    them, then scales). Bytes: N * K * w elem (read once) + M * K * x elem; FLOPs 2 * M * N * K.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -40,77 +76,180 @@ def _gemv_split_k_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+    k_end = tl.minimum(k_begin + k_per_split, K)
+
+    x_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    if ACT == 1:
+        # Per-token scale over the whole row (not only this program's K slice), so that
+        # every program rounds the row the same way.
+        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        x_scale = tl.maximum(tl.max(amax, 1) / 448.0, 1e-12)
+    elif ACT == 2:
+        x_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(x_scale_ptr)
+    elif ACT == 3:
+        x_scale = tl.load(x_scale_ptr + offs_m, mask=m_mask, other=1.0)
+
+    if INNER == 0:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    elif INNER == 1:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        k_mask = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    out = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if ACT == 1 or ACT == 2:
+            xq = tl.div_rn(x.to(tl.float32), x_scale[:, None])
+            xq = tl.minimum(tl.maximum(xq, -448.0), 448.0)
+            if EXACT_ROUNDING:
+                xq = _round_to_e4m3(xq)
+            x = xq.to(tl.float8e4nv)
+        # fp8 x fp8 products are exact in float32, so every inner loop gives the w8a8 sums.
+        if INNER == 0:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        elif INNER == 1:
+            acc += tl.dot(x, tl.trans(w))
+        else:
+            acc += tl.dot(w, tl.trans(x))
+
+    if INNER == 0:
+        result = tl.sum(acc, axis=1)[None, :]
+    elif INNER == 1:
+        result = acc
+    else:
+        result = tl.trans(acc)
+    if SPLIT_K == 1:
+        if ACT != 0:
+            result = result * x_scale[:, None]
+        if W_SCALED:
+            w_scale = tl.load(w_scale_ptr + offs_n * stride_w_scale, mask=n_mask, other=1.0)
+            result = result * w_scale[None, :]
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, result, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    inner: int = FMA
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+
+def default_config(num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype) -> GemvConfig:
+    """Tiles from the H200 sweep (`benchmarks/gemv_micro.py --sweep`, BENCHMARKS.md): the one
+    config per class whose worst shape of Llama-3.1-8B is nearest its best. A fixed rule, not a
+    timing: two engines (or two ranks) must pick the same kernel for the same shape, or their
+    roundings, and so near-tie greedy tokens, could differ."""
+    if weight_dtype == FP8_DTYPE:
+        if num_rows == 1:
+            return GemvConfig(block_n=16, block_k=512, inner=FMA, num_warps=4, num_stages=4)
+        return GemvConfig(block_n=64, block_k=128, inner=DOT_SWAPPED, num_warps=4, num_stages=3)
+    if num_rows == 1:
+        return GemvConfig(block_n=8, block_k=512, inner=FMA, num_warps=4, num_stages=3)
+    return GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=4)
 
 
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    split_k: int | None = None,
-    block_n: int = 64,
-    block_k: int = 128,
+    weight_scale: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) for at most MAX_GEMV_ROWS rows, like F.linear.
-    split_k=None picks enough K slices for about four programs per SM."""
+
+    An fp8 `weight` needs its float32 `weight_scale` ([N], [N, 1] or one value). x is then
+    quantized to fp8 per token, or with the static `input_scale` when given; or x is fp8
+    already and `input_scale` holds its per-row scales. The output has x's dtype, or
+    `out_dtype` (needed when x is fp8)."""
     *lead, K = x.shape
     N = weight.shape[0]
     rows = x.reshape(-1, K)
     M = rows.shape[0]
     if M > MAX_GEMV_ROWS or weight.shape[1] != K:
         raise ValueError(f"gemv takes at most {MAX_GEMV_ROWS} rows of width {weight.shape[1]}; got {tuple(x.shape)}.")
+    is_fp8 = weight.dtype == FP8_DTYPE
+    if is_fp8 and weight_scale is None:
+        raise ValueError("gemv of an fp8 weight needs its weight_scale.")
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    num_k_blocks = triton.cdiv(K, block_k)
-    if split_k is None:
-        num_n_blocks = triton.cdiv(N, block_n)
-        target_programs = 4 * _num_sms(x.device)
-        split_k = max(1, min(num_k_blocks, target_programs // max(num_n_blocks, 1)))
-    k_per_split = triton.cdiv(num_k_blocks, split_k) * block_k
+    config = config or default_config(M, N, K, weight.dtype)
+    if config.inner == FMA and M != 1:
+        raise ValueError(f"the FMA GEMV takes one row; got {M}.")
+    scale = None
+    if weight_scale is not None:
+        scale = weight_scale.reshape(-1).float()
+        if scale.numel() not in (1, N):
+            raise ValueError(f"weight_scale has {scale.numel()} values; gemv takes 1 or {N} (one per output).")
+    if not is_fp8:
+        act = ACT_NONE
+    elif x.dtype == FP8_DTYPE:
+        act = ACT_FP8_QUANTIZED
+    else:
+        act = ACT_FP8_STATIC if input_scale is not None else ACT_FP8_DYNAMIC
+    if act == ACT_FP8_QUANTIZED and (input_scale is None or out_dtype is None):
+        raise ValueError("gemv of an fp8 x needs its per-row input_scale and an out_dtype.")
+    x_scale = None if input_scale is None else input_scale.reshape(-1).float()
+    out_dtype = out_dtype or x.dtype
+    num_k_blocks = triton.cdiv(K, config.block_k)
+    k_per_split = triton.cdiv(num_k_blocks, config.split_k) * config.block_k
     split_k = triton.cdiv(K, k_per_split)
-    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, block_n), split_k)
-    _gemv_split_k_kernel[grid](
-        rows, weight, partial, M, N, K, rows.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
-        k_per_split, BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    if split_k > 1 and act != ACT_NONE:
+        raise ValueError("split-K gemv takes bf16/fp16 weights only.")
+    if split_k == 1:
+        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        stride_os = 0
+    else:
+        out = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        stride_os = out.stride(0)
+    block_m = 1 if config.inner == FMA else 16
+    _gemv_kernel[(triton.cdiv(N, config.block_n), split_k)](
+        rows, weight, scale if scale is not None else rows, x_scale if x_scale is not None else rows,
+        bias if bias is not None and split_k == 1 else rows, out, M, N, K,
+        rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, stride_os, out.stride(-2),
+        k_per_split, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
+        ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None and split_k == 1, SPLIT_K=split_k,
+        NUM_STAGES=config.num_stages, EXACT_ROUNDING=_INTERPRETED, num_warps=config.num_warps,
     )
-    out = partial[0] if split_k == 1 else partial.sum(dim=0)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*lead, N)
+    if split_k > 1:
+        out = out.sum(dim=0)
+        if bias is not None:
+            out = out + bias.float()
+        out = out.to(out_dtype)
+    return out.reshape(*lead, N)
 
 
-# Measured on an H200 (benchmarks/gemv_micro.py, BENCHMARKS.md): cuBLAS wins on every
-# Llama-3.1-8B layer shape at 1-8 rows except vocabulary-sized outputs (the LM head), where
-# the split-K kernel reads 2-3% faster; so only outputs this wide take the Triton path.
-MIN_GEMV_OUTPUT_FEATURES = 65536
+# fp8 weights take the GEMV only for single rows: at 2-8 rows torch._scaled_mm is faster.
+MAX_FP8_GEMV_ROWS = 1
 
 
 def should_use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `x @ weight.T` runs as the Triton GEMV: half-precision CUDA inputs of 1-8 rows
-    against a vocabulary-sized weight. A fixed rule, not a timing: two engines (or two ranks)
-    must pick the same kernel for the same shape, or their roundings, and so near-tie greedy
-    tokens, could differ."""
+    """Whether `x @ weight.T` runs as the Triton GEMV: half-precision CUDA activations of 1-8
+    rows against a weight of their dtype, or of one row against an fp8 weight. cuBLAS reads the
+    Llama-3.1-8B shapes at 61-89% of the copy bandwidth at these sizes, this kernel at 77-107%
+    (BENCHMARKS.md). A fixed rule, not a timing (see default_config)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (
-        x.is_cuda and 0 < rows <= MAX_GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype and weight.shape[0] >= MIN_GEMV_OUTPUT_FEATURES
-    )
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter (tests on CPU): a few programs are enough
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    if not (x.is_cuda and 0 < rows <= MAX_GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    return weight.dtype == x.dtype or (weight.dtype == FP8_DTYPE and rows <= MAX_FP8_GEMV_ROWS)

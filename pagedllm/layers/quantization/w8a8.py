@@ -258,7 +258,10 @@ class W8A8LinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, x.shape[-1])
         input_scale = getattr(layer, "input_scale", None)
         input_zero_point = getattr(layer, "input_zero_point", None)
-        if layer.w8a8_kernel == "scaled_mm":
+        if layer.w8a8_kernel == "scaled_mm" and _fp8_gemv_applies(x2, layer.weight):
+            # Decode rows: quantization, product and scales in one Triton launch.
+            out = _fp8_gemv(x2, layer.weight, bias, layer.weight_scale, input_scale)
+        elif layer.w8a8_kernel == "scaled_mm":
             if input_scale is None:
                 x_q, x_scale = _per_token_quant(x2, FP8_DTYPE)
             else:
@@ -326,6 +329,19 @@ def _per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor
     from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
 
     return per_token_quant(x, qdtype)
+
+
+def _fp8_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    from pagedllm.layers.ops.gemv import should_use_gemv
+
+    return should_use_gemv(x, weight)
+
+
+def _fp8_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
+              input_scale: torch.Tensor | None) -> torch.Tensor:
+    from pagedllm.layers.ops.gemv import gemv
+
+    return gemv(x, weight, bias, weight_scale=weight_scale, input_scale=input_scale)
 
 
 def _block_offsets(partition_sizes: list[int], block_n: int) -> list[int]:

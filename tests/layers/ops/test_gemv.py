@@ -1,6 +1,8 @@
-"""The split-K GEMV kernel equals F.linear in float32 on small shapes (CPU, under the Triton
-interpreter, in a subprocess so TRITON_INTERPRET=1 is set before Triton is imported), and
-decode-sized bf16 matmuls on the GPU."""
+"""The GEMV kernel equals F.linear in float32 on small shapes for every inner loop, split of K
+and fp8 mode (CPU, under the Triton interpreter, in a subprocess so TRITON_INTERPRET=1 is set
+before Triton is imported), and decode-sized bf16 / fp8 matmuls on the GPU. The fp8 reference
+is kernels.w8a8's: activations quantized per token (or with the static scale), multiplied by
+the dequantized weight in float64."""
 
 from __future__ import annotations
 
@@ -14,33 +16,61 @@ import torch
 
 _INTERPRETED_CHECK = """
 import torch
-from pagedllm.layers.ops.gemv import gemv
+from pagedllm.layers.ops.gemv import DOT, DOT_SWAPPED, FMA, GemvConfig, gemv
+from pagedllm.layers.quantization.kernels.w8a8 import (
+    FP8_DTYPE, absmax_scale, fake_quantize_activation, quantize, quantize_activation,
+)
 
 torch.manual_seed(0)
-# Shapes with ragged edges in N and K, and every split of K (1 slice, several, one per block).
-for M, N, K, split_k in [(1, 40, 300, None), (3, 64, 256, 1), (8, 70, 520, 3), (5, 16, 128, 2)]:
+# Ragged edges in N and K; every inner loop; one K slice, several, and one per block.
+cases = [(1, 40, 300, FMA, 1), (1, 64, 256, DOT, 1), (3, 64, 256, DOT, 1), (8, 70, 520, DOT_SWAPPED, 1),
+         (5, 16, 128, DOT, 2), (1, 70, 520, FMA, 3)]
+for M, N, K, inner, split_k in cases:
     x = torch.randn(M, K)
     w = torch.randn(N, K)
     b = torch.randn(N)
+    config = GemvConfig(block_n=16, block_k=64, inner=inner, split_k=split_k)
     expected = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
-    got = gemv(x, w, b, split_k=split_k, block_n=16, block_k=64)
+    got = gemv(x, w, b, config=config)
     assert got.shape == (M, N) and got.dtype == torch.float32
     # float32 sums of K <= 520 products of N(0,1) values: error well under 1e-3.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
 x3 = torch.randn(2, 1, 96)
 w = torch.randn(24, 96)
-torch.testing.assert_close(gemv(x3, w, block_n=16, block_k=32), torch.nn.functional.linear(x3, w), rtol=0, atol=1e-3)
-try:
-    gemv(torch.randn(9, 96), w)
-except ValueError as error:
-    assert "at most 8 rows" in str(error)
-else:
-    raise AssertionError("9 rows accepted")
+config = GemvConfig(block_n=16, block_k=32, inner=DOT)
+torch.testing.assert_close(gemv(x3, w, config=config), torch.nn.functional.linear(x3, w), rtol=0, atol=1e-3)
+for bad_rows in (torch.randn(9, 96), torch.randn(2, 96)):
+    try:
+        gemv(bad_rows, w, config=GemvConfig(block_n=16, block_k=32, inner=FMA))
+    except ValueError as error:
+        assert "at most 8 rows" in str(error) or "one row" in str(error)
+    else:
+        raise AssertionError("rows accepted")
+
+# fp8 weights with per-channel scales; activations dynamic per token, or static.
+for M, N, K, inner in [(1, 40, 300, FMA), (4, 48, 256, DOT), (2, 33, 200, DOT_SWAPPED)]:
+    x = torch.randn(M, K) * 3
+    w = torch.randn(N, K)
+    w_scale = absmax_scale(w, -1, FP8_DTYPE)
+    w_q = quantize(w, w_scale, FP8_DTYPE)
+    w_deq = w_q.double() * w_scale.double()
+    b = torch.randn(N)
+    config = GemvConfig(block_n=16, block_k=64, inner=inner)
+    for static in (None, torch.tensor(0.02)):
+        x_deq = fake_quantize_activation(x, FP8_DTYPE, static, None, True, None).double()
+        expected = (x_deq @ w_deq.T + b.double()).float()
+        got = gemv(x, w_q, b, weight_scale=w_scale, input_scale=static, config=config)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    # Activations quantized by a launch of their own (fp8 x, per-row scales).
+    x_q, x_scale, _ = quantize_activation(x, FP8_DTYPE, None, None, True, None)
+    expected = ((x_q.double() * x_scale.double()) @ w_deq.T).float()
+    got = gemv(x_q, w_q, weight_scale=w_scale, input_scale=x_scale, config=config, out_dtype=torch.float32)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
 print("ok")
 """
 
 
-def test_split_k_gemv_matches_linear_under_the_triton_interpreter():
+def test_gemv_matches_linear_under_the_triton_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED_CHECK)], env=env,
@@ -48,10 +78,13 @@ def test_split_k_gemv_matches_linear_under_the_triton_interpreter():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+_GPU_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (512, 1000)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
-@pytest.mark.parametrize(("in_features", "out_features"), [(4096, 6144), (4096, 4096), (14336, 4096), (512, 1000)])
-def test_split_k_gemv_matches_linear_on_the_gpu(rows, in_features, out_features):
+@pytest.mark.parametrize(("in_features", "out_features"), _GPU_SHAPES)
+def test_gemv_matches_linear_on_the_gpu(rows, in_features, out_features):
     from pagedllm.layers.ops.gemv import gemv
 
     torch.manual_seed(0)
@@ -62,3 +95,23 @@ def test_split_k_gemv_matches_linear_on_the_gpu(rows, in_features, out_features)
     got = gemv(x, w, bias)
     # Both accumulate in float32 and round once to bf16 (relative step 2^-8 on |y| ~ 1-4).
     torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize(("in_features", "out_features"), _GPU_SHAPES)
+def test_fp8_gemv_matches_scaled_mm_on_the_gpu(rows, in_features, out_features):
+    from pagedllm.layers.ops.gemv import gemv
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+    from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE, absmax_scale, quantize, scaled_mm_fp8
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(out_features, in_features, device="cuda", dtype=torch.float32) / in_features**0.5
+    w_scale = absmax_scale(w, -1, FP8_DTYPE)
+    w_q = quantize(w, w_scale, FP8_DTYPE)
+    x_q, x_scale = per_token_quant(x, FP8_DTYPE)
+    expected = scaled_mm_fp8(x_q, x_scale, w_q, w_scale, None, torch.bfloat16)
+    got = gemv(x, w_q, weight_scale=w_scale)
+    # Same fp8 operands, float32 sums in different orders, one bf16 rounding each.
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-2, atol=2e-2)
