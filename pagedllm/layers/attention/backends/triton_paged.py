@@ -35,6 +35,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_SIZE = 256
 # tl.dot needs an inner dimension of at least 16.
 MIN_HEAD_SIZE = 16
+# (request, KV head) pairs whose decode splits can merge themselves; splits > 1 only happen
+# below 4 x num_sms pairs (choose_num_splits), so larger batches never need more.
+_SPLIT_COUNTER_SLOTS = 4096
 
 
 class TritonPagedAttention:
@@ -55,6 +58,8 @@ class TritonPagedAttention:
         self.sliding_window = sliding_window
         self.max_decode_splits = max_decode_splits
         self._num_sms: dict[torch.device, int] = {}
+        # The decode splits' arrival counters (zeroed once; the kernel leaves them zeroed).
+        self._split_counters: dict[torch.device, torch.Tensor] = {}
 
     def num_decode_splits(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
         """Splits used for a decode batch of num_reqs (padded) requests on device."""
@@ -64,6 +69,11 @@ class TritonPagedAttention:
                 torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
             )
         return choose_num_splits(num_reqs, num_kv_heads, self._num_sms[device], self.max_decode_splits)
+
+    def _counters(self, device: torch.device) -> torch.Tensor:
+        if device not in self._split_counters:
+            self._split_counters[device] = torch.zeros(_SPLIT_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        return self._split_counters[device]
 
     def forward(
         self,
@@ -127,6 +137,7 @@ class TritonPagedAttention:
                 paged_decode_attention(
                     out, query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.num_reqs,
                     scale, num_splits, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
+                    split_counters=self._counters(query.device),
                 )
         if md.num_actual_tokens < num_tokens:
             out[md.num_actual_tokens :].zero_()

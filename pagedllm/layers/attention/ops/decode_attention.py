@@ -2,8 +2,8 @@
 
 A decode row reads its whole context once, so it is bound by memory bandwidth. With few
 requests one program per (request, KV head) would leave most SMs idle at long context, so the
-context is split across num_splits programs whose partial softmax results are merged by a
-second kernel. num_splits depends only on the batch size and head count (never on sequence
+context is split across num_splits programs whose partial softmax results are merged, by the
+last of them to finish (counted with an atomic) or by a second kernel. num_splits depends only on the batch size and head count (never on sequence
 lengths), so a decode step can be captured in a CUDA graph and replayed at any context length.
 """
 
@@ -59,6 +59,7 @@ def _paged_decode_kernel(
     part_out_ptr,
     part_max_ptr,
     part_sum_ptr,
+    split_counter_ptr,
     block_table_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
@@ -86,6 +87,7 @@ def _paged_decode_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     """One split of the context of one decode request, for all query heads of one KV head.
 
@@ -94,6 +96,9 @@ def _paged_decode_kernel(
     partial results part_out [num_reqs, num_heads, NUM_SPLITS, head_size] fp32 (unnormalised)
     and part_max/part_sum [num_reqs, num_heads, NUM_SPLITS] fp32 (log2-domain running max and
     softmax denominator). With NUM_SPLITS == 1 the normalised result goes straight to out.
+    FUSED_MERGE: the last split of a (request, KV head) to finish, as counted in
+    split_counter [num_reqs * num_kv_heads] int32 (zero between launches: the last one resets
+    it), merges the partials itself, so no second kernel is launched.
     Grid: (num_reqs, num_kv_heads, NUM_SPLITS); requests whose query length is not 1 exit.
     The split covers keys [start + split * chunk, start + (split + 1) * chunk), chunk =
     (seq_len - start) / NUM_SPLITS rounded up to BLOCK_N; start is 0, or with USE_WINDOW
@@ -171,6 +176,44 @@ def _paged_decode_kernel(
             acc,
             mask=row_valid[:, None] & dim_valid[None, :],
         )
+        if FUSED_MERGE:
+            # acq_rel: this split's partials are visible before the count, and the last split
+            # sees every other split's partials after it.
+            counter = split_counter_ptr + req * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                tl.atomic_xchg(counter, 0)
+                # Splits past the context are empty (m = -inf, l = 0): adding them changes nothing.
+                num_active = tl.cdiv(seq_len - range_start, chunk)
+                first_row = (req.to(tl.int64) * num_heads + heads) * NUM_SPLITS
+                _merge_splits(
+                    out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
+                    part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_active, head_size, dims,
+                    row_valid[:, None] & dim_valid[None, :], row_valid,
+                )
+
+
+@triton.jit
+def _merge_splits(out_ptrs, part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_splits, head_size, dims,
+                  out_mask, row_mask):
+    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s, over the
+    splits [first_row, first_row + num_splits) of each row (a [ROWS] tensor of part rows).
+    Loads bypass L1 (.cg): the partials were written by other programs."""
+    m_max = tl.load(part_max_ptr + first_row, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+    for s in range(1, num_splits):
+        m_max = tl.maximum(m_max, tl.load(part_max_ptr + first_row + s, mask=row_mask, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.zeros_like(m_max)
+    acc = tl.zeros(out_mask.shape, dtype=tl.float32)
+    for s in range(0, num_splits):
+        weight = tl.math.exp2(tl.load(part_max_ptr + first_row + s, mask=row_mask, other=float("-inf"),
+                                      cache_modifier=".cg") - m_max)
+        total += weight * tl.load(part_sum_ptr + first_row + s, mask=row_mask, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_out_ptr + (first_row + s)[:, None] * head_size + dims[None, :], mask=out_mask, other=0.0,
+                       cache_modifier=".cg")
+        acc += part * weight[:, None]
+    total = tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -234,6 +277,7 @@ def paged_decode_attention(
     config: DecodeConfig | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    split_counters: torch.Tensor | None = None,
 ) -> None:
     """Attention of every request whose query length is 1 (other rows untouched).
 
@@ -242,7 +286,10 @@ def paged_decode_attention(
     partial buffers are sized from the same host ints, so for a fixed padded batch size the
     launch is identical at every step (CUDA-graph safe). num_splits must be a power of two.
     sliding_window: the query sees only the last sliding_window keys. A float8_e4m3fn cache
-    is dequantized with the scalar float32 k_scale / v_scale tensors.
+    is dequantized with the scalar float32 k_scale / v_scale tensors. split_counters: a
+    zeroed int32 tensor of at least num_reqs * num_kv_heads values that stays alive between
+    launches (the kernel leaves it zeroed); with it the splits merge themselves and the
+    second kernel is not launched.
     """
     num_tokens, num_heads, head_size = query.shape
     if num_tokens == 0 or num_reqs == 0:
@@ -259,6 +306,7 @@ def paged_decode_attention(
     # tl.dot needs at least 16 rows; the padding rows cost tensor-core time only.
     block_m = max(16, triton.next_power_of_2(queries_per_kv))
     config = config or decode_config(head_size, query.dtype)
+    fused_merge = num_splits > 1 and split_counters is not None and split_counters.numel() >= num_reqs * num_kv_heads
     if num_splits > 1:
         part_out = torch.empty(num_reqs, num_heads, num_splits, head_size, dtype=torch.float32, device=query.device)
         part_max = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
@@ -273,6 +321,7 @@ def paged_decode_attention(
         part_out,
         part_max,
         part_sum,
+        split_counters if fused_merge else seq_lens,
         block_table,
         query_start_loc,
         seq_lens,
@@ -300,10 +349,11 @@ def paged_decode_attention(
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(query.dtype),
         KV_FP8=kv_fp8,
+        FUSED_MERGE=fused_merge,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_merge:
         _decode_merge_kernel[(num_reqs, num_heads)](
             out,
             part_out,

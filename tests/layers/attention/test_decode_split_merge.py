@@ -1,0 +1,64 @@
+"""The split-K decode kernel merges its splits itself (the last split to finish, counted with
+an atomic) to the same result as the separate merge kernel and as a float64 softmax reference,
+and leaves its counters zeroed for the next launch. CPU, under the Triton interpreter, in a
+subprocess so TRITON_INTERPRET=1 is set before Triton is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_INTERPRETED_CHECK = """
+import torch
+from pagedllm.layers.attention.ops.decode_attention import paged_decode_attention
+
+torch.manual_seed(0)
+num_heads, num_kv_heads, head_size, block_size = 4, 2, 16, 4
+seq_lens = [3, 13, 30]
+num_blocks = 32
+kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_size)
+blocks = torch.randperm(num_blocks)
+block_table = torch.zeros(len(seq_lens), 8, dtype=torch.int32)
+cursor = 0
+for row, length in enumerate(seq_lens):
+    count = -(-length // block_size)
+    block_table[row, :count] = blocks[cursor:cursor + count]
+    cursor += count
+query = torch.randn(len(seq_lens), num_heads, head_size)
+query_start_loc = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+lens = torch.tensor(seq_lens, dtype=torch.int32)
+scale = head_size ** -0.5
+
+expected = torch.empty(len(seq_lens), num_heads, head_size, dtype=torch.float64)
+for row, length in enumerate(seq_lens):
+    slots = torch.arange(length)
+    pages = block_table[row, slots // block_size].long()
+    keys = kv_cache[0, pages, slots % block_size].double()      # [length, kv_heads, dim]
+    values = kv_cache[1, pages, slots % block_size].double()
+    for head in range(num_heads):
+        kv = head // (num_heads // num_kv_heads)
+        weights = torch.softmax(keys[:, kv] @ query[row, head].double() * scale, dim=0)
+        expected[row, head] = weights @ values[:, kv]
+
+counters = torch.zeros(64, dtype=torch.int32)
+for num_splits in (1, 4, 8):
+    for fused in (False, True):
+        out = torch.full_like(query, float("nan"))
+        paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
+                               num_splits, split_counters=counters if fused else None)
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+        assert int(counters.abs().sum()) == 0, counters
+print("ok")
+"""
+
+
+def test_decode_splits_merge_themselves_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED_CHECK)], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
