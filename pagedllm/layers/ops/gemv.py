@@ -56,7 +56,7 @@ def _round_to_e4m3(v):
     return (v + magic) - magic
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_w_scale, stride_os, stride_om, k_per_split,

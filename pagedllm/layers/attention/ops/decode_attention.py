@@ -3,8 +3,9 @@
 A decode row reads its whole context once, so it is bound by memory bandwidth. With few
 requests one program per (request, KV head) would leave most SMs idle at long context, so the
 context is split across num_splits programs whose partial softmax results are merged, by the
-last of them to finish (counted with an atomic) or by a second kernel. num_splits depends only on the batch size and head count (never on sequence
-lengths), so a decode step can be captured in a CUDA graph and replayed at any context length.
+last of them to finish (counted with an atomic) or by a second kernel. num_splits depends only
+on the batch size and head count (never on sequence lengths), so a decode step can be captured
+in a CUDA graph and replayed at any context length.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def choose_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits
     return max(1, min(max_splits, triton.next_power_of_2(wanted)))
 
 
-@triton.jit
+# Batch-size-dependent ints are not specialized on (== 1, % 16): one compiled variant serves
+# every captured batch size, so a cold start compiles once instead of once per graph size.
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -69,6 +72,7 @@ def _paged_decode_kernel(
     window,
     num_tokens,
     num_heads,
+    num_splits,
     stride_q_token,
     stride_q_head,
     stride_out_token,
@@ -83,7 +87,6 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
@@ -93,15 +96,15 @@ def _paged_decode_kernel(
 
     Layout: q/out [num_tokens, num_heads, head_size] (last dim contiguous); k/v cache
     [num_blocks, PAGE_SIZE, num_kv_heads, head_size] via block_table [num_reqs, max_blocks];
-    partial results part_out [num_reqs, num_heads, NUM_SPLITS, head_size] fp32 (unnormalised)
-    and part_max/part_sum [num_reqs, num_heads, NUM_SPLITS] fp32 (log2-domain running max and
-    softmax denominator). With NUM_SPLITS == 1 the normalised result goes straight to out.
+    partial results part_out [num_reqs, num_heads, num_splits, head_size] fp32 (unnormalised)
+    and part_max/part_sum [num_reqs, num_heads, num_splits] fp32 (log2-domain running max and
+    softmax denominator). With num_splits == 1 the normalised result goes straight to out.
     FUSED_MERGE: the last split of a (request, KV head) to finish, as counted in
     split_counter [num_reqs * num_kv_heads] int32 (zero between launches: the last one resets
     it), merges the partials itself, so no second kernel is launched.
-    Grid: (num_reqs, num_kv_heads, NUM_SPLITS); requests whose query length is not 1 exit.
+    Grid: (num_reqs, num_kv_heads, num_splits); requests whose query length is not 1 exit.
     The split covers keys [start + split * chunk, start + (split + 1) * chunk), chunk =
-    (seq_len - start) / NUM_SPLITS rounded up to BLOCK_N; start is 0, or with USE_WINDOW
+    (seq_len - start) / num_splits rounded up to BLOCK_N; start is 0, or with USE_WINDOW
     seq_len - window (sliding window). Bytes: 2 * keys * head_size * elem per (request, KV
     head), the visible KV read once; FLOPs: 4 * keys * head_size per query head (negligible).
     """
@@ -118,7 +121,7 @@ def _paged_decode_kernel(
         range_start = tl.maximum(seq_len - window, 0)
     else:
         range_start = 0
-    chunk = tl.cdiv(tl.cdiv(seq_len - range_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - range_start, num_splits), BLOCK_N) * BLOCK_N
     split_start = range_start + split * chunk
     split_end = tl.minimum(split_start + chunk, seq_len)
 
@@ -158,7 +161,7 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(
             out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
@@ -168,7 +171,7 @@ def _paged_decode_kernel(
     else:
         # Empty splits (short contexts) still write m = -inf, l = 0, acc = 0, so the merge
         # never reads uninitialised memory.
-        part_row = (req.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
+        part_row = (req.to(tl.int64) * num_heads + heads) * num_splits + split
         tl.store(part_max_ptr + part_row, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
         tl.store(
@@ -180,11 +183,11 @@ def _paged_decode_kernel(
             # acq_rel: this split's partials are visible before the count, and the last split
             # sees every other split's partials after it.
             counter = split_counter_ptr + req * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
                 tl.atomic_xchg(counter, 0)
                 # Splits past the context are empty (m = -inf, l = 0): adding them changes nothing.
                 num_active = tl.cdiv(seq_len - range_start, chunk)
-                first_row = (req.to(tl.int64) * num_heads + heads) * NUM_SPLITS
+                first_row = (req.to(tl.int64) * num_heads + heads) * num_splits
                 _merge_splits(
                     out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
                     part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_active, head_size, dims,
@@ -306,7 +309,9 @@ def paged_decode_attention(
     # tl.dot needs at least 16 rows; the padding rows cost tensor-core time only.
     block_m = max(16, triton.next_power_of_2(queries_per_kv))
     config = config or decode_config(head_size, query.dtype)
-    fused_merge = num_splits > 1 and split_counters is not None and split_counters.numel() >= num_reqs * num_kv_heads
+    # The same value at every batch size the engine captures (one compiled variant): with a
+    # single split there is nothing to merge and the flag is never read.
+    fused_merge = split_counters is not None and (num_splits == 1 or split_counters.numel() >= num_reqs * num_kv_heads)
     if num_splits > 1:
         part_out = torch.empty(num_reqs, num_heads, num_splits, head_size, dtype=torch.float32, device=query.device)
         part_max = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
@@ -331,6 +336,7 @@ def paged_decode_attention(
         sliding_window or 0,
         num_tokens,
         num_heads,
+        num_splits,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -345,7 +351,6 @@ def paged_decode_attention(
         BLOCK_N=config.block_n,
         BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1],
-        NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(query.dtype),
         KV_FP8=kv_fp8,

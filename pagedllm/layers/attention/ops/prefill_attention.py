@@ -87,7 +87,8 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# Step-dependent ints are not specialized on (== 1, % 16): one compiled variant per shape class.
+@triton.jit(do_not_specialize=["num_reqs", "num_tokens"])
 def _paged_prefill_kernel(
     q_ptr,
     k_ptr,
