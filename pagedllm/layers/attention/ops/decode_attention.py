@@ -317,7 +317,9 @@ def paged_decode_attention(
         part_max = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
     else:
-        part_out = part_max = part_sum = out
+        # Never read or written with one split, but typed as with several, so that one
+        # compiled variant serves both (pointer dtypes are part of Triton's signature).
+        part_out = part_max = part_sum = torch.empty(1, dtype=torch.float32, device=query.device)
     _paged_decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query,
         k_cache,
