@@ -4,19 +4,20 @@ weights with per-channel scales (dynamic fp8's decode path).
 At M <= 8 rows a linear layer is a GEMV: it reads the whole [N, K] weight once and does almost
 no arithmetic per byte, so its speed is the weight's bytes over the memory bandwidth. Each
 program reads BLOCK_N whole rows of W (K slices of BLOCK_K per iteration, pipelined
-NUM_STAGES deep), so a step is one launch with nothing to reduce afterwards: the output, its
-bias, and for fp8 the activation quantization and both scales are done in the same kernel.
-Wide outputs (the LM head) may also split K (SPLIT_K programs per row block) and add float32
-partial sums in a fixed order afterwards (deterministic, unlike atomics).
+NUM_STAGES deep), so a step is one launch with nothing to reduce afterwards (no split-K
+partials, hence the same sums in the same order every run): the output, its bias, and for fp8
+the activation quantization and both scales are done in the same kernel.
 
 Three inner loops, picked per shape from the table measured on an H200
 (`benchmarks/gemv_micro.py --sweep`): FMA (one row: multiply-add into a [BLOCK_N, BLOCK_K]
 float32 tile, summed once at the end), and tl.dot in either operand order (rows padded to 16).
 
-fp8: the activation rows are quantized per token inside the kernel (scale = max|x| / 448, the
-same rounding as kernels.per_token_quant) or with a static input scale, and multiplied as the
-fp8 values they are (upcast exactly to the activation dtype), so the result is the w8a8 product
-torch._scaled_mm computes, with no extra launches.
+fp8: the activation rows are quantized per token (scale = max|x| / 448, the same rounding as
+kernels.per_token_quant) or with a static input scale, and multiplied as the fp8 values they
+are (products exact in float32), so the result is the w8a8 product torch._scaled_mm computes.
+They are quantized inside the kernel, or for large weights and 2-8 rows by one launch first
+(GemvConfig.quantize_first), so that fp8 x fp8 tensor-core dots read both operands straight
+from memory.
 
 `should_use_gemv` is the dispatch rule the linear methods follow.
 """
@@ -59,34 +60,28 @@ def _round_to_e4m3(v):
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
-    stride_xm, stride_wn, stride_w_scale, stride_os, stride_om, k_per_split,
+    stride_xm, stride_wn, stride_w_scale, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr,
-    ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
 
     Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
     ACT 3: x is fp8 already, with per-row scales x_scale [M].
-    Grid: (cdiv(N, BLOCK_N), SPLIT_K). SPLIT_K == 1: out [M, N] in out's dtype, bias and scales
-    applied; else out is float32 partials [SPLIT_K, M, N] of unscaled sums (the caller adds
-    them, then scales). Bytes: N * K * w elem (read once) + M * K * x elem; FLOPs 2 * M * N * K.
+    Grid: (cdiv(N, BLOCK_N),); out [M, N] in out's dtype. Bytes: N * K * w elem (read once) +
+    M * K * x elem; FLOPs 2 * M * N * K.
     """
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
 
     x_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     if ACT == 1:
-        # Per-token scale over the whole row (not only this program's K slice), so that
-        # every program rounds the row the same way.
         amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -104,9 +99,9 @@ def _gemv_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
+        k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if ACT == 1 or ACT == 2:
@@ -129,19 +124,15 @@ def _gemv_kernel(
         result = acc
     else:
         result = tl.trans(acc)
-    if SPLIT_K == 1:
-        if ACT != 0:
-            result = result * x_scale[:, None]
-        if W_SCALED:
-            w_scale = tl.load(w_scale_ptr + offs_n * stride_w_scale, mask=n_mask, other=1.0)
-            result = result * w_scale[None, :]
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-    else:
-        out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, result, mask=m_mask[:, None] & n_mask[None, :])
+    if ACT != 0:
+        result = result * x_scale[:, None]
+    if W_SCALED:
+        w_scale = tl.load(w_scale_ptr + offs_n * stride_w_scale, mask=n_mask, other=1.0)
+        result = result * w_scale[None, :]
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @dataclass(frozen=True)
@@ -151,7 +142,6 @@ class GemvConfig:
     inner: int = FMA
     num_warps: int = 4
     num_stages: int = 3
-    split_k: int = 1
     # fp8 weights: quantize the activations in a launch of their own first, so that the
     # kernel feeds fp8 x fp8 tensor-core dots straight from memory (in-kernel quantization
     # before a dot stalls the loads' pipeline: 5-30% of bandwidth on the H200).
@@ -223,31 +213,17 @@ def gemv(
     if config.quantize_first and act in (ACT_FP8_DYNAMIC, ACT_FP8_STATIC):
         rows, x_scale = _quantize_rows(rows, x_scale)
         act = ACT_FP8_QUANTIZED
-    num_k_blocks = triton.cdiv(K, config.block_k)
-    k_per_split = triton.cdiv(num_k_blocks, config.split_k) * config.block_k
-    split_k = triton.cdiv(K, k_per_split)
-    if split_k > 1 and act != ACT_NONE:
-        raise ValueError("split-K gemv takes bf16/fp16 weights only.")
-    if split_k == 1:
-        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-        stride_os = 0
-    else:
-        out = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-        stride_os = out.stride(0)
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    # tl.dot needs 16 rows; the padding rows are masked loads (no memory traffic).
     block_m = 1 if config.inner == FMA else 16
-    _gemv_kernel[(triton.cdiv(N, config.block_n), split_k)](
+    _gemv_kernel[(triton.cdiv(N, config.block_n),)](
         rows, weight, scale if scale is not None else rows, x_scale if x_scale is not None else rows,
-        bias if bias is not None and split_k == 1 else rows, out, M, N, K,
-        rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, stride_os, out.stride(-2),
-        k_per_split, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
-        ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None and split_k == 1, SPLIT_K=split_k,
+        bias if bias is not None else rows, out, M, N, K,
+        rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
+        ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
         NUM_STAGES=config.num_stages, EXACT_ROUNDING=_INTERPRETED, num_warps=config.num_warps,
     )
-    if split_k > 1:
-        out = out.sum(dim=0)
-        if bias is not None:
-            out = out + bias.float()
-        out = out.to(out_dtype)
     return out.reshape(*lead, N)
 
 
@@ -263,17 +239,13 @@ def _quantize_rows(rows: torch.Tensor, static_scale: torch.Tensor | None) -> tup
     return quantize(rows, static_scale, FP8_DTYPE), static_scale.expand(rows.shape[0]).contiguous()
 
 
-# fp8 weights take the GEMV for 1-8 rows too: torch._scaled_mm reads them at 26-62% of the
-# bandwidth there, this kernel at 41-90%.
-MAX_FP8_GEMV_ROWS = MAX_GEMV_ROWS
-
-
 def should_use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T` runs as the Triton GEMV: half-precision CUDA activations of 1-8
-    rows against a weight of their dtype, or of one row against an fp8 weight. cuBLAS reads the
-    Llama-3.1-8B shapes at 61-89% of the copy bandwidth at these sizes, this kernel at 77-107%
-    (BENCHMARKS.md). A fixed rule, not a timing (see default_config)."""
+    rows against a weight of their dtype or an fp8 one. On the Llama-3.1-8B shapes at these
+    sizes cuBLAS reads bf16 weights at 61-107% of the copy bandwidth and this kernel at
+    74-111%; torch._scaled_mm reads fp8 ones at 24-62%, this kernel at 40-84% (BENCHMARKS.md).
+    A fixed rule, not a timing (see default_config)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not (x.is_cuda and 0 < rows <= MAX_GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)):
         return False
-    return weight.dtype == x.dtype or (weight.dtype == FP8_DTYPE and rows <= MAX_FP8_GEMV_ROWS)
+    return weight.dtype in (x.dtype, FP8_DTYPE)

@@ -1,5 +1,4 @@
-"""The GEMV kernel equals F.linear in float32 on small shapes for every inner loop, split of K
-and fp8 mode (CPU, under the Triton interpreter, in a subprocess so TRITON_INTERPRET=1 is set
+"""The GEMV kernel equals F.linear in float32 on small shapes for every inner loop and fp8 mode (CPU, under the Triton interpreter, in a subprocess so TRITON_INTERPRET=1 is set
 before Triton is imported), and decode-sized bf16 / fp8 matmuls on the GPU. The fp8 reference
 is kernels.w8a8's: activations quantized per token (or with the static scale), multiplied by
 the dequantized weight in float64."""
@@ -22,14 +21,14 @@ from pagedllm.layers.quantization.kernels.w8a8 import (
 )
 
 torch.manual_seed(0)
-# Ragged edges in N and K; every inner loop; one K slice, several, and one per block.
-cases = [(1, 40, 300, FMA, 1), (1, 64, 256, DOT, 1), (3, 64, 256, DOT, 1), (8, 70, 520, DOT_SWAPPED, 1),
-         (5, 16, 128, DOT, 2), (1, 70, 520, FMA, 3)]
-for M, N, K, inner, split_k in cases:
+# Ragged edges in N and K; every inner loop.
+cases = [(1, 40, 300, FMA), (1, 64, 256, DOT), (3, 64, 256, DOT), (8, 70, 520, DOT_SWAPPED), (5, 16, 128, DOT),
+         (1, 70, 520, FMA)]
+for M, N, K, inner in cases:
     x = torch.randn(M, K)
     w = torch.randn(N, K)
     b = torch.randn(N)
-    config = GemvConfig(block_n=16, block_k=64, inner=inner, split_k=split_k)
+    config = GemvConfig(block_n=16, block_k=64, inner=inner)
     expected = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
     got = gemv(x, w, b, config=config)
     assert got.shape == (M, N) and got.dtype == torch.float32
