@@ -258,9 +258,9 @@ class W8A8LinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, x.shape[-1])
         input_scale = getattr(layer, "input_scale", None)
         input_zero_point = getattr(layer, "input_zero_point", None)
-        if layer.w8a8_kernel == "scaled_mm" and _fp8_gemv_applies(x2, layer.weight):
-            # Decode rows: quantization, product and scales in one Triton launch.
-            out = _fp8_gemv(x2, layer.weight, bias, layer.weight_scale, input_scale)
+        decode_out = _fp8_decode_gemv(x2, layer, bias, input_scale) if layer.w8a8_kernel == "scaled_mm" else None
+        if decode_out is not None:
+            out = decode_out
         elif layer.w8a8_kernel == "scaled_mm":
             if input_scale is None:
                 x_q, x_scale = _per_token_quant(x2, FP8_DTYPE)
@@ -331,17 +331,15 @@ def _per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor
     return per_token_quant(x, qdtype)
 
 
-def _fp8_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    from pagedllm.layers.ops.gemv import should_use_gemv
+def _fp8_decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
+                     input_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """Decode rows (1-8) of an fp8 layer through the Triton GEMV (layers/ops/gemv.py: it reads
+    fp8 weights faster than torch._scaled_mm at these sizes); None where it does not apply."""
+    from pagedllm.layers.ops.gemv import gemv, should_use_gemv
 
-    return should_use_gemv(x, weight)
-
-
-def _fp8_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
-              input_scale: torch.Tensor | None) -> torch.Tensor:
-    from pagedllm.layers.ops.gemv import gemv
-
-    return gemv(x, weight, bias, weight_scale=weight_scale, input_scale=input_scale)
+    if not should_use_gemv(x, layer.weight):
+        return None
+    return gemv(x, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=input_scale)
 
 
 def _block_offsets(partition_sizes: list[int], block_n: int) -> list[int]:
