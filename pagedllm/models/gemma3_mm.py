@@ -26,7 +26,9 @@ from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.vocab_embedding import ParallelLMHead
 from pagedllm.models.gemma3 import Gemma3TextModel, GemmaRMSNorm
 from pagedllm.models.siglip import SiglipVisionModel
-from pagedllm.models.utils import ImageTilesEmbeddingMixin, load_weights_by_mapping, maybe_prefix
+from pagedllm.models.utils import (
+    ImageTilesEmbeddingMixin, builds_vision_tower, load_weights_by_mapping, maybe_prefix,
+)
 
 # Checkpoint name prefixes (transformers 4 hub layout, transformers 5 in-memory and saved
 # layouts) → ours.
@@ -119,7 +121,7 @@ class Gemma3ForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
         text_config = hf_config.text_config
         self.image_token_id = int(hf_config.image_token_id)
         self.mm_tokens_per_image = int(hf_config.mm_tokens_per_image)
-        self.multimodal_enabled = not getattr(multimodal_config, "is_text_only", False)
+        self.multimodal_enabled = builds_vision_tower(multimodal_config)
         # Read by the loader: tensors under these prefixes are skipped without being read.
         self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else _VISION_CHECKPOINT_PREFIXES
         if self.multimodal_enabled:
@@ -139,11 +141,6 @@ class Gemma3ForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] (images or pan-and-scan crops) → [N, mm_tokens_per_image, hidden]."""
-        if not self.multimodal_enabled:
-            raise ValueError(
-                "This engine has limit_mm_per_prompt={'image': 0}: the vision tower is not loaded; "
-                "raise the image limit to send images."
-            )
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.models.intern_vit import InternVisionModel
 from pagedllm.models.registry import get_model_class
 from pagedllm.models.siglip import vision_activation
-from pagedllm.models.utils import ImageTilesEmbeddingMixin, load_weights_by_mapping, maybe_prefix
+from pagedllm.models.utils import (
+    ImageTilesEmbeddingMixin, builds_vision_tower, load_weights_by_mapping, maybe_prefix,
+)
 
 _LANGUAGE_MODELS = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -139,7 +141,7 @@ class InternVLForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
             )
         if not getattr(vision_config, "use_mean_pooling", True):
             raise ValueError("vision_config.use_mean_pooling=false (a final vision LayerNorm) is not supported.")
-        self.multimodal_enabled = not getattr(multimodal_config, "is_text_only", False)
+        self.multimodal_enabled = builds_vision_tower(multimodal_config)
         # Read by the loader: tensors under these prefixes are skipped without being read.
         self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else _VISION_CHECKPOINT_PREFIXES
         self.num_vision_layers = _vision_layers_used(vision_config, int(hf_config.vision_feature_layer))
@@ -167,11 +169,6 @@ class InternVLForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] (tiles) → [N, num_image_token, hidden]."""
-        if not self.multimodal_enabled:
-            raise ValueError(
-                "This engine has limit_mm_per_prompt={'image': 0}: the vision tower is not loaded; "
-                "raise the image limit to send images."
-            )
         features = self.vision_model(pixel_values)[:, 1:]
         batch, num_tokens, channels = features.shape
         side = int(round(num_tokens**0.5))

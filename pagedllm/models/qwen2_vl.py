@@ -26,7 +26,7 @@ from pagedllm.layers.rotary_embedding import rope_parameters_of
 from pagedllm.layers.vocab_embedding import ParallelLMHead
 from pagedllm.models.llama import LlamaModel
 from pagedllm.models.qwen2 import Qwen2DecoderLayer
-from pagedllm.models.utils import head_dim_of, load_weights_by_mapping
+from pagedllm.models.utils import builds_vision_tower, head_dim_of, load_weights_by_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +201,15 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         text_config = hf_config.get_text_config()
         self.model = nn.Module()
         # With every modality limited to 0 the tower is never built: its weights are skipped.
-        self.has_vision = multimodal_config is None or not multimodal_config.is_text_only
+        self.multimodal_enabled = builds_vision_tower(multimodal_config)
         self.model.visual = (
-            self.vision_tower_cls(hf_config.vision_config, prefix="model.visual") if self.has_vision else None
+            self.vision_tower_cls(hf_config.vision_config, prefix="model.visual") if self.multimodal_enabled else None
         )
-        if not self.has_vision:
+        if not self.multimodal_enabled:
             log_vision_tower_skipped(self.vision_tower_cls, hf_config.vision_config)
-        self.skipped_checkpoint_prefixes: tuple[str, ...] = () if self.has_vision else ("model.visual.", "visual.")
+        self.skipped_checkpoint_prefixes: tuple[str, ...] = (
+            () if self.multimodal_enabled else ("model.visual.", "visual.")
+        )
         self.model.language_model = LlamaModel(
             text_config, quant_config, prefix="model.language_model", decoder_layer_cls=Qwen2DecoderLayer
         )

@@ -114,6 +114,12 @@ def process_weights_after_loading(model: nn.Module) -> None:
             quant_method.process_weights_after_loading(module)
 
 
+def builds_vision_tower(multimodal_config: Any) -> bool:
+    """Whether a multi-modal family builds its vision tower: not when every modality is limited
+    to 0 (multimodal_config.is_text_only), and then its checkpoint tensors are skipped unread."""
+    return multimodal_config is None or not multimodal_config.is_text_only
+
+
 class ImageTilesEmbeddingMixin:
     """`embed_multimodal` / `embed_multimodal_batch` for image-only families whose processed
     image is {"pixel_values": [num_tiles, 3, S, S]} (crops or tiles of one image) and whose
@@ -121,6 +127,8 @@ class ImageTilesEmbeddingMixin:
     are its tiles' tokens in order."""
 
     family_name: str = "This model"
+    # False when the engine limits images to 0 and the tower was not built (builds_vision_tower).
+    multimodal_enabled: bool = True
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -128,6 +136,11 @@ class ImageTilesEmbeddingMixin:
     def _check_image(self, modality: str) -> None:
         if modality != "image":
             raise ValueError(f"{self.family_name} takes image inputs only, not {modality!r}.")
+        if not self.multimodal_enabled:
+            raise ValueError(
+                "This engine has limit_mm_per_prompt={'image': 0}: the vision tower is not loaded; "
+                "raise the image limit to send images."
+            )
 
     def embed_multimodal(self, modality: str, data: Mapping[str, Any]) -> torch.Tensor:
         """One image → [num_tiles * tokens_per_tile, hidden]."""
