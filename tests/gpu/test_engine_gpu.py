@@ -4,7 +4,6 @@ budget of gpu_memory_utilization. Run with `pytest -m gpu tests/gpu` on a GPU ma
 from __future__ import annotations
 
 import gc
-import json
 
 import pytest
 import torch
@@ -47,21 +46,6 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, family):
         assert _tokens(llm, PROMPTS) == expected  # now with prefix-cache hits
     finally:
         _release(llm)
-
-
-@pytest.fixture
-def qwen3_0_6b_folder(tmp_path):
-    """Qwen3-0.6B's config.json alone: real sizes for load_format="dummy"."""
-    folder = tmp_path / "qwen3"
-    folder.mkdir()
-    config = {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-        "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 def test_cuda_graphs_give_eager_tokens_and_a_smaller_list_saves_memory(qwen3_0_6b_folder):

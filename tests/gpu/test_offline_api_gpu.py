@@ -34,20 +34,6 @@ def _tokens(llm, prompts=PROMPTS, max_tokens=10):
     return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
 
 
-@pytest.fixture
-def qwen3_0_6b_folder(tmp_path):
-    folder = tmp_path / "qwen3"
-    folder.mkdir()
-    config = {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-        "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 @pytest.mark.parametrize("level", [1, 2])
 def test_sleep_returns_weights_and_kv_memory_to_the_device(qwen3_0_6b_folder, level):
     from pagedllm import LLM
