@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from mm_model_steps import merged_embeddings, paged_greedy
-from tiny_vlm_checkpoints import randomize_
+from tiny_vlm_checkpoints import chat_config, randomize_
 
 from pagedllm.models.internvl_config import internvl_chat_config
 from pagedllm.models.registry import get_model_class
@@ -175,20 +175,7 @@ def remote_code_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def write_chat_checkpoint_config(path: Path, hf_config: transformers.InternVLConfig) -> None:
-    text = hf_config.text_config.to_dict()
-    vision = hf_config.vision_config
-    config = {
-        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "auto_map": {},
-        "llm_config": {**text, "architectures": ["Qwen2ForCausalLM"]},
-        "vision_config": {
-            "hidden_size": vision.hidden_size, "intermediate_size": vision.intermediate_size,
-            "num_hidden_layers": vision.num_hidden_layers, "num_attention_heads": vision.num_attention_heads,
-            "image_size": 32, "patch_size": 4, "qkv_bias": True, "qk_normalization": False,
-            "norm_type": "layer_norm", "layer_norm_eps": vision.layer_norm_eps, "hidden_act": "gelu",
-        },
-        "select_layer": -1, "downsample_ratio": 0.5, "force_image_size": 32, "ps_version": "v2",
-        "min_dynamic_patch": 1, "max_dynamic_patch": 6, "use_thumbnail": True,
-    }
+    config = {**chat_config(hf_config), "auto_map": {}, "max_dynamic_patch": 6}
     (path / "config.json").write_text(json.dumps(config))
     added = {"added_tokens_decoder": {str(IMAGE_TOKEN): {"content": "<IMG_CONTEXT>", "special": True}}}
     (path / "tokenizer_config.json").write_text(json.dumps(added))
