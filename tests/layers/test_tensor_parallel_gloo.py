@@ -5,7 +5,6 @@ Tolerance 1e-4 (fp32)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,12 +47,6 @@ def _rank_main(rank: int, world_size: int, port: int, workdir: str) -> None:
         destroy_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_rank_llama_matches_unsplit_transformers(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,7 +63,9 @@ def test_two_rank_llama_matches_unsplit_transformers(tmp_path: Path) -> None:
             expected[kv] = torch.cat([hf_model(p.unsqueeze(0)).logits[0] for p in input_ids.split(LENS)])
         torch.save(config.to_dict(), tmp_path / f"config_kv{kv}.pt")
         torch.save(hf_model.state_dict(), tmp_path / f"weights_kv{kv}.pt")
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    from pagedllm.executor.base import get_open_port
+
+    mp.spawn(_rank_main, args=(2, get_open_port(), str(tmp_path)), nprocs=2, join=True)
     for kv in KV_HEAD_COUNTS:
         for rank in range(2):
             logits = torch.load(tmp_path / f"logits_kv{kv}_rank{rank}.pt")

@@ -4,7 +4,6 @@ one per rank) and the bidirectional image span all sharded. Tolerance 1e-4 (fp32
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,12 +46,6 @@ def _rank_main(rank: int, world_size: int, port: int, workdir: str) -> None:
         destroy_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_rank_gemma3_with_an_image_matches_unsplit_transformers(tmp_path: Path) -> None:
     import transformers
@@ -83,7 +76,9 @@ def test_two_rank_gemma3_with_an_image_matches_unsplit_transformers(tmp_path: Pa
     torch.save(hf_model.state_dict(), tmp_path / "weights.pt")
     torch.save(input_ids, tmp_path / "input_ids.pt")
     torch.save(pixel_values, tmp_path / "pixel_values.pt")
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    from pagedllm.executor.base import get_open_port
+
+    mp.spawn(_rank_main, args=(2, get_open_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         logits = torch.load(tmp_path / f"logits_rank{rank}.pt")
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0, msg=f"rank {rank}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 from tiny_models import CHAT_TEMPLATE, make_tiny_checkpoint
+
+from pagedllm.executor.base import get_open_port
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
@@ -61,16 +62,10 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServerProcess:
     def __init__(self, model_dir: Path, extra_args: list[str], log_path: Path, env: dict[str, str] | None = None,
                  engine_options: dict[str, object] | None = None) -> None:
-        self.port = free_port()
+        self.port = get_open_port()
         self.url = f"http://127.0.0.1:{self.port}"
         options = [f"--{k.replace('_', '-')}={v}" for k, v in (engine_options or ENGINE_OPTIONS).items()]
         command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", str(model_dir), "--host", "127.0.0.1",
