@@ -99,3 +99,9 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
             out = model.generate(torch.tensor([prompt]), generation_config=config)
             results.append(out[0, len(prompt):].tolist())
     return results
+
+
+def hf_logits(hf_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' logits [len(tokens), vocab] for one unbatched sequence of token ids."""
+    with torch.no_grad():
+        return hf_model(tokens.unsqueeze(0)).logits[0]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers
+from tiny_models import hf_logits
 
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.attention.layer import Attention
@@ -74,11 +75,6 @@ def build_pair(case: str, device: str = "cpu") -> tuple[torch.nn.Module, torch.n
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded == set(dict(model.named_parameters()))
     return hf_model.to(device), model
-
-
-def hf_logits(hf_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(tokens.unsqueeze(0)).logits[0]
 
 
 @pytest.mark.parametrize("case", list(CASES))

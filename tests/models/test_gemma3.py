@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny_models import hf_greedy
+from tiny_models import hf_greedy, hf_logits
 from tiny_vlm_checkpoints import randomize_
 
 from pagedllm import LLM, SamplingParams
@@ -58,11 +58,6 @@ def build_pair(device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded == set(dict(model.named_parameters()))
     return hf_model.to(device), model
-
-
-def hf_logits(hf_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(tokens.unsqueeze(0)).logits[0]
 
 
 def test_layers_declare_the_sliding_window_of_their_kind() -> None:
