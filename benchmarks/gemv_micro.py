@@ -5,7 +5,8 @@ same run. Timed inside CUDA graphs (20 calls per replay, rotating through weight
 no call finds its weight in L2), as the engine runs them.
 
     PYTHONPATH=. python3 benchmarks/gemv_micro.py [--rows 1 2 4 8] [--fp8]
-    PYTHONPATH=. python3 benchmarks/gemv_micro.py --sweep [--json out.json]   # tile search
+    PYTHONPATH=. python3 benchmarks/gemv_micro.py --fp8 --quantized-input  # rows quantized before
+    PYTHONPATH=. python3 benchmarks/gemv_micro.py --sweep bf16|fp8|fp8q [--json out.json]   # tile search
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ SWEEP_CONFIGS = {
            [(DOT_SWAPPED, 64, 128), (DOT_SWAPPED, 64, 256), (DOT_SWAPPED, 128, 128), (DOT, 32, 128), (DOT, 64, 256)]
            for stages in (3, 4, 5)]
     ),
+    # fp8 rows quantized by the kernel that produced them (an RMSNorm or SiLU-and-mul): the
+    # GEMV's own time only.
+    "fp8q": [
+        GemvConfig(bn, bk, DOT_SWAPPED, warps, stages)
+        for bn, bk, warps, stages in [(64, 256, 4, 5), (64, 256, 4, 6), (64, 256, 4, 7), (64, 128, 4, 8),
+                                      (64, 128, 4, 10), (64, 512, 4, 3), (64, 512, 4, 4), (128, 128, 4, 6),
+                                      (128, 256, 8, 4), (32, 256, 4, 8), (16, 512, 4, 6)]
+    ],
 }
 
 
@@ -81,6 +90,11 @@ def _prequantized_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return gemv(x_q, weight, weight_scale=scale, input_scale=x_scale, config=config, out_dtype=x.dtype)
 
 
+def _quantized_input_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                          config: GemvConfig | None):
+    return gemv(x[0], weight, weight_scale=scale, input_scale=x[1], config=config, out_dtype=torch.bfloat16)
+
+
 def _rate(fn, weights: list[torch.Tensor], num_bytes: int) -> float:
     return num_bytes / graph_seconds_per_call(lambda i: fn(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
 
@@ -92,6 +106,8 @@ def main() -> None:
     parser.add_argument("--sweep", choices=sorted(SWEEP_CONFIGS), default=None,
                         help="time every tile of SWEEP_CONFIGS for bf16 or fp8 weights (fp8: also with the "
                              "activations quantized by a separate launch first)")
+    parser.add_argument("--quantized-input", action="store_true",
+                        help="with --fp8: the rows arrive quantized (by the norm or activation kernel before)")
     parser.add_argument("--json", default=None, help="write the sweep's timings here")
     args = parser.parse_args()
     # measure_copy_bandwidth counts bytes read + written; a GEMV only reads, so its limit is
@@ -100,7 +116,8 @@ def main() -> None:
     rows_out = [("measured copy bandwidth", f"{bandwidth / 1e12:.2f} TB/s")]
     sweep_records = []
     worst = 1.0
-    for fp8 in ((args.sweep == "fp8",) if args.sweep else (args.fp8,)):
+    quantized_input = args.sweep == "fp8q" or (args.fp8 and args.quantized_input)
+    for fp8 in ((args.sweep in ("fp8", "fp8q"),) if args.sweep else (args.fp8,)):
         for name, in_features, out_features in SHAPES:
             weights, scale = _weights(out_features, in_features, fp8)
             for num_rows in ((1, 4, 8) if args.sweep else args.rows):
@@ -117,12 +134,18 @@ def main() -> None:
                     variants += [(config, True) for config in configs if config.inner != FMA]
                 timings = []
                 for config, prequantize in variants:
-                    fn = _prequantized_gemv if prequantize else _fused_gemv
-                    got = fn(x, weights[0], scale, config)
+                    fn, operand = (_prequantized_gemv if prequantize else _fused_gemv), x
+                    if quantized_input:
+                        from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+
+                        fn, operand = _quantized_input_gemv, per_token_quant(x, torch.float8_e4m3fn)
+                    got = fn(operand, weights[0], scale, config)
                     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-                    rate = _rate(lambda w: fn(x, w, scale, config), weights, num_bytes)
-                    config = config or default_config(num_rows, out_features, in_features, weights[0].dtype)
-                    timings.append((rate, f"{config}{' after per_token_quant' if prequantize else ''}"))
+                    rate = _rate(lambda w: fn(operand, w, scale, config), weights, num_bytes)
+                    config = config or default_config(num_rows, out_features, in_features, weights[0].dtype,
+                                                      quantized_input=quantized_input)
+                    note = " after per_token_quant" if prequantize else " on quantized rows" if quantized_input else ""
+                    timings.append((rate, f"{config}{note}"))
                 timings.sort(key=lambda item: -item[0])
                 best_rate, best_config = timings[0]
                 worst = min(worst, max(best_rate, baseline) / bandwidth)

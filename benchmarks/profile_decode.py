@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over a few batch-1 decode steps of a dummy
 model (Llama-3.1-8B's architecture by default), kernels and host functions by time.
 
-    PYTHONPATH=. python3 benchmarks/profile_decode.py [--model qwen3] [--batch 1]
+    PYTHONPATH=. python3 benchmarks/profile_decode.py [--model qwen3] [--batch 1] [--quantization fp8]
 """
 
 from __future__ import annotations
@@ -23,12 +23,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--quantization", default=None, help='e.g. "fp8" (dynamic fp8)')
+    parser.add_argument("--unfused-activation-quant", action="store_true",
+                        help="diagnostic: fp8 layers quantize their own inputs (no norm / SiLU output quantization)")
     args = parser.parse_args()
     from pagedllm import LLM, SamplingParams
 
+    if args.unfused_activation_quant:
+        from pagedllm.model_loader import loaders
+
+        loaders.link_activation_quantization = lambda model: 0
+
     config = LLAMA_3_1_8B if args.model == "llama8b" else QWEN3_0_6B
     llm = LLM(write_config_dir(config), load_format="dummy", dtype="bfloat16", max_model_len=args.prompt_len + args.steps + 8,
-              max_num_seqs=max(8, args.batch), skip_tokenizer_init=True)
+              max_num_seqs=max(8, args.batch), skip_tokenizer_init=True, quantization=args.quantization)
     prompts = [{"prompt_token_ids": [1 + (i + r) % 1000 for i in range(args.prompt_len)]} for r in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
@@ -53,7 +61,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(8):
             engine.step()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
 
 

@@ -9,13 +9,14 @@ from pagedllm.distributed.parallel_state import get_custom_all_reduce, get_tp_gr
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the ranks, in place (returns `x`): small messages (decode) through the
-    peer-to-peer one-shot kernel when it is set up, the rest through NCCL (or gloo)."""
+    """The sum of `x` over the ranks, which may be `x` summed in place or a new tensor: small
+    messages (decode) through the peer-to-peer one-shot kernel when it is set up, the rest
+    through NCCL (or gloo)."""
     if get_tp_size() == 1:
         return x
     custom = get_custom_all_reduce()
     if custom is not None and custom.accepts(x):
-        return custom.all_reduce_(x)
+        return custom.all_reduce(x)
     dist.all_reduce(x, group=get_tp_group())
     return x
 

@@ -24,6 +24,16 @@ class RMSNorm(nn.Module):
 
             self._rms_norm_kernel, self._fused_add_rms_norm_kernel = rms_norm, fused_add_rms_norm
             self._forward_impl = self._forward_triton
+        self._quantize_to: torch.dtype | None = None
+
+    def quantize_output(self, dtype: torch.dtype) -> bool:
+        """From now on return the output quantized per token to `dtype` (a QuantizedActivation
+        for the fp8 linear layer this norm feeds); only the Triton path can. Returns whether
+        it will."""
+        if self._forward_impl != self._forward_triton:
+            return False
+        self._quantize_to = dtype
+        return True
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
@@ -52,9 +62,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return self._rms_norm_kernel(x, self.weight, self.variance_epsilon)
-        return self._fused_add_rms_norm_kernel(x, residual, self.weight, self.variance_epsilon)
+            return self._rms_norm_kernel(x, self.weight, self.variance_epsilon, self._quantize_to)
+        return self._fused_add_rms_norm_kernel(x, residual, self.weight, self.variance_epsilon, self._quantize_to)
 
     def extra_repr(self) -> str:
         impl = "triton" if self._forward_impl == self._forward_triton else "torch"
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, impl={impl}"
+        quantized = f", quantize_to={self._quantize_to}" if self._quantize_to is not None else ""
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, impl={impl}{quantized}"

@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 import torch
 
 from pagedllm.config import LoadConfig, ModelConfig
+from pagedllm.layers.quantization.quantized_activation import link_activation_quantization
 from pagedllm.model_loader.weight_utils import (
     ReadStats,
     counted_weights_iterator,
@@ -89,6 +90,7 @@ def get_model(
     loader(model, model_config, load_config, stats)
     if not process_first:
         _process_weights_after_loading(model)
+    link_activation_quantization(model)
     # Inference only: no autograd graph is ever wanted through the weights.
     model.requires_grad_(False).eval()
     # The worker reports what this rank read (tests check that ranks read only their shards).

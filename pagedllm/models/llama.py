@@ -104,6 +104,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    def fused_activation_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Each norm's output feeds only the projection after it (see quantized_activation.py)."""
+        return [
+            (self.input_layernorm, self.self_attn.qkv_proj),
+            (self.post_attention_layernorm, self.mlp.gate_up_proj),
+        ]
+
     def make_attention(
         self, config: Any, rotary_emb: RotaryEmbedding, layer_idx: int,
         quant_config: QuantizationConfig | None, prefix: str,

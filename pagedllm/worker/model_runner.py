@@ -245,7 +245,8 @@ class ModelRunner:
 
     def _compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         assert self.model is not None
-        return self.model.compute_logits(hidden_states).float()
+        # In the model's dtype: the sampler casts them to float32 only when it edits them.
+        return self.model.compute_logits(hidden_states)
 
     def _sample(
         self, last_hidden_states: torch.Tensor, rows: np.ndarray, output: ModelRunnerOutput,

@@ -115,3 +115,38 @@ def test_dynamic_fp8_loading_streams(tmp_path) -> None:
     assert peak < weights + 2 * largest_layer_bf16 + (64 << 20)
     assert peak < 0.75 * bf16_bytes
     assert weights < 0.6 * bf16_bytes
+
+
+def test_dynamic_fp8_norms_quantize_for_their_layers(tiny_checkpoints, monkeypatch) -> None:
+    """On the GPU the RMSNorms of a dynamic fp8 model hand qkv_proj and gate_up_proj fp8 rows:
+    the same tokens and logprobs (bf16 output precision) as quantizing in the layers."""
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.model_loader import loaders
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, prompt_logprobs=2, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 17, 99, 23, 8]}, {"prompt_token_ids": list(range(30, 70))}]
+
+    def run() -> tuple[list, list, torch.nn.Module]:
+        llm = LLM(str(tiny_checkpoints["llama"]), skip_tokenizer_init=True, dtype="bfloat16", quantization="fp8",
+                  gpu_memory_utilization=0.2)
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            layer = llm.llm_engine.engine_core.executor.worker.model_runner.model.model.layers[0]
+            tokens = [list(o.outputs[0].token_ids) for o in outputs]
+            logprobs = [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                        + [{t: lp.logprob for t, lp in step.items()} for step in o.prompt_logprobs[1:]]
+                        for o in outputs]
+            return tokens, logprobs, layer
+        finally:
+            llm.shutdown()
+
+    tokens, logprobs, layer = run()
+    assert layer.input_layernorm._quantize_to == torch.float8_e4m3fn
+    assert layer.post_attention_layernorm._quantize_to == torch.float8_e4m3fn
+    monkeypatch.setattr(loaders, "link_activation_quantization", lambda model: 0)
+    plain_tokens, plain_logprobs, plain_layer = run()
+    assert plain_layer.input_layernorm._quantize_to is None
+    assert tokens == plain_tokens
+    for linked_rows, plain_rows in zip(logprobs, plain_logprobs):
+        for linked, plain in zip(linked_rows, plain_rows):
+            assert all(abs(linked[t] - plain[t]) < 2e-2 for t in linked.keys() & plain.keys())

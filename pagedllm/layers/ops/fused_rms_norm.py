@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers.ops.fp8_rows import INTERPRETED, store_row_fp8
+from pagedllm.layers.quantization.quantized_activation import QuantizedActivation
+
 MAX_HIDDEN_SIZE = 65536
 """One program holds a whole row in registers; above this it would spill."""
 
@@ -28,9 +31,14 @@ def _rms_norm_kernel(
     stride_out_row,
     hidden_size,
     eps,
+    scale_ptr,
     BLOCK: tl.constexpr,
+    QUANT: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr,
 ):
     """out[r] = weight * to_input_dtype(x[r] * rsqrt(mean(x[r]^2) + eps)).
+    QUANT: out is fp8, that row (rounded to the input dtype first) quantized per token with
+    its scale at scale_ptr[r].
 
     Layout: x rows r = outer * rows_per_outer + inner at x_ptr + outer * stride_x_outer +
     inner * stride_x_inner, each of hidden_size contiguous elements (so a [T, H, D] view of
@@ -48,7 +56,11 @@ def _rms_norm_kernel(
     normed = (x * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = normed * weight
-    tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT:
+        store_row_fp8(out.to(x_ptr.dtype.element_ty).to(tl.float32), mask, out_ptr + row * stride_out_row + cols,
+                      scale_ptr + row, EXACT_ROUNDING)
+    else:
+        tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -60,9 +72,15 @@ def _fused_add_rms_norm_kernel(
     stride_residual_row,
     hidden_size,
     eps,
+    q_ptr,
+    scale_ptr,
     BLOCK: tl.constexpr,
+    QUANT: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr,
 ):
     """In place: residual[r] += x[r] (rounded to the input dtype); x[r] = rms_norm(residual[r]).
+    QUANT: the norm goes to q [rows, hidden_size] as fp8, quantized per token with its scale
+    at scale_ptr[r], instead of to x.
 
     Layout: x, residual [rows, hidden_size], last dim contiguous. Grid: (rows,).
     Bytes: 4 * rows * hidden_size * elem (read both, write both) + the weight, against 10
@@ -80,7 +98,11 @@ def _fused_add_rms_norm_kernel(
     variance = tl.sum(s * s, axis=0) / hidden_size
     normed = (s * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(x_ptr + row * stride_x_row + cols, (normed * weight).to(dtype), mask=mask)
+    if QUANT:
+        store_row_fp8((normed * weight).to(dtype).to(tl.float32), mask, q_ptr + row * hidden_size + cols,
+                      scale_ptr + row, EXACT_ROUNDING)
+    else:
+        tl.store(x_ptr + row * stride_x_row + cols, (normed * weight).to(dtype), mask=mask)
 
 
 def _launch_shape(hidden_size: int) -> tuple[int, int]:
@@ -102,18 +124,27 @@ def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, quantize_to: torch.dtype | None = None
+) -> torch.Tensor | QuantizedActivation:
     """weight * to_input_dtype(x * rsqrt(mean(x^2, -1) + eps)) over the last dim, returned as
-    a new contiguous tensor of x's shape in the promoted dtype of x and weight.
+    a new contiguous tensor of x's shape in the promoted dtype of x and weight; with
+    quantize_to (float8_e4m3fn) that tensor quantized per token, as a QuantizedActivation.
 
     x may be strided in its leading dims (e.g. [T, H, D] views of a qkv output); a copy is
     made only when its last dim is not contiguous or it has more than 3 dims that do not
     flatten to a view."""
     _check_weight(x, weight)
     hidden_size = x.shape[-1]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(x.shape, dtype=quantize_to or out_dtype, device=x.device)
+    result: torch.Tensor | QuantizedActivation = out
+    scales = out  # a stand-in, never read, when nothing is quantized
+    if quantize_to is not None:
+        scales = torch.empty(x.numel() // max(hidden_size, 1), dtype=torch.float32, device=x.device)
+        result = QuantizedActivation(out, scales, out_dtype)
     if x.numel() == 0:
-        return out
+        return result
     if x.stride(-1) != 1:
         x = x.contiguous()
     if x.dim() > 3:
@@ -128,17 +159,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block, num_warps = _launch_shape(hidden_size)
     stride_out_row = hidden_size  # out is contiguous
     _rms_norm_kernel[(num_rows,)](
-        x, weight, out, rows_per_outer, stride_outer, stride_inner, stride_out_row, hidden_size, eps,
-        BLOCK=block, num_warps=num_warps,
+        x, weight, out, rows_per_outer, stride_outer, stride_inner, stride_out_row, hidden_size, eps, scales,
+        BLOCK=block, QUANT=quantize_to is not None, EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
     )
-    return out
+    return result
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    quantize_to: torch.dtype | None = None,
+) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
     """In place, in one kernel: residual += x; x = rms_norm(residual). Returns (x, residual),
-    the same tensors, now holding (norm(x + residual), x + residual).
+    the same tensors, now holding (norm(x + residual), x + residual). With quantize_to
+    (float8_e4m3fn) the norm is returned quantized per token, as a QuantizedActivation, and x
+    is left as it was.
 
     x and residual have one shape and dtype with a contiguous last dim; weight has their
     dtype (the in-place result could not hold a promoted one)."""
@@ -154,14 +188,20 @@ def fused_add_rms_norm(
             "fused_add_rms_norm works in place and needs x and residual with a contiguous last "
             f"dim; got strides {x.stride()} and {residual.stride()}."
         )
-    if x.numel() == 0:
-        return x, residual
     hidden_size = x.shape[-1]
     # view (not reshape): a copy would silently drop the in-place results.
     x_rows, residual_rows = x.view(-1, hidden_size), residual.view(-1, hidden_size)
+    normed: torch.Tensor | QuantizedActivation = x
+    q_rows = scales = x_rows
+    if quantize_to is not None:
+        q_rows = torch.empty(x.shape, dtype=quantize_to, device=x.device)
+        scales = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
+        normed = QuantizedActivation(q_rows, scales, x.dtype)
+    if x.numel() == 0:
+        return normed, residual
     block, num_warps = _launch_shape(hidden_size)
     _fused_add_rms_norm_kernel[(x_rows.shape[0],)](
-        x_rows, residual_rows, weight, x_rows.stride(0), residual_rows.stride(0), hidden_size, eps,
-        BLOCK=block, num_warps=num_warps,
+        x_rows, residual_rows, weight, x_rows.stride(0), residual_rows.stride(0), hidden_size, eps, q_rows, scales,
+        BLOCK=block, QUANT=quantize_to is not None, EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
     )
-    return x, residual
+    return normed, residual

@@ -24,18 +24,16 @@ from memory.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers.ops.fp8_rows import INTERPRETED, round_to_e4m3
+
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
-# The Triton interpreter (tests on CPU) rounds float32 -> fp8 without the carry into the
-# exponent; the kernel then rounds on its own first. GPUs round in the cast itself.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # fp8 weights of at least this many values (64 MiB) quantize their activations first.
 _FP8_QUANTIZE_FIRST_MIN_WEIGHT = 64 << 20
@@ -43,18 +41,6 @@ _FP8_QUANTIZE_FIRST_MIN_WEIGHT = 64 << 20
 FMA, DOT, DOT_SWAPPED = 0, 1, 2
 # Activation handling.
 ACT_NONE, ACT_FP8_DYNAMIC, ACT_FP8_STATIC, ACT_FP8_QUANTIZED = 0, 1, 2, 3
-
-
-@triton.jit
-def _round_to_e4m3(v):
-    """v (float32, |v| <= 448) rounded half to even onto the float8_e4m3fn grid, as a float32:
-    the grid step is 2^(exponent - 3) for normal values and 2^-9 below 2^-6, and adding then
-    subtracting 1.5 * 2^23 steps rounds to it. The cast to fp8 afterwards is then exact (the
-    Triton interpreter's own cast loses the carry into the exponent when it rounds up)."""
-    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    step_exponent = tl.maximum(exponent - 3, -9)
-    magic = (((step_exponent + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return (v + magic) - magic
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -108,7 +94,7 @@ def _gemv_kernel(
             xq = tl.div_rn(x.to(tl.float32), x_scale[:, None])
             xq = tl.minimum(tl.maximum(xq, -448.0), 448.0)
             if EXACT_ROUNDING:
-                xq = _round_to_e4m3(xq)
+                xq = round_to_e4m3(xq)
             x = xq.to(tl.float8e4nv)
         # fp8 x fp8 products are exact in float32, so every inner loop gives the w8a8 sums.
         if INNER == 0:
@@ -148,12 +134,17 @@ class GemvConfig:
     quantize_first: bool = False
 
 
-def default_config(num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype) -> GemvConfig:
+def default_config(
+    num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype, quantized_input: bool = False
+) -> GemvConfig:
     """Tiles from the H200 sweep (`benchmarks/gemv_micro.py --sweep`, BENCHMARKS.md): the one
     config per class whose worst shape of Llama-3.1-8B is nearest its best. A fixed rule, not a
     timing: two engines (or two ranks) must pick the same kernel for the same shape, or their
     roundings, and so near-tie greedy tokens, could differ."""
     if weight_dtype == FP8_DTYPE:
+        if quantized_input:
+            # fp8 rows from the kernel that produced them: tensor-core dots straight from memory.
+            return GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5)
         # One row of a small weight: the extra launch costs more than the FMA loop's
         # arithmetic (qkv 60% vs 55%, down 67% vs 54%); gate_up (117 MB) is the reverse.
         if num_rows == 1 and out_features * in_features < _FP8_QUANTIZE_FIRST_MIN_WEIGHT:
@@ -192,7 +183,7 @@ def gemv(
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    config = config or default_config(M, N, K, weight.dtype)
+    config = config or default_config(M, N, K, weight.dtype, quantized_input=x.dtype == FP8_DTYPE)
     if config.inner == FMA and M != 1:
         raise ValueError(f"the FMA GEMV takes one row; got {M}.")
     scale = None
@@ -222,7 +213,7 @@ def gemv(
         rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
-        NUM_STAGES=config.num_stages, EXACT_ROUNDING=_INTERPRETED, num_warps=config.num_warps,
+        NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, num_warps=config.num_warps,
     )
     return out.reshape(*lead, N)
 

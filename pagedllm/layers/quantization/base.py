@@ -90,6 +90,12 @@ class LinearMethodBase(ABC):
         """Repack or convert weights once every shard is loaded (default: nothing to do)."""
         return None
 
+    def fused_input_quantization(self, layer: nn.Module) -> torch.dtype | None:
+        """The dtype this layer wants its input quantized to per token by the kernel that
+        produces it (a QuantizedActivation, see quantized_activation.py), or None: apply then
+        always gets a plain tensor. Asked once the weights are processed."""
+        return None
+
     def initialize_dummy_weights(self, layer: nn.Module) -> None:
         """load_format="dummy": after every parameter got small random values (integers zero),
         give quantized ones values that make sense for the scheme (positive scales, weights

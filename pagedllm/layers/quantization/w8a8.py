@@ -32,6 +32,7 @@ from pagedllm.layers.quantization.base import (
     narrow_loaded_weight,
     set_weight_attrs,
 )
+from pagedllm.layers.quantization.quantized_activation import QuantizedActivation
 from pagedllm.layers.quantization.kernels.w8a8 import (
     FP8_DTYPE,
     absmax_scale,
@@ -252,8 +253,21 @@ class W8A8LinearMethod(LinearMethodBase):
             return "scaled_mm" if fp8_capable and out_features % 16 == 0 and in_features % 16 == 0 else "reference"
         return "int_mm" if out_features % 8 == 0 and in_features % 8 == 0 else "reference"
 
+    def fused_input_quantization(self, layer: nn.Module) -> torch.dtype | None:
+        """fp8 per token, from the producing kernel, for the torch._scaled_mm / GEMV path with
+        dynamic activations (static scales and other kernels quantize here)."""
+        scheme = self.scheme
+        dynamic_per_token = scheme.activation_dynamic and scheme.activation_group_size is None
+        if layer.w8a8_kernel == "scaled_mm" and dynamic_per_token and not hasattr(layer, "input_scale"):
+            return FP8_DTYPE
+        return None
+
     # ---- compute ----------------------------------------------------------------------
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            return _apply_quantized_input(layer, x, bias)
         scheme = self.scheme
         x2 = x.reshape(-1, x.shape[-1])
         input_scale = getattr(layer, "input_scale", None)
@@ -340,6 +354,19 @@ def _fp8_decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | Non
     if not should_use_gemv(x, layer.weight):
         return None
     return gemv(x, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=input_scale)
+
+
+def _apply_quantized_input(layer: nn.Module, x: QuantizedActivation, bias: torch.Tensor | None) -> torch.Tensor:
+    """An input its producer quantized per token (see fused_input_quantization): decode rows
+    through the GEMV's fp8 x fp8 dots, the rest through torch._scaled_mm."""
+    from pagedllm.layers.ops.gemv import MAX_GEMV_ROWS, gemv
+
+    x_q = x.data.reshape(-1, x.data.shape[-1])
+    if x_q.shape[0] <= MAX_GEMV_ROWS:
+        out = gemv(x_q, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=x.scale, out_dtype=x.dtype)
+    else:
+        out = scaled_mm_fp8(x_q, x.scale.reshape(-1, 1), layer.weight, layer.weight_scale, bias, x.dtype)
+    return out.reshape(*x.data.shape[:-1], out.shape[-1])
 
 
 def _block_offsets(partition_sizes: list[int], block_n: int) -> list[int]:

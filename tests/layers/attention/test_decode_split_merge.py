@@ -1,6 +1,7 @@
 """The split-K decode kernel merges its splits itself (the last split to finish, counted with
 an atomic) to the same result as the separate merge kernel and as a float64 softmax reference,
-and leaves its counters zeroed for the next launch. CPU, under the Triton interpreter, in a
+and leaves its counters zeroed for the next launch; in a decode-only step it writes the new
+keys and values into the cache itself before reading them. CPU, under the Triton interpreter, in a
 subprocess so TRITON_INTERPRET=1 is set before Triton is imported."""
 
 from __future__ import annotations
@@ -52,6 +53,28 @@ for num_splits in (1, 4, 8):
                                num_splits, split_counters=counters if fused else None)
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
         assert int(counters.abs().sum()) == 0, counters
+
+# A decode-only step's new keys and values (each request's last position) written by the
+# kernel itself: their slots hold NaN until then, and afterwards what the cache held before.
+last = torch.tensor(seq_lens) - 1
+slot_mapping = block_table[torch.arange(len(seq_lens)), last // block_size].long() * block_size + last % block_size
+pages, offsets = slot_mapping // block_size, slot_mapping % block_size
+new_keys, new_values = kv_cache[0, pages, offsets].clone(), kv_cache[1, pages, offsets].clone()
+for num_splits in (1, 4, 8):
+    kv_cache[:, pages, offsets] = float("nan")
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
+                           num_splits, split_counters=counters, new_kv=(new_keys, new_values, slot_mapping),
+                           write_new_kv=True)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kv_cache[0, pages, offsets], new_keys, rtol=0, atol=0)
+    torch.testing.assert_close(kv_cache[1, pages, offsets], new_values, rtol=0, atol=0)
+# Slot -1 (a padded graph row) writes nothing.
+kv_cache[:, pages[0], offsets[0]] = 7.0
+paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale, 4,
+                       split_counters=counters, new_kv=(new_keys, new_values, torch.full_like(slot_mapping, -1)),
+                       write_new_kv=True)
+assert bool((kv_cache[:, pages[0], offsets[0]] == 7.0).all())
 print("ok")
 """
 

@@ -3,7 +3,8 @@
 One call handles a mixed batch: new K/V are scattered into the cache, prefill chunks (query
 length > 1, with or without history) go through a flash-attention kernel that reads K/V from
 the cache pages, and decode rows (query length 1) through a split-K kernel whose grid does not
-depend on sequence lengths.
+depend on sequence lengths. In a decode-only step (every CUDA-graph step) the split-K kernel
+writes the new K/V itself: one launch per layer instead of two.
 
 Host-side values of AttentionMetadata that this backend reads, and what for:
 - num_reqs: sizes every kernel's grid (under CUDA graphs: the padded batch size;
@@ -122,7 +123,10 @@ class TritonPagedAttention:
                 scale, kv_from_cache=False, skip_decode=False, sliding_window=self.sliding_window,
             )
         else:
-            reshape_and_cache(key, value, kv_cache, md.slot_mapping, k_scale, v_scale)
+            decode_only = md.max_query_len == 1
+            if not decode_only:
+                # A decode-only step's keys and values are written by the decode kernel.
+                reshape_and_cache(key, value, kv_cache, md.slot_mapping, k_scale, v_scale)
             if md.max_query_len > 1:
                 # With one request there is no decode row to hand over; otherwise the split-K
                 # kernel below takes the query-length-1 rows, whichever they are.
@@ -138,6 +142,7 @@ class TritonPagedAttention:
                     out, query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.num_reqs,
                     scale, num_splits, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
                     split_counters=self._counters(query.device),
+                    new_kv=(key, value, md.slot_mapping), write_new_kv=decode_only,
                 )
         if md.num_actual_tokens < num_tokens:
             out[md.num_actual_tokens :].zero_()

@@ -53,9 +53,12 @@ def choose_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits
 
 # Batch-size-dependent ints are not specialized on (== 1, % 16): one compiled variant serves
 # every captured batch size, so a cold start compiles once instead of once per graph size.
-@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["num_tokens", "num_splits", "write_kv"])
 def _paged_decode_kernel(
     q_ptr,
+    key_ptr,
+    value_ptr,
+    slot_mapping_ptr,
     k_cache_ptr,
     v_cache_ptr,
     out_ptr,
@@ -73,8 +76,13 @@ def _paged_decode_kernel(
     num_tokens,
     num_heads,
     num_splits,
+    write_kv,
     stride_q_token,
     stride_q_head,
+    stride_key_token,
+    stride_key_head,
+    stride_value_token,
+    stride_value_head,
     stride_out_token,
     stride_out_head,
     stride_cache_block,
@@ -102,6 +110,10 @@ def _paged_decode_kernel(
     FUSED_MERGE: the last split of a (request, KV head) to finish, as counted in
     split_counter [num_reqs * num_kv_heads] int32 (zero between launches: the last one resets
     it), merges the partials itself, so no second kernel is launched.
+    write_kv: the step's new key/value rows ([num_tokens, num_kv_heads, head_size], any
+    token and head strides) go into the cache at slot_mapping (-1 skips) first, written by
+    the split that reads their position, which then reads them back like any other key, so
+    a decode-only step launches no cache-write kernel. 0: reshape_and_cache has written them.
     Grid: (num_reqs, num_kv_heads, num_splits); requests whose query length is not 1 exit.
     The split covers keys [start + split * chunk, start + (split + 1) * chunk), chunk =
     (seq_len - start) / num_splits rounded up to BLOCK_N; start is 0, or with USE_WINDOW
@@ -130,6 +142,16 @@ def _paged_decode_kernel(
     row_valid = rows < QUERIES_PER_KV
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < head_size
+    if write_kv != 0:
+        slot = tl.load(slot_mapping_ptr + q_start)
+        if (slot >= 0) & (split_start <= seq_len - 1) & (seq_len - 1 < split_end):
+            _write_new_kv(key_ptr + q_start.to(tl.int64) * stride_key_token + kv_head * stride_key_head,
+                          value_ptr + q_start.to(tl.int64) * stride_value_token + kv_head * stride_value_head,
+                          k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot.to(tl.int64), kv_head,
+                          stride_cache_block, stride_cache_slot, stride_cache_head, dims, dim_valid,
+                          PAGE_SIZE, KV_FP8)
+            # The loop below reads the slot back, through other threads of this program.
+            tl.debug_barrier()
     q = tl.load(
         q_ptr + q_start.to(tl.int64) * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :],
@@ -193,6 +215,23 @@ def _paged_decode_kernel(
                     part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_active, head_size, dims,
                     row_valid[:, None] & dim_valid[None, :], row_valid,
                 )
+
+
+@triton.jit
+def _write_new_kv(key_row, value_row, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot, kv_head,
+                  stride_cache_block, stride_cache_slot, stride_cache_head, dims, dim_valid,
+                  PAGE_SIZE: tl.constexpr, KV_FP8: tl.constexpr):
+    """One token's key and value of one KV head into its cache slot, as reshape_and_cache
+    stores them (an fp8 cache holds value / scale saturated to +-448)."""
+    offset = (slot // PAGE_SIZE) * stride_cache_block + (slot % PAGE_SIZE) * stride_cache_slot \
+        + kv_head * stride_cache_head + dims
+    k = tl.load(key_row + dims, mask=dim_valid)
+    v = tl.load(value_row + dims, mask=dim_valid)
+    if KV_FP8:
+        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -448.0, 448.0)
+    tl.store(k_cache_ptr + offset, k.to(k_cache_ptr.dtype.element_ty), mask=dim_valid)
+    tl.store(v_cache_ptr + offset, v.to(v_cache_ptr.dtype.element_ty), mask=dim_valid)
 
 
 @triton.jit
@@ -281,6 +320,8 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     split_counters: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    write_new_kv: bool = False,
 ) -> None:
     """Attention of every request whose query length is 1 (other rows untouched).
 
@@ -292,7 +333,11 @@ def paged_decode_attention(
     is dequantized with the scalar float32 k_scale / v_scale tensors. split_counters: a
     zeroed int32 tensor of at least num_reqs * num_kv_heads values that stays alive between
     launches (the kernel leaves it zeroed); with it the splits merge themselves and the
-    second kernel is not launched.
+    second kernel is not launched. new_kv: the step's (key, value [num_tokens, num_kv_heads,
+    head_size], slot_mapping [num_tokens] int64); with write_new_kv (a step whose rows all
+    have query length 1) the kernel writes them into the cache itself, which spares the
+    reshape_and_cache launch. Passed either way by the backend, so the pointer types, hence
+    the compiled variant, are the same whether it writes or not.
     """
     num_tokens, num_heads, head_size = query.shape
     if num_tokens == 0 or num_reqs == 0:
@@ -320,8 +365,17 @@ def paged_decode_attention(
         # Never read or written with one split, but typed as with several, so that one
         # compiled variant serves both (pointer dtypes are part of Triton's signature).
         part_out = part_max = part_sum = torch.empty(1, dtype=torch.float32, device=query.device)
+    if new_kv is None:
+        if write_new_kv:
+            raise ValueError("write_new_kv needs new_kv=(key, value, slot_mapping).")
+        # Never read: stand-ins of the same types (the query for key and value).
+        new_kv = (query, query, torch.empty(1, dtype=torch.int64, device=query.device))
+    key, value, slot_mapping = new_kv
     _paged_decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query,
+        key,
+        value,
+        slot_mapping,
         k_cache,
         v_cache,
         out,
@@ -339,8 +393,13 @@ def paged_decode_attention(
         num_tokens,
         num_heads,
         num_splits,
+        int(write_new_kv),
         query.stride(0),
         query.stride(1),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
         out.stride(0),
         out.stride(1),
         k_cache.stride(0),
