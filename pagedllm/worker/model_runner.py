@@ -113,9 +113,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:
-        """Runs two small dummy steps over KV blocks 0-2 (a prefill of 17 tokens, then a
-        decode mixed with a 15-token prefill, with random sampling) so that the Triton kernels
-        the first real steps use (paged prefill, cache writes, sampling) compile during
+        """Runs three small dummy steps over KV blocks 0-2 (a prefill of 17 tokens with random
+        sampling; its decode mixed with a greedy 15-token prefill; that request's decode alone,
+        all greedy) so that the Triton kernels the first real steps use (paged prefill, cache
+        writes, random and greedy sampling on float32 and model-dtype logits) compile during
         start-up, not in the user's first generate. The blocks keep garbage, which every real
         request overwrites before reading (prefix-cache entries only come from real steps)."""
         if self.device.type == "cuda":
@@ -126,16 +127,18 @@ class ModelRunner:
     def run_dummy_steps(self) -> None:
         if not self.kv_caches or self.kv_caches[0].shape[1] < 3:
             return
-        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=2, ignore_eos=True)
+        random = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=2, ignore_eos=True)
+        greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         first, second = "__pagedllm_warm_up_0__", "__pagedllm_warm_up_1__"
 
-        def new(req_id: str, num_tokens: int, block_ids: list[int]) -> NewRequestData:
+        def new(req_id: str, num_tokens: int, block_ids: list[int], params: SamplingParams) -> NewRequestData:
             return NewRequestData(req_id, [0] * num_tokens, num_tokens, params, block_ids, 0, self.eos_token_id)
 
-        self.execute_model(SchedulerOutput([new(first, 17, [0, 1])], [], {first: 17}, 17))
+        self.execute_model(SchedulerOutput([new(first, 17, [0, 1], random)], [], {first: 17}, 17))
         self.execute_model(SchedulerOutput(
-            [new(second, 15, [2])], [CachedRequestData(first, [], 17)], {first: 1, second: 15}, 16
+            [new(second, 15, [2], greedy)], [CachedRequestData(first, [], 17)], {first: 1, second: 15}, 16
         ))
+        self.execute_model(SchedulerOutput([], [CachedRequestData(second, [], 15)], {second: 1}, 1))
         self.execute_model(SchedulerOutput([], [], {}, 0, finished_req_ids={first, second}))
         self._in_flight = None
         self._cached_metadata = None
