@@ -38,10 +38,6 @@ class QuantizedActivation:
     dtype: torch.dtype
     """The model dtype the activation had, and the linear layer's output dtype."""
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
 
 def link_activation_quantization(model: nn.Module) -> int:
     """For every (producer, linear) pair the model's modules declare, tells the producer to

@@ -362,7 +362,7 @@ def _apply_quantized_input(layer: nn.Module, x: QuantizedActivation, bias: torch
     from pagedllm.layers.ops.gemv import MAX_GEMV_ROWS, gemv
 
     x_q = x.data.reshape(-1, x.data.shape[-1])
-    if x_q.shape[0] <= MAX_GEMV_ROWS:
+    if 0 < x_q.shape[0] <= MAX_GEMV_ROWS:
         out = gemv(x_q, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=x.scale, out_dtype=x.dtype)
     else:
         out = scaled_mm_fp8(x_q, x.scale.reshape(-1, 1), layer.weight, layer.weight_scale, bias, x.dtype)

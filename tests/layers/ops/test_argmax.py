@@ -5,13 +5,9 @@ imported) and on the GPU at a real vocabulary size."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 _INTERPRETED_CHECK = """
 import torch
@@ -38,11 +34,7 @@ print("ok")
 
 
 def test_greedy_argmax_equals_torch_under_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED_CHECK)], env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_interpreted(_INTERPRETED_CHECK)
 
 
 @pytest.mark.gpu

@@ -5,13 +5,9 @@ the dequantized weight in float64."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 _INTERPRETED_CHECK = """
 import torch
@@ -73,11 +69,7 @@ print("ok")
 
 
 def test_gemv_matches_linear_under_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED_CHECK)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_interpreted(_INTERPRETED_CHECK)
 
 
 _GPU_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (512, 1000)]

@@ -7,13 +7,11 @@ dequantized reference (GPU)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 _CHECK = """
 import torch
@@ -46,12 +44,8 @@ def run(device, dtype):
 
 
 def test_quantized_outputs_equal_quantizing_the_output_under_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
     script = textwrap.dedent(_CHECK) + "\nrun('cpu', torch.float32)\n"
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=300, check=False)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_interpreted(script)
 
 
 @pytest.mark.gpu

@@ -5,10 +5,7 @@ just below a power of two, so fp8 bits are checked on the GPU, tests/gpu/test_qu
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from triton_interpreter import run_interpreted
 
 SCRIPT = """
 import torch
@@ -27,7 +24,4 @@ print("ok")
 
 
 def test_per_token_quant_kernel_matches_torch_in_the_interpreter() -> None:
-    root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    run_interpreted(SCRIPT)
