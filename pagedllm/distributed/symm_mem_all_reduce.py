@@ -6,9 +6,9 @@ captured in CUDA graphs like any kernel.
 
 A message is copied into this rank's symmetric buffer and reduced into a new tensor by one
 kernel, `symm_mem::one_shot_all_reduce_copy_out` (or, on a torch without it, a copy and then
-`one_shot_all_reduce_out`: two launches, 64 more per decode step of Llama-3.1-8B). Larger messages (prefill) go to NCCL, whose ring
-moves less data per rank; the one-shot kernel reads world_size copies, which at 1 MiB and two
-ranks is still a few microseconds over NVLink.
+`one_shot_all_reduce_out`: two launches, 64 more per decode step of Llama-3.1-8B). Larger
+messages (prefill) go to NCCL, whose ring moves less data per rank; the one-shot kernel reads
+world_size copies, which at 1 MiB and two ranks is still a few microseconds over NVLink.
 """
 
 from __future__ import annotations
