@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.fp8_rows import INTERPRETED
-
 try:
     from triton.language.extra import libdevice
 except ImportError:  # older Triton layouts
@@ -17,20 +15,7 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _silu(gate, INTERPRETED_EXP: tl.constexpr):
-    """silu in float32 rounded as torch's CUDA kernel rounds it: libdevice's expf and an IEEE
-    division (tl.exp and `/` are approximate and would move some results by an ulp). The
-    Triton interpreter has no libdevice; numpy's exp is exact enough there."""
-    if INTERPRETED_EXP:
-        e = tl.exp(-gate)
-    else:
-        e = libdevice.exp(-gate)
-    return tl.math.div_rn(gate, 1.0 + e)
-
-
-@triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK: tl.constexpr,
-                         INTERPRETED_EXP: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK: tl.constexpr):
     """out[r, j] = to_dtype(silu(x[r, j])) * x[r, d + j], rounding where the torch ops do
     (silu computed in float32 as x / (1 + exp(-x)) and rounded, then the product rounded).
 
@@ -44,7 +29,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK:
     gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + d + cols, mask=mask, other=0.0).to(tl.float32)
     dtype = x_ptr.dtype.element_ty
-    activated = _silu(gate, INTERPRETED_EXP).to(dtype).to(tl.float32)
+    # libdevice's expf and an IEEE division are what torch's CUDA silu compiles to; tl.exp
+    # and `/` are approximate and would move some results by an ulp.
+    activated = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out_row + cols, (activated * up).to(dtype), mask=mask)
 
 
@@ -63,5 +50,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_BLOCK, triton.next_power_of_2(d))
     grid = (rows.shape[0], triton.cdiv(d, block))
     stride_out_row = d  # out is contiguous
-    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), stride_out_row, d, BLOCK=block, INTERPRETED_EXP=INTERPRETED, num_warps=4)
+    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), stride_out_row, d, BLOCK=block, num_warps=4)
     return out
