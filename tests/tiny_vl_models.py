@@ -80,7 +80,6 @@ def hf_greedy_vl(path: Path, token_ids: list[int], mm_data: dict, max_new_tokens
     `mm_data` holds the processed tensors (pixel_values, image_grid_thw, ...). Also returns
     the log-softmax of the prompt's logits."""
     model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    config = model.config
     input_ids = torch.tensor([token_ids])
     mm_data = {**mm_data, **token_type_kwargs(model, input_ids)}
     generation = transformers.GenerationConfig(
