@@ -106,14 +106,6 @@ def load_weights_by_mapping(
     return loaded
 
 
-def process_weights_after_loading(model: nn.Module) -> None:
-    """Let each layer's quantization method repack its weights; call once after loading."""
-    for module in model.modules():
-        quant_method = getattr(module, "quant_method", None)
-        if quant_method is not None:
-            quant_method.process_weights_after_loading(module)
-
-
 def builds_vision_tower(multimodal_config: Any) -> bool:
     """Whether a multi-modal family builds its vision tower: not when every modality is limited
     to 0 (multimodal_config.is_text_only), and then its checkpoint tensors are skipped unread."""
