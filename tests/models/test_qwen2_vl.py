@@ -48,24 +48,23 @@ def test_one_image_matches_transformers(family_llm):
     torch.testing.assert_close(torch.tensor(ours), theirs, atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_two_images_match_transformers(family_llm):
+def _assert_greedy_equals_transformers(family_llm, prompt: str, mm_data: dict) -> None:
     path, llm = family_llm
-    images = [random_image(84, 56, seed=2), random_image(40, 120, seed=3)]
-    prompt = f"{IMAGE_PLACEHOLDER} and {IMAGE_PLACEHOLDER} compare them"
-    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, _greedy(), use_tqdm=False)[0]
-    token_ids, tensors = processed_inputs(llm, prompt, {"image": images})
+    out = llm.generate({"prompt": prompt, "multi_modal_data": mm_data}, _greedy(), use_tqdm=False)[0]
+    token_ids, tensors = processed_inputs(llm, prompt, mm_data)
     expected, _ = hf_greedy_vl(path, token_ids, tensors, MAX_TOKENS)
     assert list(out.outputs[0].token_ids) == expected
+
+
+def test_two_images_match_transformers(family_llm):
+    images = [random_image(84, 56, seed=2), random_image(40, 120, seed=3)]
+    _assert_greedy_equals_transformers(family_llm, f"{IMAGE_PLACEHOLDER} and {IMAGE_PLACEHOLDER} compare them",
+                                       {"image": images})
 
 
 def test_video_matches_transformers(family_llm):
-    path, llm = family_llm
     frames = [random_image(56, 56, seed=10 + i) for i in range(4)]
-    prompt = f"watch {VIDEO_PLACEHOLDER} now"
-    out = llm.generate({"prompt": prompt, "multi_modal_data": {"video": frames}}, _greedy(), use_tqdm=False)[0]
-    token_ids, tensors = processed_inputs(llm, prompt, {"video": frames})
-    expected, _ = hf_greedy_vl(path, token_ids, tensors, MAX_TOKENS)
-    assert list(out.outputs[0].token_ids) == expected
+    _assert_greedy_equals_transformers(family_llm, f"watch {VIDEO_PLACEHOLDER} now", {"video": frames})
 
 
 def test_batch_mixing_text_and_images_gives_each_alone(family_llm):
