@@ -21,6 +21,13 @@ from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, Sampl
 T = TypeVar("T")
 
 # Body fields that, left unset, take the model's generation_config.json default.
+# Request fields passed to SamplingParams as they are, and those that fall back to the model's
+# generation_config.json defaults when the client leaves them unset.
+_PASSED_FIELDS = (
+    "n", "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
+    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "logit_bias",
+    "allowed_token_ids", "bad_words",
+)
 _DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -110,25 +117,8 @@ class OpenAIServing:
         the client leaves unset take the model's generation_config.json defaults, as vLLM's
         server does, then SamplingParams' own."""
         defaults = self.default_sampling
-        fields: dict[str, Any] = dict(
-            n=request.n,
-            max_tokens=max_tokens,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            seed=request.seed,
-            stop=request.stop,
-            stop_token_ids=request.stop_token_ids,
-            ignore_eos=request.ignore_eos,
-            min_tokens=request.min_tokens,
-            logprobs=logprobs,
-            skip_special_tokens=request.skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            logit_bias=request.logit_bias,
-            allowed_token_ids=request.allowed_token_ids,
-            bad_words=request.bad_words,
-            **extra,
-        )
+        fields: dict[str, Any] = {name: getattr(request, name) for name in _PASSED_FIELDS}
+        fields.update(max_tokens=max_tokens, logprobs=logprobs, **extra)
         for name in _DEFAULTED_FIELDS:
             value = getattr(request, name)
             if value is None:
