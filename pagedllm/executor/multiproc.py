@@ -69,7 +69,7 @@ class MultiprocExecutor(Executor):
             parent_conn, child_conn = context.Pipe(duplex=True)
             process = context.Process(
                 target=_worker_main,
-                args=(engine_config, rank, rank, init_method, child_conn, self._broadcast.handle()),
+                args=(engine_config, rank, rank, init_method, child_conn, self._broadcast.handle(), time.time()),
                 name=f"pagedllm-worker-rank-{rank}",
                 daemon=True,
             )
@@ -184,7 +184,7 @@ def _stop_workers(workers: list[_WorkerProcess], graceful: bool, broadcast: ShmB
 
 def _worker_main(
     engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, conn: Connection,
-    broadcast_handle: tuple[str, int, int, int],
+    broadcast_handle: tuple[str, int, int, int], spawned_at: float,
 ) -> None:
     """The body of each worker process: answer RPCs until told to stop or the engine is gone."""
     # Ctrl-C reaches the whole process group; the engine decides what happens and stops us.
@@ -193,6 +193,7 @@ def _worker_main(
     from pagedllm.worker.worker import Worker
 
     worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
+    logger.info("Rank %d: process started and imported in %.2f s.", rank, time.time() - spawned_at)
     spin_s = GPU_SPIN_S if engine_config.device_config.device.type == "cuda" else 0.0
     broadcast = ShmBroadcast.attach(broadcast_handle, rank, spin_s)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ class Worker:
         self._profiler: StepProfiler | None = None
 
     def init_device(self) -> None:
+        start = time.perf_counter()
         if self.device.type == "cuda":
             # One rank uses the device the user named (cuda:1); several use one GPU each, in
             # CUDA_VISIBLE_DEVICES order.
@@ -76,14 +78,22 @@ class Worker:
                 # message sizes it gains little. A value the user set is kept.
                 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
                 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+            device_ready = time.perf_counter()
             init_distributed(
                 self.world_size, self.rank, "nccl" if self.device.type == "cuda" else "gloo",
                 self.distributed_init_method, self.local_rank,
             )
+            group_joined = time.perf_counter()
             # NCCL builds its communicator at the first collective; do it now, so it is not
             # first met inside a CUDA graph capture, and a broken link fails at start-up.
             dist.all_reduce(torch.zeros(1, device=self.device), group=get_tp_group())
+            communicator_built = time.perf_counter()
             init_custom_all_reduce(self.device, self.config.parallel_config.disable_custom_all_reduce)
+            logger.info(
+                "Rank %d: device %.2f s, joining the group %.2f s, first all-reduce %.2f s, "
+                "peer-to-peer all-reduce set-up %.2f s.", self.rank, device_ready - start,
+                group_joined - device_ready, communicator_built - group_joined, time.perf_counter() - communicator_built,
+            )
         seed = self.config.model_config.seed
         if seed is not None:
             torch.manual_seed(seed)
