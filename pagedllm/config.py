@@ -164,7 +164,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     """Number of ranks the model's layers are split across."""
     distributed_executor_backend: str = "uni"
-    """"uni" (in-process, one rank), "mp" (one spawned process per rank) or "ray"."""
+    """"uni" (in-process, one rank), "mp" (one process per rank) or "ray"."""
     disable_custom_all_reduce: bool = False
     """True: every all-reduce goes through NCCL; False: small ones (decode) use the one-shot
     peer-to-peer kernel over symmetric memory when the GPUs support it."""

@@ -62,6 +62,15 @@ def logging_level() -> str:
     return (_get("LOGGING_LEVEL") or "INFO").upper()
 
 
+def worker_multiproc_method() -> str | None:
+    """PAGEDLLM_WORKER_MULTIPROC_METHOD (alias VLLM_WORKER_MULTIPROC_METHOD): how the "mp"
+    executor starts its ranks, "fork" or "spawn"; unset: fork on GPUs, spawn on CPU."""
+    value = (_get("WORKER_MULTIPROC_METHOD") or "").strip().lower()
+    if value in ("", "fork", "spawn"):
+        return value or None
+    raise ValueError(f"PAGEDLLM_WORKER_MULTIPROC_METHOD={value!r} is not a start method; use 'fork' or 'spawn'.")
+
+
 def torch_profiler_dir() -> str | None:
     """PAGEDLLM_TORCH_PROFILER_DIR (alias VLLM_TORCH_PROFILER_DIR): where LLM.start_profile()
     writes torch profiler traces; unset means profiling is off."""

@@ -122,11 +122,13 @@ def build_engine_config(model: str, args: dict[str, Any], planned_device: torch.
 def _resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
+    # device_count() asks NVML where it can; is_available() asks the CUDA runtime, after which
+    # forked ranks could not use CUDA (executor/multiproc.py).
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.device_count() > 0 else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device={device!r} is not supported; use 'auto', 'cuda' or 'cpu'.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and torch.cuda.device_count() == 0:
         raise ValueError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'.")
     return torch.device(device)
 
@@ -480,7 +482,7 @@ def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None
         if config_dtype in (torch.float16, torch.bfloat16):
             return config_dtype
         # Planning without a GPU (`pagedllm plan`) assumes a current one, with bfloat16.
-        return torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.device_count() == 0 or torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if config_dtype == torch.bfloat16 else torch.float32
 
 

@@ -52,7 +52,7 @@ class Executor(abc.ABC):
     @staticmethod
     def create(engine_config: EngineConfig) -> Executor:
         """The executor `parallel_config.distributed_executor_backend` names: "uni" (this
-        process), "mp" (one spawned process per rank) or "ray" (one Ray actor per rank)."""
+        process), "mp" (one process per rank) or "ray" (one Ray actor per rank)."""
         backend = engine_config.parallel_config.distributed_executor_backend
         if backend == "uni":
             from pagedllm.executor.uniproc import UniProcExecutor
@@ -169,7 +169,7 @@ class Executor(abc.ABC):
         if method == "init_device":
             hint += (
                 " If this happened while a script started, create the LLM under "
-                "`if __name__ == '__main__':` (workers are spawned processes that import the "
+                "`if __name__ == '__main__':` (spawned workers import the "
                 "main module)."
             )
         raise WorkerDiedError(

@@ -1,10 +1,13 @@
-"""One spawned process per tensor-parallel rank, each holding a Worker; the engine's process
+"""One process per tensor-parallel rank, each holding a Worker; the engine's process
 holds no model and talks to the ranks over one pipe each.
 
-Processes are spawned, never forked, so a parent that has touched CUDA cannot break them
-("Cannot re-initialize CUDA in forked subprocess"). Like every spawn-based launcher, this
-imports the user's main module in each child: a script must create its LLM under
-`if __name__ == "__main__":`.
+GPU ranks are forked, as vLLM's are: a forked rank shares the modules the engine's process
+already imported, where a spawned one spends several seconds importing torch and pagedllm
+again (10 s of a 13 s two-GPU start-up on an H200). A process whose CUDA state a fork would
+break ("Cannot re-initialize CUDA in forked subprocess": it used CUDA, or asked the CUDA
+runtime for its devices) gets spawned ranks instead, as do CPU ranks, whose OpenMP thread
+pools do not survive a fork; PAGEDLLM_WORKER_MULTIPROC_METHOD chooses. Spawned ranks import
+the user's main module: a script must create its LLM under `if __name__ == "__main__":`.
 
 An RPC is `(call_id, method, args, kwargs, reply_rank)`, pickled once and written once into a
 shared-memory ring that every rank reads (shm_broadcast.py; a payload too large for a slot goes
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import signal
 import time
@@ -31,6 +35,9 @@ from multiprocessing.process import BaseProcess
 from collections.abc import Collection
 from typing import Any
 
+import torch
+
+from pagedllm import envs
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, exit_with_parent, get_open_port
@@ -54,7 +61,8 @@ class MultiprocExecutor(Executor):
     def __init__(self, engine_config: EngineConfig) -> None:
         super().__init__(engine_config)
         world_size = engine_config.parallel_config.tensor_parallel_size
-        context = multiprocessing.get_context("spawn")
+        start_method = _start_method(engine_config.device_config.device.type)
+        context = multiprocessing.get_context(start_method)
         init_method = f"tcp://127.0.0.1:{get_open_port()}"
         self._workers: list[_WorkerProcess] = []
         # Numbers each call, so answers to a call the engine stopped waiting for (Ctrl-C)
@@ -82,8 +90,8 @@ class MultiprocExecutor(Executor):
                 child_conn.close()
             self._workers.append(_WorkerProcess(rank, process, parent_conn))
         logger.info(
-            "Started %d worker processes (pids %s) in %.1f s; ranks meet at %s.",
-            world_size, ", ".join(str(w.process.pid) for w in self._workers),
+            "Started %d worker processes (%s, pids %s) in %.1f s; ranks meet at %s.",
+            world_size, start_method, ", ".join(str(w.process.pid) for w in self._workers),
             time.perf_counter() - start, init_method,
         )
 
@@ -155,6 +163,32 @@ class MultiprocExecutor(Executor):
     def _stop_workers_now(self) -> None:
         _stop_workers(self._workers, False, self._broadcast)
         self._finalizer.detach()
+
+
+def _start_method(device_type: str) -> str:
+    requested = envs.worker_multiproc_method() or ("fork" if device_type == "cuda" else "spawn")
+    if requested == "fork" and _fork_breaks_cuda():
+        logger.warning(
+            "This process already initialized CUDA (or asked the CUDA runtime for its devices), "
+            "which a forked rank cannot undo, so the ranks are spawned: each imports torch and "
+            "pagedllm again, several seconds of start-up. Create the LLM before touching CUDA "
+            "(torch.cuda.device_count() is safe; torch.cuda.is_available() is not) to fork them."
+        )
+        return "spawn"
+    return requested
+
+
+def _fork_breaks_cuda() -> bool:
+    """Whether a forked child of this process would refuse CUDA. torch marks a child "in bad
+    fork" when the parent initialized CUDA or counted devices through the CUDA runtime; only a
+    child can see the mark, so a throwaway one is forked to look."""
+    if torch.cuda.is_initialized():
+        return True
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only reports and leaves
+        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status) != 0
 
 
 def _stop_workers(workers: list[_WorkerProcess], graceful: bool, broadcast: ShmBroadcast) -> None:

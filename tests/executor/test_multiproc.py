@@ -1,7 +1,8 @@
-"""The multiprocessing executor (one spawned CPU process per rank, gloo): a worker's exception
-comes back with the worker's traceback, a worker killed mid-run becomes a clear error instead
-of a hang, and no worker process outlives its LLM (garbage collection, interpreter exit, or
-the engine's process being killed outright)."""
+"""The multiprocessing executor (one CPU process per rank, gloo; spawned unless
+PAGEDLLM_WORKER_MULTIPROC_METHOD=fork): a worker's exception comes back with the worker's
+traceback, a worker killed mid-run becomes a clear error instead of a hang, no worker process
+outlives its LLM (garbage collection, interpreter exit, or the engine's process being killed
+outright), and forked ranks compute what spawned ones do."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.executor import multiproc
 from pagedllm.executor.base import RemoteTraceback, WorkerDiedError
 
 ENGINE = dict(skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=1 << 24, tensor_parallel_size=2)
@@ -103,14 +105,47 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(120)
-def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoints, tmp_path, start_method):
     script = tmp_path / "engine.py"
     script.write_text(textwrap.dedent(_SCRIPT))
     result = subprocess.run(
-        [sys.executable, str(script), str(tiny_checkpoints["llama"])], capture_output=True, text=True, timeout=100
+        [sys.executable, str(script), str(tiny_checkpoints["llama"])], capture_output=True, text=True, timeout=100,
+        env={**os.environ, "PAGEDLLM_WORKER_MULTIPROC_METHOD": start_method},
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     pids = [int(pid) for pid in result.stdout.split()]
     assert len(pids) == 2
     # Each worker watches its parent's sentinel and exits as soon as it closes.
     assert _still_alive_after(pids, timeout_s=10.0) == []
+
+
+def test_forked_ranks_start_at_once_and_give_the_spawned_ranks_tokens(tiny_checkpoints, monkeypatch, caplog):
+    monkeypatch.setenv("PAGEDLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    spawned = LLM(str(tiny_checkpoints["llama"]), **ENGINE)
+    expected = [o.outputs[0].token_ids for o in spawned.generate(PROMPTS, PARAMS, use_tqdm=False)]
+    spawned.shutdown()
+
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # vLLM's name is an alias
+    monkeypatch.delenv("PAGEDLLM_WORKER_MULTIPROC_METHOD")
+    with caplog.at_level("INFO", logger="pagedllm"):
+        forked = LLM(str(tiny_checkpoints["llama"]), **ENGINE)
+    assert "Started 2 worker processes (fork" in caplog.text
+    assert [o.outputs[0].token_ids for o in forked.generate(PROMPTS, PARAMS, use_tqdm=False)] == expected
+    forked.shutdown()
+
+
+def test_the_start_method_falls_back_to_spawn_when_a_fork_could_not_use_cuda(monkeypatch, caplog):
+    monkeypatch.delenv("PAGEDLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    assert multiproc._start_method("cpu") == "spawn"  # OpenMP pools do not survive a fork
+    # A process that has not touched CUDA forks its GPU ranks (this one has no GPU to touch).
+    assert not multiproc._fork_breaks_cuda()
+    assert multiproc._start_method("cuda") == "fork"
+    monkeypatch.setattr(multiproc, "_fork_breaks_cuda", lambda: True)
+    with caplog.at_level("WARNING", logger="pagedllm"):
+        assert multiproc._start_method("cuda") == "spawn"
+    assert "ranks are spawned" in caplog.text
+    monkeypatch.setenv("PAGEDLLM_WORKER_MULTIPROC_METHOD", "forkserver")
+    with pytest.raises(ValueError, match="PAGEDLLM_WORKER_MULTIPROC_METHOD='forkserver'.*'fork' or 'spawn'"):
+        multiproc._start_method("cuda")
