@@ -46,7 +46,7 @@ class Executor(abc.ABC):
     def __init__(self, engine_config: EngineConfig) -> None:
         self.engine_config = engine_config
         self.startup_seconds: dict[str, float] = {}
-        """Seconds per start-up phase: init_device, load, profile, kv_cache, cuda_graphs."""
+        """Seconds per start-up phase: init_device, load, compile, profile, kv_cache, cuda_graphs."""
         self._failure: str | None = None
 
     @staticmethod
@@ -75,11 +75,12 @@ class Executor(abc.ABC):
         """Calls `method` on every worker and returns their results in rank order."""
 
     def initialize(self) -> int:
-        """Starts the workers, loads the model, profiles memory, allocates the KV cache and
-        captures CUDA graphs, timing each phase (`startup_seconds`). Returns the number of KV
-        blocks (the minimum over ranks)."""
+        """Starts the workers, loads the model, compiles its kernels, profiles memory,
+        allocates the KV cache and captures CUDA graphs, timing each phase
+        (`startup_seconds`). Returns the number of KV blocks (the minimum over ranks)."""
         self._timed("init_device", "init_device")
         self._timed("load", "load_model")
+        self._timed("compile", "compile_kernels")
         num_blocks = min(self._timed("profile", "determine_num_kv_blocks"))
         self._timed("kv_cache", "initialize_kv_cache", num_blocks)
         self._timed("cuda_graphs", "compile_or_warm_up_model")

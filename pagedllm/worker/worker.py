@@ -18,9 +18,11 @@ from pagedllm.distributed.parallel_state import (
     init_distributed,
 )
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.layers.ops import triton_ops_available
 from pagedllm.model_loader.loaders import model_weight_bytes
 from pagedllm.worker import memory_profiler
 from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.precompile import precompile_kernels
 from pagedllm.worker.profiler import StepProfiler
 from pagedllm.worker.sleep_mode import SleepState, put_to_sleep, wake_up
 
@@ -114,6 +116,14 @@ class Worker:
         dist.broadcast(seed, src=0, group=get_tp_group())
         runner.default_generator.manual_seed(int(seed.item()))
 
+    def compile_kernels(self) -> None:
+        """Compiles the Triton kernels the engine's steps will launch, in parallel (CUDA only;
+        see precompile.py), so that neither the profile nor the graph capture nor the first
+        generate waits for a compiler."""
+        if self.device.type == "cuda" and triton_ops_available("cuda"):
+            # The ranks of one machine compile side by side: each takes its share of the cores.
+            precompile_kernels(self._runner(), self._decode_batch_sizes(), max(1, _num_usable_cpus() // self.world_size))
+
     def determine_num_kv_blocks(self) -> int:
         runner = self._runner()
         weights_bytes = _device_weight_bytes(runner.model)
@@ -137,6 +147,14 @@ class Worker:
             kv_bytes = memory_profiler.cpu_kv_budget_bytes(self.config)
         sizing = memory_profiler.size_kv_cache(self.config, kv_bytes, runner.kv_cache_block_bytes())
         return memory_profiler.check_and_log_kv_cache(self.config, sizing, self.device)
+
+    def _decode_batch_sizes(self) -> tuple[int, ...]:
+        """The decode batches start-up compiles for: the CUDA graph sizes, or without graphs
+        the sizes that take the few-row kernels."""
+        compilation_config = self.config.compilation_config
+        if compilation_config.use_cudagraph:
+            return tuple(compilation_config.cudagraph_capture_sizes)
+        return (1, 2, 3, 4, 5, 6, 7, 8)
 
     def kv_cache_block_bytes(self) -> int:
         """Bytes one block takes summed over this rank's attention layers."""

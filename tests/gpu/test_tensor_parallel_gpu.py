@@ -87,3 +87,37 @@ def test_ray_actors_on_two_gpus(tmp_path):
             _release(llm)
     finally:
         ray.shutdown()
+
+
+_FORK_SCRIPT = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from pagedllm import LLM, SamplingParams
+
+llm = LLM(sys.argv[1], tensor_parallel_size=2, skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3)
+prompts = json.loads(sys.argv[2])
+params = SamplingParams(temperature=0.0, max_tokens=int(sys.argv[3]), ignore_eos=True)
+outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+print("TOKENS " + json.dumps([o.outputs[0].token_ids for o in outputs]), flush=True)
+llm.shutdown()
+"""
+
+
+def test_a_process_that_has_not_touched_cuda_forks_its_ranks(tmp_path):
+    # pytest's process has used CUDA (the module's checks, other tests), so the engine runs in
+    # a fresh one, as a user's script would.
+    import json
+    import subprocess
+    import sys
+
+    path = make_tiny_checkpoint(tmp_path / "model", "llama")
+    script = tmp_path / "engine.py"
+    script.write_text(_FORK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), json.dumps(PROMPTS), str(MAX_TOKENS)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Started 2 worker processes (fork" in result.stderr, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))
+    assert json.loads(line[len("TOKENS "):]) == hf_greedy(path, PROMPTS, MAX_TOKENS)

@@ -53,7 +53,9 @@ def choose_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits
 
 # Batch-size-dependent ints are not specialized on (== 1, % 16): one compiled variant serves
 # every captured batch size, so a cold start compiles once instead of once per graph size.
-@triton.jit(do_not_specialize=["num_tokens", "num_splits", "write_kv"])
+# The block table's row stride is the widest request's block count in eager steps: leaving
+# it unspecialized keeps one variant for every step (no compile in a user's first generate).
+@triton.jit(do_not_specialize=["num_tokens", "num_splits", "write_kv", "stride_block_table"])
 def _paged_decode_kernel(
     q_ptr,
     key_ptr,

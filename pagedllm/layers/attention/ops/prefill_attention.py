@@ -88,7 +88,9 @@ def _attend_tile(
 
 
 # Step-dependent ints are not specialized on (== 1, % 16): one compiled variant per shape class.
-@triton.jit(do_not_specialize=["num_reqs", "num_tokens"])
+# The block table's row stride is the widest request's block count: unspecialized, as in
+# decode_attention.py.
+@triton.jit(do_not_specialize=["num_reqs", "num_tokens", "stride_block_table"])
 def _paged_prefill_kernel(
     q_ptr,
     k_ptr,

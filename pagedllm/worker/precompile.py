@@ -1,0 +1,145 @@
+"""Start-up compilation of the engine's Triton kernels, all at once on a thread pool.
+
+On a machine with an empty Triton cache each kernel variant used to compile when the start-up
+profile, the CUDA graph capture or the dummy steps first launched it, one after another (most
+of a 13.7 s cold start of Qwen3-0.6B on an H200, 2.8 s warm). Here, before the profile, the
+model code runs once more on the shapes the engine will run, with every Triton launch turned
+into a compile submitted to a thread pool (Triton's AsyncCompileMode; its MLIR and LLVM passes
+and ptxas run without the GIL), so the variants compile side by side, and exactly those the
+shapes need: the specializations come from the real launch arguments, not from a list kept
+beside the kernels.
+
+Kernels do not run in this pass, so what they would have written holds garbage. Only model
+forwards on inputs built here run in it, and their results are thrown away; their torch ops
+never index with a kernel's output. The sampler's random path is left out for that reason
+(it draws from the logits), and its greedy argmax is called directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedllm.forward_context import AttentionMetadata, set_forward_context
+from pagedllm.worker.input_batch import build_profile_inputs
+
+if TYPE_CHECKING:
+    from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# The dummy steps' shapes (model_runner.run_dummy_steps): a 17-token prefill, and a 15-token
+# prefill mixed with one decode row; 16 and 17 cover both sides of Triton's divisible-by-16
+# specialization of token counts.
+_PREFILL_QUERY_LENS = ((17,), (1, 15))
+# Decode rows that take the Triton GEMV and argmax paths (layers/ops/gemv.py, sampler.py).
+_FEW_ROWS = 8
+
+
+@contextlib.contextmanager
+def triton_compile_only(max_workers: int) -> Iterator[dict[str, int]]:
+    """Inside, a Triton launch from this thread compiles its kernel for the launch's arguments
+    on a pool of `max_workers` threads and returns at once without running it. On exit every
+    compile has finished and its kernel sits in the JIT's in-memory cache, so the launches that
+    follow compile nothing. Yields a dict whose "variants" is filled in on exit.
+
+    A compile that fails is dropped: the real launch compiles again and raises its own error."""
+    from triton.runtime import jit
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    original_run = jit.JITFunction.run
+    owner = threading.get_ident()
+
+    def compile_only_run(self, *args, grid, warmup, **kwargs):  # type: ignore[no-untyped-def]
+        # Other threads keep launching normally while this one compiles.
+        return original_run(self, *args, grid=grid, warmup=warmup or threading.get_ident() == owner, **kwargs)
+
+    stats = {"variants": 0}
+    with ThreadPoolExecutor(max_workers, thread_name_prefix="pagedllm-triton-compile") as pool:
+        mode = AsyncCompileMode(pool, ignore_errors=True)
+        with mode:  # its exit waits for every compile and files the kernels
+            jit.JITFunction.run = compile_only_run
+            try:
+                yield stats
+            finally:
+                jit.JITFunction.run = original_run
+            stats["variants"] = len(mode.future_kernels)
+
+
+@torch.inference_mode()
+def precompile_kernels(runner: ModelRunner, decode_batch_sizes: tuple[int, ...], max_workers: int) -> None:
+    """Compiles, in parallel, the kernels of the profile forward, the dummy steps' prefill and
+    mixed steps, and decode steps of `decode_batch_sizes` rows (the CUDA graph sizes), with
+    their logits and greedy argmax."""
+    model = runner.model
+    assert model is not None and not runner.kv_caches, "after load_model(), before the KV cache"
+    start = time.perf_counter()
+    config = runner.config
+    with triton_compile_only(max_workers) as stats:
+        profile_inputs = build_profile_inputs(
+            config.scheduler_config.max_num_batched_tokens, runner.model_config.max_model_len, runner.device
+        )
+        with set_forward_context(profile_inputs.attn_metadata):
+            model(profile_inputs.input_ids, profile_inputs.positions)
+        with _temporary_kv_cache(runner, num_blocks=3):
+            max_blocks_per_req = -(-runner.model_config.max_model_len // runner.block_size)
+            for query_lens in _PREFILL_QUERY_LENS:
+                _forward(runner, query_lens, max_blocks_per_req)
+            for batch_size in sorted(set(decode_batch_sizes)):
+                hidden_states = _forward(runner, (1,) * batch_size, max_blocks_per_req)
+                if batch_size <= _FEW_ROWS:
+                    logits = model.compute_logits(hidden_states)
+                    # Greedy rows read model-dtype logits, or float32 ones once anything edits them.
+                    runner.sampler._argmax(logits)
+                    runner.sampler._argmax(logits.float())
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    logger.info(
+        "Prepared %d Triton kernel variants (compiled, or read from the Triton cache) on %d threads in %.1f s.",
+        stats["variants"], max_workers, time.perf_counter() - start,
+    )
+
+
+def _forward(runner: ModelRunner, query_lens: tuple[int, ...], max_blocks_per_req: int) -> torch.Tensor:
+    """A step of requests with these query lengths over KV block 0: a query length of 1 is a
+    decode row, more a prefill chunk."""
+    device = runner.device
+    num_reqs, num_tokens = len(query_lens), sum(query_lens)
+    query_start_loc = [0]
+    for query_len in query_lens:
+        query_start_loc.append(query_start_loc[-1] + query_len)
+    metadata = AttentionMetadata(
+        num_actual_tokens=num_tokens,
+        num_reqs=num_reqs,
+        max_query_len=max(query_lens),
+        max_seq_len=max(query_lens),
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
+        block_table=torch.zeros((num_reqs, max_blocks_per_req), dtype=torch.int32, device=device),
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+        query_start_loc_cpu=query_start_loc,
+        seq_lens_cpu=list(query_lens),
+    )
+    positions = torch.cat([torch.arange(query_len, device=device) for query_len in query_lens])
+    with set_forward_context(metadata):
+        return runner.model(torch.zeros(num_tokens, dtype=torch.int64, device=device), positions)
+
+
+@contextlib.contextmanager
+def _temporary_kv_cache(runner: ModelRunner, num_blocks: int) -> Iterator[None]:
+    """Binds a KV cache of a few blocks to the attention layers (the kernels' specializations
+    do not depend on its size), and unbinds it after, so the profile runs as without it."""
+    runner.initialize_kv_cache(num_blocks)
+    try:
+        yield
+    finally:
+        for layer in runner.attention_layers:
+            layer.kv_cache = None
+        runner.kv_caches = []
