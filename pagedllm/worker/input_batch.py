@@ -224,9 +224,8 @@ def build_step_inputs(
     # One host-to-device copy for every per-step array, split into views on the device.
     parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel(), fill_rows,
              source_rows, sample_token_rows]
-    packed = stager.to_device(np.concatenate(parts).astype(np.int64, copy=False))
     (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table,
-     dev_fill_rows, dev_source_rows, dev_sample_token_rows) = torch.split(packed, [len(part) for part in parts])
+     dev_fill_rows, dev_source_rows, dev_sample_token_rows) = _pack_to_device(parts, stager)
     if len(fill_rows):
         assert previous_sampled is not None, "a placeholder token with no step in flight"
         dev_input_ids.index_copy_(0, dev_fill_rows, previous_sampled.index_select(0, dev_source_rows))
@@ -254,6 +253,20 @@ def build_step_inputs(
         samples=samples,
         sample_token_rows=dev_sample_token_rows,
     )
+
+
+def _pack_to_device(parts: list[np.ndarray], stager: HostStager) -> list[torch.Tensor]:
+    """The parts as int64 views of one buffer copied to the device at once. Each view starts
+    on a 16-byte boundary: Triton specializes kernels on pointer alignment, so a view at an
+    odd int64 offset (after an odd token count) would compile a second variant of each kernel
+    that reads it, in the middle of a user's request."""
+    starts = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(part) + (len(part) & 1) for part in parts], out=starts[1:])
+    packed = np.zeros(int(starts[-1]), dtype=np.int64)
+    for part, start in zip(parts, starts):
+        packed[start : start + len(part)] = part
+    device_packed = stager.to_device(packed)
+    return [device_packed[start : start + len(part)] for part, start in zip(parts, starts)]
 
 
 def build_profile_inputs(num_tokens: int, max_model_len: int, device: torch.device) -> StepInputs:

@@ -92,19 +92,35 @@ def precompile_kernels(runner: ModelRunner, decode_batch_sizes: tuple[int, ...],
             max_blocks_per_req = -(-runner.model_config.max_model_len // runner.block_size)
             for query_lens in _PREFILL_QUERY_LENS:
                 _forward(runner, query_lens, max_blocks_per_req)
-            for batch_size in sorted(set(decode_batch_sizes)):
+            for batch_size in _distinct_decode_sizes(decode_batch_sizes):
                 hidden_states = _forward(runner, (1,) * batch_size, max_blocks_per_req)
                 if batch_size <= _FEW_ROWS:
                     logits = model.compute_logits(hidden_states)
                     # Greedy rows read model-dtype logits, or float32 ones once anything edits them.
                     runner.sampler._argmax(logits)
                     runner.sampler._argmax(logits.float())
+        submitted = time.perf_counter()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
+    end = time.perf_counter()
     logger.info(
-        "Prepared %d Triton kernel variants (compiled, or read from the Triton cache) on %d threads in %.1f s.",
-        stats["variants"], max_workers, time.perf_counter() - start,
+        "Prepared %d Triton kernel variants (compiled, or read from the Triton cache) on %d threads in %.1f s "
+        "(forwards %.2f s, then waiting for compiles %.2f s).",
+        stats["variants"], max_workers, end - start, submitted - start, end - submitted,
     )
+
+
+def _distinct_decode_sizes(batch_sizes: tuple[int, ...]) -> list[int]:
+    """The batch sizes whose launches can differ: every size up to _FEW_ROWS (the GEMV and
+    argmax paths), and beyond it the first size of each class of Triton's int specialization
+    (a multiple of 16 or not: the int4 GEMM's row count) and the largest. The other kernels
+    leave batch-dependent ints unspecialized, so the sizes in between add no variant."""
+    sizes = sorted(set(batch_sizes))
+    larger = [size for size in sizes if size > _FEW_ROWS]
+    chosen = {size for size in sizes if size <= _FEW_ROWS} | set(larger[-1:])
+    for multiple_of_16 in (True, False):
+        chosen |= set([size for size in larger if (size % 16 == 0) == multiple_of_16][:1])
+    return sorted(chosen)
 
 
 def _forward(runner: ModelRunner, query_lens: tuple[int, ...], max_blocks_per_req: int) -> torch.Tensor:

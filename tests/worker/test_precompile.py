@@ -31,10 +31,11 @@ def test_the_pass_visits_each_step_shape_and_leaves_no_kv_cache(tiny_checkpoints
         lambda module, args, output: steps.append((args[0].shape[0], runner.attention_layers[0].kv_cache is not None))
     )
     try:
-        precompile.precompile_kernels(runner, decode_batch_sizes=(4, 1, 2, 1), max_workers=2)
+        precompile.precompile_kernels(runner, decode_batch_sizes=(4, 1, 2, 1, 32, 16, 24, 40, 48), max_workers=2)
     finally:
         hook.remove()
-    assert steps == [(64, False), (17, True), (16, True), (1, True), (2, True), (4, True)]
+    # Beyond 8 rows: the first multiple of 16, the first other size and the largest.
+    assert steps == [(64, False), (17, True), (16, True), (1, True), (2, True), (4, True), (16, True), (24, True), (48, True)]
     assert runner.kv_caches == [] and all(layer.kv_cache is None for layer in runner.attention_layers)
 
     runner.kv_caches = kv_caches
