@@ -47,10 +47,11 @@ _FEW_ROWS = 8
 def triton_compile_only(max_workers: int) -> Iterator[dict[str, int]]:
     """Inside, a Triton launch from this thread compiles its kernel for the launch's arguments
     on a pool of `max_workers` threads and returns at once without running it. On exit every
-    compile has finished and its kernel sits in the JIT's in-memory cache, so the launches that
-    follow compile nothing. Yields a dict whose "variants" is filled in on exit.
+    compile has finished and its kernel sits, loaded, in the JIT's in-memory cache, so the
+    launches that follow compile nothing. Yields a dict whose "variants" is filled in on exit.
 
-    A compile that fails is dropped: the real launch compiles again and raises its own error."""
+    A compile or load that fails is dropped: the real launch tries again and raises its own
+    error."""
     from triton.runtime import jit
     from triton.runtime._async_compile import AsyncCompileMode
 
@@ -70,7 +71,25 @@ def triton_compile_only(max_workers: int) -> Iterator[dict[str, int]]:
                 yield stats
             finally:
                 jit.JITFunction.run = original_run
-            stats["variants"] = len(mode.future_kernels)
+            future_kernels = list(mode.future_kernels.values())
+        stats["variants"] = len(future_kernels)
+        # A kernel's first launch also builds its launcher (on triton 3.6, C code through the
+        # host compiler, ~0.1-0.5 s each when not cached) and loads its binary: done here
+        # side by side too, on this thread's device.
+        device = torch.cuda.current_device()
+        kernels = [future.kernel for future in future_kernels if getattr(future, "kernel", None) is not None]
+        list(pool.map(lambda kernel: _load(kernel, device), kernels))
+
+
+def _load(kernel: object, device: int) -> None:
+    torch.cuda.set_device(device)
+    init_handles = getattr(kernel, "_init_handles", None)
+    if init_handles is None:
+        return
+    try:
+        init_handles()
+    except Exception:  # out of resources: the real launch raises it with its context
+        pass
 
 
 @torch.inference_mode()
