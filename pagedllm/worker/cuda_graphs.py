@@ -83,13 +83,9 @@ class CUDAGraphRunner:
             input_ids = self.buffers.input_ids[:batch_size]
             positions = self.buffers.positions[:batch_size]
             with set_forward_context(metadata):
-                if batch_size == sizes[0]:
-                    # One eager run first, so that lazy initialization (cuBLAS handles and
-                    # workspaces, kernel modules) happens outside a capture. The Triton
-                    # kernels of every size were compiled and loaded at start-up
-                    # (precompile.py), so the other sizes need no run of their own.
-                    self.model(input_ids, positions)
-                    torch.cuda.synchronize(self.device)
+                # Warm-up compiles the Triton kernels outside the capture.
+                self.model(input_ids, positions)
+                torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.outputs[batch_size] = self.model(input_ids, positions)
