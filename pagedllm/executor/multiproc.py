@@ -3,11 +3,12 @@ holds no model and talks to the ranks over one pipe each.
 
 GPU ranks are forked, as vLLM's are: a forked rank shares the modules the engine's process
 already imported, where a spawned one spends several seconds importing torch and pagedllm
-again (10 s of a 13 s two-GPU start-up on an H200). A process whose CUDA state a fork would
-break ("Cannot re-initialize CUDA in forked subprocess": it used CUDA, or asked the CUDA
-runtime for its devices) gets spawned ranks instead, as do CPU ranks, whose OpenMP thread
-pools do not survive a fork; PAGEDLLM_WORKER_MULTIPROC_METHOD chooses. Spawned ranks import
-the user's main module: a script must create its LLM under `if __name__ == "__main__":`.
+again (about 10 s of a 23 s two-GPU start-up on an H200). A process whose CUDA state a fork
+would break ("Cannot re-initialize CUDA in forked subprocess": it used CUDA, or asked the
+CUDA runtime for its devices) gets spawned ranks instead, as do CPU ranks, whose OpenMP
+thread pools do not survive a fork; PAGEDLLM_WORKER_MULTIPROC_METHOD chooses. Spawned ranks
+import the user's main module: a script must create its LLM under
+`if __name__ == "__main__":`.
 
 An RPC is `(call_id, method, args, kwargs, reply_rank)`, pickled once and written once into a
 shared-memory ring that every rank reads (shm_broadcast.py; a payload too large for a slot goes

@@ -94,7 +94,8 @@ class Worker:
             logger.info(
                 "Rank %d: device %.2f s, joining the group %.2f s, first all-reduce %.2f s, "
                 "peer-to-peer all-reduce set-up %.2f s.", self.rank, device_ready - start,
-                group_joined - device_ready, communicator_built - group_joined, time.perf_counter() - communicator_built,
+                group_joined - device_ready, communicator_built - group_joined,
+                time.perf_counter() - communicator_built,
             )
         seed = self.config.model_config.seed
         if seed is not None:
@@ -122,7 +123,8 @@ class Worker:
         generate waits for a compiler."""
         if self.device.type == "cuda" and triton_ops_available("cuda"):
             # The ranks of one machine compile side by side: each takes its share of the cores.
-            precompile_kernels(self._runner(), self._decode_batch_sizes(), max(1, _num_usable_cpus() // self.world_size))
+            threads = max(1, _num_usable_cpus() // self.world_size)
+            precompile_kernels(self._runner(), self._decode_batch_sizes(), threads)
 
     def determine_num_kv_blocks(self) -> int:
         runner = self._runner()

@@ -1,7 +1,7 @@
 """The start-up compile pass (worker/precompile.py) runs the model on every shape the engine's
 steps will launch: the profile step without a KV cache, the dummy steps' prefill and mixed
 steps and each decode batch size over a temporary cache, which is unbound afterwards. The
-Triton side is GPU-only (tests/gpu/test_precompile.py); here the pass runs on the CPU's torch
+Triton side is GPU-only (tests/gpu/test_precompile_gpu.py); here the pass runs on the CPU's torch
 layers to check the shapes and the clean-up."""
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def test_the_pass_visits_each_step_shape_and_leaves_no_kv_cache(tiny_checkpoints
     finally:
         hook.remove()
     # Beyond 8 rows: the first multiple of 16, the first other size and the largest.
-    assert steps == [(64, False), (17, True), (16, True), (1, True), (2, True), (4, True), (16, True), (24, True), (48, True)]
+    assert steps == [
+        (64, False), (17, True), (16, True), (1, True), (2, True), (4, True), (16, True), (24, True), (48, True)
+    ]
     assert runner.kv_caches == [] and all(layer.kv_cache is None for layer in runner.attention_layers)
 
     runner.kv_caches = kv_caches

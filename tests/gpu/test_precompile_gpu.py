@@ -51,7 +51,9 @@ def test_every_kernel_compiles_in_the_start_up_pass(tmp_path, mode, dtype):
     script = tmp_path / "engine.py"
     script.write_text(_SCRIPT)
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
-    result = subprocess.run([sys.executable, str(script), str(path), mode, dtype], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), mode, dtype], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
     report = json.loads(line[len("RESULT "):])
