@@ -5,8 +5,10 @@ GPU ranks are forked, as vLLM's are: a forked rank shares the modules the engine
 already imported, where a spawned one spends several seconds importing torch and pagedllm
 again (about 10 s of a 23 s two-GPU start-up on an H200). A process whose CUDA state a fork
 would break ("Cannot re-initialize CUDA in forked subprocess": it used CUDA, or asked the
-CUDA runtime for its devices) gets spawned ranks instead, as do CPU ranks, whose OpenMP
-thread pools do not survive a fork; PAGEDLLM_WORKER_MULTIPROC_METHOD chooses. Spawned ranks
+CUDA runtime for its devices) gets spawned ranks instead. A forked rank runs torch on one CPU
+thread, because an OpenMP thread pool does not survive a fork: more threads would hang in
+the first parallel region. GPU ranks do their work on the GPU; CPU ranks compute on the
+CPU, so they are spawned unless PAGEDLLM_WORKER_MULTIPROC_METHOD=fork asks otherwise. Spawned ranks
 import the user's main module: a script must create its LLM under
 `if __name__ == "__main__":`.
 
@@ -78,7 +80,8 @@ class MultiprocExecutor(Executor):
             parent_conn, child_conn = context.Pipe(duplex=True)
             process = context.Process(
                 target=_worker_main,
-                args=(engine_config, rank, rank, init_method, child_conn, self._broadcast.handle(), time.time()),
+                args=(engine_config, rank, rank, init_method, child_conn, self._broadcast.handle(), time.time(),
+                      start_method == "fork"),
                 name=f"pagedllm-worker-rank-{rank}",
                 daemon=True,
             )
@@ -219,7 +222,7 @@ def _stop_workers(workers: list[_WorkerProcess], graceful: bool, broadcast: ShmB
 
 def _worker_main(
     engine_config: EngineConfig, rank: int, local_rank: int, init_method: str, conn: Connection,
-    broadcast_handle: tuple[str, int, int, int], spawned_at: float,
+    broadcast_handle: tuple[str, int, int, int], spawned_at: float, forked: bool,
 ) -> None:
     """The body of each worker process: answer RPCs until told to stop or the engine is gone."""
     # Ctrl-C reaches the whole process group; the engine decides what happens and stops us.
@@ -227,7 +230,7 @@ def _worker_main(
     exit_with_parent()
     from pagedllm.worker.worker import Worker
 
-    worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method)
+    worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method, forked=forked)
     logger.info("Rank %d: process started and imported in %.2f s.", rank, time.time() - spawned_at)
     spin_s = GPU_SPIN_S if engine_config.device_config.device.type == "cuda" else 0.0
     broadcast = ShmBroadcast.attach(broadcast_handle, rank, spin_s)

@@ -36,9 +36,14 @@ class Worker:
         rank: int,
         local_rank: int,
         distributed_init_method: str | None = None,
+        forked: bool = False,
     ) -> None:
         """`distributed_init_method` (e.g. "tcp://127.0.0.1:29500") is where the ranks meet to
-        form their process group; needed when tensor_parallel_size > 1."""
+        form their process group; needed when tensor_parallel_size > 1. `forked`: this process
+        was forked from the engine's, so torch runs on one CPU thread (the OpenMP thread pool
+        the engine's process may hold does not survive a fork, and a parallel region over
+        more threads would wait forever for the missing ones)."""
+        self.forked = forked
         self.config = engine_config
         self.rank = rank
         self.local_rank = local_rank
@@ -64,10 +69,12 @@ class Worker:
             torch.cuda.set_device(self.device)
             # Before anything of ours is allocated: what other processes use is not ours.
             self._memory_baseline = memory_profiler.take_memory_baseline(self.config, self.device)
-        elif self.world_size > 1:
+        elif self.world_size > 1 and not self.forked:
             # N ranks on one CPU each take an equal share of the cores; torch's default (every
             # core per process) oversubscribes and runs several times slower.
             torch.set_num_threads(max(1, _num_usable_cpus() // self.world_size))
+        if self.forked:
+            torch.set_num_threads(1)
         if self.world_size > 1:
             if self.distributed_init_method is None:
                 raise ValueError(

@@ -16,8 +16,10 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.worker import worker as worker_module
 from pagedllm.executor import multiproc
 from pagedllm.executor.base import RemoteTraceback, WorkerDiedError
 
@@ -120,7 +122,14 @@ def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoints, tmp_pa
     assert _still_alive_after(pids, timeout_s=10.0) == []
 
 
-def test_forked_ranks_start_at_once_and_give_the_spawned_ranks_tokens(tiny_checkpoints, monkeypatch, caplog):
+def _torch_threads(worker) -> int:
+    return torch.get_num_threads()
+
+
+@pytest.mark.timeout(120)
+def test_forked_ranks_start_at_once_run_one_thread_and_give_the_spawned_ranks_tokens(
+    tiny_checkpoints, monkeypatch, caplog
+):
     monkeypatch.setenv("PAGEDLLM_WORKER_MULTIPROC_METHOD", "spawn")
     spawned = LLM(str(tiny_checkpoints["llama"]), **ENGINE)
     expected = [o.outputs[0].token_ids for o in spawned.generate(PROMPTS, PARAMS, use_tqdm=False)]
@@ -128,9 +137,20 @@ def test_forked_ranks_start_at_once_and_give_the_spawned_ranks_tokens(tiny_check
 
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # vLLM's name is an alias
     monkeypatch.delenv("PAGEDLLM_WORKER_MULTIPROC_METHOD")
-    with caplog.at_level("INFO", logger="pagedllm"):
-        forked = LLM(str(tiny_checkpoints["llama"]), **ENGINE)
+    # This process's OpenMP pool is busy with two threads, and the ranks would take four each
+    # if they split the cores: a forked rank that ran more than one thread would hang.
+    monkeypatch.setattr(worker_module, "_num_usable_cpus", lambda: 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        matrix = torch.randn(512, 512)
+        (matrix @ matrix).sum()
+        with caplog.at_level("INFO", logger="pagedllm"):
+            forked = LLM(str(tiny_checkpoints["llama"]), **ENGINE)
+    finally:
+        torch.set_num_threads(threads)
     assert "Started 2 worker processes (fork" in caplog.text
+    assert forked.llm_engine.executor.collective_rpc("run_callable", (_torch_threads,)) == [1, 1]
     assert [o.outputs[0].token_ids for o in forked.generate(PROMPTS, PARAMS, use_tqdm=False)] == expected
     forked.shutdown()
 
