@@ -13,6 +13,7 @@ from torch import nn
 
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import ReplicatedLinear
+from pagedllm.layers.rotary_embedding import rope_parameters_of
 from pagedllm.models.qwen2_vl import (
     PatchMerger,
     Qwen2VLForConditionalGeneration,
@@ -80,8 +81,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
         self.patch_embed = VisionPatchEmbed(
             vision_config.patch_size, vision_config.temporal_patch_size, vision_config.in_channels, dim
         )
-        theta = float((getattr(vision_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
-        self.rotary_pos_emb = VisionRotary(dim // vision_config.num_heads, theta)
+        self.rotary_pos_emb = VisionRotary(dim // vision_config.num_heads, rope_parameters_of(vision_config)["rope_theta"])
         self.blocks = nn.ModuleList(
             Qwen2_5_VisionBlock(vision_config, f"{prefix}.blocks.{i}") for i in range(vision_config.depth)
         )

@@ -160,8 +160,7 @@ class Qwen2VisionTransformer(nn.Module):
         self.patch_embed = VisionPatchEmbed(
             vision_config.patch_size, vision_config.temporal_patch_size, vision_config.in_channels, dim
         )
-        theta = float((getattr(vision_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
-        self.rotary_pos_emb = VisionRotary(dim // vision_config.num_heads, theta)
+        self.rotary_pos_emb = VisionRotary(dim // vision_config.num_heads, rope_parameters_of(vision_config)["rope_theta"])
         self.blocks = nn.ModuleList(
             Qwen2VisionBlock(vision_config, f"{prefix}.blocks.{i}") for i in range(vision_config.depth)
         )
