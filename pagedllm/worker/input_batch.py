@@ -277,6 +277,14 @@ def build_profile_inputs(num_tokens: int, max_model_len: int, device: torch.devi
     while remaining > 0:
         query_lens.append(min(remaining, max_model_len))
         remaining -= query_lens[-1]
+    return build_dummy_inputs(query_lens, block_table_width=1, device=device)
+
+
+def build_dummy_inputs(query_lens: list[int], block_table_width: int, device: torch.device) -> StepInputs:
+    """Token 0 at positions 0.. in a fresh sequence per query length (1: a decode row),
+    every block table row pointing at block 0 and no slot written: a step of these shapes
+    whose outputs are thrown away (profiling, start-up compilation)."""
+    num_tokens = sum(query_lens)
     query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int64)
     np.cumsum(query_lens, out=query_start_loc[1:])
     positions = np.concatenate([np.arange(length) for length in query_lens])
@@ -287,7 +295,7 @@ def build_profile_inputs(num_tokens: int, max_model_len: int, device: torch.devi
         max_seq_len=max(query_lens),
         query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(device),
         seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
-        block_table=torch.zeros((len(query_lens), 1), dtype=torch.int32, device=device),
+        block_table=torch.zeros((len(query_lens), block_table_width), dtype=torch.int32, device=device),
         slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
         query_start_loc_cpu=query_start_loc.tolist(),
         seq_lens_cpu=list(query_lens),

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagedllm.forward_context import AttentionMetadata, set_forward_context
-from pagedllm.worker.input_batch import build_profile_inputs
+from pagedllm.forward_context import set_forward_context
+from pagedllm.worker.input_batch import build_dummy_inputs, build_profile_inputs
 
 if TYPE_CHECKING:
     from pagedllm.worker.model_runner import ModelRunner
@@ -108,11 +108,10 @@ def precompile_kernels(runner: ModelRunner, decode_batch_sizes: tuple[int, ...],
         with set_forward_context(profile_inputs.attn_metadata):
             model(profile_inputs.input_ids, profile_inputs.positions)
         with _temporary_kv_cache(runner, num_blocks=3):
-            max_blocks_per_req = -(-runner.model_config.max_model_len // runner.block_size)
             for query_lens in _PREFILL_QUERY_LENS:
-                _forward(runner, query_lens, max_blocks_per_req)
+                _forward(runner, query_lens)
             for batch_size in _distinct_decode_sizes(decode_batch_sizes):
-                hidden_states = _forward(runner, (1,) * batch_size, max_blocks_per_req)
+                hidden_states = _forward(runner, (1,) * batch_size)
                 if batch_size <= _FEW_ROWS:
                     logits = model.compute_logits(hidden_states)
                     # Greedy rows read model-dtype logits, or float32 ones once anything edits them.
@@ -142,29 +141,13 @@ def _distinct_decode_sizes(batch_sizes: tuple[int, ...]) -> list[int]:
     return sorted(chosen)
 
 
-def _forward(runner: ModelRunner, query_lens: tuple[int, ...], max_blocks_per_req: int) -> torch.Tensor:
+def _forward(runner: ModelRunner, query_lens: tuple[int, ...]) -> torch.Tensor:
     """A step of requests with these query lengths over KV block 0: a query length of 1 is a
-    decode row, more a prefill chunk."""
-    device = runner.device
-    num_reqs, num_tokens = len(query_lens), sum(query_lens)
-    query_start_loc = [0]
-    for query_len in query_lens:
-        query_start_loc.append(query_start_loc[-1] + query_len)
-    metadata = AttentionMetadata(
-        num_actual_tokens=num_tokens,
-        num_reqs=num_reqs,
-        max_query_len=max(query_lens),
-        max_seq_len=max(query_lens),
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
-        block_table=torch.zeros((num_reqs, max_blocks_per_req), dtype=torch.int32, device=device),
-        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
-        query_start_loc_cpu=query_start_loc,
-        seq_lens_cpu=list(query_lens),
-    )
-    positions = torch.cat([torch.arange(query_len, device=device) for query_len in query_lens])
-    with set_forward_context(metadata):
-        return runner.model(torch.zeros(num_tokens, dtype=torch.int64, device=device), positions)
+    decode row, more a prefill chunk. (The attention kernels do not specialize on the block
+    table's width, so one block per request stands for any.)"""
+    inputs = build_dummy_inputs(list(query_lens), block_table_width=1, device=runner.device)
+    with set_forward_context(inputs.attn_metadata):
+        return runner.model(inputs.input_ids, inputs.positions)
 
 
 @contextlib.contextmanager
