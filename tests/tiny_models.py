@@ -105,3 +105,16 @@ def hf_logits(hf_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """transformers' logits [len(tokens), vocab] for one unbatched sequence of token ids."""
     with torch.no_grad():
         return hf_model(tokens.unsqueeze(0)).logits[0]
+
+
+def load_ours(architecture: str, config: object, hf_model: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
+    """Our model of `architecture` built under `device` (as the worker builds it, so it picks
+    that device's attention backend) with transformers' weights loaded; every parameter of
+    ours must have been loaded."""
+    from pagedllm.models.registry import get_model_class
+
+    with torch.device(device):
+        model = get_model_class(architecture)(config).eval()
+    loaded = model.load_weights(hf_model.state_dict().items())
+    assert loaded == set(dict(model.named_parameters()))
+    return model

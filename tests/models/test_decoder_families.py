@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers
-from tiny_models import hf_logits
+from tiny_models import hf_logits, load_ours
 
 from pagedllm.forward_context import set_forward_context
 from pagedllm.layers.attention.layer import Attention
@@ -70,11 +70,7 @@ def build_pair(case: str, device: str = "cpu") -> tuple[torch.nn.Module, torch.n
         # Random norms and biases too, so a misplaced one shows (their init is 1 and 0).
         for name, param in hf_model.named_parameters():
             param.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    with torch.device(device):
-        model = get_model_class(architecture)(config).eval()
-    loaded = model.load_weights(hf_model.state_dict().items())
-    assert loaded == set(dict(model.named_parameters()))
-    return hf_model.to(device), model
+    return hf_model.to(device), load_ours(architecture, config, hf_model, device)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny_models import hf_greedy, hf_logits
+from tiny_models import hf_greedy, hf_logits, load_ours
 from tiny_vlm_checkpoints import randomize_
 
 from pagedllm import LLM, SamplingParams
@@ -53,10 +53,7 @@ def build_pair(device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     config = tiny_gemma3_text_config()
     hf_model = transformers.Gemma3ForCausalLM(config).eval()
     randomize_(hf_model, norm_mean=0.0)
-    with torch.device(device):
-        model = get_model_class("Gemma3ForCausalLM")(config).eval()
-    loaded = model.load_weights(hf_model.state_dict().items())
-    assert loaded == set(dict(model.named_parameters()))
+    model = load_ours("Gemma3ForCausalLM", config, hf_model, device)
     return hf_model.to(device), model
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from mm_model_steps import merged_embeddings, paged_greedy
+from tiny_models import load_ours
 from tiny_vlm_checkpoints import randomize_
 
 from pagedllm.models.gemma3_mm import image_token_spans
@@ -46,11 +47,7 @@ def build_pair(device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     config = tiny_gemma3_config()
     hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
     randomize_(hf_model, norm_mean=0.0)
-    with torch.device(device):
-        model = get_model_class("Gemma3ForConditionalGeneration")(config).eval()
-    loaded = model.load_weights(hf_model.state_dict().items())
-    assert loaded == set(dict(model.named_parameters()))
-    return hf_model, model
+    return hf_model, load_ours("Gemma3ForConditionalGeneration", config, hf_model, device)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 from mm_model_steps import merged_embeddings, paged_greedy
+from tiny_models import load_ours
 from tiny_vlm_checkpoints import chat_config, randomize_
 
 from pagedllm.models.internvl_config import internvl_chat_config
@@ -46,10 +47,7 @@ def tiny_internvl_config(**vision_overrides: object) -> transformers.InternVLCon
 def build_pair(config: transformers.InternVLConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     hf_model = transformers.InternVLForConditionalGeneration(config).eval()
     randomize_(hf_model, norm_mean=1.0)
-    model = get_model_class("InternVLForConditionalGeneration")(config).eval()
-    loaded = model.load_weights(hf_model.state_dict().items())
-    assert loaded == set(dict(model.named_parameters()))
-    return hf_model, model
+    return hf_model, load_ours("InternVLForConditionalGeneration", config, hf_model)
 
 
 @pytest.fixture(scope="module")
