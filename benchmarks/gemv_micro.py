@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth, print_table
 from pagedllm.layers.ops.gemv import DOT, DOT_SWAPPED, FMA, GemvConfig, default_config, gemv
+from pagedllm.layers.ops.split_k import split_count_buffer
 
 # (name, in_features K, out_features N) per Llama-3.1-8B layer, tensor_parallel_size=1.
 SHAPES = [
@@ -43,17 +44,17 @@ SWEEP_CONFIGS = {
     "fp8": (
         [GemvConfig(bn, bk, FMA, warps, stages) for bn, bk in [(16, 512), (32, 512), (32, 256), (64, 256)]
          for warps in (4, 8) for stages in (3, 4)]
-        + [GemvConfig(bn, bk, inner, 4, stages) for inner, bn, bk in
+        + [GemvConfig(bn, bk, inner, 4, stages, split_k=split) for inner, bn, bk in
            [(DOT_SWAPPED, 64, 128), (DOT_SWAPPED, 64, 256), (DOT_SWAPPED, 128, 128), (DOT, 32, 128), (DOT, 64, 256)]
-           for stages in (3, 4, 5)]
+           for stages in (3, 5) for split in (1, 2, 4)]
     ),
     # fp8 rows quantized by the kernel that produced them (an RMSNorm or SiLU-and-mul): the
     # GEMV's own time only.
     "fp8q": [
-        GemvConfig(bn, bk, DOT_SWAPPED, warps, stages)
-        for bn, bk, warps, stages in [(64, 256, 4, 5), (64, 256, 4, 6), (64, 256, 4, 7), (64, 128, 4, 8),
-                                      (64, 128, 4, 10), (64, 512, 4, 3), (64, 512, 4, 4), (128, 128, 4, 6),
-                                      (128, 256, 8, 4), (32, 256, 4, 8), (16, 512, 4, 6)]
+        GemvConfig(bn, bk, DOT_SWAPPED, warps, stages, split_k=split)
+        for bn, bk, warps, stages in [(64, 256, 4, 5), (64, 128, 4, 8), (128, 128, 4, 6), (32, 256, 4, 8),
+                                      (64, 512, 4, 3)]
+        for split in (1, 2, 3, 4, 6)
     ],
 }
 
@@ -79,20 +80,33 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     return scaled_mm_fp8(x_q, x_scale, weight, scale, None, x.dtype)
 
 
+_SPLIT_COUNTS: dict[int, torch.Tensor] = {}
+
+
+def _counts(weight: torch.Tensor) -> torch.Tensor:
+    """One count buffer per output width, as each layer holds its own (made outside graphs)."""
+    out_features = weight.shape[0]
+    if out_features not in _SPLIT_COUNTS:
+        _SPLIT_COUNTS[out_features] = split_count_buffer(out_features, weight.device)
+    return _SPLIT_COUNTS[out_features]
+
+
 def _fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, config: GemvConfig | None):
-    return gemv(x, weight, weight_scale=scale, config=config)
+    return gemv(x, weight, weight_scale=scale, config=config, split_counts=_counts(weight))
 
 
 def _prequantized_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, config: GemvConfig | None):
     from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
 
     x_q, x_scale = per_token_quant(x, torch.float8_e4m3fn)
-    return gemv(x_q, weight, weight_scale=scale, input_scale=x_scale, config=config, out_dtype=x.dtype)
+    return gemv(x_q, weight, weight_scale=scale, input_scale=x_scale, config=config, out_dtype=x.dtype,
+                split_counts=_counts(weight))
 
 
 def _quantized_input_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
                           config: GemvConfig | None):
-    return gemv(x[0], weight, weight_scale=scale, input_scale=x[1], config=config, out_dtype=torch.bfloat16)
+    return gemv(x[0], weight, weight_scale=scale, input_scale=x[1], config=config, out_dtype=torch.bfloat16,
+                split_counts=_counts(weight))
 
 
 def _rate(fn, weights: list[torch.Tensor], num_bytes: int) -> float:

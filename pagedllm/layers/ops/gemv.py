@@ -3,10 +3,11 @@ weights with per-channel scales (dynamic fp8's decode path).
 
 At M <= 8 rows a linear layer is a GEMV: it reads the whole [N, K] weight once and does almost
 no arithmetic per byte, so its speed is the weight's bytes over the memory bandwidth. Each
-program reads BLOCK_N whole rows of W (K slices of BLOCK_K per iteration, pipelined
-NUM_STAGES deep), so a step is one launch with nothing to reduce afterwards (no split-K
-partials, hence the same sums in the same order every run): the output, its bias, and for fp8
-the activation quantization and both scales are done in the same kernel.
+program reads BLOCK_N rows of W (K slices of BLOCK_K per iteration, pipelined NUM_STAGES
+deep), over all of K, or over one of split_k ranges where a weight has too few output tiles
+to keep every SM streaming (the last split adds the partial sums: ops/split_k.py, the same
+sums every run). The output, its bias, and for fp8 the activation quantization and both
+scales are done in the same kernel.
 
 Three inner loops, picked per shape from the table measured on an H200
 (`benchmarks/gemv_micro.py --sweep`): FMA (one row: multiply-add into a [BLOCK_N, BLOCK_K]
@@ -24,13 +25,14 @@ from memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from pagedllm.layers.ops.fp8_rows import INTERPRETED, round_to_e4m3
+from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, split_for, store_or_merge, sum_splits
 
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
@@ -45,20 +47,21 @@ ACT_NONE, ACT_FP8_DYNAMIC, ACT_FP8_STATIC, ACT_FP8_QUANTIZED = 0, 1, 2, 3
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, workspace_ptr, count_ptr, M, N, K,
     stride_xm, stride_wn, stride_w_scale, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr,
     ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
 
     Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
     ACT 3: x is fp8 already, with per-row scales x_scale [M].
-    Grid: (cdiv(N, BLOCK_N),); out [M, N] in out's dtype. Bytes: N * K * w elem (read once) +
+    Grid: (cdiv(N, BLOCK_N), SPLIT_K); out [M, N] in out's dtype (split K: ops/split_k.py). Bytes: N * K * w elem (read once) +
     M * K * x elem; FLOPs 2 * M * N * K.
     """
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -85,8 +88,9 @@ def _gemv_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
+    for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
+        offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -116,9 +120,10 @@ def _gemv_kernel(
         w_scale = tl.load(w_scale_ptr + offs_n * stride_w_scale, mask=n_mask, other=1.0)
         result = result * w_scale[None, :]
     if HAS_BIAS:
-        result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        if pid_k == 0:
+            result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N,
+                   stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE)
 
 
 @dataclass(frozen=True)
@@ -132,24 +137,32 @@ class GemvConfig:
     # kernel feeds fp8 x fp8 tensor-core dots straight from memory (in-kernel quantization
     # before a dot stalls the loads' pipeline: 5-30% of bandwidth on the H200).
     quantize_first: bool = False
+    # Programs per output tile, each reading a K range (ops/split_k.py).
+    split_k: int = 1
 
 
 def default_config(
-    num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype, quantized_input: bool = False
+    num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype, quantized_input: bool = False,
+    device_index: int | None = None,
 ) -> GemvConfig:
     """Tiles from the H200 sweep (`benchmarks/gemv_micro.py --sweep`, BENCHMARKS.md): the one
     config per class whose worst shape of Llama-3.1-8B is nearest its best. A fixed rule, not a
     timing: two engines (or two ranks) must pick the same kernel for the same shape, or their
     roundings, and so near-tie greedy tokens, could differ."""
     if weight_dtype == FP8_DTYPE:
+        # fp8 x fp8 tensor-core dots straight from memory; weights with fewer 64-row tiles than
+        # about two per SM (qkv, o, down) split K.
+        dots = GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5)
+        dots = replace(dots, split_k=split_for(triton.cdiv(out_features, 64), triton.cdiv(in_features, 256), 2,
+                                               device_index))
         if quantized_input:
-            # fp8 rows from the kernel that produced them: tensor-core dots straight from memory.
-            return GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5)
+            # fp8 rows from the kernel that produced them.
+            return dots
         # One row of a small weight: the extra launch costs more than the FMA loop's
         # arithmetic (qkv 60% vs 55%, down 67% vs 54%); gate_up (117 MB) is the reverse.
         if num_rows == 1 and out_features * in_features < _FP8_QUANTIZE_FIRST_MIN_WEIGHT:
             return GemvConfig(block_n=16, block_k=512, inner=FMA, num_warps=4, num_stages=4)
-        return GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5, quantize_first=True)
+        return replace(dots, quantize_first=True)
     if num_rows == 1:
         return GemvConfig(block_n=8, block_k=512, inner=FMA, num_warps=4, num_stages=3)
     return GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=4)
@@ -163,13 +176,16 @@ def gemv(
     input_scale: torch.Tensor | None = None,
     config: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
+    split_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) for at most MAX_GEMV_ROWS rows, like F.linear.
 
     An fp8 `weight` needs its float32 `weight_scale` ([N], [N, 1] or one value). x is then
     quantized to fp8 per token, or with the static `input_scale` when given; or x is fp8
     already and `input_scale` holds its per-row scales. The output has x's dtype, or
-    `out_dtype` (needed when x is fp8)."""
+    `out_dtype` (needed when x is fp8). `split_counts`: the layer's
+    ops.split_k.split_count_buffer, for configs that split K (else a second launch adds the
+    splits)."""
     *lead, K = x.shape
     N = weight.shape[0]
     rows = x.reshape(-1, K)
@@ -183,7 +199,7 @@ def gemv(
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    config = config or default_config(M, N, K, weight.dtype, quantized_input=x.dtype == FP8_DTYPE)
+    config = config or default_config(M, N, K, weight.dtype, x.dtype == FP8_DTYPE, x.device.index)
     if config.inner == FMA and M != 1:
         raise ValueError(f"the FMA GEMV takes one row; got {M}.")
     scale = None
@@ -207,14 +223,20 @@ def gemv(
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     # tl.dot needs 16 rows; the padding rows are masked loads (no memory traffic).
     block_m = 1 if config.inner == FMA else 16
-    _gemv_kernel[(triton.cdiv(N, config.block_n),)](
+    num_tiles = triton.cdiv(N, config.block_n)
+    self_merge = config.split_k > 1 and can_self_merge(split_counts, num_tiles)
+    workspace = out if config.split_k == 1 else torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
+    _gemv_kernel[(num_tiles, config.split_k)](
         rows, weight, scale if scale is not None else rows, x_scale if x_scale is not None else rows,
-        bias if bias is not None else rows, out, M, N, K,
+        bias if bias is not None else rows, out, workspace, split_counts if self_merge else rows, M, N, K,
         rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
-        NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, num_warps=config.num_warps,
+        NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k, SELF_MERGE=self_merge,
+        num_warps=config.num_warps,
     )
+    if config.split_k > 1 and not self_merge:
+        sum_splits(workspace, out)
     return out.reshape(*lead, N)
 
 

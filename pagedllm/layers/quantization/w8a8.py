@@ -241,6 +241,11 @@ class W8A8LinearMethod(LinearMethodBase):
                 "weight_scale_row_block", torch.tensor(row_block, device=layer.weight.device), persistent=False
             )
         layer.w8a8_kernel = self._choose_kernel(layer)
+        if layer.w8a8_kernel == "scaled_mm":
+            from pagedllm.layers.ops.split_k import split_count_buffer
+
+            # The decode GEMV's split-K launches count their finished splits here.
+            layer.gemv_split_counts = split_count_buffer(layer.weight.shape[0], layer.weight.device)
 
     def _choose_kernel(self, layer: nn.Module) -> str:
         weight = layer.weight
@@ -353,7 +358,8 @@ def _fp8_decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | Non
 
     if not should_use_gemv(x, layer.weight):
         return None
-    return gemv(x, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=input_scale)
+    return gemv(x, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=input_scale,
+                split_counts=layer.gemv_split_counts)
 
 
 def _apply_quantized_input(layer: nn.Module, x: QuantizedActivation, bias: torch.Tensor | None) -> torch.Tensor:
@@ -363,7 +369,8 @@ def _apply_quantized_input(layer: nn.Module, x: QuantizedActivation, bias: torch
 
     x_q = x.data.reshape(-1, x.data.shape[-1])
     if 0 < x_q.shape[0] <= MAX_GEMV_ROWS:
-        out = gemv(x_q, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=x.scale, out_dtype=x.dtype)
+        out = gemv(x_q, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=x.scale, out_dtype=x.dtype,
+                   split_counts=layer.gemv_split_counts)
     else:
         out = scaled_mm_fp8(x_q, x.scale.reshape(-1, 1), layer.weight, layer.weight_scale, bias, x.dtype)
     return out.reshape(*x.data.shape[:-1], out.shape[-1])

@@ -12,6 +12,7 @@ from triton_interpreter import run_interpreted
 _INTERPRETED_CHECK = """
 import torch
 from pagedllm.layers.ops.gemv import DOT, DOT_SWAPPED, FMA, GemvConfig, gemv
+from pagedllm.layers.ops.split_k import split_count_buffer
 from pagedllm.layers.quantization.kernels.w8a8 import (
     FP8_DTYPE, absmax_scale, fake_quantize_activation, quantize, quantize_activation,
 )
@@ -30,6 +31,16 @@ for M, N, K, inner in cases:
     assert got.shape == (M, N) and got.dtype == torch.float32
     # float32 sums of K <= 520 products of N(0,1) values: error well under 1e-3.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+# Split K: merged by the last split (a count buffer, left at zero) or by a second launch; the
+# bias added once.
+for M, N, K, inner, split_k, counted in [(1, 40, 300, FMA, 3, True), (3, 70, 520, DOT_SWAPPED, 4, True),
+                                         (2, 48, 256, DOT, 2, False)]:
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    counts = split_count_buffer(N, x.device) if counted else None
+    got = gemv(x, w, b, config=GemvConfig(block_n=16, block_k=64, inner=inner, split_k=split_k), split_counts=counts)
+    expected = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+    assert counts is None or not counts.any()
 x3 = torch.randn(2, 1, 96)
 w = torch.randn(24, 96)
 config = GemvConfig(block_n=16, block_k=32, inner=DOT)
@@ -51,7 +62,7 @@ for M, N, K, inner, first in [(1, 40, 300, FMA, False), (4, 48, 256, DOT, False)
     w_q = quantize(w, w_scale, FP8_DTYPE)
     w_deq = w_q.double() * w_scale.double()
     b = torch.randn(N)
-    config = GemvConfig(block_n=16, block_k=64, inner=inner, quantize_first=first)
+    config = GemvConfig(block_n=16, block_k=64, inner=inner, quantize_first=first, split_k=1 + (N % 2))
     # quantize_first quantizes dynamic rows with per_token_quant, whose fp8 cast the
     # interpreter gets wrong (see gemv._round_to_e4m3): only its static path runs here.
     for static in (torch.tensor(0.02),) if first else (None, torch.tensor(0.02)):

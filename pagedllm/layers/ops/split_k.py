@@ -1,0 +1,102 @@
+"""Split-K that adds its own partial sums: the epilogue shared by the GEMV kernels
+(ops/gemv.py, quantization/kernels/triton_wNa16.py).
+
+A small weight read by one program per output tile leaves SMs idle, so K is split over
+SPLIT_K programs. Each writes its float32 partial sums to a workspace [SPLIT_K, M, N]; the
+last program of a tile to finish (an atomic count per tile, which it resets to zero) adds them
+in split order and writes the output. One launch, no memset, and the same sums every run.
+Without a count buffer the caller adds the splits with `sum_splits` (a second launch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# The narrowest output tile of the kernels that count: a count buffer holds one count per
+# MIN_BLOCK_N output columns, for up to MAX_ROW_TILES tiles of rows.
+MIN_BLOCK_N = 16
+MAX_ROW_TILES = 16
+
+
+def split_count_buffer(out_features: int, device: torch.device) -> torch.Tensor:
+    """The count buffer a layer of `out_features` outputs passes to each of its launches; it
+    is left at zero after every launch."""
+    return torch.zeros(MAX_ROW_TILES * triton.cdiv(out_features, MIN_BLOCK_N), dtype=torch.int32, device=device)
+
+
+def can_self_merge(split_counts: torch.Tensor | None, num_tiles: int) -> bool:
+    return split_counts is not None and num_tiles <= split_counts.numel()
+
+
+@triton.jit
+def store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                   stride_om, tile_id, pid_k, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr):
+    """Store [BLOCK_M, BLOCK_N] float32 sums: into out, or as split pid_k's partials; with
+    SELF_MERGE the last split of tile `tile_id` adds every split's partials into out."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        partials = workspace_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partials + pid_k * M * N, result, mask=mask)
+        if SELF_MERGE:
+            # acq_rel: this split's partials are visible before its count, and the last split
+            # sees every other split's partials after it.
+            if tl.atomic_add(count_ptr + tile_id, 1, sem="acq_rel") == SPLIT_K - 1:
+                tl.atomic_xchg(count_ptr + tile_id, 0)
+                total = tl.zeros(result.shape, dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):
+                    total += tl.load(partials + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def k_tile_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, pid_k):
+    """[start, end) of the K tiles split pid_k reads (empty for splits past the end)."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    tile_start = pid_k * tiles_per_split
+    return tile_start, tl.minimum(tile_start + tiles_per_split, k_tiles)
+
+
+@functools.cache
+def num_sms(device_index: int | None) -> int:
+    """The SM count of a CUDA device (4 without CUDA, for interpreted tests)."""
+    if not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def split_for(num_tiles: int, k_tiles: int, programs_per_sm: int, device_index: int | None) -> int:
+    """The split of K that gives about `programs_per_sm` programs per SM (1 when the output
+    tiles alone do), every split at least one K tile."""
+    target = programs_per_sm * num_sms(device_index)
+    return even_split(k_tiles, triton.cdiv(target, num_tiles))
+
+
+def even_split(k_tiles: int, split_k: int) -> int:
+    """split_k lowered so that every split gets at least one K tile."""
+    split_k = max(1, min(split_k, k_tiles))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split_k))
+
+
+@triton.jit
+def _sum_splits_kernel(workspace_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        total += tl.load(workspace_ptr + split * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_splits(workspace: torch.Tensor, out: torch.Tensor) -> None:
+    """out [M, N] (contiguous) = the sum of workspace [SPLIT_K, M, N] over splits, in order."""
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
+        workspace, out, out.numel(), SPLIT_K=workspace.shape[0], BLOCK=block)
