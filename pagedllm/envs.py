@@ -71,12 +71,6 @@ def worker_multiproc_method() -> str | None:
     raise ValueError(f"PAGEDLLM_WORKER_MULTIPROC_METHOD={value!r} is not a start method; use 'fork' or 'spawn'.")
 
 
-def programmatic_dependent_launch() -> bool:
-    """PAGEDLLM_PDL: launch the decode-step Triton kernels with programmatic dependent launch on
-    Hopper and later GPUs (default on; 0 turns it off)."""
-    return _get_bool("PDL", default=True)
-
-
 def torch_profiler_dir() -> str | None:
     """PAGEDLLM_TORCH_PROFILER_DIR (alias VLLM_TORCH_PROFILER_DIR): where LLM.start_profile()
     writes torch profiler traces; unset means profiling is off."""

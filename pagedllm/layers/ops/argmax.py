@@ -17,17 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_kwargs, wait_for_previous_kernel
-
 _BLOCK_V = 4096
 _EMPTY_KEY = -(1 << 63)
 
 
 @triton.jit(do_not_specialize=["vocab_size", "num_chunks"])
 def _argmax_kernel(logits_ptr, out_ptr, key_ptr, count_ptr, stride_row, vocab_size, num_chunks, empty_key,
-                   BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
-    allow_next_kernel(USE_PDL)
-    wait_for_previous_kernel(USE_PDL)
+                   BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -72,6 +68,5 @@ class GreedyArgmax:
         num_chunks = triton.cdiv(vocab_size, _BLOCK_V)
         _argmax_kernel[(num_rows, num_chunks)](
             logits, out, keys, counts, logits.stride(0), vocab_size, num_chunks, _EMPTY_KEY, BLOCK_V=_BLOCK_V, num_warps=8,
-            **pdl_kwargs(logits.device),
         )
         return out

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops.fp8_rows import INTERPRETED, store_row_fp8
-from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_kwargs, wait_for_previous_kernel
 from pagedllm.layers.quantization.quantized_activation import QuantizedActivation
 
 MAX_HIDDEN_SIZE = 65536
@@ -36,7 +35,6 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     QUANT: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """out[r] = weight * to_input_dtype(x[r] * rsqrt(mean(x[r]^2) + eps)).
     QUANT: out is fp8, that row (rounded to the input dtype first) quantized per token with
@@ -47,8 +45,6 @@ def _rms_norm_kernel(
     a fused qkv output needs no copy); out [rows, hidden_size], row stride stride_out_row.
     Grid: (rows,). Bytes: 2 * rows * hidden_size * elem + the weight; FLOPs: ~4 per element.
     """
-    allow_next_kernel(USE_PDL)
-    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     outer = row // rows_per_outer
     inner = row % rows_per_outer
@@ -81,7 +77,6 @@ def _fused_add_rms_norm_kernel(
     BLOCK: tl.constexpr,
     QUANT: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """In place: residual[r] += x[r] (rounded to the input dtype); x[r] = rms_norm(residual[r]).
     QUANT: the norm goes to q [rows, hidden_size] as fp8, quantized per token with its scale
@@ -91,8 +86,6 @@ def _fused_add_rms_norm_kernel(
     Bytes: 4 * rows * hidden_size * elem (read both, write both) + the weight, against 10
     passes for the unfused torch chain.
     """
-    allow_next_kernel(USE_PDL)
-    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -168,7 +161,6 @@ def rms_norm(
     _rms_norm_kernel[(num_rows,)](
         x, weight, out, rows_per_outer, stride_outer, stride_inner, stride_out_row, hidden_size, eps, scales,
         BLOCK=block, QUANT=quantize_to is not None, EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
-        **pdl_kwargs(x.device),
     )
     return result
 
@@ -211,6 +203,5 @@ def fused_add_rms_norm(
     _fused_add_rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight, x_rows.stride(0), residual_rows.stride(0), hidden_size, eps, q_rows, scales,
         BLOCK=block, QUANT=quantize_to is not None, EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
-        **pdl_kwargs(x.device),
     )
     return normed, residual

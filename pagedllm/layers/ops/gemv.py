@@ -32,8 +32,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops.fp8_rows import INTERPRETED, round_to_e4m3
-from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_kwargs, wait_for_previous_kernel
-from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, store_or_merge, sum_splits
+from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, split_for, store_or_merge, sum_splits
 
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
@@ -46,27 +45,6 @@ FMA, DOT, DOT_SWAPPED = 0, 1, 2
 ACT_NONE, ACT_FP8_DYNAMIC, ACT_FP8_STATIC, ACT_FP8_QUANTIZED = 0, 1, 2, 3
 
 
-@triton.jit
-def _accumulate(acc, w, x_rows, offs_k, k_mask, m_mask, x_scale,
-                INNER: tl.constexpr, ACT: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
-    """acc plus one K slice: w [BLOCK_N, BLOCK_K] times the matching x columns."""
-    x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    if ACT == 1 or ACT == 2:
-        xq = tl.div_rn(x.to(tl.float32), x_scale[:, None])
-        xq = tl.minimum(tl.maximum(xq, -448.0), 448.0)
-        if EXACT_ROUNDING:
-            xq = round_to_e4m3(xq)
-        x = xq.to(tl.float8e4nv)
-    # fp8 x fp8 products are exact in float32, so every inner loop gives the w8a8 sums.
-    if INNER == 0:
-        acc += w.to(tl.float32) * x.to(tl.float32)
-    elif INNER == 1:
-        acc += tl.dot(x, tl.trans(w))
-    else:
-        acc += tl.dot(w, tl.trans(x))
-    return acc
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, workspace_ptr, count_ptr, M, N, K,
@@ -74,16 +52,14 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr,
     ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
 
     Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
     ACT 3: x is fp8 already, with per-row scales x_scale [M].
-    Grid: (cdiv(N, BLOCK_N), SPLIT_K); out [M, N] in out's dtype (split K: ops/split_k.py).
-    Bytes: N * K * w elem (read once) + M * K * x elem; FLOPs 2 * M * N * K.
+    Grid: (cdiv(N, BLOCK_N), SPLIT_K); out [M, N] in out's dtype (split K: ops/split_k.py). Bytes: N * K * w elem (read once) +
+    M * K * x elem; FLOPs 2 * M * N * K.
     """
-    allow_next_kernel(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -92,13 +68,6 @@ def _gemv_kernel(
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
-    # No kernel writes weights: the first slice loads while the kernel before still runs.
-    first_k = tile_start * BLOCK_K + tl.arange(0, BLOCK_K)
-    # An empty split (past the end of K) masks it whole.
-    first_k_mask = first_k < tl.minimum(K, tile_end * BLOCK_K)
-    w_first = tl.load(w_rows + first_k[None, :], mask=n_mask[:, None] & first_k_mask[None, :], other=0.0)
-    wait_for_previous_kernel(USE_PDL)
 
     x_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     if ACT == 1:
@@ -119,12 +88,25 @@ def _gemv_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc = _accumulate(acc, w_first, x_rows, first_k, first_k_mask, m_mask, x_scale, INNER, ACT, EXACT_ROUNDING)
-    for tile in tl.range(tile_start + 1, tile_end, num_stages=NUM_STAGES):
+    tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
+    for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
         offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _accumulate(acc, w, x_rows, offs_k, k_mask, m_mask, x_scale, INNER, ACT, EXACT_ROUNDING)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if ACT == 1 or ACT == 2:
+            xq = tl.div_rn(x.to(tl.float32), x_scale[:, None])
+            xq = tl.minimum(tl.maximum(xq, -448.0), 448.0)
+            if EXACT_ROUNDING:
+                xq = round_to_e4m3(xq)
+            x = xq.to(tl.float8e4nv)
+        # fp8 x fp8 products are exact in float32, so every inner loop gives the w8a8 sums.
+        if INNER == 0:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        elif INNER == 1:
+            acc += tl.dot(x, tl.trans(w))
+        else:
+            acc += tl.dot(w, tl.trans(x))
 
     if INNER == 0:
         result = tl.sum(acc, axis=1)[None, :]
@@ -160,18 +142,19 @@ class GemvConfig:
 
 
 def default_config(
-    num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype, quantized_input: bool = False
+    num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype, quantized_input: bool = False,
+    device_index: int | None = None,
 ) -> GemvConfig:
     """Tiles from the H200 sweep (`benchmarks/gemv_micro.py --sweep`, BENCHMARKS.md): the one
     config per class whose worst shape of Llama-3.1-8B is nearest its best. A fixed rule, not a
     timing: two engines (or two ranks) must pick the same kernel for the same shape, or their
     roundings, and so near-tie greedy tokens, could differ."""
     if weight_dtype == FP8_DTYPE:
-        # fp8 x fp8 tensor-core dots straight from memory. Long rows split K in slices of at
-        # most 8192: down (K = 14336) reads at 85% in two splits against 77% whole, while
-        # splitting K = 4096 (qkv, o) lost 1-3 points at every split tried (2, 3, 4, 6).
-        dots = GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5,
-                          split_k=triton.cdiv(in_features, 8192))
+        # fp8 x fp8 tensor-core dots straight from memory; weights with fewer 64-row tiles than
+        # about two per SM (qkv, o, down) split K.
+        dots = GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5)
+        dots = replace(dots, split_k=split_for(triton.cdiv(out_features, 64), triton.cdiv(in_features, 256), 2,
+                                               device_index))
         if quantized_input:
             # fp8 rows from the kernel that produced them.
             return dots
@@ -216,7 +199,7 @@ def gemv(
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    config = config or default_config(M, N, K, weight.dtype, quantized_input=x.dtype == FP8_DTYPE)
+    config = config or default_config(M, N, K, weight.dtype, x.dtype == FP8_DTYPE, x.device.index)
     if config.inner == FMA and M != 1:
         raise ValueError(f"the FMA GEMV takes one row; got {M}.")
     scale = None
@@ -250,7 +233,7 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
         NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k, SELF_MERGE=self_merge,
-        num_warps=config.num_warps, **pdl_kwargs(x.device),
+        num_warps=config.num_warps,
     )
     if config.split_k > 1 and not self_merge:
         sum_splits(workspace, out)

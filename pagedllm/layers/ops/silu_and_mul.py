@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_kwargs, wait_for_previous_kernel
-
 try:
     from triton.language.extra import libdevice
 except ImportError:  # older Triton layouts
@@ -17,16 +15,13 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK: tl.constexpr):
     """out[r, j] = to_dtype(silu(x[r, j])) * x[r, d + j], rounding where the torch ops do
     (silu computed in float32 as x / (1 + exp(-x)) and rounded, then the product rounded).
 
     Layout: x [rows, 2 * d], out [rows, d], last dims contiguous. Grid: (rows, cdiv(d, BLOCK)).
     Bytes: 3 * rows * d * elem; FLOPs: ~5 per output element plus one exp.
     """
-    allow_next_kernel(USE_PDL)
-    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -55,6 +50,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_BLOCK, triton.next_power_of_2(d))
     grid = (rows.shape[0], triton.cdiv(d, block))
     stride_out_row = d  # out is contiguous
-    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), stride_out_row, d, BLOCK=block, num_warps=4,
-                               **pdl_kwargs(x.device))
+    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), stride_out_row, d, BLOCK=block, num_warps=4)
     return out

@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.attention.ops.common import LOG2_E, dot_precision
-from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_kwargs, wait_for_previous_kernel
 
 MAX_NUM_SPLITS = 64
 """Upper bound on splits; also bounds the partial-result buffers (num_reqs x heads x splits)."""
@@ -102,7 +101,6 @@ def _paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """One split of the context of one decode request, for all query heads of one KV head.
 
@@ -124,8 +122,6 @@ def _paged_decode_kernel(
     seq_len - window (sliding window). Bytes: 2 * keys * head_size * elem per (request, KV
     head), the visible KV read once; FLOPs: 4 * keys * head_size per query head (negligible).
     """
-    allow_next_kernel(USE_PDL)
-    wait_for_previous_kernel(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -424,7 +420,6 @@ def paged_decode_attention(
         FUSED_MERGE=fused_merge,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl_kwargs(query.device),
     )
     if num_splits > 1 and not fused_merge:
         _decode_merge_kernel[(num_reqs, num_heads)](

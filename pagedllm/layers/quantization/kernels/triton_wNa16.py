@@ -34,7 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_kwargs, wait_for_previous_kernel
 from pagedllm.layers.ops.split_k import (
     can_self_merge,
     k_tile_range,
@@ -75,66 +74,18 @@ def _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, rows, mask_rows, 
     return scale.to(tl.float32), zero.to(tl.float32)
 
 
-@triton.jit
-def _load_words(qweight_ptr, tile, tile_end, offs_words, offs_n, mask_n, K, stride_qk,
-                WORDS: tl.constexpr, PACK: tl.constexpr):
-    """The packed words of K tile `tile` [WORDS, BLOCK_N] (all masked past tile_end), and
-    their word rows and row mask."""
-    word_rows = tile * WORDS + offs_words
-    mask_w = (word_rows < K // PACK) & (word_rows < tile_end * WORDS)
-    words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
-                    mask=mask_w[:, None] & mask_n[None, :], other=0)
-    return words, word_rows, mask_w
-
-
-@triton.jit
-def _gemv_tile(acc, words, word_rows, mask_w, tile, x_ptr, scales_ptr, zeros_ptr, row_group_ptr,
-               offs_m, mask_m, offs_n, mask_n, K, group_size, stride_xm, stride_sg, stride_zg,
-               BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc [BLOCK_M, WORDS, BLOCK_N] plus one K tile, plane by plane on the CUDA cores."""
-    PACK: tl.constexpr = 32 // BITS
-    words_high = words >> 16
-    # An empty split (its one tile masked) still reads a group's scales: the last one.
-    group = tl.minimum(tile * BLOCK_K, K - 1) // group_size
-    if HAS_ROW_GROUP:
-        tile_acc = acc
-    else:
-        scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, word_rows, mask_w,
-                                    offs_n, mask_n, stride_sg, stride_zg, False)
-        tile_acc = tl.zeros(acc.shape, dtype=tl.float32)
-    for i in tl.static_range(PACK):
-        rows = word_rows * PACK + i
-        # Value i sits at bit pos of its half-word: its plane is scaled by 2**pos.
-        offset = 1 << ((i % (16 // BITS)) * BITS)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
-                    mask=mask_m[:, None] & mask_w[None, :], other=0.0).to(tl.float32)
-        x = x * (1.0 / offset)
-        if HAS_ROW_GROUP:
-            scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, rows, mask_w,
-                                        offs_n, mask_n, stride_sg, stride_zg, True)
-            values = (_plane(words, words_high, i, BITS) - (_MAGIC + zero * offset)) * scale
-        else:
-            values = _plane(words, words_high, i, BITS) - (_MAGIC + zero * offset)
-        tile_acc += x[:, :, None] * values[None, :, :]
-    if HAS_ROW_GROUP:
-        return tile_acc
-    return acc + tile_acc * scale[None, :, :]
-
-
 @triton.jit(do_not_specialize=["M"])
 def _int_group_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr, workspace_ptr, count_ptr,
     M, N, K, group_size, stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
     BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """Decode rows on the CUDA cores. Layout: x [M, K], qweight [K / pack, N], scales and zeros
     [G, N] (N contiguous). Grid (cdiv(N, BLOCK_N), SPLIT_K). Bytes: K * N * BITS / 8 + the
     scales and zeros, read once for all M rows; FLOPs 2 * M * N * K."""
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK
-    allow_next_kernel(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -143,56 +94,43 @@ def _int_group_gemv_kernel(
     mask_n = offs_n < N
     offs_words = tl.arange(0, WORDS)
     tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
-    # No kernel writes weights: the first tile loads while the kernel before still runs.
-    words, word_rows, mask_w = _load_words(qweight_ptr, tile_start, tile_end, offs_words, offs_n, mask_n, K,
-                                           stride_qk, WORDS, PACK)
-    wait_for_previous_kernel(USE_PDL)
 
     acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
-    acc = _gemv_tile(acc, words, word_rows, mask_w, tile_start, x_ptr, scales_ptr, zeros_ptr, row_group_ptr,
-                     offs_m, mask_m, offs_n, mask_n, K, group_size, stride_xm, stride_sg, stride_zg,
-                     BITS, HAS_ROW_GROUP, BLOCK_K)
-    for tile in tl.range(tile_start + 1, tile_end, num_stages=NUM_STAGES):
-        words, word_rows, mask_w = _load_words(qweight_ptr, tile, tile_end, offs_words, offs_n, mask_n, K,
-                                               stride_qk, WORDS, PACK)
-        acc = _gemv_tile(acc, words, word_rows, mask_w, tile, x_ptr, scales_ptr, zeros_ptr, row_group_ptr,
-                         offs_m, mask_m, offs_n, mask_n, K, group_size, stride_xm, stride_sg, stride_zg,
-                         BITS, HAS_ROW_GROUP, BLOCK_K)
+    for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
+        word_rows = tile * WORDS + offs_words
+        mask_w = word_rows < K // PACK
+        words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+                        mask=mask_w[:, None] & mask_n[None, :], other=0)
+        words_high = words >> 16
+        group = (tile * BLOCK_K) // group_size
+        if HAS_ROW_GROUP:
+            tile_acc = acc
+        else:
+            scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, word_rows, mask_w,
+                                        offs_n, mask_n, stride_sg, stride_zg, False)
+            tile_acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(PACK):
+            rows = word_rows * PACK + i
+            # Value i sits at bit pos of its half-word: its plane is scaled by 2**pos.
+            offset: tl.constexpr = 1 << ((i % (16 // BITS)) * BITS)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
+                        mask=mask_m[:, None] & mask_w[None, :], other=0.0).to(tl.float32)
+            x = x * (1.0 / offset)
+            if HAS_ROW_GROUP:
+                scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, rows, mask_w,
+                                            offs_n, mask_n, stride_sg, stride_zg, True)
+                values = (_plane(words, words_high, i, BITS) - (_MAGIC + zero * offset)) * scale
+            else:
+                values = _plane(words, words_high, i, BITS) - (_MAGIC + zero * offset)
+            tile_acc += x[:, :, None] * values[None, :, :]
+        if HAS_ROW_GROUP:
+            acc = tile_acc
+        else:
+            acc += tile_acc * scale[None, :, :]
 
     result = tl.sum(acc, axis=1)
     store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
-                   stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE)
-
-
-@triton.jit
-def _dot_tile(acc, words, word_rows, mask_w, tile, x_ptr, scales_ptr, zeros_ptr, row_group_ptr,
-              offs_m, mask_m, offs_n, mask_n, K, group_size, stride_xm, stride_sg, stride_zg,
-              BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] plus one K tile: a tensor-core dot per plane."""
-    PACK: tl.constexpr = 32 // BITS
-    words_high = words >> 16
-    # An empty split (its one tile masked) still reads a group's scales: the last one.
-    group = tl.minimum(tile * BLOCK_K, K - 1) // group_size
-    if not HAS_ROW_GROUP:
-        scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, word_rows, mask_w,
-                                    offs_n, mask_n, stride_sg, stride_zg, False)
-    for i in tl.static_range(PACK):
-        rows = word_rows * PACK + i
-        # Value i sits at bit pos of its half-word: its plane is scaled by 2**pos.
-        offset = 1 << ((i % (16 // BITS)) * BITS)
-        if HAS_ROW_GROUP:
-            scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, rows, mask_w,
-                                        offs_n, mask_n, stride_sg, stride_zg, True)
-        # (q - zero) * scale is exact in float32, so the cast rounds it as the reference's
-        # dequantized weight is rounded.
-        values = (_plane(words, words_high, i, BITS) - (_MAGIC + zero * offset)) * (scale * (1.0 / offset))
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
-                    mask=mask_m[:, None] & mask_w[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(x, values.to(x.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(x, values.to(x.dtype))
-    return acc
+            stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -201,13 +139,12 @@ def _int_group_dot_kernel(
     M, N, K, group_size, stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
     BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Tensor-core tiles; same layout and bytes as the GEMV. Grid (cdiv(M, BLOCK_M) *
     cdiv(N, BLOCK_N), SPLIT_K), M tiles outermost."""
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK
-    allow_next_kernel(USE_PDL)
     tile_id = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -219,23 +156,37 @@ def _int_group_dot_kernel(
     mask_n = offs_n < N
     offs_words = tl.arange(0, WORDS)
     tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
-    words, word_rows, mask_w = _load_words(qweight_ptr, tile_start, tile_end, offs_words, offs_n, mask_n, K,
-                                           stride_qk, WORDS, PACK)
-    wait_for_previous_kernel(USE_PDL)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _dot_tile(acc, words, word_rows, mask_w, tile_start, x_ptr, scales_ptr, zeros_ptr, row_group_ptr,
-                    offs_m, mask_m, offs_n, mask_n, K, group_size, stride_xm, stride_sg, stride_zg,
-                    BITS, HAS_ROW_GROUP, BLOCK_K, IEEE)
-    for tile in tl.range(tile_start + 1, tile_end, num_stages=NUM_STAGES):
-        words, word_rows, mask_w = _load_words(qweight_ptr, tile, tile_end, offs_words, offs_n, mask_n, K,
-                                               stride_qk, WORDS, PACK)
-        acc = _dot_tile(acc, words, word_rows, mask_w, tile, x_ptr, scales_ptr, zeros_ptr, row_group_ptr,
-                        offs_m, mask_m, offs_n, mask_n, K, group_size, stride_xm, stride_sg, stride_zg,
-                        BITS, HAS_ROW_GROUP, BLOCK_K, IEEE)
+    for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
+        word_rows = tile * WORDS + offs_words
+        mask_w = word_rows < K // PACK
+        words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+                        mask=mask_w[:, None] & mask_n[None, :], other=0)
+        words_high = words >> 16
+        group = (tile * BLOCK_K) // group_size
+        if not HAS_ROW_GROUP:
+            scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, word_rows, mask_w,
+                                        offs_n, mask_n, stride_sg, stride_zg, False)
+        for i in tl.static_range(PACK):
+            rows = word_rows * PACK + i
+            # Value i sits at bit pos of its half-word: its plane is scaled by 2**pos.
+            offset: tl.constexpr = 1 << ((i % (16 // BITS)) * BITS)
+            if HAS_ROW_GROUP:
+                scale, zero = _plane_scales(scales_ptr, zeros_ptr, row_group_ptr, group, rows, mask_w,
+                                            offs_n, mask_n, stride_sg, stride_zg, True)
+            # (q - zero) * scale is exact in float32, so the cast rounds it as the reference's
+            # dequantized weight is rounded.
+            values = (_plane(words, words_high, i, BITS) - (_MAGIC + zero * offset)) * (scale * (1.0 / offset))
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
+                        mask=mask_m[:, None] & mask_w[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(x, values.to(x.dtype), input_precision="ieee")
+            else:
+                acc += tl.dot(x, values.to(x.dtype))
 
     store_or_merge(acc, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
-                   stride_om, tile_id, pid_k, SPLIT_K, SELF_MERGE)
+            stride_om, tile_id, pid_k, SPLIT_K, SELF_MERGE)
 
 
 @dataclass(frozen=True)
@@ -323,7 +274,7 @@ def triton_int_group_matmul(
     constants = dict(
         BITS=bits, HAS_ROW_GROUP=row_group is not None, SPLIT_K=config.split_k, SELF_MERGE=self_merge,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps, **pdl_kwargs(x.device),
+        NUM_STAGES=config.num_stages, num_warps=config.num_warps,
     )
     if config.dot:
         _int_group_dot_kernel[(num_tiles, config.split_k)](*arguments, IEEE=x.dtype == torch.float32, **constants)
