@@ -10,7 +10,7 @@ enough weight copies to exceed the L2 cache, so weights come from HBM as in a re
     PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep]
 
 --sweep also times alternative tile/split-K configurations at M=1 and M=8 and prints the best
-per shape (to tune `launch_config`).
+per shape (to tune `_launch_config`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,8 @@ import itertools
 import torch
 
 from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth
-from pagedllm.layers.ops.split_k import split_count_buffer
 from pagedllm.layers.quantization.kernels.int_group import pack_int32
-from pagedllm.layers.quantization.kernels.triton_wNa16 import (
-    IntGroupConfig,
-    launch_config,
-    triton_int_group_matmul,
-)
+from pagedllm.layers.quantization.kernels.triton_wNa16 import _launch_config, triton_int_group_matmul
 
 # name -> (input features K, output features N) of Llama-3.1-8B's fused linear layers.
 SHAPES = {
@@ -81,12 +76,10 @@ def main() -> None:
         layouts = make_weights(k, n, args.bits, copies)
         dense_copies = copies_for(k * n * 2)
         dense = [torch.randn(k, n, device="cuda", dtype=DTYPE) * 0.01 for _ in range(dense_copies)]
-        counts = split_count_buffer(n, torch.device("cuda"))
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             int_time = time_rotating(
-                lambda i: triton_int_group_matmul(x, *layouts[i], args.bits, GROUP_SIZE, split_counts=counts),
-                copies)
+                lambda i: triton_int_group_matmul(x, *layouts[i], args.bits, GROUP_SIZE), copies)
             dense_time = time_rotating(lambda i: torch.matmul(x, dense[i]), dense_copies)
             bandwidth = quant_bytes / int_time
             print(f"{name:<22}{m:>5}{int_time * 1e6:>9.1f}us{bandwidth / 1e9:>8.0f}"
@@ -98,35 +91,27 @@ def main() -> None:
 
 
 def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
-    """Time the GEMV and the dot kernel over tiles and split-K (every config compiles once for
-    all four shapes: they share Triton's specializations)."""
     m = x.shape[0]
-    default = launch_config(m, n, k, bits, GROUP_SIZE, x.device)
-    counts = split_count_buffer(n, x.device)
-    k_tiles = k // 128
-    candidates = []
-    gemv_rows = 1 if m == 1 else 8
-    for block_n, split_k, stages in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (3, 5)):
-        candidates.append(IntGroupConfig(dot=False, block_m=gemv_rows, block_n=block_n, block_k=128,
-                                         split_k=split_k, num_stages=stages))
-    for block_n, split_k, stages in itertools.product((32, 64, 128), (1, 2, 4, 8), (4,)):
-        candidates.append(IntGroupConfig(dot=True, block_m=16, block_n=block_n, block_k=128,
-                                         split_k=split_k, num_stages=stages))
+    default = _launch_config(m, n, k, GROUP_SIZE, x.device)
     results = []
-    for config in candidates:
-        if config.split_k > k_tiles or (m > 1 and not config.dot and config.block_n > 64):
+    for block_m, block_n, split_k, warps, stages in itertools.product(
+        (1, 16) if m == 1 else (16,), (32, 64, 128, 256), (1, 2, 4, 8, 16, 32), (4,), (3, 4)
+    ):
+        block_k = 128
+        if split_k > k // block_k:
             continue
+        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                      num_warps=warps, num_stages=stages)
         try:
             seconds = time_rotating(
-                lambda i: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config,
-                                                  split_counts=counts),
+                lambda i: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config),
                 copies, replays=10)
         except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
             print(f"    skipped {config}: {type(error).__name__}")
             continue
         results.append((seconds, config))
     results.sort(key=lambda item: item[0])
-    for seconds, config in results[:4]:
+    for seconds, config in results[:3]:
         print(f"    sweep M={m}: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy  {config}")
     print(f"    default: {default}")
 

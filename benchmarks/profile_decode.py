@@ -2,14 +2,25 @@
 model (Llama-3.1-8B's architecture by default), kernels and host functions by time.
 
     PYTHONPATH=. python3 benchmarks/profile_decode.py [--model qwen3] [--batch 1] [--quantization fp8]
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --tensor-parallel-size 2
+
+With --tensor-parallel-size > 1 (or --trace-summary) the ranks profile themselves (LLM.start_profile) and rank 0's
+trace is summarised: GPU time per step by kind of kernel, kernels per step, and the time the
+GPU sits between kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import glob
+import gzip
+import json
+import os
 import pstats
+import tempfile
 import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,6 +35,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--quantization", default=None, help='e.g. "fp8" (dynamic fp8)')
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--trace-summary", action="store_true",
+                        help="summarise rank 0's own trace (always so with --tensor-parallel-size > 1)")
     parser.add_argument("--unfused-activation-quant", action="store_true",
                         help="diagnostic: fp8 layers quantize their own inputs (no norm / SiLU output quantization)")
     args = parser.parse_args()
@@ -35,8 +49,11 @@ def main() -> None:
         loaders.link_activation_quantization = lambda model: 0
 
     config = LLAMA_3_1_8B if args.model == "llama8b" else QWEN3_0_6B
+    trace_dir = tempfile.mkdtemp(prefix="pagedllm-trace-")
+    os.environ["PAGEDLLM_TORCH_PROFILER_DIR"] = trace_dir
     llm = LLM(write_config_dir(config), load_format="dummy", dtype="bfloat16", max_model_len=args.prompt_len + args.steps + 8,
-              max_num_seqs=max(8, args.batch), skip_tokenizer_init=True, quantization=args.quantization)
+              max_num_seqs=max(8, args.batch), skip_tokenizer_init=True, quantization=args.quantization,
+              tensor_parallel_size=args.tensor_parallel_size)
     prompts = [{"prompt_token_ids": [1 + (i + r) % 1000 for i in range(args.prompt_len)]} for r in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
@@ -52,6 +69,13 @@ def main() -> None:
         engine.step()
     torch.cuda.synchronize()
     print(f"decode step wall time: {(time.perf_counter() - start) / 8 * 1e3:.2f} ms at batch {args.batch}")
+    if args.tensor_parallel_size > 1 or args.trace_summary:
+        llm.start_profile()
+        for _ in range(8):
+            engine.step()
+        llm.stop_profile()
+        summarize_rank_trace(trace_dir, steps=8)
+        return
     cpu_profile = cProfile.Profile()
     cpu_profile.enable()
     for _ in range(8):
@@ -63,6 +87,54 @@ def main() -> None:
             engine.step()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+def _kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, keys in (("all-reduce", ("all_reduce", "allreduce", "nccl", "one_shot", "two_shot")),
+                       ("GEMV", ("gemv",)), ("matmul (cuBLAS)", ("gemm", "cutlass", "sm90_xmma", "nvjet")),
+                       ("attention", ("decode", "attention")), ("norm", ("rms_norm",)),
+                       ("rotary", ("rotary",)), ("SiLU-and-mul", ("silu",)), ("argmax / sampling", ("argmax",))):
+        if any(key in lowered for key in keys):
+            return kind
+    return "other"
+
+
+def summarize_rank_trace(trace_dir: str, steps: int) -> None:
+    """GPU time per step of rank 0's trace, by kind of kernel, and the idle time between
+    kernels (the span from the first kernel to the last, minus their busy time)."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "rank0*.json*")))
+    if not paths:
+        print(f"no rank-0 trace in {trace_dir}: {os.listdir(trace_dir)}")
+        return
+    opener = gzip.open if paths[0].endswith(".gz") else open
+    with opener(paths[0], "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not kernels:
+        print("the trace holds no kernels")
+        return
+    busy: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    covered, last_end = 0.0, kernels[0]["ts"]
+    for event in kernels:
+        kind = _kernel_kind(event["name"])
+        busy[kind] += event["dur"]
+        counts[kind] += 1
+        start, end = event["ts"], event["ts"] + event["dur"]
+        covered += max(0.0, end - max(start, last_end))
+        last_end = max(last_end, end)
+    span = last_end - kernels[0]["ts"]
+    print(f"rank 0, {steps} decode steps: {len(kernels) / steps:.0f} kernels per step, "
+          f"span {span / steps:.1f} us per step, GPU busy {covered / steps:.1f} us, idle between kernels "
+          f"{(span - covered) / steps:.1f} us")
+    for kind in sorted(busy, key=lambda k: -busy[k]):
+        print(f"  {kind:<20}{busy[kind] / steps:9.1f} us per step  {counts[kind] / steps:6.0f} kernels")
+    names: dict[str, float] = defaultdict(float)
+    for event in kernels:
+        names[event["name"][:90]] += event["dur"]
+    for name, total in sorted(names.items(), key=lambda item: -item[1])[:12]:
+        print(f"    {total / steps:8.1f} us  {name}")
 
 
 if __name__ == "__main__":

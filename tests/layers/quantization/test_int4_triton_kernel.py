@@ -18,13 +18,9 @@ if not torch.cuda.is_available():
 from int_group_checkpoints import gptq_tensors, quantize  # noqa: E402
 
 from pagedllm.layers.linear import MergedColumnParallelLinear  # noqa: E402
-from pagedllm.layers.ops.split_k import split_count_buffer  # noqa: E402
 from pagedllm.layers.quantization.gptq import GPTQConfig  # noqa: E402
 from pagedllm.layers.quantization.kernels.int_group import pack_int32, reference_matmul  # noqa: E402
-from pagedllm.layers.quantization.kernels.triton_wNa16 import (  # noqa: E402
-    IntGroupConfig,
-    triton_int_group_matmul,
-)
+from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul  # noqa: E402
 
 
 def random_layout(k: int, n: int, bits: int, group_size: int, act_order: bool, device: str, dtype: torch.dtype):
@@ -40,18 +36,14 @@ def random_layout(k: int, n: int, bits: int, group_size: int, act_order: bool, d
     return pack_int32(q, bits, 0).to(device), scales.to(device), zeros.to(device), perm, row_group
 
 
-def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device, dtype, rtol,
-                                    config=None, self_merge=True):
+def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device, dtype, rtol):
     qweight, scales, zeros, perm, row_group = random_layout(k, n, bits, group_size, act_order, device, dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device=device, dtype=dtype)
-    counts = split_count_buffer(n, torch.device(device)) if self_merge else None
-    out = triton_int_group_matmul(x, qweight, scales, zeros, bits, group_size, perm, row_group, config, counts)
+    out = triton_int_group_matmul(x, qweight, scales, zeros, bits, group_size, perm, row_group)
     expected = reference_matmul(x.float(), qweight, scales.float(), zeros.float(), bits, group_size, perm, row_group)
     assert out.dtype == dtype and out.shape == (m, n)
     error = (out.float() - expected).abs().max().item()
     assert error <= rtol * expected.abs().max().item(), f"max error {error:.3e}"
-    if counts is not None:
-        assert not counts.any(), "the split counts are left at zero for the next launch"
 
 
 INTERPRETER_CASES = [
@@ -72,28 +64,6 @@ INTERPRETER_CASES = [
 @pytest.mark.parametrize("m, k, n, bits, group_size, act_order", INTERPRETER_CASES)
 def test_interpreted_kernel_matches_reference(m, k, n, bits, group_size, act_order):
     assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, "cpu", torch.float32, 1e-4)
-
-
-# Each kernel forced onto shapes the launch rule would give the other, split K merged by the
-# last split (count buffer) or by the second kernel, one group per tile or per-row groups.
-FORCED_CONFIGS = [
-    # (m, bits, group_size, act_order, config, self_merge)
-    (1, 4, 128, False, IntGroupConfig(dot=False, block_m=1, block_n=16, block_k=64, split_k=3), True),
-    (3, 4, 64, False, IntGroupConfig(dot=False, block_m=4, block_n=32, block_k=32, split_k=2), True),
-    (2, 8, 32, False, IntGroupConfig(dot=False, block_m=2, block_n=16, block_k=32, split_k=4), False),
-    (2, 4, 16, True, IntGroupConfig(dot=False, block_m=2, block_n=16, block_k=64, split_k=2), True),
-    (1, 4, 128, False, IntGroupConfig(dot=True, block_m=16, block_n=32, block_k=128, split_k=2), True),
-    (5, 8, -1, False, IntGroupConfig(dot=True, block_m=16, block_n=16, block_k=64, split_k=4), False),
-    (18, 4, 32, False, IntGroupConfig(dot=True, block_m=16, block_n=32, block_k=128, split_k=2), True),
-    (3, 4, 16, True, IntGroupConfig(dot=True, block_m=16, block_n=16, block_k=128, split_k=1), True),
-]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests cover CUDA")
-@pytest.mark.parametrize("m, bits, group_size, act_order, config, self_merge", FORCED_CONFIGS)
-def test_interpreted_kernel_configs_match_reference(m, bits, group_size, act_order, config, self_merge):
-    assert_kernel_matches_reference(m, 256, 48, bits, group_size, act_order, "cpu", torch.float32, 1e-4,
-                                    config, self_merge)
 
 
 def build_gptq_layer(act_order: bool, device: str = "cpu") -> tuple[MergedColumnParallelLinear, list]:
@@ -120,7 +90,6 @@ def test_layer_through_the_kernel_matches_dequantized_weights(act_order):
     layer, quantized = build_gptq_layer(act_order)
     assert layer.int_group_use_triton is False  # the CPU chooses the reference path
     layer.int_group_use_triton = True
-    layer.int_group_split_counts = split_count_buffer(80, torch.device("cpu"))
     for rows in (1, 3):
         x = torch.randn(rows, 64)
         expected = torch.cat([x @ qt.dequantized.t() for qt in quantized], dim=-1)
