@@ -21,6 +21,7 @@ import itertools
 import torch
 
 from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth
+from pagedllm.layers.ops.split_k import split_count_buffer
 from pagedllm.layers.quantization.kernels.int_group import pack_int32
 from pagedllm.layers.quantization.kernels.triton_wNa16 import _launch_config, triton_int_group_matmul
 
@@ -76,10 +77,12 @@ def main() -> None:
         layouts = make_weights(k, n, args.bits, copies)
         dense_copies = copies_for(k * n * 2)
         dense = [torch.randn(k, n, device="cuda", dtype=DTYPE) * 0.01 for _ in range(dense_copies)]
+        counts = split_count_buffer(n, torch.device("cuda"))
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             int_time = time_rotating(
-                lambda i: triton_int_group_matmul(x, *layouts[i], args.bits, GROUP_SIZE), copies)
+                lambda i: triton_int_group_matmul(x, *layouts[i], args.bits, GROUP_SIZE, split_counts=counts),
+                copies)
             dense_time = time_rotating(lambda i: torch.matmul(x, dense[i]), dense_copies)
             bandwidth = quant_bytes / int_time
             print(f"{name:<22}{m:>5}{int_time * 1e6:>9.1f}us{bandwidth / 1e9:>8.0f}"
@@ -94,9 +97,11 @@ def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
     m = x.shape[0]
     default = _launch_config(m, n, k, GROUP_SIZE, x.device)
     results = []
-    for block_m, block_n, split_k, warps, stages in itertools.product(
-        (1, 16) if m == 1 else (16,), (32, 64, 128, 256), (1, 2, 4, 8, 16, 32), (4,), (3, 4)
-    ):
+    counts = split_count_buffer(n, x.device)
+    grid = ([(1, block_n, split_k, 4, stages) for block_n, split_k, stages
+             in itertools.product((64, 128, 256), (1, 2, 4, 8, 16), (3, 5))] if m == 1 else
+            [(16, block_n, split_k, 4, 3) for block_n, split_k in itertools.product((64, 128), (2, 4, 8))])
+    for block_m, block_n, split_k, warps, stages in grid:
         block_k = 128
         if split_k > k // block_k:
             continue
@@ -104,7 +109,8 @@ def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
                       num_warps=warps, num_stages=stages)
         try:
             seconds = time_rotating(
-                lambda i: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config),
+                lambda i: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config,
+                                                  split_counts=counts),
                 copies, replays=10)
         except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
             print(f"    skipped {config}: {type(error).__name__}")

@@ -129,7 +129,9 @@ def summarize_rank_trace(trace_dir: str, steps: int) -> None:
           f"span {span / steps:.1f} us per step, GPU busy {covered / steps:.1f} us, idle between kernels "
           f"{(span - covered) / steps:.1f} us")
     for kind in sorted(busy, key=lambda k: -busy[k]):
-        print(f"  {kind:<20}{busy[kind] / steps:9.1f} us per step  {counts[kind] / steps:6.0f} kernels")
+        durations = sorted(e["dur"] for e in kernels if _kernel_kind(e["name"]) == kind)
+        print(f"  {kind:<20}{busy[kind] / steps:9.1f} us per step  {counts[kind] / steps:6.0f} kernels  "
+              f"(each: min {durations[0]:.1f}, median {durations[len(durations) // 2]:.1f}, max {durations[-1]:.1f} us)")
     names: dict[str, float] = defaultdict(float)
     for event in kernels:
         names[event["name"][:90]] += event["dur"]

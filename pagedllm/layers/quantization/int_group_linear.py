@@ -9,6 +9,7 @@ A format subclass declares its checkpoint parameters in `create_weights` and con
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import abstractmethod
 from typing import Any
@@ -144,12 +145,6 @@ def _part_bounds(layer: nn.Module) -> list[tuple[int, int]]:
     return bounds
 
 
-def _triton_matmul():
-    from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul
-
-    return triton_int_group_matmul
-
-
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -197,10 +192,19 @@ class IntGroupLinearMethod(LinearMethodBase):
         # One choice per layer, made once: Triton on CUDA, the readable reference elsewhere.
         layer.int_group_use_triton = qweight.is_cuda and _triton_available()
         if layer.int_group_use_triton:
+            from pagedllm.layers.ops.split_k import split_count_buffer
+
+            # One-row split-K launches count their finished splits here (and leave it at zero).
+            layer.int_group_split_counts = split_count_buffer(qweight.shape[1], qweight.device)
             logger.debug("%s: int%d weights through the Triton kernel.", layer.prefix, self.scheme.bits)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        matmul = _triton_matmul() if layer.int_group_use_triton else reference_matmul
+        if layer.int_group_use_triton:
+            from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul
+
+            matmul = functools.partial(triton_int_group_matmul, split_counts=layer.int_group_split_counts)
+        else:
+            matmul = reference_matmul
         x2d = x.reshape(-1, x.shape[-1])
         bits, group_size = self.scheme.bits, self.scheme.group_size
         if not self.scheme.act_order:

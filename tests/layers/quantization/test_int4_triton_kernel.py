@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 from int_group_checkpoints import gptq_tensors, quantize  # noqa: E402
 
 from pagedllm.layers.linear import MergedColumnParallelLinear  # noqa: E402
+from pagedllm.layers.ops.split_k import split_count_buffer  # noqa: E402
 from pagedllm.layers.quantization.gptq import GPTQConfig  # noqa: E402
 from pagedllm.layers.quantization.kernels.int_group import pack_int32, reference_matmul  # noqa: E402
 from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul  # noqa: E402
@@ -36,14 +37,17 @@ def random_layout(k: int, n: int, bits: int, group_size: int, act_order: bool, d
     return pack_int32(q, bits, 0).to(device), scales.to(device), zeros.to(device), perm, row_group
 
 
-def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device, dtype, rtol):
+def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device, dtype, rtol, self_merge=True):
     qweight, scales, zeros, perm, row_group = random_layout(k, n, bits, group_size, act_order, device, dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device=device, dtype=dtype)
-    out = triton_int_group_matmul(x, qweight, scales, zeros, bits, group_size, perm, row_group)
+    counts = split_count_buffer(n, torch.device(device)) if self_merge else None
+    out = triton_int_group_matmul(x, qweight, scales, zeros, bits, group_size, perm, row_group, split_counts=counts)
     expected = reference_matmul(x.float(), qweight, scales.float(), zeros.float(), bits, group_size, perm, row_group)
     assert out.dtype == dtype and out.shape == (m, n)
     error = (out.float() - expected).abs().max().item()
     assert error <= rtol * expected.abs().max().item(), f"max error {error:.3e}"
+    if counts is not None:
+        assert not counts.any(), "split counts are left at zero for the next launch"
 
 
 INTERPRETER_CASES = [
@@ -62,8 +66,9 @@ INTERPRETER_CASES = [
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests cover CUDA")
 @pytest.mark.parametrize("m, k, n, bits, group_size, act_order", INTERPRETER_CASES)
-def test_interpreted_kernel_matches_reference(m, k, n, bits, group_size, act_order):
-    assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, "cpu", torch.float32, 1e-4)
+@pytest.mark.parametrize("self_merge", [True, False], ids=["splits-merged-by-the-last", "splits-summed-after"])
+def test_interpreted_kernel_matches_reference(m, k, n, bits, group_size, act_order, self_merge):
+    assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, "cpu", torch.float32, 1e-4, self_merge)
 
 
 def build_gptq_layer(act_order: bool, device: str = "cpu") -> tuple[MergedColumnParallelLinear, list]:
@@ -90,6 +95,7 @@ def test_layer_through_the_kernel_matches_dequantized_weights(act_order):
     layer, quantized = build_gptq_layer(act_order)
     assert layer.int_group_use_triton is False  # the CPU chooses the reference path
     layer.int_group_use_triton = True
+    layer.int_group_split_counts = split_count_buffer(80, torch.device("cpu"))
     for rows in (1, 3):
         x = torch.randn(rows, 64)
         expected = torch.cat([x @ qt.dequantized.t() for qt in quantized], dim=-1)

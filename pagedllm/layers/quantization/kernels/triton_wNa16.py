@@ -3,12 +3,15 @@ out = x @ W with W[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n], dequant
 the kernel tile by tile, accumulated in float32.
 
 Decode (M <= 16 rows) is memory-bound: the kernel reads each packed word once and splits K
-across programs (partial sums in a float32 workspace, added by one small kernel: no memset,
-no atomics, the same result every run) so that enough programs stream the weight to fill
-every SM; one row runs a GEMV kernel that skips the tensor-core tile and keeps all its arithmetic
-elementwise on the packed tile as loaded (values made floats by a bit trick, `_plane`). Prefill tiles over M with no split. Groups: each K tile lies inside one group (the tile
-size divides group_size), so a tile loads one row of scales and zeros; act-order layers pass
-`row_group` and load per-row scales instead.
+across programs so that enough programs stream the weight to fill every SM. The partial sums
+go to a float32 workspace and are added in split order (the same result every run): by the
+last split of each tile in the one-row GEMV when the layer passes its count buffer
+(ops/split_k.py), else by one small kernel. One row runs a GEMV kernel that skips the
+tensor-core tile and keeps all its arithmetic elementwise on the packed tile as loaded, its
+values made floats by a bit trick (`_plane`). Prefill tiles over M with no split.
+
+Groups: each K tile lies inside one group (the tile size divides group_size), so a tile loads
+one row of scales and zeros; act-order layers pass `row_group` and load per-row scales instead.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm.layers.ops.split_k import can_self_merge, store_or_merge, sum_splits
 
 
 @triton.jit
@@ -98,15 +103,18 @@ def _int_group_gemm_kernel(
 
 @triton.jit
 def _int_group_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr, workspace_ptr, count_ptr,
     N, K, group_size,
-    stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_os, stride_on,
-    BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One row (batch-1 decode). Every step is elementwise on the [words, N] tile as loaded:
     value i of each word is multiplied by its x and summed into a per-word accumulator, so
-    nothing is reshaped or reduced across threads until the end."""
+    nothing is reshaped or reduced across threads until the end. The tiles' loads are
+    pipelined NUM_STAGES deep (a plain loop waits for each tile: 18-35% of bandwidth).
+    out [N] contiguous; split K: workspace [SPLIT_K, N] float32 and count_ptr as in
+    ops/split_k.py."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK
@@ -122,7 +130,7 @@ def _int_group_gemv_kernel(
     tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
 
     acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-    for tile in range(tile_start, tile_end):
+    for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
         word_rows = tile * WORDS + offs_words
         mask_w = word_rows < K // PACK
         tile_mask = mask_w[:, None] & mask_n[None, :]
@@ -158,20 +166,10 @@ def _int_group_gemv_kernel(
                 tile_acc += (x * (1.0 / offset))[:, None] * q
             acc += tile_acc * scale.to(tl.float32)[None, :]
 
-    out = tl.sum(acc, axis=0)
-    # With split K, out_ptr is a float32 workspace [SPLIT_K, ...] summed by _sum_splits_kernel:
-    # plain stores, no zero-filled buffer, and the same sum every run.
-    tl.store(out_ptr + pid_k * stride_os + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _sum_splits_kernel(workspace_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        total += tl.load(workspace_ptr + split * numel + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+    result = tl.sum(acc, axis=0)[None, :]
+    offs_m = tl.arange(0, 1)
+    store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N,
+                   0, pid_n, pid_k, SPLIT_K, SELF_MERGE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,9 +207,12 @@ def triton_int_group_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bits: int, group_size: int, perm: torch.Tensor | None = None,
     row_group: torch.Tensor | None = None, config: dict[str, int] | None = None,
+    split_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W` for a 2-D `x` [M, K] in the scales' dtype; same arguments as the reference.
-    `config` overrides the launch heuristics (benchmarks/int4_gemm.py --sweep)."""
+    `config` overrides the launch heuristics (benchmarks/int4_gemm.py --sweep); `split_counts`
+    is the layer's ops.split_k.split_count_buffer (one-row split-K launches then add their own
+    splits)."""
     if perm is not None:
         x = x.index_select(-1, perm.long())
     x = x.to(scales.dtype)
@@ -231,7 +232,8 @@ def triton_int_group_matmul(
     split_k = config["SPLIT_K"]
     row_group_arg = row_group if row_group is not None else qweight
     if config["BLOCK_M"] == 1:
-        return _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config)
+        return _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config,
+                     split_counts)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split_k)
@@ -244,35 +246,32 @@ def triton_int_group_matmul(
         BITS=bits, HAS_ROW_GROUP=row_group is not None, IEEE=x.dtype == torch.float32, **config,
     )
     if split_k > 1:
-        _sum_splits(target, out)
+        sum_splits(target, out)
     return out
 
 
-def _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config) -> torch.Tensor:
-    """Each row through the one-row kernel; split-K partial sums go to a float32 workspace and
-    one more small kernel adds them (two launches per call, no memset, deterministic)."""
+def _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config,
+          split_counts) -> torch.Tensor:
+    """Each row through the one-row kernel; split-K partial sums go to a float32 workspace,
+    added by the last split (with `split_counts`) or by one more small kernel."""
     m, k = x.shape
     n = qweight.shape[1]
     split_k = config["SPLIT_K"]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    num_tiles = triton.cdiv(n, config["BLOCK_N"])
+    self_merge = split_k > 1 and can_self_merge(split_counts, num_tiles)
     gemv_config = {key: value for key, value in config.items() if key != "BLOCK_M"}
     for row in range(m):
-        row_target = out[row] if split_k == 1 else target[:, row]
-        _int_group_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split_k)](
-            x[row], qweight, scales, zeros, row_group_arg, row_target,
+        workspace = out if split_k == 1 else torch.empty((split_k, n), device=x.device, dtype=torch.float32)
+        _int_group_gemv_kernel[(num_tiles, split_k)](
+            x[row], qweight, scales, zeros, row_group_arg, out[row], workspace,
+            split_counts if self_merge else qweight,
             n, k, kernel_group_size,
             x.stride(1), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-            target.stride(0) if split_k > 1 else 0, row_target.stride(-1),
-            BITS=bits, HAS_ROW_GROUP=row_group is not None, **gemv_config,
+            BITS=bits, HAS_ROW_GROUP=row_group is not None, SELF_MERGE=self_merge,
+            NUM_STAGES=config["num_stages"], **gemv_config,
         )
-    if split_k > 1:
-        _sum_splits(target, out)
+        if split_k > 1 and not self_merge:
+            sum_splits(workspace, out[row])
     return out
-
-
-def _sum_splits(workspace: torch.Tensor, out: torch.Tensor) -> None:
-    block = 1024
-    _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
-        workspace, out, out.numel(), SPLIT_K=workspace.shape[0], BLOCK=block)
