@@ -16,13 +16,11 @@ one row of scales and zeros; act-order layers pass `row_group` and load per-row 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.split_k import can_self_merge, store_or_merge, sum_splits
+from pagedllm.layers.ops.split_k import can_self_merge, split_for, store_or_merge, sum_splits
 
 
 @triton.jit
@@ -172,19 +170,15 @@ def _int_group_gemv_kernel(
                    0, pid_n, pid_k, SPLIT_K, SELF_MERGE)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int | None) -> int:
-    if not torch.cuda.is_available():
-        return 4
-    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
-
-
 def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device) -> dict[str, int]:
     """Tiles, split-K and warps for one shape. `tile_group`: the K tile must divide it."""
+    # M <= 16 from the H200 sweep (`benchmarks/int4_gemm.py --sweep`, BENCHMARKS.md): three
+    # stages, and 64-column GEMV tiles split about four programs per SM, were best or within
+    # 3% of it on each Llama-3.1-8B shape.
     if m == 1:
-        block_m, block_n, block_k, warps, stages = 1, 128 if n >= 128 else 64, 128, 4, 4
+        block_m, block_n, block_k, warps, stages = 1, 64, 128, 4, 3
     elif m <= 16:
-        block_m, block_n, block_k, warps, stages = 16, 128 if n >= 128 else 64, 128, 4, 4
+        block_m, block_n, block_k, warps, stages = 16, 128 if n >= 128 else 64, 128, 4, 3
     elif m <= 64:
         block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
     else:
@@ -192,13 +186,9 @@ def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device
     while tile_group % block_k:
         block_k //= 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
     # Enough programs to keep every SM busy: about four small ones (decode) or two large ones
     # per SM; a long prefill has that many output tiles already and does not split.
-    target = (4 if m <= 64 else 2) * _num_sms(device.index)
-    split_k = max(1, min(k_tiles, triton.cdiv(target, tiles)))
-    # Every split gets at least one K tile.
-    split_k = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split_k))
+    split_k = split_for(tiles, triton.cdiv(k, block_k), 4 if m <= 64 else 2, device.index)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                 num_warps=warps, num_stages=stages)
 
