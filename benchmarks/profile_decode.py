@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--quantization", default=None, help='e.g. "fp8" (dynamic fp8)')
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce")
     parser.add_argument("--trace-summary", action="store_true",
                         help="summarise rank 0's own trace (always so with --tensor-parallel-size > 1)")
     parser.add_argument("--unfused-activation-quant", action="store_true",
@@ -53,7 +54,7 @@ def main() -> None:
     os.environ["PAGEDLLM_TORCH_PROFILER_DIR"] = trace_dir
     llm = LLM(write_config_dir(config), load_format="dummy", dtype="bfloat16", max_model_len=args.prompt_len + args.steps + 8,
               max_num_seqs=max(8, args.batch), skip_tokenizer_init=True, quantization=args.quantization,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, disable_custom_all_reduce=args.disable_custom_all_reduce)
     prompts = [{"prompt_token_ids": [1 + (i + r) % 1000 for i in range(args.prompt_len)]} for r in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
