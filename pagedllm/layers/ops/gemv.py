@@ -4,9 +4,8 @@ weights with per-channel scales (dynamic fp8's decode path).
 At M <= 8 rows a linear layer is a GEMV: it reads the whole [N, K] weight once and does almost
 no arithmetic per byte, so its speed is the weight's bytes over the memory bandwidth. Each
 program reads BLOCK_N rows of W (K slices of BLOCK_K per iteration, pipelined NUM_STAGES
-deep), over all of K, or over one of split_k ranges where a weight has too few output tiles
-to keep every SM streaming (the last split adds the partial sums: ops/split_k.py, the same
-sums every run). The output, its bias, and for fp8 the activation quantization and both
+deep), over all of K, or for long fp8 rows over one of split_k ranges (the last split adds
+the partial sums: ops/split_k.py, the same sums every run). The output, its bias, and for fp8 the activation quantization and both
 scales are done in the same kernel.
 
 Three inner loops, picked per shape from the table measured on an H200
@@ -32,7 +31,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops.fp8_rows import INTERPRETED, round_to_e4m3
-from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, split_for, store_or_merge, sum_splits
+from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, store_or_merge, sum_splits
 
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
@@ -142,19 +141,18 @@ class GemvConfig:
 
 
 def default_config(
-    num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype, quantized_input: bool = False,
-    device_index: int | None = None,
+    num_rows: int, out_features: int, in_features: int, weight_dtype: torch.dtype, quantized_input: bool = False
 ) -> GemvConfig:
     """Tiles from the H200 sweep (`benchmarks/gemv_micro.py --sweep`, BENCHMARKS.md): the one
     config per class whose worst shape of Llama-3.1-8B is nearest its best. A fixed rule, not a
     timing: two engines (or two ranks) must pick the same kernel for the same shape, or their
     roundings, and so near-tie greedy tokens, could differ."""
     if weight_dtype == FP8_DTYPE:
-        # fp8 x fp8 tensor-core dots straight from memory; weights with fewer 64-row tiles than
-        # about two per SM (qkv, o, down) split K.
-        dots = GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5)
-        dots = replace(dots, split_k=split_for(triton.cdiv(out_features, 64), triton.cdiv(in_features, 256), 2,
-                                               device_index))
+        # fp8 x fp8 tensor-core dots straight from memory. Long rows split K in slices of at
+        # most 8192: down (K = 14336) reads at 85% in two splits against 77% whole, while
+        # splitting K = 4096 (qkv, o) lost 1-3 points at every split tried (2, 3, 4, 6).
+        dots = GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5,
+                          split_k=triton.cdiv(in_features, 8192))
         if quantized_input:
             # fp8 rows from the kernel that produced them.
             return dots
@@ -199,7 +197,7 @@ def gemv(
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    config = config or default_config(M, N, K, weight.dtype, x.dtype == FP8_DTYPE, x.device.index)
+    config = config or default_config(M, N, K, weight.dtype, quantized_input=x.dtype == FP8_DTYPE)
     if config.inner == FMA and M != 1:
         raise ValueError(f"the FMA GEMV takes one row; got {M}.")
     scale = None
