@@ -20,15 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.split_k import can_self_merge, split_for, store_or_merge, sum_splits
+from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, split_for, store_or_merge, sum_splits
 
 
 @triton.jit
 def _plane(words, words_high, i: tl.constexpr, BITS: tl.constexpr):
     """Value i of each packed word as the float32 2**23 + q * 2**pos, pos being its bit offset
     within its half-word (words_high = words >> 16 holds the upper half): OR-ing a field below
-    bit 23 into the bits of 2**23 (0x4B000000) adds it exactly. One AND and one OR per value, where `.to(tl.float32)` of the shifted integer costs an int -> float
-    conversion, which runs at a quarter of the FMA rate."""
+    bit 23 into the bits of 2**23 (0x4B000000) adds it exactly. One AND and one OR per value
+    instead of a shift, an AND and an int -> float conversion (a quarter of the FMA rate); the
+    one-row kernel moved by a few points with it (BENCHMARKS.md, fifth run)."""
     HALF: tl.constexpr = 16 // BITS
     FIELD: tl.constexpr = ((1 << BITS) - 1) << ((i % HALF) * BITS)
     if i < HALF:
@@ -59,10 +60,7 @@ def _int_group_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    tile_start = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+    tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(tile_start, tile_end):
@@ -110,8 +108,8 @@ def _int_group_gemv_kernel(
     """One row (batch-1 decode). Every step is elementwise on the [words, N] tile as loaded:
     value i of each word is multiplied by its x and summed into a per-word accumulator, so
     nothing is reshaped or reduced across threads until the end. The tiles' loads are
-    pipelined NUM_STAGES deep (a plain loop waits for each tile: 18-35% of bandwidth).
-    out [N] contiguous; split K: workspace [SPLIT_K, N] float32 and count_ptr as in
+    pipelined NUM_STAGES deep (within a few points of a plain loop: neither load latency nor
+    the unpacking bounds this kernel at 20-38% of the bandwidth). out [N] contiguous; split K: workspace [SPLIT_K, N] float32 and count_ptr as in
     ops/split_k.py."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -122,10 +120,7 @@ def _int_group_gemv_kernel(
     mask_n = offs_n < N
     offs_words = tl.arange(0, WORDS)
 
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    tile_start = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, k_tiles)
+    tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
 
     acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
