@@ -54,26 +54,32 @@ for bad_rows in (torch.randn(9, 96), torch.randn(2, 96)):
         raise AssertionError("rows accepted")
 
 # fp8 weights with per-channel scales; activations dynamic per token, or static.
-for M, N, K, inner, first in [(1, 40, 300, FMA, False), (4, 48, 256, DOT, False), (2, 33, 200, DOT_SWAPPED, False),
-                              (3, 40, 256, DOT_SWAPPED, True)]:
+# Split K too, its splits added by the last one (the count buffer) or by a second launch.
+for M, N, K, inner, first, split_k, counted in [
+    (1, 40, 300, FMA, False, 1, False), (4, 48, 256, DOT, False, 2, True),
+    (2, 33, 200, DOT_SWAPPED, False, 2, False), (3, 40, 256, DOT_SWAPPED, True, 3, True),
+]:
     x = torch.randn(M, K) * 3
     w = torch.randn(N, K)
     w_scale = absmax_scale(w, -1, FP8_DTYPE)
     w_q = quantize(w, w_scale, FP8_DTYPE)
     w_deq = w_q.double() * w_scale.double()
     b = torch.randn(N)
-    config = GemvConfig(block_n=16, block_k=64, inner=inner, quantize_first=first, split_k=1 + (N % 2))
+    config = GemvConfig(block_n=16, block_k=64, inner=inner, quantize_first=first, split_k=split_k)
+    counts = split_count_buffer(N, x.device) if counted else None
     # quantize_first quantizes dynamic rows with per_token_quant, whose fp8 cast the
     # interpreter gets wrong (see gemv._round_to_e4m3): only its static path runs here.
     for static in (torch.tensor(0.02),) if first else (None, torch.tensor(0.02)):
         x_deq = fake_quantize_activation(x, FP8_DTYPE, static, None, True, None).double()
         expected = (x_deq @ w_deq.T + b.double()).float()
-        got = gemv(x, w_q, b, weight_scale=w_scale, input_scale=static, config=config)
+        got = gemv(x, w_q, b, weight_scale=w_scale, input_scale=static, config=config, split_counts=counts)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
     # Activations quantized by a launch of their own (fp8 x, per-row scales).
     x_q, x_scale, _ = quantize_activation(x, FP8_DTYPE, None, None, True, None)
     expected = ((x_q.double() * x_scale.double()) @ w_deq.T).float()
-    got = gemv(x_q, w_q, weight_scale=w_scale, input_scale=x_scale, config=config, out_dtype=torch.float32)
+    got = gemv(x_q, w_q, weight_scale=w_scale, input_scale=x_scale, config=config, out_dtype=torch.float32,
+               split_counts=counts)
+    assert counts is None or not counts.any()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
 print("ok")
 """

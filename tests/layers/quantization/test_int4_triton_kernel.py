@@ -1,7 +1,7 @@
 """The Triton int4/int8 weight-only GEMM against the reference path (dequantize, then
 matmul). On the CPU it runs under TRITON_INTERPRET=1 with small shapes; the gpu-marked tests
 run it compiled on CUDA. Tolerances: float32 1e-4 relative to the output scale (the same
-products summed in another order, split-K partial sums added atomically); bf16/fp16 2e-2
+products summed in another order, split-K partial sums added in split order); bf16/fp16 2e-2
 relative (inputs rounded to 16 bits, products accumulated in float32 on both sides)."""
 
 from __future__ import annotations
