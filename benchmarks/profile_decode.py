@@ -4,9 +4,9 @@ model (Llama-3.1-8B's architecture by default), kernels and host functions by ti
     PYTHONPATH=. python3 benchmarks/profile_decode.py [--model qwen3] [--batch 1] [--quantization fp8]
     PYTHONPATH=. python3 benchmarks/profile_decode.py --tensor-parallel-size 2
 
-With --tensor-parallel-size > 1 (or --trace-summary) the ranks profile themselves (LLM.start_profile) and rank 0's
-trace is summarised: GPU time per step by kind of kernel, kernels per step, and the time the
-GPU sits between kernels.
+With --tensor-parallel-size > 1 (or --trace-summary) the ranks profile themselves
+(LLM.start_profile) and rank 0's trace is summarised: GPU time per step by kind of kernel,
+kernels per step, and the time the GPU sits between kernels.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main() -> None:
 
 def _kernel_kind(name: str) -> str:
     lowered = name.lower()
-    for kind, keys in (("all-reduce", ("all_reduce", "allreduce", "nccl", "one_shot", "two_shot")),
+    for kind, keys in (("all-gather", ("allgather", "all_gather")),
+                       ("all-reduce", ("all_reduce", "allreduce", "nccl", "one_shot", "two_shot")),
                        ("GEMV", ("gemv",)), ("matmul (cuBLAS)", ("gemm", "cutlass", "sm90_xmma", "nvjet")),
                        ("attention", ("decode", "attention")), ("norm", ("rms_norm",)),
                        ("rotary", ("rotary",)), ("SiLU-and-mul", ("silu",)), ("argmax / sampling", ("argmax",))):
