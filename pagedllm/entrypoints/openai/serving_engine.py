@@ -20,7 +20,6 @@ from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, Sampl
 
 T = TypeVar("T")
 
-# Body fields that, left unset, take the model's generation_config.json default.
 # Request fields passed to SamplingParams as they are, and those that fall back to the model's
 # generation_config.json defaults when the client leaves them unset.
 _PASSED_FIELDS = (

@@ -5,8 +5,8 @@ At M <= 8 rows a linear layer is a GEMV: it reads the whole [N, K] weight once a
 no arithmetic per byte, so its speed is the weight's bytes over the memory bandwidth. Each
 program reads BLOCK_N rows of W (K slices of BLOCK_K per iteration, pipelined NUM_STAGES
 deep), over all of K, or for long fp8 rows over one of split_k ranges (the last split adds
-the partial sums: ops/split_k.py, the same sums every run). The output, its bias, and for fp8 the activation quantization and both
-scales are done in the same kernel.
+the partial sums: ops/split_k.py, the same sums every run). The output, its bias, and for
+fp8 the activation quantization and both scales are done in the same kernel.
 
 Three inner loops, picked per shape from the table measured on an H200
 (`benchmarks/gemv_micro.py --sweep`): FMA (one row: multiply-add into a [BLOCK_N, BLOCK_K]
@@ -56,8 +56,8 @@ def _gemv_kernel(
 
     Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
     ACT 3: x is fp8 already, with per-row scales x_scale [M].
-    Grid: (cdiv(N, BLOCK_N), SPLIT_K); out [M, N] in out's dtype (split K: ops/split_k.py). Bytes: N * K * w elem (read once) +
-    M * K * x elem; FLOPs 2 * M * N * K.
+    Grid: (cdiv(N, BLOCK_N), SPLIT_K); out [M, N] in out's dtype (split K: ops/split_k.py).
+    Bytes: N * K * w elem (read once) + M * K * x elem; FLOPs 2 * M * N * K.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
