@@ -34,6 +34,19 @@ def triton_ops_available(device_type: str) -> bool:
     return True
 
 
+def num_sms(device: torch.device) -> int:
+    """The SM count of a CUDA device, which sizes split-K and decode-split grids; 8 elsewhere
+    (Triton's interpreter on CPU tensors, where any count works)."""
+    if device.type != "cuda":
+        return 8
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or on CUDA at decode sizes (1-8 rows) the Triton GEMV (ops/gemv.py), which
     reads the weight closer to the bandwidth limit than cuBLAS on every Llama-3.1-8B shape."""

@@ -10,11 +10,11 @@ Without a count buffer the caller adds the splits with `sum_splits` (a second la
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm.layers.ops import num_sms
 
 # The narrowest output tile of the kernels that count: a count buffer holds one count per
 # MIN_BLOCK_N output columns, for up to MAX_ROW_TILES tiles of rows.
@@ -64,18 +64,10 @@ def k_tile_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, pid_k):
     return tile_start, tl.minimum(tile_start + tiles_per_split, k_tiles)
 
 
-@functools.cache
-def num_sms(device_index: int | None) -> int:
-    """The SM count of a CUDA device (4 without CUDA, for interpreted tests)."""
-    if not torch.cuda.is_available():
-        return 4
-    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
-
-
-def split_for(num_tiles: int, k_tiles: int, programs_per_sm: int, device_index: int | None) -> int:
+def split_for(num_tiles: int, k_tiles: int, programs_per_sm: int, device: torch.device) -> int:
     """The split of K that gives about `programs_per_sm` programs per SM (1 when the output
     tiles alone do), every split at least one K tile."""
-    target = programs_per_sm * num_sms(device_index)
+    target = programs_per_sm * num_sms(device)
     return even_split(k_tiles, triton.cdiv(target, num_tiles))
 
 

@@ -31,6 +31,7 @@ from pagedllm.layers.attention.backends.torch_sdpa import TorchSDPAAttention
 from pagedllm.layers.attention.ops.decode_attention import MAX_NUM_SPLITS, choose_num_splits, paged_decode_attention
 from pagedllm.layers.attention.ops.prefill_attention import paged_prefill_attention
 from pagedllm.layers.attention.ops.reshape_and_cache import reshape_and_cache
+from pagedllm.layers.ops import num_sms
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_SIZE = 256
@@ -58,18 +59,12 @@ class TritonPagedAttention:
             )
         self.sliding_window = sliding_window
         self.max_decode_splits = max_decode_splits
-        self._num_sms: dict[torch.device, int] = {}
         # The decode splits' arrival counters (zeroed once; the kernel leaves them zeroed).
         self._split_counters: dict[torch.device, torch.Tensor] = {}
 
     def num_decode_splits(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
         """Splits used for a decode batch of num_reqs (padded) requests on device."""
-        if device not in self._num_sms:
-            # The interpreter (TRITON_INTERPRET=1) runs on CPU tensors; any count works there.
-            self._num_sms[device] = (
-                torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-            )
-        return choose_num_splits(num_reqs, num_kv_heads, self._num_sms[device], self.max_decode_splits)
+        return choose_num_splits(num_reqs, num_kv_heads, num_sms(device), self.max_decode_splits)
 
     def _counters(self, device: torch.device) -> torch.Tensor:
         if device not in self._split_counters:

@@ -183,7 +183,7 @@ def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Enough programs to keep every SM busy: about four small ones (decode) or two large ones
     # per SM; a long prefill has that many output tiles already and does not split.
-    split_k = split_for(tiles, triton.cdiv(k, block_k), 4 if m <= 64 else 2, device.index)
+    split_k = split_for(tiles, triton.cdiv(k, block_k), 4 if m <= 64 else 2, device)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                 num_warps=warps, num_stages=stages)
 
