@@ -92,7 +92,8 @@ def main() -> None:
 
 def _kernel_kind(name: str) -> str:
     lowered = name.lower()
-    for kind, keys in (("all-gather", ("allgather", "all_gather")),
+    for kind, keys in (("all-reduce + add + RMSNorm", ("all_reduce_add_rms_norm",)),
+                       ("all-gather", ("allgather", "all_gather")),
                        ("all-reduce", ("all_reduce", "allreduce", "nccl", "one_shot", "two_shot")),
                        ("GEMV", ("gemv",)), ("matmul (cuBLAS)", ("gemm", "cutlass", "sm90_xmma", "nvjet")),
                        ("attention", ("decode", "attention")), ("norm", ("rms_norm",)),

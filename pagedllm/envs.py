@@ -42,6 +42,13 @@ def allow_long_max_model_len() -> bool:
     return _get_bool("ALLOW_LONG_MAX_MODEL_LEN")
 
 
+def fuse_all_reduce_rms_norm() -> bool:
+    """PAGEDLLM_FUSE_ALL_REDUCE_RMS_NORM (default on): with several GPUs, a decode step's
+    all-reduces run fused with the residual add and RMSNorm after them (one kernel each);
+    0 runs them as the one-shot all-reduce and then the norm, for comparison."""
+    return _get_bool("FUSE_ALL_REDUCE_RMS_NORM", default=True)
+
+
 def hf_hub_offline() -> bool:
     """HF_HUB_OFFLINE (huggingface_hub's own variable): use only the local hub cache."""
     value = os.environ.get("HF_HUB_OFFLINE", "")

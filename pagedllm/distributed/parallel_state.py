@@ -87,8 +87,9 @@ def init_custom_all_reduce(device: torch.device, disable: bool) -> None:
     if int(ok.item()) == 0:
         all_reduce = None
     else:
-        logger.info("All-reduces up to %d KiB use the symmetric-memory one-shot kernel; larger ones NCCL.",
-                    all_reduce.max_bytes >> 10)
+        logger.info("All-reduces up to %d KiB use the symmetric-memory one-shot kernel; larger ones NCCL. "
+                    "Those of up to %d rows that a residual add and RMSNorm follow run fused with them: %s.",
+                    all_reduce.max_bytes >> 10, all_reduce.max_fused_rows, all_reduce.fuses_norms)
     _tp_state = dataclasses.replace(_tp_state, custom_all_reduce=all_reduce)
 
 

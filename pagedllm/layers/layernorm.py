@@ -5,17 +5,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.distributed.communication import tensor_model_parallel_all_reduce
+from pagedllm.distributed.parallel_state import get_custom_all_reduce
 from pagedllm.layers.ops import triton_ops_available
 
 
 class RMSNorm(nn.Module):
     """Normalises in float32 and scales in the input dtype, as transformers' LlamaRMSNorm does,
-    so bf16 outputs match it bit for bit."""
+    so bf16 outputs match it bit for bit.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    all_reduce_before_add: in the residual form, x is this rank's partial sum (from a
+    RowParallelLinear with reduce_results=False) and is all-reduced first. On CUDA at decode
+    sizes the all-reduce, the add and the norm are one kernel (distributed/
+    all_reduce_rms_norm.py)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, all_reduce_before_add: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.variance_epsilon = eps
+        self.all_reduce_before_add = all_reduce_before_add
         # Chosen once, like the attention backend: on CUDA one fused Triton kernel per call
         # (in place when a residual is given), elsewhere the torch code below, the reference.
         self._forward_impl = self.forward_native
@@ -55,6 +63,8 @@ class RMSNorm(nn.Module):
         """The torch implementation (CPU, and the reference of the Triton kernels)."""
         if residual is None:
             return self._norm(x)
+        if self.all_reduce_before_add:
+            x = tensor_model_parallel_all_reduce(x)
         x = x + residual
         return self._norm(x), x
 
@@ -63,9 +73,15 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._rms_norm_kernel(x, self.weight, self.variance_epsilon, self._quantize_to)
+        if self.all_reduce_before_add:
+            custom = get_custom_all_reduce()
+            if self._quantize_to is None and custom is not None and custom.fuses_rms_norm(x, residual):
+                return custom.all_reduce_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+            x = tensor_model_parallel_all_reduce(x)
         return self._fused_add_rms_norm_kernel(x, residual, self.weight, self.variance_epsilon, self._quantize_to)
 
     def extra_repr(self) -> str:
         impl = "triton" if self._forward_impl == self._forward_triton else "torch"
         quantized = f", quantize_to={self._quantize_to}" if self._quantize_to is not None else ""
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, impl={impl}{quantized}"
+        reduced = ", all_reduce_before_add=True" if self.all_reduce_before_add else ""
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, impl={impl}{quantized}{reduced}"

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedllm.distributed.parallel_state import get_tp_size
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.layernorm import RMSNorm
@@ -101,8 +102,16 @@ class LlamaDecoderLayer(nn.Module):
             bias=bool(getattr(config, "mlp_bias", False)), quant_config=quant_config,
             prefix=f"{prefix}.mlp",
         )
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # With several ranks the o and down projections leave their outputs as partial sums:
+        # the norm after each all-reduces them, fused with its residual add (one kernel per
+        # layer half on CUDA instead of an all-reduce and a norm).
+        reduce_in_norm = get_tp_size() > 1
+        self.self_attn.o_proj.reduce_results = not reduce_in_norm
+        self.mlp.down_proj.reduce_results = not reduce_in_norm
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, all_reduce_before_add=reduce_in_norm)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, all_reduce_before_add=reduce_in_norm
+        )
 
     def fused_activation_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """Each norm's output feeds only the projection after it (see quantized_activation.py)."""
@@ -121,8 +130,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's output, the residual stream before it is added): the add is
-        fused into the next norm."""
+        """Returns (this layer's output, the residual stream before it is added): the add (and
+        with several ranks the output's all-reduce) is fused into the next norm."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -152,7 +161,8 @@ class LlamaModel(nn.Module):
             )
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # The last layer's MLP output arrives partial with several ranks (LlamaDecoderLayer).
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, all_reduce_before_add=get_tp_size() > 1)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor,
