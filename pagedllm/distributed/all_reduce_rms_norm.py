@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.fp8_rows import INTERPRETED
+from pagedllm.layers.ops import INTERPRETED
 
 
 @triton.jit

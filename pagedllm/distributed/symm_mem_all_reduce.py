@@ -82,7 +82,7 @@ class SymmMemAllReduce:
             self.fuses_norms and x.is_cuda and x.dtype == torch.bfloat16 and residual.dtype == x.dtype
             and x.dim() == 2 and residual.shape == x.shape and x.is_contiguous() and residual.is_contiguous()
             and x.shape[1] % 2 == 0 and 0 < x.shape[0] <= self.max_fused_rows
-            and x.numel() * x.element_size() <= self.region_words * 4
+            and x.numel() * x.element_size() <= self.max_bytes
         )
 
     def all_reduce_add_rms_norm(

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Kernels run under Triton's interpreter (the CPU tests). Its casts round differently from a
+GPU's (float32 -> fp8 loses the carry into the exponent, float32 -> bf16 truncates) and it has
+no inline assembly, so kernels take this as a constexpr and do those steps their own way."""
 
 
 # Cached so the decision (and its warning) happens once per device type, not once per layer.

@@ -5,14 +5,8 @@ x / scale (IEEE division) saturated to +-448 and rounded to nearest even by the 
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-# The Triton interpreter (tests on CPU) rounds float32 -> fp8 without the carry into the
-# exponent; kernels then round on their own first. GPUs round in the cast itself.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.fp8_rows import INTERPRETED, store_row_fp8
+from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.fp8_rows import store_row_fp8
 from pagedllm.layers.quantization.quantized_activation import QuantizedActivation
 
 MAX_HIDDEN_SIZE = 65536

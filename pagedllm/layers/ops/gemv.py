@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.fp8_rows import INTERPRETED, round_to_e4m3
+from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.fp8_rows import round_to_e4m3
 from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, store_or_merge, sum_splits
 
 MAX_GEMV_ROWS = 8
