@@ -1,4 +1,5 @@
-"""Micro-benchmark of the Triton int4 weight-only GEMM (kernels/triton_wNa16.py) on
+"""Micro-benchmark of the Triton int4 weight-only GEMM (kernels/triton_wNa16.py, and
+kernels/int4_dot.py for 4-bit M <= 16) on
 Llama-3.1-8B's linear shapes, group size 128, bf16 activations.
 
 For each shape and M in (1, 8, 256): the kernel's time, its achieved bandwidth (quantized
@@ -10,7 +11,7 @@ enough weight copies to exceed the L2 cache, so weights come from HBM as in a re
     PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep]
 
 --sweep also times alternative tile/split-K configurations at M=1 and M=8 and prints the best
-per shape (to tune `_launch_config`).
+per shape (to tune `int4_dot.default_config`, or `_launch_config` for 8 bits).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 
 from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth
 from pagedllm.layers.ops.split_k import split_count_buffer
-from pagedllm.layers.quantization.kernels.int_group import pack_int32
+from pagedllm.layers.quantization.kernels.int4_dot import default_config as int4_dot_default_config
+from pagedllm.layers.quantization.kernels.int4_dot import int4_dot_matmul
+from pagedllm.layers.quantization.kernels.int_group import pack_internal
 from pagedllm.layers.quantization.kernels.triton_wNa16 import _launch_config, triton_int_group_matmul
 
 # name -> (input features K, output features N) of Llama-3.1-8B's fused linear layers.
@@ -50,7 +53,7 @@ def make_weights(k: int, n: int, bits: int, copies: int):
     for _ in range(copies):
         q = torch.randint(0, 2**bits, (k, n), device="cuda", dtype=torch.int32)
         layouts.append((
-            pack_int32(q, bits, 0),
+            pack_internal(q, bits),
             (torch.rand(groups, n, device="cuda") * 1e-3).to(DTYPE),
             torch.full((groups, n), float(2 ** (bits - 1)), device="cuda", dtype=DTYPE),
         ))
@@ -94,6 +97,9 @@ def main() -> None:
 
 
 def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
+    if bits == 4:
+        sweep_int4_dot(x, layouts, copies, quant_bytes, copy_bandwidth, k, n)
+        return
     m = x.shape[0]
     default = _launch_config(m, n, k, GROUP_SIZE, x.device)
     results = []
@@ -116,8 +122,39 @@ def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
             print(f"    skipped {config}: {type(error).__name__}")
             continue
         results.append((seconds, config))
+    print_best(results, m, quant_bytes, copy_bandwidth, default)
+
+
+def sweep_int4_dot(x, layouts, copies, quant_bytes, copy_bandwidth, k, n) -> None:
+    """The tensor-core kernel (kernels/int4_dot.py) that serves 4-bit M <= 16."""
+    m = x.shape[0]
+    counts = split_count_buffer(n, x.device)
+    results = []
+    grid = itertools.product((64, 128, 256), (1, 2, 4, 8, 16), (3, 5), (4, 8))
+    for block_n, split_k, stages, warps in grid:
+        if split_k > k // 128 or (warps == 8 and block_n < 256):
+            continue
+        config = dict(BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+        try:
+            seconds = time_rotating(
+                lambda i: int4_dot_matmul(x, *layouts[i], GROUP_SIZE, split_counts=counts, config=config),
+                copies, replays=10)
+        except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
+            print(f"    skipped {config}: {type(error).__name__}")
+            continue
+        results.append((seconds, config))
+    print_best(results, m, quant_bytes, copy_bandwidth, int4_dot_default_config(n, k, GROUP_SIZE, x.device))
+    # The FMA kernels of triton_wNa16.py at their own launch rule, for comparison.
+    fma_config = _launch_config(m, n, k, GROUP_SIZE, x.device)
+    seconds = time_rotating(
+        lambda i: triton_int_group_matmul(x, *layouts[i], 4, GROUP_SIZE, config=fma_config, split_counts=counts),
+        copies, replays=10)
+    print(f"    FMA kernel M={m}: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy")
+
+
+def print_best(results, m, quant_bytes, copy_bandwidth, default) -> None:
     results.sort(key=lambda item: item[0])
-    for seconds, config in results[:3]:
+    for seconds, config in results[:2]:
         print(f"    sweep M={m}: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy  {config}")
     print(f"    default: {default}")
 

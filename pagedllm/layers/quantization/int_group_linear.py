@@ -28,6 +28,7 @@ from pagedllm.layers.quantization.kernels.int_group import (
     IntGroupScheme,
     pack_int32,
     reference_matmul,
+    to_internal_words,
     unpack_int32,
 )
 
@@ -161,8 +162,8 @@ class IntGroupLinearMethod(LinearMethodBase):
 
     @abstractmethod
     def to_internal(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(qweight [K/pack, N], scales [G, N], zeros [G, N], g_idx [P, K] or None) from the
-        loaded checkpoint parameters, which it then removes from `layer`."""
+        """(qweight [K/pack, N] packed in order along K, scales [G, N], zeros [G, N], g_idx
+        [P, K] or None) from the loaded checkpoint parameters, which it then removes from `layer`."""
 
     @abstractmethod
     def dummy_init(self, layer: nn.Module, generator: torch.Generator) -> None:
@@ -186,6 +187,7 @@ class IntGroupLinearMethod(LinearMethodBase):
             qweight = pack_int32(values, self.scheme.bits, dim=0)
             layer.register_parameter("perm", nn.Parameter(perm, requires_grad=False))
             layer.register_parameter("row_group", nn.Parameter(row_group, requires_grad=False))
+        qweight = to_internal_words(qweight, self.scheme.bits)
         layer.register_parameter("qweight", nn.Parameter(qweight.contiguous(), requires_grad=False))
         layer.register_parameter("scales", nn.Parameter(scales.to(dtype).contiguous(), requires_grad=False))
         layer.register_parameter("zeros", nn.Parameter(zeros.to(dtype).contiguous(), requires_grad=False))

@@ -20,7 +20,8 @@ from int_group_checkpoints import gptq_tensors, quantize  # noqa: E402
 from pagedllm.layers.linear import MergedColumnParallelLinear  # noqa: E402
 from pagedllm.layers.ops.split_k import split_count_buffer  # noqa: E402
 from pagedllm.layers.quantization.gptq import GPTQConfig  # noqa: E402
-from pagedllm.layers.quantization.kernels.int_group import pack_int32, reference_matmul  # noqa: E402
+from pagedllm.layers.quantization.kernels import int4_dot  # noqa: E402
+from pagedllm.layers.quantization.kernels.int_group import pack_internal, reference_matmul  # noqa: E402
 from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def random_layout(k: int, n: int, bits: int, group_size: int, act_order: bool, d
     if act_order:
         perm = torch.randperm(k, generator=generator).to(torch.int32).to(device)
         row_group = torch.sort(torch.randint(0, num_groups, (k,), generator=generator))[0].to(torch.int32).to(device)
-    return pack_int32(q, bits, 0).to(device), scales.to(device), zeros.to(device), perm, row_group
+    return pack_internal(q, bits).to(device), scales.to(device), zeros.to(device), perm, row_group
 
 
 def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device, dtype, rtol, self_merge=True):
@@ -69,6 +70,26 @@ INTERPRETER_CASES = [
 @pytest.mark.parametrize("self_merge", [True, False], ids=["splits-merged-by-the-last", "splits-summed-after"])
 def test_interpreted_kernel_matches_reference(m, k, n, bits, group_size, act_order, self_merge):
     assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, "cpu", torch.float32, 1e-4, self_merge)
+
+
+DOT_CASES = [
+    # (m, k, n, group_size): 4-bit, 16-bit activations, at most 16 rows
+    (2, 512, 128, 128),     # decode, split K
+    (3, 256, 96, -1),       # one group; columns past the last tile
+    (16, 256, 64, 32),      # 16 rows, small groups
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests cover CUDA")
+@pytest.mark.parametrize("m, k, n, group_size", DOT_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("self_merge", [True, False], ids=["splits-merged-by-the-last", "splits-summed-after"])
+def test_interpreted_tensor_core_int4_kernel_matches_reference(m, k, n, group_size, dtype, self_merge):
+    """kernels/int4_dot.py (which serves these shapes) with the interpreter's integer unpacking:
+    the output rounded to 16 bits is all the error (a misplaced nibble is off by O(1))."""
+    assert int4_dot.supports(m, 4, group_size, False, dtype)
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert_kernel_matches_reference(m, k, n, 4, group_size, False, "cpu", dtype, rtol, self_merge)
 
 
 def build_gptq_layer(act_order: bool, device: str = "cpu") -> tuple[MergedColumnParallelLinear, list]:

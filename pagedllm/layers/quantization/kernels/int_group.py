@@ -5,7 +5,11 @@ Every format is repacked after loading into this layout, so one reference path (
 Triton kernel (CUDA) serve all of them:
 
   qweight   int32 [K / pack, N]   `pack = 32 // bits` unsigned values per int32 along the input
-                                  dimension K, value i of a word in bits [i*bits, (i+1)*bits)
+                                  dimension K. 8 bits: row i of a word in bits [8i, 8i + 8).
+                                  4 bits, interleaved: rows 0, 2, 4, 6 in the low half-word and
+                                  1, 3, 5, 7 in the high one, row i in nibble INT4_SLOTS[i], so
+                                  that rows 2s and 2s + 1 sit at bits 4s and 16 + 4s, where one
+                                  bitwise op makes them a pair of 16-bit floats (int4_dot.py)
   scales    [G, N]                the engine's dtype
   zeros     [G, N]                the engine's dtype: zero points as unsigned integers stored
                                   in float (symmetric schemes hold 2**(bits-1))
@@ -13,7 +17,7 @@ Triton kernel (CUDA) serve all of them:
                                   contiguous; part p covers output columns of fused part p
   row_group int32 [P, K]          (act-order only) group of each permuted input row
 
-so that W[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n] with g(k) = k // group_size,
+(`pack_internal` / `unpack_internal`), so that W[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n] with g(k) = k // group_size,
 or with act order: x @ W = x[:, perm] @ W_permuted with g = row_group. Quantization rounds
 the weights only: the matmul itself runs in the engine's dtype.
 """
@@ -28,6 +32,8 @@ SUPPORTED_BITS = (4, 8)
 
 # AWQ's GEMM packing puts logical column order[i] into nibble i of each int32.
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# The internal 4-bit layout's nibble of row i of a word (the inverse of AWQ's order).
+INT4_SLOTS = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
 def pack_factor(bits: int) -> int:
@@ -63,6 +69,34 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return words.to(torch.int32).movedim(-1, dim).contiguous()
 
 
+def _move_nibbles(words: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
+    """int32 words with nibble i moved to nibble slots[i] (in int64, so that no shift overflows)."""
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    moved = torch.zeros_like(unsigned)
+    for nibble, slot in enumerate(slots):
+        moved |= ((unsigned >> (4 * nibble)) & 0xF) << (4 * slot)
+    return torch.where(moved >= 2**31, moved - 2**32, moved).to(torch.int32)
+
+
+def pack_internal(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned values [K, N] as the internal layout's qweight [K / pack, N]."""
+    words = pack_int32(values, bits, dim=0)
+    return _move_nibbles(words, INT4_SLOTS) if bits == 4 else words
+
+
+def to_internal_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Words packed in order along K (row i at bits [i*bits, (i+1)*bits), as GPTQ and
+    compressed-tensors store them) as the internal layout's words."""
+    return _move_nibbles(words, INT4_SLOTS) if bits == 4 else words
+
+
+def unpack_internal(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_internal`: the unsigned values [K, N] as int32."""
+    if bits == 4:
+        qweight = _move_nibbles(qweight, tuple(INT4_SLOTS.index(nibble) for nibble in range(8)))
+    return unpack_int32(qweight, bits, dim=0)
+
+
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """AWQ GEMM int32 [rows, cols/8] -> unsigned 4-bit values [rows, cols] in logical order."""
     nibbles = unpack_int32(packed, 4, dim=1)
@@ -96,7 +130,7 @@ def dequantize(
     group_size: int, row_group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The [K, N] weight of the internal layout in the scales' dtype (rows in stored order)."""
-    values = unpack_int32(qweight, bits, dim=0)
+    values = unpack_internal(qweight, bits)
     num_rows = values.shape[0]
     if row_group is not None:
         groups = row_group.long()

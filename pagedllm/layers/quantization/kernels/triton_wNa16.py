@@ -8,7 +8,8 @@ go to a float32 workspace and are added in split order (the same result every ru
 last split of each tile in the one-row GEMV when the layer passes its count buffer
 (ops/split_k.py), else by one small kernel. One row runs a GEMV kernel that skips the
 tensor-core tile and keeps all its arithmetic elementwise on the packed tile as loaded, its
-values made floats by a bit trick (`_plane`). Prefill tiles over M with no split.
+values made floats by a bit trick (`_plane`). Prefill tiles over M with no split. 4-bit
+weights with uniform groups and 2-16 rows of 16-bit activations go to kernels/int4_dot.py.
 
 Groups: each K tile lies inside one group (the tile size divides group_size), so a tile loads
 one row of scales and zeros; act-order layers pass `row_group` and load per-row scales instead.
@@ -21,18 +22,28 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, split_for, store_or_merge, sum_splits
+from pagedllm.layers.quantization.kernels import int4_dot
 
 
 @triton.jit
-def _plane(words, words_high, i: tl.constexpr, BITS: tl.constexpr):
-    """Value i of each packed word as the float32 2**23 + q * 2**pos, pos being its bit offset
-    within its half-word (words_high = words >> 16 holds the upper half): OR-ing a field below
+def _row_shift(row, BITS: tl.constexpr):
+    """The bit offset of row `row` of a word of the internal layout (kernels/int_group.py:
+    4-bit words interleaved, rows 2s and 2s + 1 at bits 4s and 16 + 4s)."""
+    if BITS == 4:
+        return (row // 2) * 4 + (row % 2) * 16
+    else:
+        return row * BITS
+
+
+@triton.jit
+def _plane(words, words_high, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """The value at bit SHIFT of each packed word as the float32 2**23 + q * 2**pos, pos being
+    its offset within its half-word (words_high = words >> 16 holds the upper half): OR-ing a field below
     bit 23 into the bits of 2**23 (0x4B000000) adds it exactly. One AND and one OR per value
     instead of a shift, an AND and an int -> float conversion (a quarter of the FMA rate); the
     one-row kernel moved by a few points with it (BENCHMARKS.md, fifth run)."""
-    HALF: tl.constexpr = 16 // BITS
-    FIELD: tl.constexpr = ((1 << BITS) - 1) << ((i % HALF) * BITS)
-    if i < HALF:
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << (SHIFT % 16)
+    if SHIFT < 16:
         field = words & FIELD
     else:
         field = words_high & FIELD
@@ -56,7 +67,7 @@ def _int_group_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_words = tl.arange(0, BLOCK_K // PACK)
-    shifts = tl.arange(0, PACK) * BITS
+    shifts = _row_shift(tl.arange(0, PACK), BITS)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
@@ -138,7 +149,7 @@ def _int_group_gemv_kernel(
                                 mask=tile_mask, other=0.0).to(tl.float32)
                 zero = tl.load(zeros_ptr + groups[:, None] * stride_zg + offs_n[None, :] * stride_zn,
                                mask=tile_mask, other=0.0).to(tl.float32)
-                q = ((words >> (i * BITS)) & MASK).to(tl.float32)
+                q = ((words >> _row_shift(i, BITS)) & MASK).to(tl.float32)
                 acc += x[:, None] * ((q - zero) * scale)
         else:
             # The tile lies inside one group: subtract its zero per value, scale once per tile.
@@ -151,11 +162,15 @@ def _int_group_gemv_kernel(
             for i in tl.static_range(PACK):
                 # Value i as the float 2**23 + q * 2**pos with one bitwise op (see _plane); the
                 # power of two goes into x, which is exact.
-                offset = 1 << ((i % (16 // BITS)) * BITS)
+                # Row i's bit offset (_row_shift, spelled out so that it stays a constexpr).
+                shift = i * BITS
+                if BITS == 4:
+                    shift = (i // 2) * 4 + (i % 2) * 16
+                offset = 1 << (shift % 16)
                 x = tl.load(x_ptr + (word_rows * PACK + i) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
                 # 2**23 + zero * 2**pos, exact: the difference is (q - zero) * 2**pos.
                 zero_plane = zero * offset + 8388608.0
-                q = _plane(words, words_high, i, BITS) - zero_plane[None, :]
+                q = _plane(words, words_high, shift, BITS) - zero_plane[None, :]
                 tile_acc += (x * (1.0 / offset))[:, None] * q
             acc += tile_acc * scale.to(tl.float32)[None, :]
 
@@ -206,6 +221,8 @@ def triton_int_group_matmul(
     pack = 32 // bits
     if k % pack or qweight.shape[0] != k // pack:
         raise ValueError(f"x has {k} input features but the weight packs {qweight.shape[0] * pack}.")
+    if config is None and int4_dot.supports(m, bits, group_size, row_group is not None, x.dtype):
+        return int4_dot.int4_dot_matmul(x, qweight, scales, zeros, group_size, split_counts)
     if row_group is None and group_size != -1 and group_size % 16:
         # Tiles of 16 rows cannot sit inside such groups: read each row's group instead.
         row_group = torch.arange(k, device=x.device, dtype=torch.int32) // group_size
