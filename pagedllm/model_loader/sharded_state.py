@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FILE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 METADATA_FILE = "sharded_state.json"
+# The version of the saved tensors' layouts: 2 since 4-bit weight-only words are interleaved by
+# half-word (layers/quantization/kernels/int_group.py). A quantization method whose layout
+# changed names the version it needs (`min_sharded_layout_version`).
+LAYOUT_VERSION = 2
 # vLLM's default part size: large enough that parts are few, small enough for any filesystem.
 DEFAULT_MAX_FILE_SIZE = 5 << 30
 # Files of the source folder that are weights (never copied next to a sharded state).
@@ -62,7 +66,8 @@ def save_rank_state(
         save_file(tensors, path)
         paths.append(path)
     if rank == 0:
-        metadata = {"format": "pagedllm-sharded-state", "tensor_parallel_size": tensor_parallel_size, "file_pattern": pattern}
+        metadata = {"format": "pagedllm-sharded-state", "tensor_parallel_size": tensor_parallel_size,
+                    "file_pattern": pattern, "layout_version": LAYOUT_VERSION}
         with open(os.path.join(output_dir, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2)
     logger.info("Rank %d saved %d file(s) to %s.", rank, len(paths), output_dir)
@@ -128,6 +133,7 @@ def load_rank_state(model: torch.nn.Module, folder: str, rank: int, stats: ReadS
     """Copy this rank's saved tensors straight into the parameters of the same names (no
     slicing: they are already this rank's shards). Every parameter must be filled and every
     saved tensor used."""
+    _check_layout_version(model, folder)
     pattern = pattern or _saved_pattern(folder)
     files = sorted(glob.glob(os.path.join(glob.escape(folder), rank_file_glob(rank, pattern))))
     if not files:
@@ -162,6 +168,23 @@ def load_rank_state(model: torch.nn.Module, folder: str, rank: int, stats: ReadS
         raise ValueError(
             f"The sharded state in {folder} lacks {len(missing)} parameter(s) of rank {rank}: "
             f"{', '.join(missing[:10])}; save it again with `pagedllm save-sharded`."
+        )
+
+
+def _check_layout_version(model: torch.nn.Module, folder: str) -> None:
+    """A state saved before a layout this model's layers use changed would load without error
+    and compute garbage: refuse it."""
+    needed = max((getattr(getattr(module, "quant_method", None), "min_sharded_layout_version", 1)
+                  for module in model.modules()), default=1)
+    path = os.path.join(folder, METADATA_FILE)
+    saved = 1
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = int(json.load(f).get("layout_version", 1))
+    if saved < needed:
+        raise ValueError(
+            f"The sharded state in {folder} was saved with layout version {saved}, but this model's "
+            f"quantized layers need version {needed} or later; save it again with `pagedllm save-sharded`."
         )
 
 

@@ -160,6 +160,12 @@ class IntGroupLinearMethod(LinearMethodBase):
 
     scheme: IntGroupScheme
 
+    @property
+    def min_sharded_layout_version(self) -> int:
+        """Sharded states keep the internal layout; 4-bit words are interleaved since version 2
+        (model_loader/sharded_state.py)."""
+        return 2 if self.scheme.bits == 4 else 1
+
     @abstractmethod
     def to_internal(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(qweight [K/pack, N] packed in order along K, scales [G, N], zeros [G, N], g_idx
