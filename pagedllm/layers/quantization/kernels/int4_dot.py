@@ -1,8 +1,8 @@
 """Decode-sized int4 weight-only matmul (2-16 rows, bf16/fp16 activations) on tensor cores.
 
 The FMA kernels (triton_wNa16.py) make every 4-bit value a float32 of its own: about 7.5
-instructions per value in the one-row GEMV's SASS. This kernel spends 2.6-4.3
-(`benchmarks/int4_sass.py`-style count, sm_90):
+instructions per value in the one-row GEMV's SASS. This kernel spends 2.6-4.4
+(`benchmarks/int4_sass.py --kernel dot`, sm_90):
 
 - The internal layout interleaves each word's nibbles (kernels/int_group.py): the low and
   high half-words hold rows 0, 2, 4, 6 and 1, 3, 5, 7. One LOP3 ORs the nibbles at bits
@@ -18,9 +18,10 @@ rounded to 16 bits (the reference rounds (q - zero) * scale; the difference is w
 16-bit rounding the tests allow).
 
 Measured on an H200 (BENCHMARKS.md, seventh run) it is not faster than the FMA GEMV at one
-row (16-24% of the copy bandwidth against 21-36%), though it issues half the instructions:
-both are bound by something other than issue rate. At 2-16 rows it beats the FMA GEMM by
-2-14%, so it serves those; one row stays with the FMA GEMV.
+row (16-24% of the copy bandwidth against 21-36%): ncu shows the FMA GEMV bound by
+instruction issue but this kernel by shared memory, through which Triton moves the unpacked
+16-bit tile into the dot's operand layout. At 2-16 rows it beats the FMA GEMM by 2-14%, so it
+serves those; one row stays with the FMA GEMV.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ Triton kernel (CUDA) serve all of them:
                                   contiguous; part p covers output columns of fused part p
   row_group int32 [P, K]          (act-order only) group of each permuted input row
 
-(`pack_internal` / `unpack_internal`), so that W[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n] with g(k) = k // group_size,
-or with act order: x @ W = x[:, perm] @ W_permuted with g = row_group. Quantization rounds
-the weights only: the matmul itself runs in the engine's dtype.
+(`pack_internal` / `unpack_internal`), so that
+W[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n] with g(k) = k // group_size, or with
+act order: x @ W = x[:, perm] @ W_permuted with g = row_group. Quantization rounds the
+weights only: the matmul itself runs in the engine's dtype.
 """
 
 from __future__ import annotations

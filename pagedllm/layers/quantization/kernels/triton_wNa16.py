@@ -38,8 +38,8 @@ def _row_shift(row, BITS: tl.constexpr):
 @triton.jit
 def _plane(words, words_high, SHIFT: tl.constexpr, BITS: tl.constexpr):
     """The value at bit SHIFT of each packed word as the float32 2**23 + q * 2**pos, pos being
-    its offset within its half-word (words_high = words >> 16 holds the upper half): OR-ing a field below
-    bit 23 into the bits of 2**23 (0x4B000000) adds it exactly. One AND and one OR per value
+    its offset within its half-word (words_high = words >> 16 holds the upper half): OR-ing a
+    field below bit 23 into the bits of 2**23 (0x4B000000) adds it exactly. One AND and one OR per value
     instead of a shift, an AND and an int -> float conversion (a quarter of the FMA rate); the
     one-row kernel moved by a few points with it (BENCHMARKS.md, fifth run)."""
     FIELD: tl.constexpr = ((1 << BITS) - 1) << (SHIFT % 16)
@@ -119,9 +119,9 @@ def _int_group_gemv_kernel(
     """One row (batch-1 decode). Every step is elementwise on the [words, N] tile as loaded:
     value i of each word is multiplied by its x and summed into a per-word accumulator, so
     nothing is reshaped or reduced across threads until the end. The tiles' loads are
-    pipelined NUM_STAGES deep (within a few points of a plain loop: neither load latency nor
-    the unpacking bounds this kernel at 20-38% of the bandwidth). out [N] contiguous; split K: workspace [SPLIT_K, N] float32 and count_ptr as in
-    ops/split_k.py."""
+    pipelined NUM_STAGES deep. At 20-38% of the bandwidth it is bound by instruction issue
+    (ncu, BENCHMARKS.md seventh run): about 7.4 instructions per value. out [N] contiguous;
+    split K: workspace [SPLIT_K, N] float32 and count_ptr as in ops/split_k.py."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK
