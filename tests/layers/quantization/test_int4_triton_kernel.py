@@ -77,6 +77,7 @@ DOT_CASES = [
     (2, 512, 128, 128),     # decode, split K
     (3, 256, 96, -1),       # one group; columns past the last tile
     (16, 256, 64, 32),      # 16 rows, small groups
+    (4, 208, 32, -1),       # one group, K not a multiple of 128: 16-row tiles
 ]
 
 
@@ -87,7 +88,7 @@ DOT_CASES = [
 def test_interpreted_tensor_core_int4_kernel_matches_reference(m, k, n, group_size, dtype, self_merge):
     """kernels/int4_dot.py (which serves these shapes) with the interpreter's integer unpacking:
     the output rounded to 16 bits is all the error (a misplaced nibble is off by O(1))."""
-    assert int4_dot.supports(m, 4, group_size, False, dtype)
+    assert int4_dot.supports(m, k, 4, group_size, False, dtype)
     rtol = 1e-2 if dtype == torch.bfloat16 else 1e-3
     assert_kernel_matches_reference(m, k, n, 4, group_size, False, "cpu", dtype, rtol, self_merge)
 

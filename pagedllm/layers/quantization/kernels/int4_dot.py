@@ -143,11 +143,12 @@ def _int4_dot_kernel(
                    stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE)
 
 
-def supports(m: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype) -> bool:
-    """Whether a matmul fits this kernel: 4 bits, groups a 16-row K tile can sit inside (or one
-    group), no act order, bf16/fp16 activations, MIN_DOT_ROWS to MAX_DOT_ROWS rows."""
+def supports(m: int, k: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype) -> bool:
+    """Whether a matmul fits this kernel: 4 bits, K and the groups made of whole 16-row K tiles
+    (the kernel does not mask K), no act order, bf16/fp16 activations, MIN_DOT_ROWS to
+    MAX_DOT_ROWS rows."""
     return (bits == 4 and not act_order and dtype in (torch.bfloat16, torch.float16)
-            and MIN_DOT_ROWS <= m <= MAX_DOT_ROWS and (group_size == -1 or group_size % 16 == 0))
+            and MIN_DOT_ROWS <= m <= MAX_DOT_ROWS and k % 16 == 0 and (group_size == -1 or group_size % 16 == 0))
 
 
 def default_config(n: int, k: int, group_size: int, device: torch.device) -> dict[str, int]:
@@ -155,7 +156,7 @@ def default_config(n: int, k: int, group_size: int, device: torch.device) -> dic
     --sweep`): 64-column tiles, three stages and about four programs per SM were best or within
     6% of it on each Llama-3.1-8B shape at 8 rows."""
     block_n, block_k = 64, 128
-    while group_size != -1 and group_size % block_k:
+    while k % block_k or (group_size != -1 and group_size % block_k):
         block_k //= 2
     split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 4, device)
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
@@ -171,8 +172,8 @@ def int4_dot_matmul(
     n = qweight.shape[1]
     config = config or default_config(n, k, group_size, x.device)
     block_k = config["BLOCK_K"]
-    if group_size != -1 and group_size % block_k:
-        raise ValueError(f"BLOCK_K={block_k} tiles cannot sit inside groups of {group_size} rows.")
+    if k % block_k or (group_size != -1 and group_size % block_k):
+        raise ValueError(f"BLOCK_K={block_k} tiles must tile K={k} and groups of {group_size} rows.")
     if x.stride(-1) != 1:
         x = x.contiguous()
     # One group: every tile reads group 0.

@@ -221,7 +221,7 @@ def triton_int_group_matmul(
     pack = 32 // bits
     if k % pack or qweight.shape[0] != k // pack:
         raise ValueError(f"x has {k} input features but the weight packs {qweight.shape[0] * pack}.")
-    if config is None and int4_dot.supports(m, bits, group_size, row_group is not None, x.dtype):
+    if config is None and int4_dot.supports(m, k, bits, group_size, row_group is not None, x.dtype):
         return int4_dot.int4_dot_matmul(x, qweight, scales, zeros, group_size, split_counts)
     if row_group is None and group_size != -1 and group_size % 16:
         # Tiles of 16 rows cannot sit inside such groups: read each row's group instead.
