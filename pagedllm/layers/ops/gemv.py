@@ -32,7 +32,7 @@ import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.fp8_rows import round_to_e4m3
-from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, store_or_merge, sum_splits
+from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
 
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
@@ -223,19 +223,17 @@ def gemv(
     # tl.dot needs 16 rows; the padding rows are masked loads (no memory traffic).
     block_m = 1 if config.inner == FMA else 16
     num_tiles = triton.cdiv(N, config.block_n)
-    self_merge = config.split_k > 1 and can_self_merge(split_counts, num_tiles)
-    workspace = out if config.split_k == 1 else torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
+    splits = split_outputs(out, config.split_k, num_tiles, split_counts, placeholder=rows)
     _gemv_kernel[(num_tiles, config.split_k)](
         rows, weight, scale if scale is not None else rows, x_scale if x_scale is not None else rows,
-        bias if bias is not None else rows, out, workspace, split_counts if self_merge else rows, M, N, K,
+        bias if bias is not None else rows, out, splits.workspace, splits.counts, M, N, K,
         rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
-        NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k, SELF_MERGE=self_merge,
-        num_warps=config.num_warps,
+        NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k,
+        SELF_MERGE=splits.self_merge, num_warps=config.num_warps,
     )
-    if config.split_k > 1 and not self_merge:
-        sum_splits(workspace, out)
+    finish_splits(splits, out)
     return out.reshape(*lead, N)
 
 

@@ -1,14 +1,17 @@
 """Split-K that adds its own partial sums: the epilogue shared by the GEMV kernels
-(ops/gemv.py, quantization/kernels/triton_wNa16.py).
+(ops/gemv.py, quantization/kernels/triton_wNa16.py and int4_dot.py).
 
 A small weight read by one program per output tile leaves SMs idle, so K is split over
 SPLIT_K programs. Each writes its float32 partial sums to a workspace [SPLIT_K, M, N]; the
 last program of a tile to finish (an atomic count per tile, which it resets to zero) adds them
 in split order and writes the output. One launch, no memset, and the same sums every run.
-Without a count buffer the caller adds the splits with `sum_splits` (a second launch).
+Without a count buffer a second launch adds them. The launchers take their workspace and
+count arguments from `split_outputs` and finish with `finish_splits`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,10 +29,6 @@ def split_count_buffer(out_features: int, device: torch.device) -> torch.Tensor:
     """The count buffer a layer of `out_features` outputs passes to each of its launches; it
     is left at zero after every launch."""
     return torch.zeros(MAX_ROW_TILES * triton.cdiv(out_features, MIN_BLOCK_N), dtype=torch.int32, device=device)
-
-
-def can_self_merge(split_counts: torch.Tensor | None, num_tiles: int) -> bool:
-    return split_counts is not None and num_tiles <= split_counts.numel()
 
 
 @triton.jit
@@ -85,6 +84,37 @@ def _sum_splits_kernel(workspace_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLO
     for split in tl.static_range(SPLIT_K):
         total += tl.load(workspace_ptr + split * numel + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class SplitOutputs:
+    """Where one launch of `split_k` programs per output tile writes (store_or_merge)."""
+
+    # float32 [split_k, *out.shape] partial sums; `out` itself when K is not split.
+    workspace: torch.Tensor
+    # The layer's count buffer when the last split adds the partials, else `placeholder`
+    # (never read: SELF_MERGE is off).
+    counts: torch.Tensor
+    self_merge: bool
+    # The partials wait for a second launch (`finish_splits`).
+    needs_sum: bool
+
+
+def split_outputs(out: torch.Tensor, split_k: int, num_tiles: int, split_counts: torch.Tensor | None,
+                  placeholder: torch.Tensor) -> SplitOutputs:
+    """The workspace and count buffer for a launch writing `out` with `split_k` splits over
+    `num_tiles` output tiles; pass the result's fields to the kernel and then to
+    `finish_splits`."""
+    self_merge = split_k > 1 and split_counts is not None and num_tiles <= split_counts.numel()
+    workspace = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=out.device)
+    return SplitOutputs(workspace, split_counts if self_merge else placeholder, self_merge,
+                        needs_sum=split_k > 1 and not self_merge)
+
+
+def finish_splits(outputs: SplitOutputs, out: torch.Tensor) -> None:
+    """Add the partial sums into `out` when no split of the launch did (a second launch)."""
+    if outputs.needs_sum:
+        sum_splits(outputs.workspace, out)
 
 
 def sum_splits(workspace: torch.Tensor, out: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, split_for, store_or_merge, sum_splits
+from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_for, split_outputs, store_or_merge
 
 MIN_DOT_ROWS, MAX_DOT_ROWS = 2, 16
 
@@ -181,15 +181,13 @@ def int4_dot_matmul(
     split_k = config["SPLIT_K"]
     num_tiles = triton.cdiv(n, config["BLOCK_N"])
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    self_merge = split_k > 1 and can_self_merge(split_counts, num_tiles)
-    workspace = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    splits = split_outputs(out, split_k, num_tiles, split_counts, placeholder=qweight)
     _int4_dot_kernel[(num_tiles, split_k)](
-        x, qweight, scales, zeros, out, workspace, split_counts if self_merge else qweight,
+        x, qweight, scales, zeros, out, splits.workspace, splits.counts,
         m, n, k, kernel_group_size,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        BASE=_BF16_BASE if x.dtype == torch.bfloat16 else _FP16_BASE, SELF_MERGE=self_merge,
+        BASE=_BF16_BASE if x.dtype == torch.bfloat16 else _FP16_BASE, SELF_MERGE=splits.self_merge,
         NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **config,
     )
-    if split_k > 1 and not self_merge:
-        sum_splits(workspace, out)
+    finish_splits(splits, out)
     return out

@@ -81,8 +81,7 @@ def _move_nibbles(words: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
 
 def pack_internal(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned values [K, N] as the internal layout's qweight [K / pack, N]."""
-    words = pack_int32(values, bits, dim=0)
-    return _move_nibbles(words, INT4_SLOTS) if bits == 4 else words
+    return to_internal_words(pack_int32(values, bits, dim=0), bits)
 
 
 def to_internal_words(words: torch.Tensor, bits: int) -> torch.Tensor:

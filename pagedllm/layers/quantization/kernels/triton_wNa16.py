@@ -21,7 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.ops.split_k import can_self_merge, k_tile_range, split_for, store_or_merge, sum_splits
+from pagedllm.layers.ops.split_k import (
+    finish_splits,
+    k_tile_range,
+    split_for,
+    split_outputs,
+    store_or_merge,
+)
 from pagedllm.layers.quantization.kernels import int4_dot
 
 
@@ -237,7 +243,9 @@ def triton_int_group_matmul(
         return _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config,
                      split_counts)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    # No count buffer: this kernel's splits are always added by a second launch.
+    splits = split_outputs(out, split_k, 0, None, placeholder=qweight)
+    target = splits.workspace
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split_k)
     _int_group_gemm_kernel[grid](
         x, qweight, scales, zeros, row_group_arg, target,
@@ -247,8 +255,7 @@ def triton_int_group_matmul(
         target.stride(0) if split_k > 1 else 0, target.stride(-2), target.stride(-1),
         BITS=bits, HAS_ROW_GROUP=row_group is not None, IEEE=x.dtype == torch.float32, **config,
     )
-    if split_k > 1:
-        sum_splits(target, out)
+    finish_splits(splits, out)
     return out
 
 
@@ -261,19 +268,16 @@ def _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_grou
     split_k = config["SPLIT_K"]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     num_tiles = triton.cdiv(n, config["BLOCK_N"])
-    self_merge = split_k > 1 and can_self_merge(split_counts, num_tiles)
     gemv_config = {key: value for key, value in config.items() if key != "BLOCK_M"}
     for row in range(m):
-        workspace = out if split_k == 1 else torch.empty((split_k, n), device=x.device, dtype=torch.float32)
+        splits = split_outputs(out[row], split_k, num_tiles, split_counts, placeholder=qweight)
         _int_group_gemv_kernel[(num_tiles, split_k)](
-            x[row], qweight, scales, zeros, row_group_arg, out[row], workspace,
-            split_counts if self_merge else qweight,
+            x[row], qweight, scales, zeros, row_group_arg, out[row], splits.workspace, splits.counts,
             n, k, kernel_group_size,
             x.stride(1), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-            BITS=bits, HAS_ROW_GROUP=row_group is not None, SELF_MERGE=self_merge,
+            BITS=bits, HAS_ROW_GROUP=row_group is not None, SELF_MERGE=splits.self_merge,
             NUM_STAGES=config["num_stages"], **gemv_config,
         )
-        if split_k > 1 and not self_merge:
-            sum_splits(workspace, out[row])
+        finish_splits(splits, out[row])
     return out
