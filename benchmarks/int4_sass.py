@@ -47,7 +47,7 @@ def main() -> None:
             "NUM_STAGES": args.stages}
     if args.kernel == "fma":
         kernel_fn, arg_list = triton_wNa16._int_group_gemv_kernel, _FMA_ARGS
-        constants = {"BITS": 4, "HAS_ROW_GROUP": False, **tile,
+        constants = {"BITS": 4, "HAS_ROW_GROUP": False, "INTERP": False, **tile,
                      "stride_xk": 1, "stride_qn": 1, "stride_sn": 1, "stride_zn": 1}
     else:
         kernel_fn, arg_list = int4_dot._int4_dot_kernel, _DOT_ARGS

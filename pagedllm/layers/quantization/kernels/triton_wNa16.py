@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.split_k import (
     finish_splits,
     k_tile_range,
@@ -42,18 +43,39 @@ def _row_shift(row, BITS: tl.constexpr):
 
 
 @triton.jit
-def _plane(words, words_high, SHIFT: tl.constexpr, BITS: tl.constexpr):
+def _plane(words, words_high, SHIFT: tl.constexpr, BITS: tl.constexpr, INTERP: tl.constexpr):
     """The value at bit SHIFT of each packed word as the float32 2**23 + q * 2**pos, pos being
     its offset within its half-word (words_high = words >> 16 holds the upper half): OR-ing a
-    field below bit 23 into the bits of 2**23 (0x4B000000) adds it exactly. One AND and one OR per value
-    instead of a shift, an AND and an int -> float conversion (a quarter of the FMA rate); the
-    one-row kernel moved by a few points with it (BENCHMARKS.md, fifth run)."""
+    field below bit 23 into the bits of 2**23 (0x4B000000) adds it exactly. One LOP3 per value
+    ((word & field) | 2**23), written out: ptxas leaves a separate AND and OR when both
+    constants are immediates, 1.9 instructions per value instead of one."""
     FIELD: tl.constexpr = ((1 << BITS) - 1) << (SHIFT % 16)
     if SHIFT < 16:
-        field = words & FIELD
+        source = words
     else:
-        field = words_high & FIELD
-    return (field | 0x4B000000).to(tl.float32, bitcast=True)
+        source = words_high
+    if INTERP:
+        bits = (source & FIELD) | 0x4B000000
+    else:
+        bits = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+            [source, tl.full(source.shape, FIELD, tl.int32), tl.full(source.shape, 0x4B000000, tl.int32)],
+            dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_rows(x_tile, WORDS: tl.constexpr):
+    """x [WORDS, 8] (each word's eight x, loaded as one vector) as the tuple of its columns,
+    split in registers: one load per word instead of eight."""
+    x_even, x_odd = tl.split(tl.reshape(x_tile, (WORDS, 4, 2)))
+    x_04, x_26 = tl.split(tl.reshape(x_even, (WORDS, 2, 2)))
+    x_15, x_37 = tl.split(tl.reshape(x_odd, (WORDS, 2, 2)))
+    x0, x4 = tl.split(x_04)
+    x2, x6 = tl.split(x_26)
+    x1, x5 = tl.split(x_15)
+    x3, x7 = tl.split(x_37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -120,7 +142,7 @@ def _int_group_gemv_kernel(
     N, K, group_size,
     stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One row (batch-1 decode). Every step is elementwise on the [words, N] tile as loaded:
     value i of each word is multiplied by its x and summed into a per-word accumulator, so
@@ -165,19 +187,23 @@ def _int_group_gemv_kernel(
             zero = zero.to(tl.float32)
             words_high = words >> 16
             tile_acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+            if PACK == 8:
+                xs = _split_rows(tl.load(x_ptr + (word_rows[:, None] * PACK + tl.arange(0, PACK)[None, :]) * stride_xk,
+                                         mask=mask_w[:, None], other=0.0).to(tl.float32), WORDS)
             for i in tl.static_range(PACK):
-                # Value i as the float 2**23 + q * 2**pos with one bitwise op (see _plane); the
-                # power of two goes into x, which is exact.
-                # Row i's bit offset (_row_shift, spelled out so that it stays a constexpr).
+                # Value i as the float 2**23 + q * 2**pos with one bitwise op (see _plane), then
+                # q - zero exactly with one FMA: (2**23 + q * 2**pos) / 2**pos - (2**23 / 2**pos
+                # + zero). Row i's bit offset (_row_shift, spelled out so that it stays a constexpr).
                 shift = i * BITS
                 if BITS == 4:
                     shift = (i // 2) * 4 + (i % 2) * 16
                 offset = 1 << (shift % 16)
-                x = tl.load(x_ptr + (word_rows * PACK + i) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
-                # 2**23 + zero * 2**pos, exact: the difference is (q - zero) * 2**pos.
-                zero_plane = zero * offset + 8388608.0
-                q = _plane(words, words_high, shift, BITS) - zero_plane[None, :]
-                tile_acc += (x * (1.0 / offset))[:, None] * q
+                if PACK == 8:
+                    x = xs[i]
+                else:
+                    x = tl.load(x_ptr + (word_rows * PACK + i) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+                q = _plane(words, words_high, shift, BITS, INTERP) * (1.0 / offset) - (zero + 8388608.0 / offset)[None, :]
+                tile_acc += x[:, None] * q
             acc += tile_acc * scale.to(tl.float32)[None, :]
 
     result = tl.sum(acc, axis=0)[None, :]
@@ -277,7 +303,7 @@ def _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_grou
             x.stride(1), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
             BITS=bits, HAS_ROW_GROUP=row_group is not None, SELF_MERGE=splits.self_merge,
-            NUM_STAGES=config["num_stages"], **gemv_config,
+            NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **gemv_config,
         )
         finish_splits(splits, out[row])
     return out
