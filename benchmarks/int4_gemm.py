@@ -1,6 +1,6 @@
-"""Micro-benchmark of the Triton int4 weight-only GEMM (kernels/triton_wNa16.py, and
-kernels/int4_dot.py for 4-bit M <= 16) on
-Llama-3.1-8B's linear shapes, group size 128, bf16 activations.
+"""Micro-benchmark of the Triton int4 weight-only GEMM (kernels/triton_wNa16.py;
+kernels/int4_half2.py for one 4-bit row, kernels/int4_dot.py for 2-16) on Llama-3.1-8B's linear
+shapes, group size 128, bf16 activations.
 
 For each shape and M in (1, 8, 256): the kernel's time, its achieved bandwidth (quantized
 bytes: packed weight + scales + zeros, divided by the time), that bandwidth as a fraction of
@@ -8,10 +8,11 @@ the device-to-device copy bandwidth measured in the same run, and the bf16 cuBLA
 of the same shape with its speed-up. Timings are medians of CUDA-graph replays rotating over
 enough weight copies to exceed the L2 cache, so weights come from HBM as in a real step.
 
-    PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep]
+    PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep] [--sweep-rows 1 8]
 
---sweep also times alternative tile/split-K configurations at M=1 and M=8 and prints the best
-per shape (to tune `int4_dot.default_config`, or `_launch_config` for 8 bits).
+--sweep also times alternative tile/split-K configurations at the --sweep-rows sizes (M <= 8)
+and prints the best per shape (to tune `int4_half2.default_config`, `int4_dot.default_config`,
+or `_launch_config` for 8 bits). At one row it also times the float32 FMA GEMV.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth
 from pagedllm.layers.ops.split_k import split_count_buffer
 from pagedllm.layers.quantization.kernels.int4_dot import default_config as int4_dot_default_config
 from pagedllm.layers.quantization.kernels.int4_dot import int4_dot_matmul
+from pagedllm.layers.quantization.kernels.int4_half2 import default_config as int4_half2_default_config
+from pagedllm.layers.quantization.kernels.int4_half2 import int4_half2_gemv
 from pagedllm.layers.quantization.kernels.int_group import pack_internal
 from pagedllm.layers.quantization.kernels.triton_wNa16 import _launch_config, triton_int_group_matmul
 
@@ -68,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 8], choices=(1, 8))
     args = parser.parse_args()
     copy_bandwidth = measure_copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_bandwidth / 1e12:.2f} TB/s")
@@ -90,13 +94,16 @@ def main() -> None:
             bandwidth = quant_bytes / int_time
             print(f"{name:<22}{m:>5}{int_time * 1e6:>9.1f}us{bandwidth / 1e9:>8.0f}"
                   f"{bandwidth / copy_bandwidth:>9.0%}{dense_time * 1e6:>9.1f}us{dense_time / int_time:>9.2f}x")
-            if args.sweep and m <= 8:
+            if args.sweep and m in args.sweep_rows:
                 sweep(x, layouts, copies, args.bits, quant_bytes, copy_bandwidth, k, n)
         del layouts, dense
         torch.cuda.empty_cache()
 
 
 def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
+    if bits == 4 and x.shape[0] == 1:
+        sweep_half2(x, layouts, copies, quant_bytes, copy_bandwidth, k, n)
+        return
     if bits == 4:
         sweep_int4_dot(x, layouts, copies, quant_bytes, copy_bandwidth, k, n)
         return
@@ -144,12 +151,35 @@ def sweep_int4_dot(x, layouts, copies, quant_bytes, copy_bandwidth, k, n) -> Non
             continue
         results.append((seconds, config))
     print_best(results, m, quant_bytes, copy_bandwidth, int4_dot_default_config(n, k, GROUP_SIZE, x.device))
-    # The FMA kernels of triton_wNa16.py at their own launch rule, for comparison.
-    fma_config = _launch_config(m, n, k, GROUP_SIZE, x.device)
+
+
+def sweep_half2(x, layouts, copies, quant_bytes, copy_bandwidth, k, n) -> None:
+    """The packed-fp16 GEMV (kernels/int4_half2.py) that serves one 4-bit row, then the float32
+    FMA GEMV it replaced at that one's launch rule."""
+    counts = split_count_buffer(n, x.device)
+    results = []
+    grid = ([(block_n, split_k, 3, 4) for block_n in (64, 128, 256) for split_k in (1, 2, 4, 8, 16)]
+            + [(block_n, split_k, 5, 4) for block_n in (64, 128) for split_k in (2, 4, 8)]
+            + [(256, split_k, 3, 8) for split_k in (1, 2, 4, 8)]
+            + [(64, split_k, 3, 2) for split_k in (2, 4, 8)])
+    for block_n, split_k, stages, warps in grid:
+        if split_k > k // 128:
+            continue
+        config = dict(BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+        try:
+            seconds = time_rotating(
+                lambda i: int4_half2_gemv(x, *layouts[i], GROUP_SIZE, split_counts=counts, config=config),
+                copies, replays=10)
+        except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
+            print(f"    skipped {config}: {type(error).__name__}")
+            continue
+        results.append((seconds, config))
+    print_best(results, 1, quant_bytes, copy_bandwidth, int4_half2_default_config(n, k, GROUP_SIZE, x.device))
+    fma_config = _launch_config(1, n, k, GROUP_SIZE, x.device)
     seconds = time_rotating(
         lambda i: triton_int_group_matmul(x, *layouts[i], 4, GROUP_SIZE, config=fma_config, split_counts=counts),
         copies, replays=10)
-    print(f"    FMA kernel M={m}: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy")
+    print(f"    FMA kernel M=1: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy")
 
 
 def print_best(results, m, quant_bytes, copy_bandwidth, default) -> None:

@@ -2,10 +2,11 @@
 with the specializations a real launch gets (16-byte aligned pointers, sizes and row strides
 divisible by 16, unit column strides). Needs Triton's bundled ptxas and cuobjdump, no GPU.
 
-    PYTHONPATH=. python3 benchmarks/int4_sass.py [--kernel fma|dot] [--block-n 64] [--stages 3]
+    PYTHONPATH=. python3 benchmarks/int4_sass.py [--kernel half2|fma|dot] [--block-n 64] [--stages 3]
 
-fma: the one-row FMA GEMV (kernels/triton_wNa16.py); dot: the tensor-core kernel for 2-16 rows
-(kernels/int4_dot.py). Prints the per-thread instructions of one loop iteration (one K tile of
+half2: the one-row packed-fp16 GEMV (kernels/int4_half2.py); fma: the float32 GEMV
+(kernels/triton_wNa16.py, act-order and 8-bit rows); dot: the tensor-core kernel for 2-16
+rows (kernels/int4_dot.py). Prints the per-thread instructions of one loop iteration (one K tile of
 BLOCK_K rows by BLOCK_N columns) by opcode, and per packed value.
 """
 
@@ -22,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagedllm.layers.quantization.kernels import int4_dot, triton_wNa16
+from pagedllm.layers.quantization.kernels import int4_dot, int4_half2, triton_wNa16
 
 _FMA_ARGS = [("x_ptr", "*bf16"), ("qweight_ptr", "*i32"), ("scales_ptr", "*bf16"), ("zeros_ptr", "*bf16"),
          ("row_group_ptr", "*i32"), ("out_ptr", "*bf16"), ("workspace_ptr", "*fp32"), ("count_ptr", "*i32"),
@@ -32,12 +33,15 @@ _DOT_ARGS = [("x_ptr", "*bf16"), ("qweight_ptr", "*i32"), ("scales_ptr", "*bf16"
              ("out_ptr", "*bf16"), ("workspace_ptr", "*fp32"), ("count_ptr", "*i32"), ("M", "i32"), ("N", "i32"),
              ("K", "i32"), ("group_size", "i32"), ("stride_xm", "i32"), ("stride_qk", "i32"), ("stride_sg", "i32"),
              ("stride_zg", "i32"), ("stride_om", "i32")]
+_HALF2_ARGS = [("x_ptr", "*bf16"), ("qweight_ptr", "*i32"), ("scales_ptr", "*bf16"), ("zeros_ptr", "*bf16"),
+               ("out_ptr", "*bf16"), ("workspace_ptr", "*fp32"), ("count_ptr", "*i32"), ("N", "i32"), ("K", "i32"),
+               ("group_size", "i32"), ("stride_qk", "i32"), ("stride_sg", "i32"), ("stride_zg", "i32")]
 _DIVISIBLE_BY_16 = {"N", "K", "group_size", "stride_xm", "stride_qk", "stride_sg", "stride_zg", "stride_om"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=["fma", "dot"], default="fma")
+    parser.add_argument("--kernel", choices=["half2", "fma", "dot"], default="half2")
     parser.add_argument("--block-n", type=int, default=64)
     parser.add_argument("--block-k", type=int, default=128)
     parser.add_argument("--stages", type=int, default=3)
@@ -49,6 +53,9 @@ def main() -> None:
         kernel_fn, arg_list = triton_wNa16._int_group_gemv_kernel, _FMA_ARGS
         constants = {"BITS": 4, "HAS_ROW_GROUP": False, "INTERP": False, **tile,
                      "stride_xk": 1, "stride_qn": 1, "stride_sn": 1, "stride_zn": 1}
+    elif args.kernel == "half2":
+        kernel_fn, arg_list = int4_half2._int4_half2_gemv_kernel, _HALF2_ARGS
+        constants = {"INTERP": False, **tile}
     else:
         kernel_fn, arg_list = int4_dot._int4_dot_kernel, _DOT_ARGS
         constants = {"BASE": int4_dot._BF16_BASE, "INTERP": False, **tile}

@@ -2,7 +2,10 @@
 matmul). On the CPU it runs under TRITON_INTERPRET=1 with small shapes; the gpu-marked tests
 run it compiled on CUDA. Tolerances: float32 1e-4 relative to the output scale (the same
 products summed in another order, split-K partial sums added in split order); bf16/fp16 2e-2
-relative (inputs rounded to 16 bits, products accumulated in float32 on both sides)."""
+relative (inputs rounded to 16 bits, products accumulated in float32 on both sides). The
+one-row fp16-arithmetic kernel (kernels/int4_half2.py) is held to 1e-2 (bf16) and 2e-3 (fp16):
+its output rounding (2**-8, 2**-11) plus fp16 sums of eight products; a misplaced nibble or
+a lost power of two is off by O(1)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from int_group_checkpoints import gptq_tensors, quantize  # noqa: E402
 from pagedllm.layers.linear import MergedColumnParallelLinear  # noqa: E402
 from pagedllm.layers.ops.split_k import split_count_buffer  # noqa: E402
 from pagedllm.layers.quantization.gptq import GPTQConfig  # noqa: E402
-from pagedllm.layers.quantization.kernels import int4_dot  # noqa: E402
+from pagedllm.layers.quantization.kernels import int4_dot, int4_half2  # noqa: E402
 from pagedllm.layers.quantization.kernels.int_group import pack_internal, reference_matmul  # noqa: E402
 from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul  # noqa: E402
 
@@ -38,9 +41,10 @@ def random_layout(k: int, n: int, bits: int, group_size: int, act_order: bool, d
     return pack_internal(q, bits).to(device), scales.to(device), zeros.to(device), perm, row_group
 
 
-def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device, dtype, rtol, self_merge=True):
+def assert_kernel_matches_reference(m, k, n, bits, group_size, act_order, device, dtype, rtol, self_merge=True,
+                                    x_scale=1.0):
     qweight, scales, zeros, perm, row_group = random_layout(k, n, bits, group_size, act_order, device, dtype)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device=device, dtype=dtype)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * x_scale).to(device=device, dtype=dtype)
     counts = split_count_buffer(n, torch.device(device)) if self_merge else None
     out = triton_int_group_matmul(x, qweight, scales, zeros, bits, group_size, perm, row_group, split_counts=counts)
     expected = reference_matmul(x.float(), qweight, scales.float(), zeros.float(), bits, group_size, perm, row_group)
@@ -93,6 +97,27 @@ def test_interpreted_tensor_core_int4_kernel_matches_reference(m, k, n, group_si
     assert_kernel_matches_reference(m, k, n, 4, group_size, False, "cpu", dtype, rtol, self_merge)
 
 
+HALF2_CASES = [
+    # (k, n, group_size, x_scale): one row, 4-bit, 16-bit activations
+    (512, 128, 128, 1.0),     # split K, each split its own power of two
+    (256, 96, -1, 3000.0),    # one group; columns past the last tile; x far above fp16's safe range
+    (256, 64, 32, 1e-3),      # small groups; small x
+    (208, 32, -1, 1.0),       # K not a multiple of 128: 16-row tiles
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests cover CUDA")
+@pytest.mark.parametrize("k, n, group_size, x_scale", HALF2_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("self_merge", [True, False], ids=["splits-merged-by-the-last", "splits-summed-after"])
+def test_interpreted_half2_int4_gemv_matches_reference(k, n, group_size, x_scale, dtype, self_merge):
+    """kernels/int4_half2.py (which serves one 16-bit row) with the interpreter's emulation of
+    its packed fp16 steps."""
+    assert int4_half2.supports(1, k, 4, group_size, False, dtype)
+    rtol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_kernel_matches_reference(1, k, n, 4, group_size, False, "cpu", dtype, rtol, self_merge, x_scale)
+
+
 def build_gptq_layer(act_order: bool, device: str = "cpu") -> tuple[MergedColumnParallelLinear, list]:
     torch.manual_seed(0)
     config = GPTQConfig.from_config({"bits": 4, "group_size": 16, "desc_act": act_order, "sym": False})
@@ -141,6 +166,16 @@ def test_cuda_kernel_matches_reference(dtype, m, bits, group_size):
 @pytest.mark.parametrize("m", [1, 256])
 def test_cuda_kernel_matches_reference_at_llama_8b_shapes(k, n, m):
     assert_kernel_matches_reference(m, k, n, 4, 128, False, "cuda", torch.bfloat16, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_scale", [3000.0, 1e-4])
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_cuda_half2_int4_gemv_keeps_large_and_small_x(dtype, x_scale, group_size):
+    """The one-row fp16 kernel scales x by a power of two: no overflow, no lost precision."""
+    rtol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_kernel_matches_reference(1, 4096, 1024, 4, group_size, False, "cuda", dtype, rtol, x_scale=x_scale)
 
 
 @pytest.mark.gpu

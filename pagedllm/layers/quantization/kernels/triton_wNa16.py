@@ -29,7 +29,7 @@ from pagedllm.layers.ops.split_k import (
     split_outputs,
     store_or_merge,
 )
-from pagedllm.layers.quantization.kernels import int4_dot
+from pagedllm.layers.quantization.kernels import int4_dot, int4_half2
 
 
 @triton.jit
@@ -253,6 +253,8 @@ def triton_int_group_matmul(
     pack = 32 // bits
     if k % pack or qweight.shape[0] != k // pack:
         raise ValueError(f"x has {k} input features but the weight packs {qweight.shape[0] * pack}.")
+    if config is None and int4_half2.supports(m, k, bits, group_size, row_group is not None, x.dtype):
+        return int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, split_counts)
     if config is None and int4_dot.supports(m, k, bits, group_size, row_group is not None, x.dtype):
         return int4_dot.int4_dot_matmul(x, qweight, scales, zeros, group_size, split_counts)
     if row_group is None and group_size != -1 and group_size % 16:

@@ -1,0 +1,233 @@
+"""One-row int4 GEMV in packed fp16 arithmetic (batch-1 decode, bf16/fp16 activations).
+
+The float32 GEMV (triton_wNa16._int_group_gemv_kernel) spends one LOP3, one FMA for the zero
+point and one FMA for the product on every 4-bit value, plus the rest of its loop: it is bound
+by instruction issue (ncu, BENCHMARKS.md seventh run). Here every instruction handles two
+values. Per packed word (eight values, the interleaved layout of kernels/int_group.py: rows
+2s and 2s + 1 at bits 4s and 16 + 4s):
+
+- one shift and four LOP3 make four fp16 pairs 1024 + q (nibbles at bits 0 and 16, or 8 and
+  24 after the shift) or 1024 + 16 q (the nibbles above them);
+- four packed adds or FMAs take 1024 + zero (or, scaled by 1/16, 64 + zero) off: the exact
+  integers q - zero;
+- four packed FMAs multiply them by their pairs of x and sum into one pair, whose two halves
+  are added and widened to float32 once per word.
+
+That is 16 instructions for eight values. fp16 products and sums of eight of them are exact
+enough (2**-11 relative, below the bf16 output's 2**-8) but could overflow, so each program
+scales its slice of x by a power of two that puts its largest |x| in [256, 512): eight
+products of at most 15 * 512 stay below fp16's 65504. The scale is taken off the float32 sum,
+exactly. Zero points must be integers (every supported format stores them so).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_for, split_outputs, store_or_merge
+
+# PTX for one word ($1) against its column's -(1024 + zero) and -(64 + zero) pairs ($2, $3)
+# and its four pairs of x ($4-$7, rows 0/1, 2/3, 4/5, 6/7): the float32 sum of the eight
+# products. LOP3 (a & b) | c is table 0xEA; 0x2C00 is 1/16 in fp16.
+_WORD_DOT_ASM = tl.constexpr("""{
+.reg .b32 s, t0, t1, t2, t3, acc, sixteenth;
+.reg .f16 lo, hi, sum;
+mov.b32 sixteenth, 0x2C002C00;
+shr.u32 s, $1, 8;
+lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 t2, s, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, s, 0x00F000F0, 0x64006400, 0xEA;
+add.rn.f16x2 t0, t0, $2;
+fma.rn.f16x2 t1, t1, sixteenth, $3;
+add.rn.f16x2 t2, t2, $2;
+fma.rn.f16x2 t3, t3, sixteenth, $3;
+mul.rn.f16x2 acc, t0, $4;
+fma.rn.f16x2 acc, t1, $5, acc;
+fma.rn.f16x2 acc, t2, $6, acc;
+fma.rn.f16x2 acc, t3, $7, acc;
+mov.b32 {lo, hi}, acc;
+add.rn.f16 sum, lo, hi;
+cvt.f32.f16 $0, sum;
+}""")
+
+
+@triton.jit
+def _half(bits):
+    """The fp16 in the low 16 bits of each int32, as float32."""
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _round16(value):
+    return value.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _word_dot_interpreted(words, bias_low, bias_high, x01, x23, x45, x67):
+    """_WORD_DOT_ASM with integer ops and float32 arithmetic rounded to fp16 after each step
+    (the interpreter has no inline assembly)."""
+    shifted = words >> 8
+    total = tl.zeros(words.shape, dtype=tl.float32)
+    for half in tl.static_range(2):
+        lane = half * 16
+        q01 = _half(((words & 0x000F000F) | 0x64006400) >> lane) + _half(bias_low >> lane)
+        q23 = _round16(_half(((words & 0x00F000F0) | 0x64006400) >> lane) * 0.0625 + _half(bias_high >> lane))
+        q45 = _half(((shifted & 0x000F000F) | 0x64006400) >> lane) + _half(bias_low >> lane)
+        q67 = _round16(_half(((shifted & 0x00F000F0) | 0x64006400) >> lane) * 0.0625 + _half(bias_high >> lane))
+        lane_sum = _round16(q01 * _half(x01 >> lane))
+        lane_sum = _round16(lane_sum + q23 * _half(x23 >> lane))
+        lane_sum = _round16(lane_sum + q45 * _half(x45 >> lane))
+        lane_sum = _round16(lane_sum + q67 * _half(x67 >> lane))
+        total += lane_sum
+    return _round16(total)
+
+
+@triton.jit
+def _pack_half2(low, high, INTERP: tl.constexpr):
+    """Two float32 tensors rounded to an fp16 pair in an int32, `low` in the low half."""
+    if INTERP:
+        low_bits = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        high_bits = high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return low_bits | (high_bits << 16)
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [low, high],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _scaled_x_pairs(pairs, x_scale, IS_BF16: tl.constexpr, INTERP: tl.constexpr):
+    """Pairs of consecutive x (two bf16 or fp16 in an int32) times x_scale, as fp16 pairs."""
+    if IS_BF16:
+        low = (pairs << 16).to(tl.float32, bitcast=True)
+        high = (pairs & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = _half(pairs)
+        high = _half(pairs >> 16)
+    return _pack_half2(low * x_scale, high * x_scale, INTERP)
+
+
+@triton.jit
+def _x_scale(x_ptr, K, tile_start, tile_end, BLOCK_K: tl.constexpr):
+    """The power of two that puts this program's largest |x| in [256, 512), and its inverse."""
+    largest = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for tile in range(tile_start, tile_end):
+        offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        largest = tl.maximum(largest, tl.abs(x))
+    # The biased exponent E of the largest |x| (at least 9, so that both powers are normal):
+    # 2**(135 - E) brings it to [2**8, 2**9).
+    exponent = tl.maximum((tl.max(largest).to(tl.int32, bitcast=True) >> 23) & 0xFF, 9)
+    scale = ((262 - exponent) << 23).to(tl.float32, bitcast=True)
+    inverse = ((exponent - 8) << 23).to(tl.float32, bitcast=True)
+    return scale, inverse
+
+
+@triton.jit
+def _int4_half2_gemv_kernel(
+    x_ptr, x_pairs_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
+    N, K, stride_qk, stride_sg, stride_zg,
+    TILES_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
+):
+    """out [N] = x [K] @ W, W interleaved int4 [K / 8, N] with uniform groups of
+    TILES_PER_GROUP BLOCK_K tiles (0: one group); x (also read as int32 pairs, x_pairs_ptr),
+    scales, zeros and out contiguous along their last axis. Grid
+    (cdiv(N, BLOCK_N), SPLIT_K); split K: workspace [SPLIT_K, N] float32 and count_ptr as in
+    ops/split_k.py."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_words = tl.arange(0, WORDS)
+
+    tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
+    x_scale, x_inverse = _x_scale(x_ptr, K, tile_start, tile_end, BLOCK_K)
+
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
+        word_rows = tile * WORDS + offs_words
+        mask_w = word_rows < K // 8
+        words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+                        mask=mask_w[:, None] & mask_n[None, :], other=0)
+        if TILES_PER_GROUP == 0:
+            group = 0
+        else:
+            group = tile // TILES_PER_GROUP
+        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32).to(tl.int32)
+        # The fp16 pairs -(1024 + zero) (bits 0xE400 + zero) and -(64 + zero) (0xD400 + 16 zero)
+        # in integer ops; the constants are 0xE400E400 and 0xD400D400 as int32.
+        bias_low = tl.broadcast_to((zero * 0x10001 - 469703680)[None, :], words.shape)
+        bias_high = tl.broadcast_to((zero * 0x100010 - 738143232)[None, :], words.shape)
+        x_pairs = tl.load(x_pairs_ptr + word_rows[:, None] * 4 + tl.arange(0, 4)[None, :], mask=mask_w[:, None],
+                          other=0)
+        x_pairs = _scaled_x_pairs(x_pairs, x_scale, x_ptr.dtype.element_ty == tl.bfloat16, INTERP)
+        # Pairs 0 and 2, 1 and 3; then rows 0/1, 4/5 and 2/3, 6/7.
+        x_even_pairs, x_odd_pairs = tl.split(tl.reshape(x_pairs, (WORDS, 2, 2)))
+        x01, x45 = tl.split(x_even_pairs)
+        x23, x67 = tl.split(x_odd_pairs)
+        x01 = tl.broadcast_to(x01[:, None], words.shape)
+        x23 = tl.broadcast_to(x23[:, None], words.shape)
+        x45 = tl.broadcast_to(x45[:, None], words.shape)
+        x67 = tl.broadcast_to(x67[:, None], words.shape)
+        if INTERP:
+            word_sums = _word_dot_interpreted(words, bias_low, bias_high, x01, x23, x45, x67)
+        else:
+            word_sums = tl.inline_asm_elementwise(
+                _WORD_DOT_ASM, "=r,r,r,r,r,r,r,r", [words, bias_low, bias_high, x01, x23, x45, x67],
+                dtype=tl.float32, is_pure=True, pack=1)
+        acc += word_sums * scale[None, :]
+
+    result = (tl.sum(acc, axis=0) * x_inverse)[None, :]
+    offs_m = tl.arange(0, 1)
+    store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N,
+                   0, pid_n, pid_k, SPLIT_K, SELF_MERGE)
+
+
+def supports(m: int, k: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype) -> bool:
+    """Whether a matmul fits this kernel: one row of bf16/fp16, 4 bits, no act order, K and the
+    groups made of whole 16-row tiles (the kernel does not mask K within a word)."""
+    return (m == 1 and bits == 4 and not act_order and dtype in (torch.bfloat16, torch.float16)
+            and k % 16 == 0 and (group_size == -1 or group_size % 16 == 0))
+
+
+def default_config(n: int, k: int, group_size: int, device: torch.device) -> dict[str, int]:
+    """Tiles, split and pipeline depth for one shape: 64-column tiles, three stages and about
+    four programs per SM, the float32 GEMV's rule (not yet swept for this kernel)."""
+    block_n, block_k = 64, 128
+    while k % block_k or (group_size != -1 and group_size % block_k):
+        block_k //= 2
+    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 4, device)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+
+
+def int4_half2_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    split_counts: torch.Tensor | None = None, config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """x [1, K] (bf16/fp16) @ W for the interleaved int4 layout (kernels/int_group.py);
+    `split_counts` as in ops/split_k.py (without it a second launch adds the splits)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    config = config or default_config(n, k, group_size, x.device)
+    block_k = config["BLOCK_K"]
+    if m != 1 or k % block_k or (group_size != -1 and group_size % block_k):
+        raise ValueError(f"one row whose K={k} and groups of {group_size} rows are whole BLOCK_K={block_k} tiles "
+                         f"is needed, got {m} rows.")
+    x = x.contiguous()
+    split_k = config["SPLIT_K"]
+    num_tiles = triton.cdiv(n, config["BLOCK_N"])
+    out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight)
+    _int4_half2_gemv_kernel[(num_tiles, split_k)](
+        x, x.view(torch.int32), qweight, scales, zeros, out, splits.workspace, splits.counts,
+        n, k, qweight.stride(0), scales.stride(0), zeros.stride(0),
+        TILES_PER_GROUP=0 if group_size == -1 else group_size // block_k, SELF_MERGE=splits.self_merge, NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **config,
+    )
+    finish_splits(splits, out[0])
+    return out
