@@ -159,9 +159,8 @@ def sweep_half2(x, layouts, copies, quant_bytes, copy_bandwidth, k, n) -> None:
     counts = split_count_buffer(n, x.device)
     results = []
     grid = ([(block_n, split_k, 3, 4) for block_n in (64, 128, 256) for split_k in (1, 2, 4, 8, 16)]
-            + [(block_n, split_k, 5, 4) for block_n in (64, 128) for split_k in (2, 4, 8)]
-            + [(256, split_k, 3, 8) for split_k in (1, 2, 4, 8)]
-            + [(64, split_k, 3, 2) for split_k in (2, 4, 8)])
+            + [(256, split_k, stages, 4) for split_k in (2, 4, 8, 16) for stages in (2, 4, 6)]
+            + [(256, split_k, 3, 8) for split_k in (2, 4, 8, 16)])
     for block_n, split_k, stages, warps in grid:
         if split_k > k // 128:
             continue
@@ -183,8 +182,15 @@ def sweep_half2(x, layouts, copies, quant_bytes, copy_bandwidth, k, n) -> None:
 
 
 def print_best(results, m, quant_bytes, copy_bandwidth, default) -> None:
+    """The two best configurations, then the best of each other tile width."""
     results.sort(key=lambda item: item[0])
-    for seconds, config in results[:2]:
+    widths = {config["BLOCK_N"] for _, config in results[:2]}
+    shown = results[:2]
+    for seconds, config in results[2:]:
+        if config["BLOCK_N"] not in widths:
+            widths.add(config["BLOCK_N"])
+            shown.append((seconds, config))
+    for seconds, config in shown:
         print(f"    sweep M={m}: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy  {config}")
     print(f"    default: {default}")
 

@@ -10,14 +10,16 @@ values. Per packed word (eight values, the interleaved layout of kernels/int_gro
   24 after the shift) or 1024 + 16 q (the nibbles above them);
 - four packed adds or FMAs take 1024 + zero (or, scaled by 1/16, 64 + zero) off: the exact
   integers q - zero;
-- four packed FMAs multiply them by their pairs of x and sum into one pair, whose two halves
-  are added and widened to float32 once per word.
+- four packed FMAs multiply them by their pairs of x and sum into one pair.
 
-That is 16 instructions for eight values. fp16 products and sums of eight of them are exact
-enough (2**-11 relative, below the bf16 output's 2**-8) but could overflow, so each program
-scales its slice of x by a power of two that puts its largest |x| in [256, 512): eight
-products of at most 15 * 512 stay below fp16's 65504. The scale is taken off the float32 sum,
-exactly. Zero points must be integers (every supported format stores them so).
+Each thread takes two words of a column (one from each half of the K tile) into one pair of
+sums, whose halves are widened to float32 and added: 34 instructions for sixteen values, plus
+one FMA for the group's scale. fp16 products and sums are exact enough (2**-11 relative, below
+the bf16 output's 2**-8) but could overflow, so each program scales its slice of x by a power
+of two that puts its largest |x| in [256, 512), once, into a scratch copy of fp16 pairs: a
+half of the pair sums eight products of at most 15 * 512, below fp16's 65504. The scale is
+taken off the float32 sum, exactly. Zero points must be integers (every supported format
+stores them so).
 """
 
 from __future__ import annotations
@@ -29,30 +31,33 @@ import triton.language as tl
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_for, split_outputs, store_or_merge
 
-# PTX for one word ($1) against its column's -(1024 + zero) and -(64 + zero) pairs ($2, $3)
-# and its four pairs of x ($4-$7, rows 0/1, 2/3, 4/5, 6/7): the float32 sum of the eight
-# products. LOP3 (a & b) | c is table 0xEA; 0x2C00 is 1/16 in fp16.
-_WORD_DOT_ASM = tl.constexpr("""{
-.reg .b32 s, t0, t1, t2, t3, acc, sixteenth;
-.reg .f16 lo, hi, sum;
-mov.b32 sixteenth, 0x2C002C00;
-shr.u32 s, $1, 8;
-lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-lop3.b32 t2, s, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t3, s, 0x00F000F0, 0x64006400, 0xEA;
-add.rn.f16x2 t0, t0, $2;
-fma.rn.f16x2 t1, t1, sixteenth, $3;
-add.rn.f16x2 t2, t2, $2;
-fma.rn.f16x2 t3, t3, sixteenth, $3;
-mul.rn.f16x2 acc, t0, $4;
-fma.rn.f16x2 acc, t1, $5, acc;
-fma.rn.f16x2 acc, t2, $6, acc;
-fma.rn.f16x2 acc, t3, $7, acc;
-mov.b32 {lo, hi}, acc;
-add.rn.f16 sum, lo, hi;
-cvt.f32.f16 $0, sum;
-}""")
+
+
+def _word_pair_dot_asm() -> str:
+    """PTX for two words ($1, $2) of a column against its -(1024 + zero) and -(64 + zero) pairs
+    ($3, $4) and each word's four pairs of x ($5-$8 and $9-$12: rows 0/1, 2/3, 4/5, 6/7): the
+    float32 sum of the sixteen products. LOP3 (a & b) | c is table 0xEA; 0x2C00 is 1/16 in fp16."""
+    lines = ["mov.b32 sixteenth, 0x2C002C00;"]
+    for word, x_first in ((1, 5), (2, 9)):
+        lines += [
+            f"shr.u32 s, ${word}, 8;",
+            f"lop3.b32 t0, ${word}, 0x000F000F, 0x64006400, 0xEA;",
+            f"lop3.b32 t1, ${word}, 0x00F000F0, 0x64006400, 0xEA;",
+            "lop3.b32 t2, s, 0x000F000F, 0x64006400, 0xEA;",
+            "lop3.b32 t3, s, 0x00F000F0, 0x64006400, 0xEA;",
+            "add.rn.f16x2 t0, t0, $3;",
+            "fma.rn.f16x2 t1, t1, sixteenth, $4;",
+            "add.rn.f16x2 t2, t2, $3;",
+            "fma.rn.f16x2 t3, t3, sixteenth, $4;",
+            f"mul.rn.f16x2 acc, t0, ${x_first};" if word == 1 else f"fma.rn.f16x2 acc, t0, ${x_first}, acc;",
+        ]
+        lines += [f"fma.rn.f16x2 acc, t{pair}, ${x_first + pair}, acc;" for pair in (1, 2, 3)]
+    lines += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 lo32, lo;", "cvt.f32.f16 hi32, hi;", "add.f32 $0, lo32, hi32;"]
+    return ("{\n.reg .b32 s, t0, t1, t2, t3, acc, sixteenth;\n.reg .f16 lo, hi;\n.reg .f32 lo32, hi32;\n"
+            + "\n".join(lines) + "\n}")
+
+
+_WORD_PAIR_DOT_ASM = tl.constexpr(_word_pair_dot_asm())
 
 
 @triton.jit
@@ -67,23 +72,31 @@ def _round16(value):
 
 
 @triton.jit
-def _word_dot_interpreted(words, bias_low, bias_high, x01, x23, x45, x67):
-    """_WORD_DOT_ASM with integer ops and float32 arithmetic rounded to fp16 after each step
-    (the interpreter has no inline assembly)."""
+def _lane_dot_interpreted(lane_sum, words, bias_low, bias_high, x01, x23, x45, x67, LANE: tl.constexpr):
+    """One half (LANE 0 or 16) of a word's pair sums, added to lane_sum, with integer ops and
+    float32 arithmetic rounded to fp16 after each step."""
     shifted = words >> 8
-    total = tl.zeros(words.shape, dtype=tl.float32)
+    q01 = _half(((words & 0x000F000F) | 0x64006400) >> LANE) + _half(bias_low >> LANE)
+    q23 = _round16(_half(((words & 0x00F000F0) | 0x64006400) >> LANE) * 0.0625 + _half(bias_high >> LANE))
+    q45 = _half(((shifted & 0x000F000F) | 0x64006400) >> LANE) + _half(bias_low >> LANE)
+    q67 = _round16(_half(((shifted & 0x00F000F0) | 0x64006400) >> LANE) * 0.0625 + _half(bias_high >> LANE))
+    lane_sum = _round16(lane_sum + q01 * _half(x01 >> LANE))
+    lane_sum = _round16(lane_sum + q23 * _half(x23 >> LANE))
+    lane_sum = _round16(lane_sum + q45 * _half(x45 >> LANE))
+    return _round16(lane_sum + q67 * _half(x67 >> LANE))
+
+
+@triton.jit
+def _word_pair_dot_interpreted(words_a, words_b, bias_low, bias_high, xa, xb):
+    """_WORD_PAIR_DOT_ASM for the interpreter, which has no inline assembly. xa, xb: each
+    word's four x pairs."""
+    total = tl.zeros(words_a.shape, dtype=tl.float32)
     for half in tl.static_range(2):
-        lane = half * 16
-        q01 = _half(((words & 0x000F000F) | 0x64006400) >> lane) + _half(bias_low >> lane)
-        q23 = _round16(_half(((words & 0x00F000F0) | 0x64006400) >> lane) * 0.0625 + _half(bias_high >> lane))
-        q45 = _half(((shifted & 0x000F000F) | 0x64006400) >> lane) + _half(bias_low >> lane)
-        q67 = _round16(_half(((shifted & 0x00F000F0) | 0x64006400) >> lane) * 0.0625 + _half(bias_high >> lane))
-        lane_sum = _round16(q01 * _half(x01 >> lane))
-        lane_sum = _round16(lane_sum + q23 * _half(x23 >> lane))
-        lane_sum = _round16(lane_sum + q45 * _half(x45 >> lane))
-        lane_sum = _round16(lane_sum + q67 * _half(x67 >> lane))
+        lane_sum = tl.zeros(words_a.shape, dtype=tl.float32)
+        lane_sum = _lane_dot_interpreted(lane_sum, words_a, bias_low, bias_high, xa[0], xa[1], xa[2], xa[3], half * 16)
+        lane_sum = _lane_dot_interpreted(lane_sum, words_b, bias_low, bias_high, xb[0], xb[1], xb[2], xb[3], half * 16)
         total += lane_sum
-    return _round16(total)
+    return total
 
 
 @triton.jit
@@ -111,6 +124,26 @@ def _scaled_x_pairs(pairs, x_scale, IS_BF16: tl.constexpr, INTERP: tl.constexpr)
 
 
 @triton.jit
+def _load_words(ptrs, mask_n, EVEN_N: tl.constexpr):
+    if EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask_n[None, :], other=0)
+
+
+@triton.jit
+def _x_pairs(x_pairs, shape):
+    """The four fp16 x pairs [words, 4] (rows 0/1, 2/3, 4/5, 6/7 of each word) as four tensors
+    broadcast to `shape`."""
+    # Pairs 0 and 2, 1 and 3; then 0, 2 and 1, 3.
+    x_even_pairs, x_odd_pairs = tl.split(tl.reshape(x_pairs, (x_pairs.shape[0], 2, 2)))
+    x01, x45 = tl.split(x_even_pairs)
+    x23, x67 = tl.split(x_odd_pairs)
+    return (tl.broadcast_to(x01[:, None], shape), tl.broadcast_to(x23[:, None], shape),
+            tl.broadcast_to(x45[:, None], shape), tl.broadcast_to(x67[:, None], shape))
+
+
+@triton.jit
 def _x_scale(x_ptr, K, tile_start, tile_end, BLOCK_K: tl.constexpr):
     """The power of two that puts this program's largest |x| in [256, 512), and its inverse."""
     largest = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -128,14 +161,15 @@ def _x_scale(x_ptr, K, tile_start, tile_end, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _int4_half2_gemv_kernel(
-    x_ptr, x_pairs_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
+    x_ptr, x_pairs_ptr, x_half2_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
     N, K, stride_qk, stride_sg, stride_zg,
-    TILES_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
+    TILES_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
 ):
     """out [N] = x [K] @ W, W interleaved int4 [K / 8, N] with uniform groups of
-    TILES_PER_GROUP BLOCK_K tiles (0: one group); x (also read as int32 pairs, x_pairs_ptr),
-    scales, zeros and out contiguous along their last axis. Grid
+    TILES_PER_GROUP BLOCK_K tiles (0: one group), K a whole number of tiles; EVEN_N: N too.
+    x (also read as int32 pairs, x_pairs_ptr), scales, zeros and out contiguous along their
+    last axis; x_half2_ptr: int32 [K / 2] scratch for the scaled fp16 pairs of x. Grid
     (cdiv(N, BLOCK_N), SPLIT_K); split K: workspace [SPLIT_K, N] float32 and count_ptr as in
     ops/split_k.py."""
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -143,45 +177,55 @@ def _int4_half2_gemv_kernel(
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_words = tl.arange(0, WORDS)
 
     tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
     x_scale, x_inverse = _x_scale(x_ptr, K, tile_start, tile_end, BLOCK_K)
+    # This program's x as scaled fp16 pairs, once, instead of in every column's thread and tile:
+    # written to global scratch and read back after a barrier. Programs of the same split
+    # write the same values to the same words, so the races are harmless.
+    IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    for tile in range(tile_start, tile_end):
+        offs_pairs = tile * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        tl.store(x_half2_ptr + offs_pairs, _scaled_x_pairs(tl.load(x_pairs_ptr + offs_pairs), x_scale, IS_BF16, INTERP))
+    tl.debug_barrier()
 
-    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    # The tile's words in two halves of K, one word of each per column taken together.
+    HALF: tl.constexpr = WORDS // 2
+    offs_half = tl.arange(0, HALF)
+    acc = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
+    # Pointers advanced by one tile per iteration (cheaper than row * stride per tile).
+    words_a_ptrs = qweight_ptr + (tile_start * WORDS + offs_half)[:, None] * stride_qk + offs_n[None, :]
+    x_a_ptrs = x_half2_ptr + (tile_start * WORDS + offs_half)[:, None] * 4 + tl.arange(0, 4)[None, :]
     for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
-        word_rows = tile * WORDS + offs_words
-        mask_w = word_rows < K // 8
-        words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
-                        mask=mask_w[:, None] & mask_n[None, :], other=0)
         if TILES_PER_GROUP == 0:
             group = 0
         else:
             group = tile // TILES_PER_GROUP
-        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32).to(tl.int32)
+        words_a = _load_words(words_a_ptrs, mask_n, EVEN_N)
+        words_b = _load_words(words_a_ptrs + HALF * stride_qk, mask_n, EVEN_N)
+        if EVEN_N:
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n)
+            zero = tl.load(zeros_ptr + group * stride_zg + offs_n)
+        else:
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0)
+            zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0.0)
+        zero = zero.to(tl.float32).to(tl.int32)
         # The fp16 pairs -(1024 + zero) (bits 0xE400 + zero) and -(64 + zero) (0xD400 + 16 zero)
         # in integer ops; the constants are 0xE400E400 and 0xD400D400 as int32.
-        bias_low = tl.broadcast_to((zero * 0x10001 - 469703680)[None, :], words.shape)
-        bias_high = tl.broadcast_to((zero * 0x100010 - 738143232)[None, :], words.shape)
-        x_pairs = tl.load(x_pairs_ptr + word_rows[:, None] * 4 + tl.arange(0, 4)[None, :], mask=mask_w[:, None],
-                          other=0)
-        x_pairs = _scaled_x_pairs(x_pairs, x_scale, x_ptr.dtype.element_ty == tl.bfloat16, INTERP)
-        # Pairs 0 and 2, 1 and 3; then rows 0/1, 4/5 and 2/3, 6/7.
-        x_even_pairs, x_odd_pairs = tl.split(tl.reshape(x_pairs, (WORDS, 2, 2)))
-        x01, x45 = tl.split(x_even_pairs)
-        x23, x67 = tl.split(x_odd_pairs)
-        x01 = tl.broadcast_to(x01[:, None], words.shape)
-        x23 = tl.broadcast_to(x23[:, None], words.shape)
-        x45 = tl.broadcast_to(x45[:, None], words.shape)
-        x67 = tl.broadcast_to(x67[:, None], words.shape)
+        bias_low = tl.broadcast_to((zero * 0x10001 - 469703680)[None, :], words_a.shape)
+        bias_high = tl.broadcast_to((zero * 0x100010 - 738143232)[None, :], words_a.shape)
+        xa = _x_pairs(tl.load(x_a_ptrs), words_a.shape)
+        xb = _x_pairs(tl.load(x_a_ptrs + HALF * 4), words_a.shape)
+        words_a_ptrs += WORDS * stride_qk
+        x_a_ptrs += WORDS * 4
         if INTERP:
-            word_sums = _word_dot_interpreted(words, bias_low, bias_high, x01, x23, x45, x67)
+            sums = _word_pair_dot_interpreted(words_a, words_b, bias_low, bias_high, xa, xb)
         else:
-            word_sums = tl.inline_asm_elementwise(
-                _WORD_DOT_ASM, "=r,r,r,r,r,r,r,r", [words, bias_low, bias_high, x01, x23, x45, x67],
+            sums = tl.inline_asm_elementwise(
+                _WORD_PAIR_DOT_ASM, "=r" + ",r" * 12,
+                [words_a, words_b, bias_low, bias_high, xa[0], xa[1], xa[2], xa[3], xb[0], xb[1], xb[2], xb[3]],
                 dtype=tl.float32, is_pure=True, pack=1)
-        acc += word_sums * scale[None, :]
+        acc += sums * scale.to(tl.float32)[None, :]
 
     result = (tl.sum(acc, axis=0) * x_inverse)[None, :]
     offs_m = tl.arange(0, 1)
@@ -197,13 +241,14 @@ def supports(m: int, k: int, bits: int, group_size: int, act_order: bool, dtype:
 
 
 def default_config(n: int, k: int, group_size: int, device: torch.device) -> dict[str, int]:
-    """Tiles, split and pipeline depth for one shape: 64-column tiles, three stages and about
-    four programs per SM, the float32 GEMV's rule (not yet swept for this kernel)."""
-    block_n, block_k = 64, 128
+    """Tiles, split and pipeline depth for one shape: 256-column tiles (the fewest instructions
+    per value: x pairs, scales and zero points are shared by more columns), three stages,
+    about two programs per SM (provisional: BENCHMARKS.md has the sweep)."""
+    block_n, block_k = (256, 128) if n >= 2048 else (64, 128)
     while k % block_k or (group_size != -1 and group_size % block_k):
         block_k //= 2
-    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 4, device)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 2, device)
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
 
 
 def int4_half2_gemv(
@@ -225,9 +270,10 @@ def int4_half2_gemv(
     out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight)
     _int4_half2_gemv_kernel[(num_tiles, split_k)](
-        x, x.view(torch.int32), qweight, scales, zeros, out, splits.workspace, splits.counts,
+        x, x.view(torch.int32), torch.empty(k // 2, device=x.device, dtype=torch.int32), qweight, scales, zeros, out, splits.workspace, splits.counts,
         n, k, qweight.stride(0), scales.stride(0), zeros.stride(0),
-        TILES_PER_GROUP=0 if group_size == -1 else group_size // block_k, SELF_MERGE=splits.self_merge, NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **config,
+        TILES_PER_GROUP=0 if group_size == -1 else group_size // block_k, EVEN_N=n % config["BLOCK_N"] == 0,
+        SELF_MERGE=splits.self_merge, NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **config,
     )
     finish_splits(splits, out[0])
     return out
