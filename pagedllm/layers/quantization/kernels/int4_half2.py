@@ -247,7 +247,7 @@ def default_config(n: int, k: int, group_size: int, device: torch.device) -> dic
     block_n, block_k = (256, 128) if n >= 2048 else (64, 128)
     while k % block_k or (group_size != -1 and group_size % block_k):
         block_k //= 2
-    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 2, device)
+    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 1.5, device)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
 
 
