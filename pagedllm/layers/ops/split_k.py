@@ -63,10 +63,10 @@ def k_tile_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, pid_k):
     return tile_start, tl.minimum(tile_start + tiles_per_split, k_tiles)
 
 
-def split_for(num_tiles: int, k_tiles: int, programs_per_sm: float, device: torch.device) -> int:
+def split_for(num_tiles: int, k_tiles: int, programs_per_sm: int, device: torch.device) -> int:
     """The split of K that gives about `programs_per_sm` programs per SM (1 when the output
     tiles alone do), every split at least one K tile."""
-    target = round(programs_per_sm * num_sms(device))
+    target = programs_per_sm * num_sms(device)
     return even_split(k_tiles, triton.cdiv(target, num_tiles))
 
 

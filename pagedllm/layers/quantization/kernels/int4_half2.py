@@ -112,18 +112,6 @@ def _pack_half2(low, high, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _scaled_x_pairs(pairs, x_scale, IS_BF16: tl.constexpr, INTERP: tl.constexpr):
-    """Pairs of consecutive x (two bf16 or fp16 in an int32) times x_scale, as fp16 pairs."""
-    if IS_BF16:
-        low = (pairs << 16).to(tl.float32, bitcast=True)
-        high = (pairs & -65536).to(tl.float32, bitcast=True)
-    else:
-        low = _half(pairs)
-        high = _half(pairs >> 16)
-    return _pack_half2(low * x_scale, high * x_scale, INTERP)
-
-
-@triton.jit
 def _load_words(ptrs, mask_n, EVEN_N: tl.constexpr):
     if EVEN_N:
         return tl.load(ptrs)
@@ -144,26 +132,36 @@ def _x_pairs(x_pairs, shape):
 
 
 @triton.jit
-def _x_scale(x_ptr, K, tile_start, tile_end, BLOCK_K: tl.constexpr):
-    """The power of two that puts this program's largest |x| in [256, 512), and its inverse."""
-    largest = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for tile in range(tile_start, tile_end):
-        offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        largest = tl.maximum(largest, tl.abs(x))
+def _stage_x(x_pairs_ptr, x_half2_ptr, tile_start, tile_end, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
+             IS_BF16: tl.constexpr, INTERP: tl.constexpr):
+    """Writes this program's x (tiles [tile_start, tile_end), at most X_PAIRS pairs of bf16 or
+    fp16 in int32s) to the scratch as fp16 pairs scaled by the power of two that puts the
+    largest |x| in [256, 512), and returns the inverse of that scale. One load and one store
+    for the whole range, so the weights' loads wait for one round trip."""
+    offs_pairs = tile_start * (BLOCK_K // 2) + tl.arange(0, X_PAIRS)
+    mask = offs_pairs < tile_end * (BLOCK_K // 2)
+    pairs = tl.load(x_pairs_ptr + offs_pairs, mask=mask, other=0)
+    if IS_BF16:
+        low = (pairs << 16).to(tl.float32, bitcast=True)
+        high = (pairs & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = _half(pairs)
+        high = _half(pairs >> 16)
+    largest = tl.max(tl.maximum(tl.abs(low), tl.abs(high)))
     # The biased exponent E of the largest |x| (at least 9, so that both powers are normal):
     # 2**(135 - E) brings it to [2**8, 2**9).
-    exponent = tl.maximum((tl.max(largest).to(tl.int32, bitcast=True) >> 23) & 0xFF, 9)
+    exponent = tl.maximum((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF, 9)
     scale = ((262 - exponent) << 23).to(tl.float32, bitcast=True)
-    inverse = ((exponent - 8) << 23).to(tl.float32, bitcast=True)
-    return scale, inverse
+    tl.store(x_half2_ptr + offs_pairs, _pack_half2(low * scale, high * scale, INTERP), mask=mask)
+    return ((exponent - 8) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _int4_half2_gemv_kernel(
-    x_ptr, x_pairs_ptr, x_half2_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
+    x_pairs_ptr, x_half2_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
     N, K, stride_qk, stride_sg, stride_zg,
     TILES_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr, EVEN_N: tl.constexpr,
+    X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
 ):
     """out [N] = x [K] @ W, W interleaved int4 [K / 8, N] with uniform groups of
@@ -179,14 +177,10 @@ def _int4_half2_gemv_kernel(
     mask_n = offs_n < N
 
     tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
-    x_scale, x_inverse = _x_scale(x_ptr, K, tile_start, tile_end, BLOCK_K)
     # This program's x as scaled fp16 pairs, once, instead of in every column's thread and tile:
     # written to global scratch and read back after a barrier. Programs of the same split
     # write the same values to the same words, so the races are harmless.
-    IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    for tile in range(tile_start, tile_end):
-        offs_pairs = tile * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        tl.store(x_half2_ptr + offs_pairs, _scaled_x_pairs(tl.load(x_pairs_ptr + offs_pairs), x_scale, IS_BF16, INTERP))
+    x_inverse = _stage_x(x_pairs_ptr, x_half2_ptr, tile_start, tile_end, BLOCK_K, X_PAIRS, IS_BF16, INTERP)
     tl.debug_barrier()
 
     # The tile's words in two halves of K, one word of each per column taken together.
@@ -242,12 +236,13 @@ def supports(m: int, k: int, bits: int, group_size: int, act_order: bool, dtype:
 
 def default_config(n: int, k: int, group_size: int, device: torch.device) -> dict[str, int]:
     """Tiles, split and pipeline depth for one shape: 256-column tiles (the fewest instructions
-    per value: x pairs, scales and zero points are shared by more columns), three stages,
-    about two programs per SM (provisional: BENCHMARKS.md has the sweep)."""
+    per value: x pairs, scales and zero points are shared by more columns), three stages and
+    about two programs per SM were best or within 8% of it on each Llama-3.1-8B shape (H200
+    sweep, BENCHMARKS.md eighth run; 1.5 programs per SM was 2% slower end to end)."""
     block_n, block_k = (256, 128) if n >= 2048 else (64, 128)
     while k % block_k or (group_size != -1 and group_size % block_k):
         block_k //= 2
-    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 1.5, device)
+    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 2, device)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
 
 
@@ -264,15 +259,18 @@ def int4_half2_gemv(
     if m != 1 or k % block_k or (group_size != -1 and group_size % block_k):
         raise ValueError(f"one row whose K={k} and groups of {group_size} rows are whole BLOCK_K={block_k} tiles "
                          f"is needed, got {m} rows.")
-    x = x.contiguous()
+    x_pairs = x.contiguous().view(torch.int32)
     split_k = config["SPLIT_K"]
     num_tiles = triton.cdiv(n, config["BLOCK_N"])
+    # The x pairs one split reads (the kernel stages them in one load).
+    tiles_per_split = triton.cdiv(k // block_k, split_k)
     out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight)
     _int4_half2_gemv_kernel[(num_tiles, split_k)](
-        x, x.view(torch.int32), torch.empty(k // 2, device=x.device, dtype=torch.int32), qweight, scales, zeros, out, splits.workspace, splits.counts,
+        x_pairs, torch.empty_like(x_pairs), qweight, scales, zeros, out, splits.workspace, splits.counts,
         n, k, qweight.stride(0), scales.stride(0), zeros.stride(0),
         TILES_PER_GROUP=0 if group_size == -1 else group_size // block_k, EVEN_N=n % config["BLOCK_N"] == 0,
+        X_PAIRS=triton.next_power_of_2(tiles_per_split * block_k // 2), IS_BF16=x.dtype == torch.bfloat16,
         SELF_MERGE=splits.self_merge, NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **config,
     )
     finish_splits(splits, out[0])
