@@ -16,10 +16,15 @@ Each thread takes two words of a column (one from each half of the K tile) into 
 sums, whose halves are widened to float32 and added: 34 instructions for sixteen values, plus
 one FMA for the group's scale. fp16 products and sums are exact enough (2**-11 relative, below
 the bf16 output's 2**-8) but could overflow, so each program scales its slice of x by a power
-of two that puts its largest |x| in [256, 512), once, into a scratch copy of fp16 pairs: a
-half of the pair sums eight products of at most 15 * 512, below fp16's 65504. The scale is
-taken off the float32 sum, exactly. Zero points must be integers (every supported format
-stores them so).
+of two that puts its largest |x| in [256, 512) as it converts x to fp16 pairs: a half of the
+pair sums eight products of at most 15 * 512, below fp16's 65504. The scale is taken off the
+float32 sum, exactly. Zero points must be integers (every supported format stores them so).
+
+Measured on an H200 (BENCHMARKS.md eighth run): 35%, 27%, 63% and 52% of the copy bandwidth on
+Llama-3.1-8B's qkv, o, gate_up and down at one row, against 29%, 25%, 44% and 39% for the
+float32 GEMV. Converting x once per program into a scratch copy saves instructions (2.5
+instead of 3.3 per value at 256 columns) but measured slower: the extra round trip and
+barrier before the weights' loads cost more.
 """
 
 from __future__ import annotations
@@ -132,33 +137,40 @@ def _x_pairs(x_pairs, shape):
 
 
 @triton.jit
-def _stage_x(x_pairs_ptr, x_half2_ptr, tile_start, tile_end, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
-             IS_BF16: tl.constexpr, INTERP: tl.constexpr):
-    """Writes this program's x (tiles [tile_start, tile_end), at most X_PAIRS pairs of bf16 or
-    fp16 in int32s) to the scratch as fp16 pairs scaled by the power of two that puts the
-    largest |x| in [256, 512), and returns the inverse of that scale. One load and one store
-    for the whole range, so the weights' loads wait for one round trip."""
+def _x_scale(x_pairs_ptr, tile_start, tile_end, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
+             IS_BF16: tl.constexpr):
+    """The power of two that puts the largest |x| of this program's tiles [tile_start,
+    tile_end) (at most X_PAIRS pairs, loaded at once) in [256, 512), and its inverse."""
     offs_pairs = tile_start * (BLOCK_K // 2) + tl.arange(0, X_PAIRS)
-    mask = offs_pairs < tile_end * (BLOCK_K // 2)
-    pairs = tl.load(x_pairs_ptr + offs_pairs, mask=mask, other=0)
-    if IS_BF16:
-        low = (pairs << 16).to(tl.float32, bitcast=True)
-        high = (pairs & -65536).to(tl.float32, bitcast=True)
-    else:
-        low = _half(pairs)
-        high = _half(pairs >> 16)
+    pairs = tl.load(x_pairs_ptr + offs_pairs, mask=offs_pairs < tile_end * (BLOCK_K // 2), other=0)
+    low, high = _unpack_x_pairs(pairs, IS_BF16)
     largest = tl.max(tl.maximum(tl.abs(low), tl.abs(high)))
     # The biased exponent E of the largest |x| (at least 9, so that both powers are normal):
     # 2**(135 - E) brings it to [2**8, 2**9).
     exponent = tl.maximum((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF, 9)
     scale = ((262 - exponent) << 23).to(tl.float32, bitcast=True)
-    tl.store(x_half2_ptr + offs_pairs, _pack_half2(low * scale, high * scale, INTERP), mask=mask)
-    return ((exponent - 8) << 23).to(tl.float32, bitcast=True)
+    return scale, ((exponent - 8) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unpack_x_pairs(pairs, IS_BF16: tl.constexpr):
+    """Pairs of consecutive x (two bf16 or fp16 in an int32) as two float32 tensors."""
+    if IS_BF16:
+        return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
+    else:
+        return _half(pairs), _half(pairs >> 16)
+
+
+@triton.jit
+def _scaled_x_pairs(pairs, x_scale, IS_BF16: tl.constexpr, INTERP: tl.constexpr):
+    """Pairs of consecutive x times x_scale, as fp16 pairs."""
+    low, high = _unpack_x_pairs(pairs, IS_BF16)
+    return _pack_half2(low * x_scale, high * x_scale, INTERP)
 
 
 @triton.jit
 def _int4_half2_gemv_kernel(
-    x_pairs_ptr, x_half2_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
+    x_pairs_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
     N, K, stride_qk, stride_sg, stride_zg,
     TILES_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr, EVEN_N: tl.constexpr,
     X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr,
@@ -166,8 +178,8 @@ def _int4_half2_gemv_kernel(
 ):
     """out [N] = x [K] @ W, W interleaved int4 [K / 8, N] with uniform groups of
     TILES_PER_GROUP BLOCK_K tiles (0: one group), K a whole number of tiles; EVEN_N: N too.
-    x (also read as int32 pairs, x_pairs_ptr), scales, zeros and out contiguous along their
-    last axis; x_half2_ptr: int32 [K / 2] scratch for the scaled fp16 pairs of x. Grid
+    x (read as int32 pairs of 16-bit values, x_pairs_ptr), scales, zeros and out contiguous
+    along their last axis. Grid
     (cdiv(N, BLOCK_N), SPLIT_K); split K: workspace [SPLIT_K, N] float32 and count_ptr as in
     ops/split_k.py."""
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -177,11 +189,7 @@ def _int4_half2_gemv_kernel(
     mask_n = offs_n < N
 
     tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
-    # This program's x as scaled fp16 pairs, once, instead of in every column's thread and tile:
-    # written to global scratch and read back after a barrier. Programs of the same split
-    # write the same values to the same words, so the races are harmless.
-    x_inverse = _stage_x(x_pairs_ptr, x_half2_ptr, tile_start, tile_end, BLOCK_K, X_PAIRS, IS_BF16, INTERP)
-    tl.debug_barrier()
+    x_scale, x_inverse = _x_scale(x_pairs_ptr, tile_start, tile_end, BLOCK_K, X_PAIRS, IS_BF16)
 
     # The tile's words in two halves of K, one word of each per column taken together.
     HALF: tl.constexpr = WORDS // 2
@@ -189,7 +197,7 @@ def _int4_half2_gemv_kernel(
     acc = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
     # Pointers advanced by one tile per iteration (cheaper than row * stride per tile).
     words_a_ptrs = qweight_ptr + (tile_start * WORDS + offs_half)[:, None] * stride_qk + offs_n[None, :]
-    x_a_ptrs = x_half2_ptr + (tile_start * WORDS + offs_half)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    x_a_ptrs = x_pairs_ptr + (tile_start * WORDS + offs_half)[:, None] * 4 + tl.arange(0, 4)[None, :]
     for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
         if TILES_PER_GROUP == 0:
             group = 0
@@ -208,8 +216,8 @@ def _int4_half2_gemv_kernel(
         # in integer ops; the constants are 0xE400E400 and 0xD400D400 as int32.
         bias_low = tl.broadcast_to((zero * 0x10001 - 469703680)[None, :], words_a.shape)
         bias_high = tl.broadcast_to((zero * 0x100010 - 738143232)[None, :], words_a.shape)
-        xa = _x_pairs(tl.load(x_a_ptrs), words_a.shape)
-        xb = _x_pairs(tl.load(x_a_ptrs + HALF * 4), words_a.shape)
+        xa = _x_pairs(_scaled_x_pairs(tl.load(x_a_ptrs), x_scale, IS_BF16, INTERP), words_a.shape)
+        xb = _x_pairs(_scaled_x_pairs(tl.load(x_a_ptrs + HALF * 4), x_scale, IS_BF16, INTERP), words_a.shape)
         words_a_ptrs += WORDS * stride_qk
         x_a_ptrs += WORDS * 4
         if INTERP:
@@ -262,12 +270,12 @@ def int4_half2_gemv(
     x_pairs = x.contiguous().view(torch.int32)
     split_k = config["SPLIT_K"]
     num_tiles = triton.cdiv(n, config["BLOCK_N"])
-    # The x pairs one split reads (the kernel stages them in one load).
+    # The x pairs one split reads (the kernel finds their largest in one load).
     tiles_per_split = triton.cdiv(k // block_k, split_k)
     out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight)
     _int4_half2_gemv_kernel[(num_tiles, split_k)](
-        x_pairs, torch.empty_like(x_pairs), qweight, scales, zeros, out, splits.workspace, splits.counts,
+        x_pairs, qweight, scales, zeros, out, splits.workspace, splits.counts,
         n, k, qweight.stride(0), scales.stride(0), zeros.stride(0),
         TILES_PER_GROUP=0 if group_size == -1 else group_size // block_k, EVEN_N=n % config["BLOCK_N"] == 0,
         X_PAIRS=triton.next_power_of_2(tiles_per_split * block_k // 2), IS_BF16=x.dtype == torch.bfloat16,
