@@ -117,12 +117,6 @@ def _pack_half2(low, high, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\nprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _load_words(ptrs, mask_n, EVEN_N: tl.constexpr):
     if EVEN_N:
         return tl.load(ptrs)
@@ -195,20 +189,14 @@ def _int4_half2_gemv_kernel(
     mask_n = offs_n < N
 
     tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
+    x_scale, x_inverse = _x_scale(x_pairs_ptr, tile_start, tile_end, BLOCK_K, X_PAIRS, IS_BF16)
+
     # The tile's words in two halves of K, one word of each per column taken together.
     HALF: tl.constexpr = WORDS // 2
     offs_half = tl.arange(0, HALF)
     acc = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
     # Pointers advanced by one tile per iteration (cheaper than row * stride per tile).
     words_a_ptrs = qweight_ptr + (tile_start * WORDS + offs_half)[:, None] * stride_qk + offs_n[None, :]
-    if EVEN_N and not INTERP:
-        # The first two tiles' words start their way to L2 while x's largest value is found
-        # (only whole tiles: a prefetch must not leave the weight).
-        for ahead in tl.static_range(2):
-            if tile_start + ahead < tile_end:
-                _prefetch_l2(words_a_ptrs + ahead * WORDS * stride_qk)
-                _prefetch_l2(words_a_ptrs + (ahead * WORDS + HALF) * stride_qk)
-    x_scale, x_inverse = _x_scale(x_pairs_ptr, tile_start, tile_end, BLOCK_K, X_PAIRS, IS_BF16)
     x_a_ptrs = x_pairs_ptr + (tile_start * WORDS + offs_half)[:, None] * 4 + tl.arange(0, 4)[None, :]
     for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
         if TILES_PER_GROUP == 0:
