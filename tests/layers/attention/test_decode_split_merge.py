@@ -1,8 +1,7 @@
 """The split-K decode kernel merges its splits itself (the last split to finish, counted with
 an atomic) to the same result as the separate merge kernel and as a float64 softmax reference,
-and leaves its counters zeroed for the next launch; a context shorter than its minimum split
-is one split that writes the output itself; in a decode-only step it writes the new keys and
-values into the cache itself before reading them. CPU, under the Triton interpreter, in a
+and leaves its counters zeroed for the next launch; in a decode-only step it writes the new
+keys and values into the cache itself before reading them. CPU, under the Triton interpreter, in a
 subprocess so TRITON_INTERPRET=1 is set before Triton is imported."""
 
 from __future__ import annotations
@@ -11,8 +10,7 @@ from triton_interpreter import run_interpreted
 
 _INTERPRETED_CHECK = """
 import torch
-import dataclasses
-from pagedllm.layers.attention.ops.decode_attention import decode_config, paged_decode_attention
+from pagedllm.layers.attention.ops.decode_attention import paged_decode_attention
 
 torch.manual_seed(0)
 num_heads, num_kv_heads, head_size, block_size = 4, 2, 16, 4
@@ -43,18 +41,13 @@ for row, length in enumerate(seq_lens):
         expected[row, head] = weights @ values[:, kv]
 
 counters = torch.zeros(64, dtype=torch.int32)
-default = decode_config(head_size, query.dtype)
-# The default minimum (256 keys) makes each of these contexts one split that writes the output
-# itself; a minimum of one key tile splits them (13 and 30 keys over 4 or 8 splits of 8 keys).
-small_splits = dataclasses.replace(default, block_n=8, min_keys_per_split=8)
-for config in (default, small_splits):
-    for num_splits in (1, 4, 8):
-        for fused in (False, True):
-            out = torch.full_like(query, float("nan"))
-            paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
-                                   num_splits, config=config, split_counters=counters if fused else None)
-            torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
-            assert int(counters.abs().sum()) == 0, counters
+for num_splits in (1, 4, 8):
+    for fused in (False, True):
+        out = torch.full_like(query, float("nan"))
+        paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
+                               num_splits, split_counters=counters if fused else None)
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+        assert int(counters.abs().sum()) == 0, counters
 
 # A decode-only step's new keys and values (each request's last position) written by the
 # kernel itself: their slots hold NaN until then, and afterwards what the cache held before.
@@ -62,12 +55,12 @@ last = torch.tensor(seq_lens) - 1
 slot_mapping = block_table[torch.arange(len(seq_lens)), last // block_size].long() * block_size + last % block_size
 pages, offsets = slot_mapping // block_size, slot_mapping % block_size
 new_keys, new_values = kv_cache[0, pages, offsets].clone(), kv_cache[1, pages, offsets].clone()
-for num_splits, config in ((1, default), (4, default), (8, default), (4, small_splits), (8, small_splits)):
+for num_splits in (1, 4, 8):
     kv_cache[:, pages, offsets] = float("nan")
     out = torch.full_like(query, float("nan"))
     paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
-                           num_splits, config=config, split_counters=counters,
-                           new_kv=(new_keys, new_values, slot_mapping), write_new_kv=True)
+                           num_splits, split_counters=counters, new_kv=(new_keys, new_values, slot_mapping),
+                           write_new_kv=True)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(kv_cache[0, pages, offsets], new_keys, rtol=0, atol=0)
     torch.testing.assert_close(kv_cache[1, pages, offsets], new_values, rtol=0, atol=0)

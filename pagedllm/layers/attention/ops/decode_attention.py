@@ -30,10 +30,6 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    # With the fused merge, a split reads at least this many keys (a multiple of block_n):
-    # a short context takes fewer splits than the grid has, and one split writes the output
-    # itself, with no partial results, count or merge.
-    min_keys_per_split: int = 256
 
 
 def decode_config(head_size: int, dtype: torch.dtype) -> DecodeConfig:
@@ -43,7 +39,7 @@ def decode_config(head_size: int, dtype: torch.dtype) -> DecodeConfig:
     block_n = 64 if block_d <= 128 else 32
     if dtype == torch.float32:
         block_n //= 2
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=4, min_keys_per_split=max(256, block_n))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=4)
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = MAX_NUM_SPLITS) -> int:
@@ -105,7 +101,6 @@ def _paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
-    MIN_CHUNK: tl.constexpr,
 ):
     """One split of the context of one decode request, for all query heads of one KV head.
 
@@ -116,17 +111,14 @@ def _paged_decode_kernel(
     softmax denominator). With num_splits == 1 the normalised result goes straight to out.
     FUSED_MERGE: the last split of a (request, KV head) to finish, as counted in
     split_counter [num_reqs * num_kv_heads] int32 (zero between launches: the last one resets
-    it), merges the partials itself, so no second kernel is launched. Its splits read at
-    least MIN_CHUNK keys: those past the context exit at once, and when one split covers it
-    all, that split writes the output as with num_splits == 1.
+    it), merges the partials itself, so no second kernel is launched.
     write_kv: the step's new key/value rows ([num_tokens, num_kv_heads, head_size], any
     token and head strides) go into the cache at slot_mapping (-1 skips) first, written by
     the split that reads their position, which then reads them back like any other key, so
     a decode-only step launches no cache-write kernel. 0: reshape_and_cache has written them.
     Grid: (num_reqs, num_kv_heads, num_splits); requests whose query length is not 1 exit.
     The split covers keys [start + split * chunk, start + (split + 1) * chunk), chunk =
-    (seq_len - start) / num_splits rounded up to BLOCK_N (and, with FUSED_MERGE, at least
-    MIN_CHUNK); start is 0, or with USE_WINDOW
+    (seq_len - start) / num_splits rounded up to BLOCK_N; start is 0, or with USE_WINDOW
     seq_len - window (sliding window). Bytes: 2 * keys * head_size * elem per (request, KV
     head), the visible KV read once; FLOPs: 4 * keys * head_size per query head (negligible).
     """
@@ -144,16 +136,6 @@ def _paged_decode_kernel(
     else:
         range_start = 0
     chunk = tl.cdiv(tl.cdiv(seq_len - range_start, num_splits), BLOCK_N) * BLOCK_N
-    if FUSED_MERGE:
-        chunk = tl.maximum(chunk, MIN_CHUNK)
-    # Splits past the context are empty; with the fused merge they take no part at all.
-    num_active = tl.cdiv(seq_len - range_start, chunk)
-    if FUSED_MERGE:
-        if split >= num_active:
-            return
-    direct = num_splits == 1
-    if FUSED_MERGE:
-        direct = direct | (num_active == 1)
     split_start = range_start + split * chunk
     split_end = tl.minimum(split_start + chunk, seq_len)
 
@@ -203,7 +185,7 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if direct:
+    if num_splits == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(
             out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
@@ -211,8 +193,8 @@ def _paged_decode_kernel(
             mask=row_valid[:, None] & dim_valid[None, :],
         )
     else:
-        # Without the fused merge, empty splits (short contexts) still write m = -inf, l = 0,
-        # acc = 0, so the merge kernel never reads uninitialised memory.
+        # Empty splits (short contexts) still write m = -inf, l = 0, acc = 0, so the merge
+        # never reads uninitialised memory.
         part_row = (req.to(tl.int64) * num_heads + heads) * num_splits + split
         tl.store(part_max_ptr + part_row, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
@@ -225,8 +207,10 @@ def _paged_decode_kernel(
             # acq_rel: this split's partials are visible before the count, and the last split
             # sees every other split's partials after it.
             counter = split_counter_ptr + req * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_active - 1:
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
                 tl.atomic_xchg(counter, 0)
+                # Splits past the context are empty (m = -inf, l = 0): adding them changes nothing.
+                num_active = tl.cdiv(seq_len - range_start, chunk)
                 first_row = (req.to(tl.int64) * num_heads + heads) * num_splits
                 _merge_splits(
                     out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
@@ -434,7 +418,6 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(query.dtype),
         KV_FP8=kv_fp8,
         FUSED_MERGE=fused_merge,
-        MIN_CHUNK=triton.cdiv(config.min_keys_per_split, config.block_n) * config.block_n,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
