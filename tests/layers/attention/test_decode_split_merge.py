@@ -10,7 +10,8 @@ from triton_interpreter import run_interpreted
 
 _INTERPRETED_CHECK = """
 import torch
-from pagedllm.layers.attention.ops.decode_attention import paged_decode_attention
+import dataclasses
+from pagedllm.layers.attention.ops.decode_attention import decode_config, paged_decode_attention
 
 torch.manual_seed(0)
 num_heads, num_kv_heads, head_size, block_size = 4, 2, 16, 4
@@ -41,11 +42,14 @@ for row, length in enumerate(seq_lens):
         expected[row, head] = weights @ values[:, kv]
 
 counters = torch.zeros(64, dtype=torch.int32)
+# 8-key tiles, so that 13 and 30 keys really split (2 and 4 splits hold keys; the default
+# float32 tile of 32 keys would give every context one).
+config = dataclasses.replace(decode_config(head_size, query.dtype), block_n=8)
 for num_splits in (1, 4, 8):
     for fused in (False, True):
         out = torch.full_like(query, float("nan"))
         paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
-                               num_splits, split_counters=counters if fused else None)
+                               num_splits, config=config, split_counters=counters if fused else None)
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
         assert int(counters.abs().sum()) == 0, counters
 
@@ -59,8 +63,8 @@ for num_splits in (1, 4, 8):
     kv_cache[:, pages, offsets] = float("nan")
     out = torch.full_like(query, float("nan"))
     paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
-                           num_splits, split_counters=counters, new_kv=(new_keys, new_values, slot_mapping),
-                           write_new_kv=True)
+                           num_splits, config=config, split_counters=counters,
+                           new_kv=(new_keys, new_values, slot_mapping), write_new_kv=True)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(kv_cache[0, pages, offsets], new_keys, rtol=0, atol=0)
     torch.testing.assert_close(kv_cache[1, pages, offsets], new_values, rtol=0, atol=0)
