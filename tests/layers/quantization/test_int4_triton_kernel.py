@@ -118,6 +118,21 @@ def test_interpreted_half2_int4_gemv_matches_reference(k, n, group_size, x_scale
     assert_kernel_matches_reference(1, k, n, 4, group_size, False, "cpu", dtype, rtol, self_merge, x_scale)
 
 
+def test_half2_int4_gemv_splits_long_rows_so_that_x_is_one_load():
+    """A program finds the largest |x| of its rows in one load of at most MAX_SPLIT_ROWS rows:
+    the default split keeps to that, and a config that does not is refused with the split
+    that would work."""
+    k = 8 * int4_half2.MAX_SPLIT_ROWS
+    config = int4_half2.default_config(64, k, 128, torch.device("cpu"))
+    tiles_per_split = -(-(k // config["BLOCK_K"]) // config["SPLIT_K"])
+    assert tiles_per_split * config["BLOCK_K"] <= int4_half2.MAX_SPLIT_ROWS
+    qweight, scales, zeros, _, _ = random_layout(k, 64, 4, 128, False, "cpu", torch.bfloat16)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    too_few = dict(config, SPLIT_K=2)
+    with pytest.raises(ValueError, match="SPLIT_K >= 8"):
+        int4_half2.int4_half2_gemv(x, qweight, scales, zeros, 128, config=too_few)
+
+
 def build_gptq_layer(act_order: bool, device: str = "cpu") -> tuple[MergedColumnParallelLinear, list]:
     torch.manual_seed(0)
     config = GPTQConfig.from_config({"bits": 4, "group_size": 16, "desc_act": act_order, "sym": False})

@@ -20,11 +20,14 @@ of two that puts its largest |x| in [256, 512) as it converts x to fp16 pairs: a
 pair sums eight products of at most 15 * 512, below fp16's 65504. The scale is taken off the
 float32 sum, exactly. Zero points must be integers (every supported format stores them so).
 
-Measured on an H200 (BENCHMARKS.md eighth run): 35%, 27%, 63% and 52% of the copy bandwidth on
-Llama-3.1-8B's qkv, o, gate_up and down at one row, against 29%, 25%, 44% and 39% for the
+Measured on an H200 (BENCHMARKS.md eighth run): 34%, 26%, 62% and 52% of the copy bandwidth on
+Llama-3.1-8B's qkv, o, gate_up and down at one row, against 28%, 24%, 44% and 38% for the
 float32 GEMV. Converting x once per program into a scratch copy saves instructions (2.5
-instead of 3.3 per value at 256 columns) but measured slower: the extra round trip and
+instead of 3.2 per value at 256 columns) but measured slower: the extra round trip and
 barrier before the weights' loads cost more.
+
+The largest |x| of a program's rows is found in one load of at most MAX_SPLIT_ROWS rows (the
+launcher splits K at least that finely), so that the weights' loads wait for one round trip.
 """
 
 from __future__ import annotations
@@ -34,8 +37,17 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_for, split_outputs, store_or_merge
+from pagedllm.layers.ops.split_k import (
+    even_split,
+    finish_splits,
+    k_tile_range,
+    split_for,
+    split_outputs,
+    store_or_merge,
+)
 
+# The most K rows one program reads: its x is loaded at once (2,048 pairs, 16 per thread).
+MAX_SPLIT_ROWS = 4096
 
 
 def _word_pair_dot_asm() -> str:
@@ -250,7 +262,9 @@ def default_config(n: int, k: int, group_size: int, device: torch.device) -> dic
     block_n, block_k = (256, 128) if n >= 2048 else (64, 128)
     while k % block_k or (group_size != -1 and group_size % block_k):
         block_k //= 2
-    split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 2, device)
+    k_tiles = triton.cdiv(k, block_k)
+    split_k = split_for(triton.cdiv(n, block_n), k_tiles, 2, device)
+    split_k = even_split(k_tiles, max(split_k, triton.cdiv(k_tiles, MAX_SPLIT_ROWS // block_k)))
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
 
 
@@ -272,6 +286,9 @@ def int4_half2_gemv(
     num_tiles = triton.cdiv(n, config["BLOCK_N"])
     # The x pairs one split reads (the kernel finds their largest in one load).
     tiles_per_split = triton.cdiv(k // block_k, split_k)
+    if tiles_per_split * block_k > MAX_SPLIT_ROWS:
+        raise ValueError(f"SPLIT_K={split_k} leaves {tiles_per_split * block_k} rows of K={k} to one program; at most "
+                         f"{MAX_SPLIT_ROWS} are allowed: use SPLIT_K >= {triton.cdiv(k, MAX_SPLIT_ROWS)}.")
     out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight)
     _int4_half2_gemv_kernel[(num_tiles, split_k)](
