@@ -21,7 +21,7 @@ Measured on an H200 (BENCHMARKS.md, seventh run) it is not faster than the FMA G
 row (16-24% of the copy bandwidth against 21-36%): ncu shows the FMA GEMV bound by
 instruction issue but this kernel by shared memory, through which Triton moves the unpacked
 16-bit tile into the dot's operand layout. At 2-16 rows it beats the FMA GEMM by 2-14%, so it
-serves those; one row stays with the FMA GEMV.
+serves those; one row goes to int4_half2.py (packed fp16 FMAs, no tensor-core tile).
 """
 
 from __future__ import annotations

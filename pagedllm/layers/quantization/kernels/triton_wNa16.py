@@ -8,8 +8,9 @@ go to a float32 workspace and are added in split order (the same result every ru
 last split of each tile in the one-row GEMV when the layer passes its count buffer
 (ops/split_k.py), else by one small kernel. One row runs a GEMV kernel that skips the
 tensor-core tile and keeps all its arithmetic elementwise on the packed tile as loaded, its
-values made floats by a bit trick (`_plane`). Prefill tiles over M with no split. 4-bit
-weights with uniform groups and 2-16 rows of 16-bit activations go to kernels/int4_dot.py.
+values made floats by a bit trick (`_plane`): it serves 8-bit weights, act order and float32
+rows. Prefill tiles over M with no split. 4-bit weights with uniform groups and 16-bit
+activations go to kernels/int4_half2.py (one row) and kernels/int4_dot.py (2-16 rows).
 
 Groups: each K tile lies inside one group (the tile size divides group_size), so a tile loads
 one row of scales and zeros; act-order layers pass `row_group` and load per-row scales instead.
@@ -147,8 +148,9 @@ def _int_group_gemv_kernel(
     """One row (batch-1 decode). Every step is elementwise on the [words, N] tile as loaded:
     value i of each word is multiplied by its x and summed into a per-word accumulator, so
     nothing is reshaped or reduced across threads until the end. The tiles' loads are
-    pipelined NUM_STAGES deep. At 20-38% of the bandwidth it is bound by instruction issue
-    (ncu, BENCHMARKS.md seventh run): about 7.4 instructions per value. out [N] contiguous;
+    pipelined NUM_STAGES deep. It is bound by instruction issue (ncu, BENCHMARKS.md seventh
+    run): 5.8 SASS instructions per 4-bit value at 64 columns, 24-44% of the bandwidth on
+    Llama-3.1-8B's shapes (eighth run), hence int4_half2.py for 16-bit rows. out [N] contiguous;
     split K: workspace [SPLIT_K, N] float32 and count_ptr as in ops/split_k.py."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
