@@ -108,77 +108,65 @@ def sweep(x, layouts, copies, bits, quant_bytes, copy_bandwidth, k, n) -> None:
         sweep_int4_dot(x, layouts, copies, quant_bytes, copy_bandwidth, k, n)
         return
     m = x.shape[0]
-    default = _launch_config(m, n, k, GROUP_SIZE, x.device)
-    results = []
     counts = split_count_buffer(n, x.device)
     grid = ([(1, block_n, split_k, 4, stages) for block_n, split_k, stages
              in itertools.product((64, 128, 256), (1, 2, 4, 8, 16), (3, 5))] if m == 1 else
             [(16, block_n, split_k, 4, 3) for block_n, split_k in itertools.product((64, 128), (2, 4, 8))])
-    for block_m, block_n, split_k, warps, stages in grid:
-        block_k = 128
-        if split_k > k // block_k:
-            continue
-        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                      num_warps=warps, num_stages=stages)
-        try:
-            seconds = time_rotating(
-                lambda i: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config,
+    configs = [{"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": warps,
+                "num_stages": stages} for block_m, block_n, split_k, warps, stages in grid]
+    results = time_configs(
+        lambda i, config: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config,
                                                   split_counts=counts),
-                copies, replays=10)
-        except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
-            print(f"    skipped {config}: {type(error).__name__}")
-            continue
-        results.append((seconds, config))
-    print_best(results, m, quant_bytes, copy_bandwidth, default)
+        configs, k, copies)
+    print_best(results, m, quant_bytes, copy_bandwidth, _launch_config(m, n, k, GROUP_SIZE, x.device))
 
 
 def sweep_int4_dot(x, layouts, copies, quant_bytes, copy_bandwidth, k, n) -> None:
     """The tensor-core kernel (kernels/int4_dot.py) that serves 4-bit M <= 16."""
-    m = x.shape[0]
     counts = split_count_buffer(n, x.device)
-    results = []
-    grid = itertools.product((64, 128, 256), (1, 2, 4, 8, 16), (3, 5), (4, 8))
-    for block_n, split_k, stages, warps in grid:
-        if split_k > k // 128 or (warps == 8 and block_n < 256):
-            continue
-        config = dict(BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
-        try:
-            seconds = time_rotating(
-                lambda i: int4_dot_matmul(x, *layouts[i], GROUP_SIZE, split_counts=counts, config=config),
-                copies, replays=10)
-        except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
-            print(f"    skipped {config}: {type(error).__name__}")
-            continue
-        results.append((seconds, config))
-    print_best(results, m, quant_bytes, copy_bandwidth, int4_dot_default_config(n, k, GROUP_SIZE, x.device))
+    configs = [{"BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": warps, "num_stages": stages}
+               for block_n, split_k, stages, warps in itertools.product((64, 128, 256), (1, 2, 4, 8, 16), (3, 5), (4, 8))
+               if not (warps == 8 and block_n < 256)]
+    results = time_configs(
+        lambda i, config: int4_dot_matmul(x, *layouts[i], GROUP_SIZE, split_counts=counts, config=config),
+        configs, k, copies)
+    print_best(results, x.shape[0], quant_bytes, copy_bandwidth, int4_dot_default_config(n, k, GROUP_SIZE, x.device))
 
 
 def sweep_half2(x, layouts, copies, quant_bytes, copy_bandwidth, k, n) -> None:
     """The packed-fp16 GEMV (kernels/int4_half2.py) that serves one 4-bit row, then the float32
     FMA GEMV it replaced at that one's launch rule."""
     counts = split_count_buffer(n, x.device)
-    results = []
     grid = ([(block_n, split_k, 3, 4) for block_n in (64, 128, 256) for split_k in (1, 2, 4, 8, 16)]
             + [(256, split_k, stages, 4) for split_k in (2, 4, 8, 16) for stages in (2, 4, 6)]
             + [(256, split_k, 3, 8) for split_k in (2, 4, 8, 16)])
-    for block_n, split_k, stages, warps in grid:
-        if split_k > k // 128:
-            continue
-        config = dict(BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
-        try:
-            seconds = time_rotating(
-                lambda i: int4_half2_gemv(x, *layouts[i], GROUP_SIZE, split_counts=counts, config=config),
-                copies, replays=10)
-        except Exception as error:  # noqa: BLE001 - a config the compiler rejects is skipped
-            print(f"    skipped {config}: {type(error).__name__}")
-            continue
-        results.append((seconds, config))
+    configs = [{"BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": warps, "num_stages": stages}
+               for block_n, split_k, stages, warps in grid]
+    results = time_configs(
+        lambda i, config: int4_half2_gemv(x, *layouts[i], GROUP_SIZE, split_counts=counts, config=config),
+        configs, k, copies)
     print_best(results, 1, quant_bytes, copy_bandwidth, int4_half2_default_config(n, k, GROUP_SIZE, x.device))
     fma_config = _launch_config(1, n, k, GROUP_SIZE, x.device)
     seconds = time_rotating(
         lambda i: triton_int_group_matmul(x, *layouts[i], 4, GROUP_SIZE, config=fma_config, split_counts=counts),
         copies, replays=10)
     print(f"    FMA kernel M=1: {seconds * 1e6:7.1f}us {quant_bytes / seconds / copy_bandwidth:5.0%} of copy")
+
+
+def time_configs(run, configs, k, copies) -> list[tuple[float, dict[str, int]]]:
+    """(seconds, config) of run(weight copy, config) for each config whose splits each get a
+    K tile; a config the compiler or the launcher rejects is reported and skipped."""
+    results = []
+    for config in configs:
+        if config["SPLIT_K"] > k // config["BLOCK_K"]:
+            continue
+        try:
+            seconds = time_rotating(lambda i, config=config: run(i, config), copies, replays=10)
+        except Exception as error:  # noqa: BLE001 - a rejected config is skipped
+            print(f"    skipped {config}: {type(error).__name__}")
+            continue
+        results.append((seconds, config))
+    return results
 
 
 def print_best(results, m, quant_bytes, copy_bandwidth, default) -> None:

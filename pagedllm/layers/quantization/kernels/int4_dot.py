@@ -32,6 +32,7 @@ import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_for, split_outputs, store_or_merge
+from pagedllm.layers.quantization.kernels.int_group import fits_int4_16bit_kernels, tiles_k, whole_k_tile
 
 MIN_DOT_ROWS, MAX_DOT_ROWS = 2, 16
 
@@ -144,20 +145,16 @@ def _int4_dot_kernel(
 
 
 def supports(m: int, k: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype) -> bool:
-    """Whether a matmul fits this kernel: 4 bits, K and the groups made of whole 16-row K tiles
-    (the kernel does not mask K), no act order, bf16/fp16 activations, MIN_DOT_ROWS to
-    MAX_DOT_ROWS rows."""
-    return (bits == 4 and not act_order and dtype in (torch.bfloat16, torch.float16)
-            and MIN_DOT_ROWS <= m <= MAX_DOT_ROWS and k % 16 == 0 and (group_size == -1 or group_size % 16 == 0))
+    """Whether a matmul fits this kernel: MIN_DOT_ROWS to MAX_DOT_ROWS rows of a layer that
+    int_group.fits_int4_16bit_kernels."""
+    return MIN_DOT_ROWS <= m <= MAX_DOT_ROWS and fits_int4_16bit_kernels(k, bits, group_size, act_order, dtype)
 
 
 def default_config(n: int, k: int, group_size: int, device: torch.device) -> dict[str, int]:
     """Tiles, split and pipeline depth for one shape. From the H200 sweep (`benchmarks/int4_gemm.py
     --sweep`): 64-column tiles, three stages and about four programs per SM were best or within
     6% of it on each Llama-3.1-8B shape at 8 rows."""
-    block_n, block_k = 64, 128
-    while k % block_k or (group_size != -1 and group_size % block_k):
-        block_k //= 2
+    block_n, block_k = 64, whole_k_tile(k, group_size, 128)
     split_k = split_for(triton.cdiv(n, block_n), triton.cdiv(k, block_k), 4, device)
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
@@ -172,7 +169,7 @@ def int4_dot_matmul(
     n = qweight.shape[1]
     config = config or default_config(n, k, group_size, x.device)
     block_k = config["BLOCK_K"]
-    if k % block_k or (group_size != -1 and group_size % block_k):
+    if not tiles_k(k, group_size, block_k):
         raise ValueError(f"BLOCK_K={block_k} tiles must tile K={k} and groups of {group_size} rows.")
     if x.stride(-1) != 1:
         x = x.contiguous()

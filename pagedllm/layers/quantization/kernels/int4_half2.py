@@ -45,6 +45,7 @@ from pagedllm.layers.ops.split_k import (
     split_outputs,
     store_or_merge,
 )
+from pagedllm.layers.quantization.kernels.int_group import fits_int4_16bit_kernels, tiles_k, whole_k_tile
 
 # The most K rows one program reads: its x is loaded at once (2,048 pairs, 16 per thread).
 MAX_SPLIT_ROWS = 4096
@@ -248,10 +249,9 @@ def _int4_half2_gemv_kernel(
 
 
 def supports(m: int, k: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype) -> bool:
-    """Whether a matmul fits this kernel: one row of bf16/fp16, 4 bits, no act order, K and the
-    groups made of whole 16-row tiles (the kernel does not mask K within a word)."""
-    return (m == 1 and bits == 4 and not act_order and dtype in (torch.bfloat16, torch.float16)
-            and k % 16 == 0 and (group_size == -1 or group_size % 16 == 0))
+    """Whether a matmul fits this kernel: one row of a layer that
+    int_group.fits_int4_16bit_kernels."""
+    return m == 1 and fits_int4_16bit_kernels(k, bits, group_size, act_order, dtype)
 
 
 def default_config(n: int, k: int, group_size: int, device: torch.device) -> dict[str, int]:
@@ -259,9 +259,7 @@ def default_config(n: int, k: int, group_size: int, device: torch.device) -> dic
     per value: x pairs, scales and zero points are shared by more columns), three stages and
     about two programs per SM were best or within 8% of it on each Llama-3.1-8B shape (H200
     sweep, BENCHMARKS.md eighth run; 1.5 programs per SM was 2% slower end to end)."""
-    block_n, block_k = (256, 128) if n >= 2048 else (64, 128)
-    while k % block_k or (group_size != -1 and group_size % block_k):
-        block_k //= 2
+    block_n, block_k = (256 if n >= 2048 else 64), whole_k_tile(k, group_size, 128)
     k_tiles = triton.cdiv(k, block_k)
     split_k = split_for(triton.cdiv(n, block_n), k_tiles, 2, device)
     split_k = even_split(k_tiles, max(split_k, triton.cdiv(k_tiles, MAX_SPLIT_ROWS // block_k)))
@@ -278,7 +276,7 @@ def int4_half2_gemv(
     n = qweight.shape[1]
     config = config or default_config(n, k, group_size, x.device)
     block_k = config["BLOCK_K"]
-    if m != 1 or k % block_k or (group_size != -1 and group_size % block_k):
+    if m != 1 or not tiles_k(k, group_size, block_k):
         raise ValueError(f"one row whose K={k} and groups of {group_size} rows are whole BLOCK_K={block_k} tiles "
                          f"is needed, got {m} rows.")
     x_pairs = x.contiguous().view(torch.int32)

@@ -46,6 +46,27 @@ def check_bits(bits: int, option: str) -> None:
         raise ValueError(f"{option}={bits} is not supported; use one of {SUPPORTED_BITS}.")
 
 
+def tiles_k(k: int, group_size: int, block_k: int) -> bool:
+    """Whether BLOCK_K-row tiles tile K and every group (group_size -1: one group), as the
+    unmasked int4 kernels need."""
+    return k % block_k == 0 and (group_size == -1 or group_size % block_k == 0)
+
+
+def whole_k_tile(k: int, group_size: int, largest: int) -> int:
+    """The largest power-of-two K tile up to `largest` (a power of two) that tiles K and every
+    group."""
+    block_k = largest
+    while not tiles_k(k, group_size, block_k):
+        block_k //= 2
+    return block_k
+
+
+def fits_int4_16bit_kernels(k: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype) -> bool:
+    """Whether int4_half2.py / int4_dot.py can serve a layer: 4 bits, no act order, bf16/fp16
+    activations, K and the groups made of whole 16-row tiles (those kernels do not mask K)."""
+    return bits == 4 and not act_order and dtype in (torch.bfloat16, torch.float16) and tiles_k(k, group_size, 16)
+
+
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned values of `packed` (int32) unpacked along `dim` (value i of a word at bits
     i*bits), as int32, `dim` growing by 32 // bits."""
