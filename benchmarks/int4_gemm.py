@@ -8,7 +8,10 @@ the device-to-device copy bandwidth measured in the same run, and the bf16 cuBLA
 of the same shape with its speed-up. Timings are medians of CUDA-graph replays rotating over
 enough weight copies to exceed the L2 cache, so weights come from HBM as in a real step.
 
-    PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep] [--sweep-rows 1 8]
+    PYTHONPATH=. python3 benchmarks/int4_gemm.py [--bits 4|8] [--sweep] [--sweep-rows 1 8] [--prefill]
+
+--prefill compares, per M from 16 to 4096, the Triton GEMM with the dequantize-then-cuBLAS path
+(kernels/int_dequant.py) and bf16.
 
 --sweep also times alternative tile/split-K configurations at the --sweep-rows sizes (M <= 8)
 and prints the best per shape (to tune `int4_half2.default_config`, `int4_dot.default_config`,
@@ -28,6 +31,7 @@ from pagedllm.layers.quantization.kernels.int4_dot import default_config as int4
 from pagedllm.layers.quantization.kernels.int4_dot import int4_dot_matmul
 from pagedllm.layers.quantization.kernels.int4_half2 import default_config as int4_half2_default_config
 from pagedllm.layers.quantization.kernels.int4_half2 import int4_half2_gemv
+from pagedllm.layers.quantization.kernels import int_dequant
 from pagedllm.layers.quantization.kernels.int_group import pack_internal
 from pagedllm.layers.quantization.kernels.triton_wNa16 import _launch_config, triton_int_group_matmul
 
@@ -39,6 +43,7 @@ SHAPES = {
     "down 14336->4096": (14336, 4096),
 }
 ROWS = (1, 8, 256)
+PREFILL_ROWS = (16, 32, 48, 64, 128, 256, 1024, 4096)
 GROUP_SIZE = 128
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
@@ -72,10 +77,15 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 8], choices=(1, 8))
+    parser.add_argument("--prefill", action="store_true",
+                        help="prefill sizes: the in-tile Triton GEMM against dequantize + cuBLAS, per M")
     args = parser.parse_args()
     copy_bandwidth = measure_copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_bandwidth / 1e12:.2f} TB/s")
     print(f"int{args.bits} weights, group size {GROUP_SIZE}, {str(DTYPE).removeprefix('torch.')} activations")
+    if args.prefill:
+        prefill(args.bits)
+        return
     header = f"{'shape':<22}{'M':>5}{'int time':>11}{'GB/s':>8}{'of copy':>9}{'bf16 time':>11}{'speed-up':>10}"
     print(header)
     for name, (k, n) in SHAPES.items():
@@ -96,6 +106,37 @@ def main() -> None:
                   f"{bandwidth / copy_bandwidth:>9.0%}{dense_time * 1e6:>9.1f}us{dense_time / int_time:>9.2f}x")
             if args.sweep and m in args.sweep_rows:
                 sweep(x, layouts, copies, args.bits, quant_bytes, copy_bandwidth, k, n)
+        del layouts, dense
+        torch.cuda.empty_cache()
+
+
+def prefill(bits: int) -> None:
+    """Per shape and M: the Triton GEMM that unpacks inside its tiles (64- and 128-row tiles),
+    the dequantize-then-cuBLAS path (kernels/int_dequant.py) and bf16 cuBLAS, as times and as
+    fractions of bf16's speed: where DEQUANT_MIN_ROWS should sit."""
+    print(f"{'shape':<22}{'M':>6}{'tiles 64':>11}{'tiles 128':>11}{'dequant':>11}{'bf16':>10}"
+          f"{'dequant/bf16':>14}   (dequant alone {'':>6})")
+    for name, (k, n) in SHAPES.items():
+        quant_bytes = k * n * bits // 8 + 2 * (k // GROUP_SIZE) * n * 2
+        copies = copies_for(quant_bytes)
+        layouts = make_weights(k, n, bits, copies)
+        dense_copies = copies_for(k * n * 2)
+        dense = [torch.randn(k, n, device="cuda", dtype=DTYPE) * 0.01 for _ in range(dense_copies)]
+        alone = time_rotating(lambda i: int_dequant.dequantize(*layouts[i], bits, GROUP_SIZE), copies)
+        for m in PREFILL_ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            tiled = []
+            for block_m, warps in ((64, 4), (128, 8)):
+                config = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": warps,
+                          "num_stages": 3}
+                tiled.append(time_rotating(
+                    lambda i, config=config: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config),
+                    copies, replays=10))
+            dequant = time_rotating(lambda i: int_dequant.dequantize_matmul(x, *layouts[i], bits, GROUP_SIZE), copies,
+                                    replays=10)
+            dense_time = time_rotating(lambda i: torch.matmul(x, dense[i]), dense_copies, replays=10)
+            print(f"{name:<22}{m:>6}{tiled[0] * 1e6:>9.1f}us{tiled[1] * 1e6:>9.1f}us{dequant * 1e6:>9.1f}us"
+                  f"{dense_time * 1e6:>8.1f}us{dense_time / dequant:>13.2f}x   ({alone * 1e6:.1f}us)")
         del layouts, dense
         torch.cuda.empty_cache()
 

@@ -23,8 +23,8 @@ from int_group_checkpoints import gptq_tensors, quantize  # noqa: E402
 from pagedllm.layers.linear import MergedColumnParallelLinear  # noqa: E402
 from pagedllm.layers.ops.split_k import split_count_buffer  # noqa: E402
 from pagedllm.layers.quantization.gptq import GPTQConfig  # noqa: E402
-from pagedllm.layers.quantization.kernels import int4_dot, int4_half2  # noqa: E402
-from pagedllm.layers.quantization.kernels.int_group import pack_internal, reference_matmul  # noqa: E402
+from pagedllm.layers.quantization.kernels import int4_dot, int4_half2, int_dequant, triton_wNa16  # noqa: E402
+from pagedllm.layers.quantization.kernels.int_group import dequantize, pack_internal, reference_matmul  # noqa: E402
 from pagedllm.layers.quantization.kernels.triton_wNa16 import triton_int_group_matmul  # noqa: E402
 
 
@@ -64,7 +64,10 @@ INTERPRETER_CASES = [
     (5, 128, 64, 8, 32, False),     # 8-bit
     (2, 64, 64, 4, 16, True),       # act order: per-row groups
     (20, 64, 32, 4, 32, False),     # M tiles of 64
-    (70, 128, 32, 4, 64, False),    # M tiles of 128, no split
+    (70, 128, 32, 4, 64, False),    # prefill: dequantized, then one matmul
+    (64, 64, 64, 4, 16, True),      # prefill, act order
+    (80, 96, 32, 8, 24, False),     # prefill, 8-bit, a group size no tile sits in
+    (65, 64, 32, 4, -1, False),     # prefill, per-channel
     (4, 96, 32, 4, 24, False),      # a group size the tiles cannot sit in
 ]
 
@@ -133,6 +136,42 @@ def test_half2_int4_gemv_splits_long_rows_so_that_x_is_one_load():
         int4_half2.int4_half2_gemv(x, qweight, scales, zeros, 128, config=too_few)
 
 
+@pytest.mark.parametrize("bits, group_size, act_order", [(4, 32, False), (8, 24, False), (4, -1, False), (4, 16, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_kernel_gives_the_reference_weight_bit_for_bit(bits, group_size, act_order, dtype):
+    """The prefill path's scratch weight (kernels/int_dequant.py) equals int_group.dequantize
+    exactly: (q - zero) * scale is exact in float32 and rounded once, as the reference's
+    multiply in the scales' dtype rounds it. (Triton's interpreter truncates float32 to bf16
+    instead of rounding: there the bf16 weight is held to one unit in its last place.)"""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qweight, scales, zeros, _, row_group = random_layout(96, 160, bits, group_size, act_order, device, dtype)
+    weight = int_dequant.dequantize(qweight, scales, zeros, bits, group_size, row_group)
+    expected = dequantize(qweight, scales, zeros, bits, group_size, row_group)
+    assert weight.dtype == dtype
+    if device == "cpu" and dtype == torch.bfloat16:
+        torch.testing.assert_close(weight, expected, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(weight, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_dequantize_kernel_gives_the_reference_weight_bit_for_bit():
+    for bits, group_size, act_order in [(4, 128, False), (8, 24, False), (4, -1, False), (4, 16, True)]:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            test_dequantize_kernel_gives_the_reference_weight_bit_for_bit(bits, group_size, act_order, dtype)
+
+
+def test_prefill_rows_take_the_dequantized_matmul(monkeypatch):
+    """From DEQUANT_MIN_ROWS rows on the matmul dequantizes once and multiplies densely; one
+    row fewer stays in the Triton kernel."""
+    qweight, scales, zeros, _, _ = random_layout(64, 32, 4, 32, False, "cpu", torch.float32)
+    calls = []
+    monkeypatch.setattr(triton_wNa16, "dequantize_matmul", lambda x, *args: calls.append(x.shape[0]) or x[:, :32])
+    for m in (int_dequant.DEQUANT_MIN_ROWS - 1, int_dequant.DEQUANT_MIN_ROWS):
+        triton_wNa16.triton_int_group_matmul(torch.zeros(m, 64), qweight, scales, zeros, 4, 32)
+    assert calls == [int_dequant.DEQUANT_MIN_ROWS]
+
+
 def build_gptq_layer(act_order: bool, device: str = "cpu") -> tuple[MergedColumnParallelLinear, list]:
     torch.manual_seed(0)
     config = GPTQConfig.from_config({"bits": 4, "group_size": 16, "desc_act": act_order, "sym": False})
@@ -169,7 +208,7 @@ GPU_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672)]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m", [1, 3, 8, 33, 256])
+@pytest.mark.parametrize("m", [1, 3, 8, 33, 64, 256])
 @pytest.mark.parametrize("bits, group_size", [(4, 128), (4, 32), (4, -1), (8, 128)])
 def test_cuda_kernel_matches_reference(dtype, m, bits, group_size):
     rtol = 1e-4 if dtype == torch.float32 else 2e-2

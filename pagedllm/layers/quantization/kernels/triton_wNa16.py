@@ -9,8 +9,10 @@ last split of each tile in the one-row GEMV when the layer passes its count buff
 (ops/split_k.py), else by one small kernel. One row runs a GEMV kernel that skips the
 tensor-core tile and keeps all its arithmetic elementwise on the packed tile as loaded, its
 values made floats by a bit trick (`_plane`): it serves 8-bit weights, act order and float32
-rows. Prefill tiles over M with no split. 4-bit weights with uniform groups and 16-bit
-activations go to kernels/int4_half2.py (one row) and kernels/int4_dot.py (2-16 rows).
+rows. 17 to DEQUANT_MIN_ROWS - 1 rows tile over M; from DEQUANT_MIN_ROWS on, the weight is
+dequantized once and multiplied by cuBLAS (kernels/int_dequant.py). 4-bit weights with uniform
+groups and 16-bit activations go to kernels/int4_half2.py (one row) and kernels/int4_dot.py
+(2-16 rows).
 
 Groups: each K tile lies inside one group (the tile size divides group_size), so a tile loads
 one row of scales and zeros; act-order layers pass `row_group` and load per-row scales instead.
@@ -31,16 +33,8 @@ from pagedllm.layers.ops.split_k import (
     store_or_merge,
 )
 from pagedllm.layers.quantization.kernels import int4_dot, int4_half2
-
-
-@triton.jit
-def _row_shift(row, BITS: tl.constexpr):
-    """The bit offset of row `row` of a word of the internal layout (kernels/int_group.py:
-    4-bit words interleaved, rows 2s and 2s + 1 at bits 4s and 16 + 4s)."""
-    if BITS == 4:
-        return (row // 2) * 4 + (row % 2) * 16
-    else:
-        return row * BITS
+from pagedllm.layers.quantization.kernels.int_dequant import DEQUANT_MIN_ROWS, dequantize_matmul
+from pagedllm.layers.quantization.kernels.int_dequant import row_shift as _row_shift
 
 
 @triton.jit
@@ -223,16 +217,14 @@ def _launch_config(m: int, n: int, k: int, tile_group: int, device: torch.device
         block_m, block_n, block_k, warps, stages = 1, 64, 128, 4, 3
     elif m <= 16:
         block_m, block_n, block_k, warps, stages = 16, 128 if n >= 128 else 64, 128, 4, 3
-    elif m <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
     else:
-        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
+        # Larger M dequantizes and calls cuBLAS (DEQUANT_MIN_ROWS) unless a config is given.
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
     while tile_group % block_k:
         block_k //= 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # Enough programs to keep every SM busy: about four small ones (decode) or two large ones
-    # per SM; a long prefill has that many output tiles already and does not split.
-    split_k = split_for(tiles, triton.cdiv(k, block_k), 4 if m <= 64 else 2, device)
+    # Enough programs to keep every SM busy: about four per SM.
+    split_k = split_for(tiles, triton.cdiv(k, block_k), 4, device)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                 num_warps=warps, num_stages=stages)
 
@@ -259,6 +251,8 @@ def triton_int_group_matmul(
         return int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, split_counts)
     if config is None and int4_dot.supports(m, k, bits, group_size, row_group is not None, x.dtype):
         return int4_dot.int4_dot_matmul(x, qweight, scales, zeros, group_size, split_counts)
+    if config is None and m >= DEQUANT_MIN_ROWS:
+        return dequantize_matmul(x, qweight, scales, zeros, bits, group_size, row_group)
     if row_group is None and group_size != -1 and group_size % 16:
         # Tiles of 16 rows cannot sit inside such groups: read each row's group instead.
         row_group = torch.arange(k, device=x.device, dtype=torch.int32) // group_size
