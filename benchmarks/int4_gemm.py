@@ -24,9 +24,10 @@ import argparse
 import itertools
 
 import torch
+import triton
 
 from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth
-from pagedllm.layers.ops.split_k import split_count_buffer
+from pagedllm.layers.ops.split_k import split_count_buffer, split_for
 from pagedllm.layers.quantization.kernels.int4_dot import default_config as int4_dot_default_config
 from pagedllm.layers.quantization.kernels.int4_dot import int4_dot_matmul
 from pagedllm.layers.quantization.kernels.int4_half2 import default_config as int4_half2_default_config
@@ -115,7 +116,7 @@ def prefill(bits: int) -> None:
     the dequantize-then-cuBLAS path (kernels/int_dequant.py) and bf16 cuBLAS, as times and as
     fractions of bf16's speed: where DEQUANT_MIN_ROWS should sit."""
     print(f"{'shape':<22}{'M':>6}{'tiles 64':>11}{'tiles 128':>11}{'dequant':>11}{'bf16':>10}"
-          f"{'dequant/bf16':>14}   (dequant alone {'':>6})")
+          f"{'dequant/bf16':>14}   (dequant alone)")
     for name, (k, n) in SHAPES.items():
         quant_bytes = k * n * bits // 8 + 2 * (k // GROUP_SIZE) * n * 2
         copies = copies_for(quant_bytes)
@@ -126,9 +127,12 @@ def prefill(bits: int) -> None:
         for m in PREFILL_ROWS:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             tiled = []
-            for block_m, warps in ((64, 4), (128, 8)):
-                config = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": warps,
-                          "num_stages": 3}
+            # The 64-row tiles of _launch_config (split about four programs per SM), and the
+            # 128-row tiles prefill used before the dequantized path (about two per SM).
+            tiles_128 = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+            for config in (_launch_config(m, n, k, GROUP_SIZE, x.device),
+                           {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
+                            "SPLIT_K": split_for(tiles_128, k // 64, 2, x.device)}):
                 tiled.append(time_rotating(
                     lambda i, config=config: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config),
                     copies, replays=10))

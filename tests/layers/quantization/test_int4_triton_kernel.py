@@ -136,15 +136,27 @@ def test_half2_int4_gemv_splits_long_rows_so_that_x_is_one_load():
         int4_half2.int4_half2_gemv(x, qweight, scales, zeros, 128, config=too_few)
 
 
-@pytest.mark.parametrize("bits, group_size, act_order", [(4, 32, False), (8, 24, False), (4, -1, False), (4, 16, True)])
+DEQUANT_CASES = [
+    # (k, bits, group_size, act_order)
+    (96, 4, 32, False),    # groups smaller than the 64-row tile: per-row scales
+    (96, 8, 24, False),
+    (96, 4, -1, False),    # one group, K not a multiple of the tile
+    (96, 4, 16, True),     # act order
+    (192, 4, 64, False),   # one row of scales per tile
+    (256, 8, 128, False),
+    (128, 4, -1, False),
+]
+
+
+@pytest.mark.parametrize("k, bits, group_size, act_order", DEQUANT_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_kernel_gives_the_reference_weight_bit_for_bit(bits, group_size, act_order, dtype):
+def test_dequantize_kernel_gives_the_reference_weight_bit_for_bit(k, bits, group_size, act_order, dtype):
     """The prefill path's scratch weight (kernels/int_dequant.py) equals int_group.dequantize
     exactly: (q - zero) * scale is exact in float32 and rounded once, as the reference's
     multiply in the scales' dtype rounds it. (Triton's interpreter truncates float32 to bf16
     instead of rounding: there the bf16 weight is held to one unit in its last place.)"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    qweight, scales, zeros, _, row_group = random_layout(96, 160, bits, group_size, act_order, device, dtype)
+    qweight, scales, zeros, _, row_group = random_layout(k, 160, bits, group_size, act_order, device, dtype)
     weight = int_dequant.dequantize(qweight, scales, zeros, bits, group_size, row_group)
     expected = dequantize(qweight, scales, zeros, bits, group_size, row_group)
     assert weight.dtype == dtype
@@ -156,9 +168,9 @@ def test_dequantize_kernel_gives_the_reference_weight_bit_for_bit(bits, group_si
 
 @pytest.mark.gpu
 def test_cuda_dequantize_kernel_gives_the_reference_weight_bit_for_bit():
-    for bits, group_size, act_order in [(4, 128, False), (8, 24, False), (4, -1, False), (4, 16, True)]:
+    for case in DEQUANT_CASES:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            test_dequantize_kernel_gives_the_reference_weight_bit_for_bit(bits, group_size, act_order, dtype)
+            test_dequantize_kernel_gives_the_reference_weight_bit_for_bit(*case, dtype)
 
 
 def test_prefill_rows_take_the_dequantized_matmul(monkeypatch):

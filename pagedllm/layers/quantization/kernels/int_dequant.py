@@ -38,31 +38,45 @@ def row_shift(row, BITS: tl.constexpr):
 def _dequantize_kernel(
     qweight_ptr, scales_ptr, zeros_ptr, row_group_ptr, out_ptr, K, N, group_size,
     stride_qk, stride_sg, stride_zg, stride_ok,
-    BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[k, n] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n] in out's dtype.
 
     Layout: qweight int32 [K / pack, N], scales / zeros [G, N], row_group int32 [K] (act order;
     else g(k) = k // group_size, group_size > K for one group), out [K, N]; last dims
-    contiguous. Grid: (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)). Bytes: K * N * (bits / 8 + 2).
+    contiguous. TILE_IN_GROUP: every BLOCK_K-row tile lies in one group (one row of scales).
+    Grid: (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)). Bytes: K * N * (bits / 8 + 2).
     """
     PACK: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PACK
     MASK: tl.constexpr = (1 << BITS) - 1
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
-    # Each word is loaded once per row it holds; the repeats hit L1.
-    words = tl.load(qweight_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :], mask=mask, other=0)
-    q = ((words >> row_shift(offs_k % PACK, BITS)[:, None]) & MASK).to(tl.float32)
-    if HAS_ROW_GROUP:
-        groups = tl.load(row_group_ptr + offs_k, mask=offs_k < K, other=0)
+    mask_n = offs_n < N
+    mask = (offs_k < K)[:, None] & mask_n[None, :]
+    # Each word is loaded once and spread over its PACK rows.
+    word_rows = k0 // PACK + tl.arange(0, WORDS)
+    words = tl.load(qweight_ptr + word_rows[:, None] * stride_qk + offs_n[None, :],
+                    mask=(word_rows < K // PACK)[:, None] & mask_n[None, :], other=0)
+    shifts = row_shift(tl.arange(0, PACK), BITS)
+    q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N)).to(tl.float32)
+    if TILE_IN_GROUP:
+        group = k0 // group_size
+        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     else:
-        groups = offs_k // group_size
-    scale = tl.load(scales_ptr + groups[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
-    zero = tl.load(zeros_ptr + groups[:, None] * stride_zg + offs_n[None, :], mask=mask, other=0.0)
+        if HAS_ROW_GROUP:
+            groups = tl.load(row_group_ptr + offs_k, mask=offs_k < K, other=0)
+        else:
+            groups = offs_k // group_size
+        scale = tl.load(scales_ptr + groups[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
+        zero = tl.load(zeros_ptr + groups[:, None] * stride_zg + offs_n[None, :], mask=mask, other=0.0)
+        scale, zero = scale.to(tl.float32), zero.to(tl.float32)
     # (q - zero) is an exact small integer and its product with a 16-bit scale is exact in
     # float32, so the one rounding to out's dtype gives the reference's bits (int_group.dequantize).
-    weight = (q - zero.to(tl.float32)) * scale.to(tl.float32)
+    weight = (q - zero) * scale
     tl.store(out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :], weight.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -76,11 +90,14 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
         if tensor.stride(-1) != 1:
             raise ValueError(f"dequantize needs {name} with contiguous rows; got strides {tensor.stride()}.")
     out = torch.empty((k, n), device=qweight.device, dtype=scales.dtype)
-    block_k, block_n = 32, 128
+    block_k, block_n = 64, 128
+    kernel_group_size = group_size if group_size != -1 else k + block_k
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         qweight, scales, zeros, row_group if row_group is not None else qweight, out, k, n,
-        group_size if group_size != -1 else k, qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        BITS=bits, HAS_ROW_GROUP=row_group is not None, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+        kernel_group_size, qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        BITS=bits, HAS_ROW_GROUP=row_group is not None,
+        TILE_IN_GROUP=row_group is None and kernel_group_size % block_k == 0,
+        BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
     )
     return out
 
