@@ -64,10 +64,11 @@ INTERPRETER_CASES = [
     (5, 128, 64, 8, 32, False),     # 8-bit
     (2, 64, 64, 4, 16, True),       # act order: per-row groups
     (20, 64, 32, 4, 32, False),     # M tiles of 64
-    (70, 128, 32, 4, 64, False),    # prefill: dequantized, then one matmul
-    (64, 64, 64, 4, 16, True),      # prefill, act order
-    (80, 96, 32, 8, 24, False),     # prefill, 8-bit, a group size no tile sits in
-    (65, 64, 32, 4, -1, False),     # prefill, per-channel
+    (70, 128, 32, 4, 64, False),    # M tiles of 64
+    (256, 128, 32, 4, 64, False),   # prefill: dequantized, then one matmul
+    (256, 64, 64, 4, 16, True),     # prefill, act order
+    (300, 96, 32, 8, 24, False),    # prefill, 8-bit, a group size no tile sits in
+    (257, 64, 32, 4, -1, False),    # prefill, per-channel
     (4, 96, 32, 4, 24, False),      # a group size the tiles cannot sit in
 ]
 
@@ -245,7 +246,7 @@ def test_cuda_half2_int4_gemv_keeps_large_and_small_x(dtype, x_scale, group_size
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 64, 256])
 def test_cuda_kernel_act_order_matches_reference(m):
     assert_kernel_matches_reference(m, 512, 256, 4, 128, True, "cuda", torch.bfloat16, 2e-2)
 

@@ -2,12 +2,12 @@
 (kernels/int_group.py) dequantized into a 16-bit [K, N] scratch weight by one Triton kernel,
 then one dense `torch.matmul` (cuBLAS).
 
-Above a few dozen rows a weight-only matmul is no longer bound by the weight's bytes but by
+From a few hundred rows a weight-only matmul is no longer bound by the weight's bytes but by
 its arithmetic, and cuBLAS's tensor-core GEMM does that arithmetic several times faster than
 the Triton kernels that unpack inside their tiles (`benchmarks/int4_gemm.py --prefill`,
 BENCHMARKS.md). Writing the dequantized weight costs one pass over N * K 16-bit values, about
-the time of a bf16 GEMV of the layer: small beside a prefill's GEMM, so prefill runs at nearly
-bf16 speed. vLLM's exllama and Marlin kernels make the same trade for large batches.
+the time of a bf16 GEMV of the layer: small beside a long prefill's GEMM, which then runs at
+nearly bf16 speed. vLLM's exllama kernels make the same trade for large batches.
 
 The scratch weight comes from torch's caching allocator, so the memory profile's largest
 prefill counts it (the largest fused layer, e.g. Llama-3.1-8B's gate_up: 235 MB in bf16).
@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 # Rows from which `triton_int_group_matmul` dequantizes and calls cuBLAS instead of its
-# in-tile kernels (H200 crossover: benchmarks/int4_gemm.py --prefill, BENCHMARKS.md).
-DEQUANT_MIN_ROWS = 64
+# in-tile kernels. H200, Llama-3.1-8B's four shapes summed (benchmarks/int4_gemm.py --prefill,
+# BENCHMARKS.md): at 128 rows the tiles take 289 us and this path 331 us; at 256, 506 against 329.
+DEQUANT_MIN_ROWS = 256
 
 
 @triton.jit
