@@ -1,5 +1,6 @@
-"""Decode-sized matmuls (1-8 rows) as one Triton kernel, for bf16/fp16 weights and for fp8
-weights with per-channel scales (dynamic fp8's decode path).
+"""Decode-sized matmuls (1-8 rows) as one Triton kernel, for bf16/fp16 weights, for fp8
+weights with per-channel scales (dynamic fp8's decode path) and for int8 weights with
+per-channel scales and symmetric per-token int8 activations (W8A8 int8's decode path).
 
 At M <= 8 rows a linear layer is a GEMV: it reads the whole [N, K] weight once and does almost
 no arithmetic per byte, so its speed is the weight's bytes over the memory bandwidth. Each
@@ -19,6 +20,11 @@ They are quantized inside the kernel, or for large weights and 2-8 rows by one l
 (GemvConfig.quantize_first), so that fp8 x fp8 tensor-core dots read both operands straight
 from memory.
 
+int8: the rows are quantized per token first (kernels.per_token_quant: round half to even,
+clamp to [-128, 127]; or with a static scale), then multiplied by int8 x int8 tensor-core dots
+with int32 sums per K tile (exact), so the result is torch._int_mm's up to the float32 sum of
+the tiles.
+
 `should_use_gemv` is the dispatch rule the linear methods follow.
 """
 
@@ -36,13 +42,15 @@ from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outpu
 
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
+# Weights read as 8-bit values with per-channel scales.
+_EIGHT_BIT_DTYPES = (FP8_DTYPE, torch.int8)
 
 # fp8 weights of at least this many values (64 MiB) quantize their activations first.
 _FP8_QUANTIZE_FIRST_MIN_WEIGHT = 64 << 20
 # Inner loops.
 FMA, DOT, DOT_SWAPPED = 0, 1, 2
-# Activation handling.
-ACT_NONE, ACT_FP8_DYNAMIC, ACT_FP8_STATIC, ACT_FP8_QUANTIZED = 0, 1, 2, 3
+# Activation handling (ACT_QUANTIZED: x arrives as 8-bit values of the weight's dtype with per-row scales).
+ACT_NONE, ACT_FP8_DYNAMIC, ACT_FP8_STATIC, ACT_QUANTIZED = 0, 1, 2, 3
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -52,11 +60,12 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr,
     ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
+    IS_INT8: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
 
     Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
-    ACT 3: x is fp8 already, with per-row scales x_scale [M].
+    ACT 3: x is fp8 (or int8, against int8 w: IS_INT8) already, with per-row scales x_scale [M].
     Grid: (cdiv(N, BLOCK_N), SPLIT_K); out [M, N] in out's dtype (split K: ops/split_k.py).
     Bytes: N * K * w elem (read once) + M * K * x elem; FLOPs 2 * M * N * K.
     """
@@ -100,13 +109,20 @@ def _gemv_kernel(
             if EXACT_ROUNDING:
                 xq = round_to_e4m3(xq)
             x = xq.to(tl.float8e4nv)
-        # fp8 x fp8 products are exact in float32, so every inner loop gives the w8a8 sums.
+        # fp8 x fp8 products are exact in float32, so every inner loop gives the w8a8 sums;
+        # int8 x int8 dots sum each tile exactly in int32.
         if INNER == 0:
             acc += w.to(tl.float32) * x.to(tl.float32)
         elif INNER == 1:
-            acc += tl.dot(x, tl.trans(w))
+            if IS_INT8:
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.int32).to(tl.float32)
+            else:
+                acc += tl.dot(x, tl.trans(w))
         else:
-            acc += tl.dot(w, tl.trans(x))
+            if IS_INT8:
+                acc += tl.dot(w, tl.trans(x), out_dtype=tl.int32).to(tl.float32)
+            else:
+                acc += tl.dot(w, tl.trans(x))
 
     if INNER == 0:
         result = tl.sum(acc, axis=1)[None, :]
@@ -148,6 +164,11 @@ def default_config(
     config per class whose worst shape of Llama-3.1-8B is nearest its best. A fixed rule, not a
     timing: two engines (or two ranks) must pick the same kernel for the same shape, or their
     roundings, and so near-tie greedy tokens, could differ."""
+    if weight_dtype == torch.int8:
+        # The fp8 dots' tiles (int8 is read like fp8: one byte a weight, tensor-core dots on
+        # rows quantized first); in-kernel int8 quantization is not implemented.
+        return GemvConfig(block_n=64, block_k=256, inner=DOT_SWAPPED, num_warps=4, num_stages=5,
+                          split_k=triton.cdiv(in_features, 8192), quantize_first=not quantized_input)
     if weight_dtype == FP8_DTYPE:
         # fp8 x fp8 tensor-core dots straight from memory. Long rows split K in slices of at
         # most 8192: down (K = 14336) reads at 85% in two splits against 77% whole, while
@@ -179,9 +200,10 @@ def gemv(
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) for at most MAX_GEMV_ROWS rows, like F.linear.
 
-    An fp8 `weight` needs its float32 `weight_scale` ([N], [N, 1] or one value). x is then
-    quantized to fp8 per token, or with the static `input_scale` when given; or x is fp8
-    already and `input_scale` holds its per-row scales. The output has x's dtype, or
+    An fp8 or int8 `weight` needs its float32 `weight_scale` ([N], [N, 1] or one value). x is
+    then quantized to the weight's dtype per token (symmetric), or with the static
+    `input_scale` when given; or x is of that dtype already and `input_scale` holds its
+    per-row scales. The output has x's dtype, or
     `out_dtype` (needed when x is fp8). `split_counts`: the layer's
     ops.split_k.split_count_buffer, for configs that split K (else a second launch adds the
     splits)."""
@@ -191,14 +213,15 @@ def gemv(
     M = rows.shape[0]
     if M > MAX_GEMV_ROWS or weight.shape[1] != K:
         raise ValueError(f"gemv takes at most {MAX_GEMV_ROWS} rows of width {weight.shape[1]}; got {tuple(x.shape)}.")
-    is_fp8 = weight.dtype == FP8_DTYPE
-    if is_fp8 and weight_scale is None:
-        raise ValueError("gemv of an fp8 weight needs its weight_scale.")
+    is_8bit = weight.dtype in _EIGHT_BIT_DTYPES
+    is_int8 = weight.dtype == torch.int8
+    if is_8bit and weight_scale is None:
+        raise ValueError(f"gemv of a {weight.dtype} weight needs its weight_scale.")
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    config = config or default_config(M, N, K, weight.dtype, quantized_input=x.dtype == FP8_DTYPE)
+    config = config or default_config(M, N, K, weight.dtype, quantized_input=x.dtype == weight.dtype)
     if config.inner == FMA and M != 1:
         raise ValueError(f"the FMA GEMV takes one row; got {M}.")
     scale = None
@@ -206,19 +229,22 @@ def gemv(
         scale = weight_scale.reshape(-1).float()
         if scale.numel() not in (1, N):
             raise ValueError(f"weight_scale has {scale.numel()} values; gemv takes 1 or {N} (one per output).")
-    if not is_fp8:
+    if not is_8bit:
         act = ACT_NONE
-    elif x.dtype == FP8_DTYPE:
-        act = ACT_FP8_QUANTIZED
+    elif x.dtype == weight.dtype:
+        act = ACT_QUANTIZED
     else:
         act = ACT_FP8_STATIC if input_scale is not None else ACT_FP8_DYNAMIC
-    if act == ACT_FP8_QUANTIZED and (input_scale is None or out_dtype is None):
-        raise ValueError("gemv of an fp8 x needs its per-row input_scale and an out_dtype.")
+    if act == ACT_QUANTIZED and (input_scale is None or out_dtype is None):
+        raise ValueError(f"gemv of a {x.dtype} x needs its per-row input_scale and an out_dtype.")
     x_scale = None if input_scale is None else input_scale.reshape(-1).float()
     out_dtype = out_dtype or x.dtype
-    if config.quantize_first and act in (ACT_FP8_DYNAMIC, ACT_FP8_STATIC):
-        rows, x_scale = _quantize_rows(rows, x_scale)
-        act = ACT_FP8_QUANTIZED
+    if (config.quantize_first or is_int8) and act in (ACT_FP8_DYNAMIC, ACT_FP8_STATIC):
+        rows, x_scale = _quantize_rows(rows, x_scale, weight.dtype)
+        act = ACT_QUANTIZED
+    if act == ACT_QUANTIZED:
+        # One scale per row, contiguous (a caller's single or broadcast scale included).
+        x_scale = x_scale.expand(M).contiguous()
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     # tl.dot needs 16 rows; the padding rows are masked loads (no memory traffic).
     block_m = 1 if config.inner == FMA else 16
@@ -231,31 +257,32 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
         NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k,
-        SELF_MERGE=splits.self_merge, num_warps=config.num_warps,
+        SELF_MERGE=splits.self_merge, IS_INT8=is_int8, num_warps=config.num_warps,
     )
     finish_splits(splits, out)
     return out.reshape(*lead, N)
 
 
-def _quantize_rows(rows: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows as fp8 with per-row float32 scales [M]: dynamic per token (one launch), or with
-    the static scale."""
+def _quantize_rows(rows: torch.Tensor, static_scale: torch.Tensor | None,
+                   qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows as `qdtype` (fp8 or int8) with per-row float32 scales [M]: dynamic per token (one
+    launch), or with the static scale."""
     from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
     from pagedllm.layers.quantization.kernels.w8a8 import quantize
 
     if static_scale is None:
-        x_q, x_scale = per_token_quant(rows, FP8_DTYPE)
+        x_q, x_scale = per_token_quant(rows, qdtype)
         return x_q, x_scale.reshape(-1)
-    return quantize(rows, static_scale, FP8_DTYPE), static_scale.expand(rows.shape[0]).contiguous()
+    return quantize(rows, static_scale, qdtype), static_scale.expand(rows.shape[0]).contiguous()
 
 
 def should_use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T` runs as the Triton GEMV: half-precision CUDA activations of 1-8
-    rows against a weight of their dtype or an fp8 one. On the Llama-3.1-8B shapes at these
+    rows against a weight of their dtype or an fp8 or int8 one. On the Llama-3.1-8B shapes at these
     sizes cuBLAS reads bf16 weights at 61-107% of the copy bandwidth and this kernel at
     74-111%; torch._scaled_mm reads fp8 ones at 24-62%, this kernel at 40-84% (BENCHMARKS.md).
     A fixed rule, not a timing (see default_config)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not (x.is_cuda and 0 < rows <= MAX_GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)):
         return False
-    return weight.dtype in (x.dtype, FP8_DTYPE)
+    return weight.dtype in (x.dtype, *_EIGHT_BIT_DTYPES)

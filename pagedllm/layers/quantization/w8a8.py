@@ -241,7 +241,7 @@ class W8A8LinearMethod(LinearMethodBase):
                 "weight_scale_row_block", torch.tensor(row_block, device=layer.weight.device), persistent=False
             )
         layer.w8a8_kernel = self._choose_kernel(layer)
-        if layer.w8a8_kernel == "scaled_mm":
+        if layer.w8a8_kernel in ("scaled_mm", "int_mm"):
             from pagedllm.layers.ops.split_k import split_count_buffer
 
             # The decode GEMV's split-K launches count their finished splits here.
@@ -277,7 +277,9 @@ class W8A8LinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, x.shape[-1])
         input_scale = getattr(layer, "input_scale", None)
         input_zero_point = getattr(layer, "input_zero_point", None)
-        decode_out = _fp8_decode_gemv(x2, layer, bias, input_scale) if layer.w8a8_kernel == "scaled_mm" else None
+        decode_out = None
+        if layer.w8a8_kernel == "scaled_mm" or (layer.w8a8_kernel == "int_mm" and scheme.activation_symmetric):
+            decode_out = _decode_gemv(x2, layer, bias, input_scale)
         if decode_out is not None:
             out = decode_out
         elif layer.w8a8_kernel == "scaled_mm":
@@ -350,10 +352,11 @@ def _per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor
     return per_token_quant(x, qdtype)
 
 
-def _fp8_decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
-                     input_scale: torch.Tensor | None) -> torch.Tensor | None:
-    """Decode rows (1-8) of an fp8 layer through the Triton GEMV (layers/ops/gemv.py: it reads
-    fp8 weights faster than torch._scaled_mm at these sizes); None where it does not apply."""
+def _decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """Decode rows (1-8) of an fp8 layer, or of an int8 one with symmetric activations, through
+    the Triton GEMV (layers/ops/gemv.py: it reads 8-bit weights faster than torch._scaled_mm
+    and torch._int_mm at these sizes); None where it does not apply."""
     from pagedllm.layers.ops.gemv import gemv, should_use_gemv
 
     if not should_use_gemv(x, layer.weight):

@@ -1,7 +1,7 @@
 """The GEMV kernel equals F.linear in float32 on small shapes for every inner loop and fp8 mode (CPU, under the Triton interpreter, in a subprocess so TRITON_INTERPRET=1 is set
-before Triton is imported), and decode-sized bf16 / fp8 matmuls on the GPU. The fp8 reference
-is kernels.w8a8's: activations quantized per token (or with the static scale), multiplied by
-the dequantized weight in float64."""
+before Triton is imported), and decode-sized bf16 / fp8 / int8 matmuls on the GPU. The 8-bit
+references are kernels.w8a8's: activations quantized per token (or with the static scale),
+multiplied by the dequantized weight in float64 (on the GPU, int8 against torch._int_mm)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,30 @@ for M, N, K, inner, first, split_k, counted in [
                split_counts=counts)
     assert counts is None or not counts.any()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+
+# int8 weights with per-channel scales and symmetric int8 activations: per token (quantized by
+# per_token_quant first), static, or quantized already. Sums of int8 products are exact.
+for M, N, K, inner, split_k, counted in [
+    (1, 40, 300, DOT_SWAPPED, 1, False), (4, 48, 256, DOT, 2, True), (3, 40, 520, DOT_SWAPPED, 3, True),
+    (1, 33, 200, FMA, 2, False),
+]:
+    x = torch.randn(M, K) * 3
+    w = torch.randn(N, K)
+    w_scale = absmax_scale(w, -1, torch.int8)
+    w_q = quantize(w, w_scale, torch.int8)
+    w_deq = w_q.double() * w_scale.double()
+    b = torch.randn(N)
+    config = GemvConfig(block_n=16, block_k=64, inner=inner, split_k=split_k)
+    counts = split_count_buffer(N, x.device) if counted else None
+    for static in (None, torch.tensor(0.02)):
+        x_q, x_scale, _ = quantize_activation(x, torch.int8, static, None, True, None)
+        expected = ((x_q.double() * x_scale.double()) @ w_deq.T + b.double()).float()
+        got = gemv(x, w_q, b, weight_scale=w_scale, input_scale=static, config=config, split_counts=counts)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+        got = gemv(x_q, w_q, b, weight_scale=w_scale, input_scale=x_scale.expand(M, 1), config=config,
+                   out_dtype=torch.float32, split_counts=counts)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    assert counts is None or not counts.any()
 print("ok")
 """
 
@@ -106,6 +130,26 @@ def test_gemv_matches_linear_on_the_gpu(rows, in_features, out_features):
     got = gemv(x, w, bias)
     # Both accumulate in float32 and round once to bf16 (relative step 2^-8 on |y| ~ 1-4).
     torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize(("in_features", "out_features"), [*_GPU_SHAPES, (4096, 28672)])
+def test_int8_gemv_matches_torch_int_mm_on_the_gpu(rows, in_features, out_features):
+    from pagedllm.layers.ops.gemv import gemv
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+    from pagedllm.layers.quantization.kernels.w8a8 import absmax_scale, int_mm_int8, quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(out_features, in_features, device="cuda", dtype=torch.float32) / in_features**0.5
+    w_scale = absmax_scale(w, -1, torch.int8)
+    w_q = quantize(w, w_scale, torch.int8)
+    x_q, x_scale = per_token_quant(x, torch.int8)
+    expected = int_mm_int8(x_q, x_scale, None, w_q, w_scale, None, None, torch.float32)
+    got = gemv(x, w_q, weight_scale=w_scale)
+    # The same int8 operands and exact integer sums; one bf16 rounding (2^-9 relative).
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
