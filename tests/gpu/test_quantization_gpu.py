@@ -1,5 +1,6 @@
-"""fp8 and int8 on the GPU: the torch._scaled_mm / torch._int_mm paths equal the reference path
-(dequantized weight, fake-quantized activations, float32 matmul) to bf16 output precision, the
+"""fp8 and int8 on the GPU: the torch._scaled_mm / torch._int_mm / GEMV paths (fed bf16 rows or
+rows a norm quantized) equal the reference path (dequantized weight, fake-quantized
+activations, float32 matmul) to bf16 output precision, the
 one-launch Triton per-token quantization equals the torch expression bit for bit, and dynamic
 fp8 loading streams (peak memory about the fp8 model plus one layer, never bf16)."""
 
@@ -69,6 +70,24 @@ def test_gpu_kernel_equals_reference_path(config, kernel, num_tokens) -> None:
     x = torch.randn(num_tokens, 1024, device="cuda", dtype=torch.bfloat16)
     out = layer(x)
     ref = reference(layer, x)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOLERANCE
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+def test_int8_layer_fed_a_norm_quantized_activation_equals_the_reference(num_tokens) -> None:
+    """The norm quantizes its output to int8 for a symmetric dynamic int8 layer; decode rows go
+    through the GEMV's int8 dots, prefill through torch._int_mm, both equal to the reference."""
+    from pagedllm.layers.ops.fused_rms_norm import rms_norm
+
+    layer = build(int8_config(True), "int_mm")
+    assert layer.quant_method.fused_input_quantization(layer) == torch.int8
+    asymmetric = build(int8_config(False), "int_mm")
+    assert asymmetric.quant_method.fused_input_quantization(asymmetric) is None
+    x = torch.randn(num_tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    weight = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+    out = layer(rms_norm(x, weight, 1e-6, quantize_to=torch.int8))
+    ref = reference(layer, rms_norm(x, weight, 1e-6))
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOLERANCE
 

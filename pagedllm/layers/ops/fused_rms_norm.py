@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.fp8_rows import store_row_fp8
+from pagedllm.layers.ops.quantized_rows import store_row_quantized
 from pagedllm.layers.quantization.quantized_activation import QuantizedActivation
 
 MAX_HIDDEN_SIZE = 65536
@@ -35,10 +35,11 @@ def _rms_norm_kernel(
     scale_ptr,
     BLOCK: tl.constexpr,
     QUANT: tl.constexpr,
+    IS_INT8: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
 ):
     """out[r] = weight * to_input_dtype(x[r] * rsqrt(mean(x[r]^2) + eps)).
-    QUANT: out is fp8, that row (rounded to the input dtype first) quantized per token with
+    QUANT: out is fp8 (IS_INT8: int8), that row (rounded to the input dtype first) quantized per token with
     its scale at scale_ptr[r].
 
     Layout: x rows r = outer * rows_per_outer + inner at x_ptr + outer * stride_x_outer +
@@ -58,8 +59,8 @@ def _rms_norm_kernel(
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = normed * weight
     if QUANT:
-        store_row_fp8(out.to(x_ptr.dtype.element_ty).to(tl.float32), mask, out_ptr + row * stride_out_row + cols,
-                      scale_ptr + row, EXACT_ROUNDING)
+        store_row_quantized(out.to(x_ptr.dtype.element_ty).to(tl.float32), mask,
+                            out_ptr + row * stride_out_row + cols, scale_ptr + row, IS_INT8, EXACT_ROUNDING)
     else:
         tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -77,10 +78,11 @@ def _fused_add_rms_norm_kernel(
     scale_ptr,
     BLOCK: tl.constexpr,
     QUANT: tl.constexpr,
+    IS_INT8: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
 ):
     """In place: residual[r] += x[r] (rounded to the input dtype); x[r] = rms_norm(residual[r]).
-    QUANT: the norm goes to q [rows, hidden_size] as fp8, quantized per token with its scale
+    QUANT: the norm goes to q [rows, hidden_size] as fp8 (IS_INT8: int8), quantized per token with its scale
     at scale_ptr[r], instead of to x.
 
     Layout: x, residual [rows, hidden_size], last dim contiguous. Grid: (rows,).
@@ -100,8 +102,8 @@ def _fused_add_rms_norm_kernel(
     normed = (s * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if QUANT:
-        store_row_fp8((normed * weight).to(dtype).to(tl.float32), mask, q_ptr + row * hidden_size + cols,
-                      scale_ptr + row, EXACT_ROUNDING)
+        store_row_quantized((normed * weight).to(dtype).to(tl.float32), mask, q_ptr + row * hidden_size + cols,
+                            scale_ptr + row, IS_INT8, EXACT_ROUNDING)
     else:
         tl.store(x_ptr + row * stride_x_row + cols, (normed * weight).to(dtype), mask=mask)
 
@@ -130,7 +132,7 @@ def rms_norm(
 ) -> torch.Tensor | QuantizedActivation:
     """weight * to_input_dtype(x * rsqrt(mean(x^2, -1) + eps)) over the last dim, returned as
     a new contiguous tensor of x's shape in the promoted dtype of x and weight; with
-    quantize_to (float8_e4m3fn) that tensor quantized per token, as a QuantizedActivation.
+    quantize_to (float8_e4m3fn or int8) that tensor quantized per token, as a QuantizedActivation.
 
     x may be strided in its leading dims (e.g. [T, H, D] views of a qkv output); a copy is
     made only when its last dim is not contiguous or it has more than 3 dims that do not
@@ -161,7 +163,8 @@ def rms_norm(
     stride_out_row = hidden_size  # out is contiguous
     _rms_norm_kernel[(num_rows,)](
         x, weight, out, rows_per_outer, stride_outer, stride_inner, stride_out_row, hidden_size, eps, scales,
-        BLOCK=block, QUANT=quantize_to is not None, EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
+        BLOCK=block, QUANT=quantize_to is not None, IS_INT8=quantize_to == torch.int8,
+        EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
     )
     return result
 
@@ -172,7 +175,7 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
     """In place, in one kernel: residual += x; x = rms_norm(residual). Returns (x, residual),
     the same tensors, now holding (norm(x + residual), x + residual). With quantize_to
-    (float8_e4m3fn) the norm is returned quantized per token, as a QuantizedActivation, and x
+    (float8_e4m3fn or int8) the norm is returned quantized per token, as a QuantizedActivation, and x
     is left as it was.
 
     x and residual have one shape and dtype with a contiguous last dim; weight has their
@@ -203,6 +206,7 @@ def fused_add_rms_norm(
     block, num_warps = _launch_shape(hidden_size)
     _fused_add_rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight, x_rows.stride(0), residual_rows.stride(0), hidden_size, eps, q_rows, scales,
-        BLOCK=block, QUANT=quantize_to is not None, EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
+        BLOCK=block, QUANT=quantize_to is not None, IS_INT8=quantize_to == torch.int8,
+        EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
     )
     return normed, residual

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.fp8_rows import round_to_e4m3
+from pagedllm.layers.ops.quantized_rows import round_to_e4m3
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
 
 MAX_GEMV_ROWS = 8

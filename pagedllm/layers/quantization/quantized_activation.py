@@ -1,12 +1,12 @@
 """Activations quantized by the kernel that produces them.
 
-An fp8 linear layer with dynamic per-token activations quantizes its input first (one
-launch, or a pass inside the decode GEMV). When the input comes straight from an RMSNorm,
-the norm's kernel quantizes its own output instead: it holds the row in registers, so the
-scale and the fp8 values cost no launch and no extra read, and the linear layer gets fp8 rows
-it feeds to tensor-core dots (or `torch._scaled_mm`) directly. The values are the ones the
-linear layer would have made: the norm rounded to the model dtype, then per_token_quant's
-scale (max|x| / 448) and rounding.
+An fp8 or int8 linear layer with dynamic per-token (symmetric) activations quantizes its input
+first (one launch, or for fp8 a pass inside the decode GEMV). When the input comes straight
+from an RMSNorm, the norm's kernel quantizes its own output instead: it holds the row in
+registers, so the scale and the 8-bit values cost no launch and no extra read, and the linear
+layer gets 8-bit rows it feeds to tensor-core dots (or `torch._scaled_mm` / `torch._int_mm`)
+directly. The values are the ones the linear layer would have made: the norm rounded to the
+model dtype, then per_token_quant's scale (max|x| / 448, or / 127) and rounding.
 
 Measured on an H200 (Llama-3.1-8B, dynamic fp8, batch 1): the decode step went from 3.24 to
 3.14 ms. SiLU-and-mul was tried too and dropped: its row amax needs the whole row in one
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class QuantizedActivation:
     data: torch.Tensor
-    """[..., K], quantized (float8_e4m3fn)."""
+    """[..., K], quantized (float8_e4m3fn or int8)."""
     scale: torch.Tensor
     """float32 [rows]: row r of data times scale[r] is the activation."""
     dtype: torch.dtype
@@ -54,5 +54,5 @@ def link_activation_quantization(model: nn.Module) -> int:
             if qdtype is not None and hasattr(producer, "quantize_output"):
                 linked += producer.quantize_output(qdtype)
     if linked:
-        logger.info("%d norms quantize their outputs for the fp8 layers they feed.", linked)
+        logger.info("%d norms quantize their outputs for the 8-bit layers they feed.", linked)
     return linked

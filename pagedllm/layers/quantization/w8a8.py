@@ -259,12 +259,17 @@ class W8A8LinearMethod(LinearMethodBase):
         return "int_mm" if out_features % 8 == 0 and in_features % 8 == 0 else "reference"
 
     def fused_input_quantization(self, layer: nn.Module) -> torch.dtype | None:
-        """fp8 per token, from the producing kernel, for the torch._scaled_mm / GEMV path with
-        dynamic activations (static scales and other kernels quantize here)."""
+        """fp8 (or int8) per token, from the producing kernel, for the torch._scaled_mm (or
+        torch._int_mm) / GEMV paths with dynamic symmetric activations (static scales, zero
+        points and the reference path quantize here)."""
         scheme = self.scheme
         dynamic_per_token = scheme.activation_dynamic and scheme.activation_group_size is None
-        if layer.w8a8_kernel == "scaled_mm" and dynamic_per_token and not hasattr(layer, "input_scale"):
+        if not dynamic_per_token or hasattr(layer, "input_scale"):
+            return None
+        if layer.w8a8_kernel == "scaled_mm":
             return FP8_DTYPE
+        if layer.w8a8_kernel == "int_mm" and scheme.activation_symmetric:
+            return torch.int8
         return None
 
     # ---- compute ----------------------------------------------------------------------
@@ -367,13 +372,16 @@ def _decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
 
 def _apply_quantized_input(layer: nn.Module, x: QuantizedActivation, bias: torch.Tensor | None) -> torch.Tensor:
     """An input its producer quantized per token (see fused_input_quantization): decode rows
-    through the GEMV's fp8 x fp8 dots, the rest through torch._scaled_mm."""
+    through the GEMV's 8-bit tensor-core dots, the rest through torch._scaled_mm (fp8) or
+    torch._int_mm (int8)."""
     from pagedllm.layers.ops.gemv import MAX_GEMV_ROWS, gemv
 
     x_q = x.data.reshape(-1, x.data.shape[-1])
     if 0 < x_q.shape[0] <= MAX_GEMV_ROWS:
         out = gemv(x_q, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=x.scale, out_dtype=x.dtype,
                    split_counts=layer.gemv_split_counts)
+    elif x_q.dtype == torch.int8:
+        out = int_mm_int8(x_q, x.scale.reshape(-1, 1), None, layer.weight, layer.weight_scale, None, bias, x.dtype)
     else:
         out = scaled_mm_fp8(x_q, x.scale.reshape(-1, 1), layer.weight, layer.weight_scale, bias, x.dtype)
     return out.reshape(*x.data.shape[:-1], out.shape[-1])

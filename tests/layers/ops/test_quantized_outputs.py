@@ -1,4 +1,4 @@
-"""RMSNorm (alone and with the residual add) quantizing its own output per token to fp8 gives
+"""RMSNorm (alone and with the residual add) quantizing its own output per token to fp8 or int8 gives
 exactly what quantizing its plain output gives (the torch expression of
 kernels.w8a8.quantize_activation), and the residual stream is unchanged: on the CPU under the
 Triton interpreter (a subprocess, so TRITON_INTERPRET=1 is set before Triton is imported) in
@@ -14,6 +14,8 @@ import torch
 from triton_interpreter import run_interpreted
 
 _CHECK = """
+import itertools
+
 import torch
 from pagedllm.layers.ops.fused_rms_norm import fused_add_rms_norm, rms_norm
 from pagedllm.layers.quantization.kernels.w8a8 import quantize_activation
@@ -21,23 +23,25 @@ from pagedllm.layers.quantization.kernels.w8a8 import quantize_activation
 FP8 = torch.float8_e4m3fn
 
 
-def check(quantized, plain):
-    q, scale, _ = quantize_activation(plain, FP8, None, None, True, None)
+def check(quantized, plain, qdtype):
+    q, scale, _ = quantize_activation(plain, qdtype, None, None, True, None)
     assert quantized.dtype == plain.dtype and quantized.data.shape == plain.shape
     assert torch.equal(quantized.scale, scale.reshape(-1)), (quantized.scale, scale)
+    assert quantized.data.dtype == qdtype
     assert torch.equal(quantized.data.view(torch.uint8), q.view(torch.uint8))
 
 
 def run(device, dtype):
     torch.manual_seed(0)
-    for rows, hidden in ((1, 96), (5, 300)):
+    for (rows, hidden), qdtype in itertools.product(((1, 96), (5, 300)), (FP8, torch.int8)):
         x = (torch.randn(rows, hidden, device=device) * 3).to(dtype)
         weight = (torch.rand(hidden, device=device) + 0.5).to(dtype)
-        check(rms_norm(x, weight, 1e-6, quantize_to=FP8), rms_norm(x, weight, 1e-6))
+        check(rms_norm(x, weight, 1e-6, quantize_to=qdtype), rms_norm(x, weight, 1e-6), qdtype)
         residual = (torch.randn(rows, hidden, device=device)).to(dtype)
         plain, plain_residual = fused_add_rms_norm(x.clone(), residual.clone(), weight, 1e-6)
-        quantized, quantized_residual = fused_add_rms_norm(x.clone(), residual.clone(), weight, 1e-6, quantize_to=FP8)
-        check(quantized, plain)
+        quantized, quantized_residual = fused_add_rms_norm(x.clone(), residual.clone(), weight, 1e-6,
+                                                           quantize_to=qdtype)
+        check(quantized, plain, qdtype)
         assert torch.equal(quantized_residual, plain_residual)
     print("ok")
 """

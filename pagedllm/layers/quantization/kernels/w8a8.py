@@ -119,11 +119,18 @@ def int_mm_int8(
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """int8 x_q [M, K] times int8 weight [N, K] in int32 (torch._int_mm), then scaled; an
-    activation zero point is removed with the weight's row sums: (x_q - z) W = x_q W - z sum(W)."""
+    activation zero point is removed with the weight's row sums: (x_q - z) W = x_q W - z sum(W).
+    On the GPU the scaling is one launch (kernels/int8_epilogue.py)."""
     num_tokens = x_q.shape[0]
     if num_tokens < _INT_MM_MIN_ROWS:
         x_q = F.pad(x_q, (0, 0, 0, _INT_MM_MIN_ROWS - num_tokens))
-    acc = torch._int_mm(x_q, weight.t())[:num_tokens].float()
+    sums = torch._int_mm(x_q, weight.t())[:num_tokens]
+    if sums.is_cuda:
+        # Imported here: the Triton module is only wanted on the GPU paths.
+        from pagedllm.layers.quantization.kernels.int8_epilogue import int8_epilogue
+
+        return int8_epilogue(sums, x_scale, x_zero_point, weight_scale, weight_row_sums, bias, out_dtype)
+    acc = sums.float()
     if x_zero_point is not None:
         assert weight_row_sums is not None
         acc = acc - x_zero_point.float() * weight_row_sums.reshape(1, -1)
