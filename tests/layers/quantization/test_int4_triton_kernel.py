@@ -176,12 +176,16 @@ def test_cuda_dequantize_kernel_gives_the_reference_weight_bit_for_bit():
 
 def test_prefill_rows_take_the_dequantized_matmul(monkeypatch):
     """From DEQUANT_MIN_ROWS rows on the matmul dequantizes once and multiplies densely; one
-    row fewer stays in the Triton kernel."""
+    row fewer, or any batch captured in a CUDA graph, stays in the Triton kernel."""
     qweight, scales, zeros, _, _ = random_layout(64, 32, 4, 32, False, "cpu", torch.float32)
     calls = []
     monkeypatch.setattr(triton_wNa16, "dequantize_matmul", lambda x, *args: calls.append(x.shape[0]) or x[:, :32])
     for m in (int_dequant.DEQUANT_MIN_ROWS - 1, int_dequant.DEQUANT_MIN_ROWS):
         triton_wNa16.triton_int_group_matmul(torch.zeros(m, 64), qweight, scales, zeros, 4, 32)
+    assert calls == [int_dequant.DEQUANT_MIN_ROWS]
+    # A CUDA graph capture keeps the in-tile kernel (no scratch weight in the graphs' pool).
+    monkeypatch.setattr(triton_wNa16, "_in_graph_capture", lambda x: True)
+    triton_wNa16.triton_int_group_matmul(torch.zeros(int_dequant.DEQUANT_MIN_ROWS, 64), qweight, scales, zeros, 4, 32)
     assert calls == [int_dequant.DEQUANT_MIN_ROWS]
 
 

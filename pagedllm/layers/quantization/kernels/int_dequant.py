@@ -11,6 +11,8 @@ nearly bf16 speed. vLLM's exllama kernels make the same trade for large batches.
 
 The scratch weight comes from torch's caching allocator, so the memory profile's largest
 prefill counts it (the largest fused layer, e.g. Llama-3.1-8B's gate_up: 235 MB in bf16).
+Batches captured in CUDA graphs keep the in-tile kernels: a captured scratch weight would be
+held in the graphs' memory pool, which the memory plan sizes by activations alone.
 """
 
 from __future__ import annotations

@@ -251,7 +251,9 @@ def triton_int_group_matmul(
         return int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, split_counts)
     if config is None and int4_dot.supports(m, k, bits, group_size, row_group is not None, x.dtype):
         return int4_dot.int4_dot_matmul(x, qweight, scales, zeros, group_size, split_counts)
-    if config is None and m >= DEQUANT_MIN_ROWS:
+    # Not inside a CUDA graph: the captured scratch weight would stay in the graphs' memory
+    # pool, which the memory plan sizes by the captured batches' activations alone.
+    if config is None and m >= DEQUANT_MIN_ROWS and not _in_graph_capture(x):
         return dequantize_matmul(x, qweight, scales, zeros, bits, group_size, row_group)
     if row_group is None and group_size != -1 and group_size % 16:
         # Tiles of 16 rows cannot sit inside such groups: read each row's group instead.
@@ -281,6 +283,10 @@ def triton_int_group_matmul(
     )
     finish_splits(splits, out)
     return out
+
+
+def _in_graph_capture(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_group_size, config,
