@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.quantized_rows import round_to_e4m3
+from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
 
 MAX_GEMV_ROWS = 8
@@ -85,7 +85,7 @@ def _gemv_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        x_scale = tl.maximum(tl.max(amax, 1) / 448.0, 1e-12)
+        x_scale = row_scale(tl.max(amax, 1), False)
     elif ACT == 2:
         x_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(x_scale_ptr)
     elif ACT == 3:
@@ -104,11 +104,7 @@ def _gemv_kernel(
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if ACT == 1 or ACT == 2:
-            xq = tl.div_rn(x.to(tl.float32), x_scale[:, None])
-            xq = tl.minimum(tl.maximum(xq, -448.0), 448.0)
-            if EXACT_ROUNDING:
-                xq = round_to_e4m3(xq)
-            x = xq.to(tl.float8e4nv)
+            x = quantize_values(x.to(tl.float32), x_scale[:, None], False, EXACT_ROUNDING).to(tl.float8e4nv)
         # fp8 x fp8 products are exact in float32, so every inner loop gives the w8a8 sums;
         # int8 x int8 dots sum each tile exactly in int32.
         if INNER == 0:
@@ -204,7 +200,7 @@ def gemv(
     then quantized to the weight's dtype per token (symmetric), or with the static
     `input_scale` when given; or x is of that dtype already and `input_scale` holds its
     per-row scales. The output has x's dtype, or
-    `out_dtype` (needed when x is fp8). `split_counts`: the layer's
+    `out_dtype` (needed when x is 8-bit). `split_counts`: the layer's
     ops.split_k.split_count_buffer, for configs that split K (else a second launch adds the
     splits)."""
     *lead, K = x.shape

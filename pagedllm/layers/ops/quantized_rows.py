@@ -23,19 +23,33 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def quantize_values(values, scale, IS_INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    """float32 `values` / scale on the int8 grid (IS_INT8: half to even, as torch.round, by
+    adding and subtracting 1.5 * 2^23; clamped to [-128, 127]) or the fp8 range (saturated to
+    +-448; EXACT_ROUNDING: also rounded onto the e4m3 grid), as float32 ready for the cast."""
+    q = tl.div_rn(values, scale)
+    if IS_INT8:
+        return tl.minimum(tl.maximum((q + 12582912.0) - 12582912.0, -128.0), 127.0)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    if EXACT_ROUNDING:
+        q = round_to_e4m3(q)
+    return q
+
+
+@triton.jit
+def row_scale(amax, IS_INT8: tl.constexpr):
+    """The per-token scale of a row whose largest |x| is amax: amax / qmax, at least 1e-12."""
+    if IS_INT8:
+        return tl.maximum(amax / 127.0, 1e-12)
+    else:
+        return tl.maximum(amax / 448.0, 1e-12)
+
+
+@triton.jit
 def store_row_quantized(values, mask, q_ptrs, scale_ptr, IS_INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
     """Quantizes one row (float32 `values`, lanes outside `mask` ignored) per token: stores
     the fp8 (or IS_INT8: int8) values at q_ptrs and the float32 scale at scale_ptr."""
-    amax = tl.max(tl.where(mask, tl.abs(values), 0.0), axis=0)
-    if IS_INT8:
-        scale = tl.maximum(amax / 127.0, 1e-12)
-        # Half to even, as torch.round: add and subtract 1.5 * 2^23.
-        q = (tl.div_rn(values, scale) + 12582912.0) - 12582912.0
-        tl.store(q_ptrs, tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8), mask=mask)
-    else:
-        scale = tl.maximum(amax / 448.0, 1e-12)
-        q = tl.minimum(tl.maximum(tl.div_rn(values, scale), -448.0), 448.0)
-        if EXACT_ROUNDING:
-            q = round_to_e4m3(q)
-        tl.store(q_ptrs, q.to(tl.float8e4nv), mask=mask)
+    scale = row_scale(tl.max(tl.where(mask, tl.abs(values), 0.0), axis=0), IS_INT8)
+    q = quantize_values(values, scale, IS_INT8, EXACT_ROUNDING)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
     tl.store(scale_ptr, scale)

@@ -8,7 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE, qmax_of
+from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
+from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE
 
 # Columns one program handles per loop iteration.
 _MAX_BLOCK = 8192
@@ -17,10 +19,11 @@ _MAX_BLOCK = 8192
 @triton.jit
 def _per_token_quant_kernel(
     x_ptr, q_ptr, scale_ptr, num_columns, stride_x, stride_q,
-    QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK: tl.constexpr,
+    IS_INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Row r: scale[r] = max(|x[r]|) / QMAX (at least 1e-12); q[r] = x[r] / scale[r], saturated
-    (fp8) or rounded half to even and clamped to [-128, 127] (int8). Grid: (rows,)."""
+    """Row r: scale[r] = max(|x[r]|) / qmax (at least 1e-12); q[r] = x[r] / scale[r], saturated
+    (fp8) or rounded half to even and clamped to [-128, 127] (int8): ops/quantized_rows.py.
+    Grid: (rows,)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -29,19 +32,13 @@ def _per_token_quant_kernel(
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < num_columns, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / QMAX, 1e-12)
+    scale = row_scale(tl.max(amax, 0), IS_INT8)
     tl.store(scale_ptr + row, scale)
     for start in range(0, num_columns, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < num_columns, other=0.0).to(tl.float32)
-        y = tl.div_rn(x, scale)
-        if IS_INT8:
-            # Half to even, as torch.round: add and subtract 1.5 * 2^23.
-            y = (y + 12582912.0) - 12582912.0
-            y = tl.minimum(tl.maximum(y, -128.0), 127.0)
-        else:
-            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        tl.store(q_row + cols, y.to(q_ptr.dtype.element_ty), mask=cols < num_columns)
+        q = quantize_values(x, scale, IS_INT8, EXACT_ROUNDING)
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=cols < num_columns)
 
 
 def per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +54,6 @@ def per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor,
     block = min(triton.next_power_of_2(num_columns), _MAX_BLOCK)
     _per_token_quant_kernel[(num_rows,)](
         x, q, scale, num_columns, x.stride(0), q.stride(0),
-        QMAX=qmax_of(qdtype), IS_INT8=qdtype != FP8_DTYPE, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        IS_INT8=qdtype != FP8_DTYPE, EXACT_ROUNDING=INTERPRETED, BLOCK=block, num_warps=8 if block >= 4096 else 4,
     )
     return q, scale
