@@ -250,7 +250,10 @@ class W8A8LinearMethod(LinearMethodBase):
     def _choose_kernel(self, layer: nn.Module) -> str:
         weight = layer.weight
         scheme = self.scheme
-        if weight.device.type != "cuda" or not scheme.activation_quantized or scheme.weight_strategy == "block":
+        # Per-group activation scales vary along K, so they cannot scale a whole row's sums
+        # after torch._scaled_mm / torch._int_mm: those layers take the reference path.
+        if (weight.device.type != "cuda" or not scheme.activation_quantized or scheme.weight_strategy == "block"
+                or scheme.activation_group_size is not None):
             return "reference"
         out_features, in_features = weight.shape
         if scheme.weight_dtype == FP8_DTYPE:
