@@ -127,12 +127,12 @@ def prefill(bits: int) -> None:
         for m in PREFILL_ROWS:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             tiled = []
-            # The 64-row tiles of _launch_config (split about four programs per SM), and the
-            # 128-row tiles prefill used before the dequantized path (about two per SM).
-            tiles_128 = triton.cdiv(m, 128) * triton.cdiv(n, 128)
-            for config in (_launch_config(m, n, k, GROUP_SIZE, x.device),
-                           {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
-                            "SPLIT_K": split_for(tiles_128, k // 64, 2, x.device)}):
+            # _launch_config's two tile shapes at every M: 64 rows (split to about four
+            # programs per SM) and 128 rows with eight warps (about two per SM).
+            for block_m, warps, per_sm in ((64, 4, 4), (128, 8, 2)):
+                tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+                config = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": warps, "num_stages": 3,
+                          "SPLIT_K": split_for(tiles, k // 64, per_sm, x.device)}
                 tiled.append(time_rotating(
                     lambda i, config=config: triton_int_group_matmul(x, *layouts[i], bits, GROUP_SIZE, config=config),
                     copies, replays=10))

@@ -133,9 +133,10 @@ def test_gemv_matches_linear_on_the_gpu(rows, in_features, out_features):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("rows", [1, 4, 8])
 @pytest.mark.parametrize(("in_features", "out_features"), [*_GPU_SHAPES, (4096, 28672)])
-def test_int8_gemv_matches_torch_int_mm_on_the_gpu(rows, in_features, out_features):
+def test_8bit_gemv_matches_the_dequantized_product_on_the_gpu(qdtype, rows, in_features, out_features):
     from pagedllm.layers.ops.gemv import gemv
     from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
     from pagedllm.layers.quantization.kernels.w8a8 import absmax_scale, int_mm_int8, quantize
@@ -143,30 +144,14 @@ def test_int8_gemv_matches_torch_int_mm_on_the_gpu(rows, in_features, out_featur
     torch.manual_seed(0)
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(out_features, in_features, device="cuda", dtype=torch.float32) / in_features**0.5
-    w_scale = absmax_scale(w, -1, torch.int8)
-    w_q = quantize(w, w_scale, torch.int8)
-    x_q, x_scale = per_token_quant(x, torch.int8)
-    expected = int_mm_int8(x_q, x_scale, None, w_q, w_scale, None, None, torch.float32)
-    got = gemv(x, w_q, weight_scale=w_scale)
-    # The same int8 operands and exact integer sums; one bf16 rounding (2^-9 relative).
-    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 4, 8])
-@pytest.mark.parametrize(("in_features", "out_features"), [*_GPU_SHAPES, (4096, 28672)])
-def test_fp8_gemv_matches_the_dequantized_product_on_the_gpu(rows, in_features, out_features):
-    from pagedllm.layers.ops.gemv import gemv
-    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
-    from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE, absmax_scale, quantize
-
-    torch.manual_seed(0)
-    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(out_features, in_features, device="cuda", dtype=torch.float32) / in_features**0.5
-    w_scale = absmax_scale(w, -1, FP8_DTYPE)
-    w_q = quantize(w, w_scale, FP8_DTYPE)
-    x_q, x_scale = per_token_quant(x, FP8_DTYPE)
+    w_scale = absmax_scale(w, -1, qdtype)
+    w_q = quantize(w, w_scale, qdtype)
+    x_q, x_scale = per_token_quant(x, qdtype)
     expected = (x_q.double() * x_scale.double()) @ (w_q.double() * w_scale.double()).T
     got = gemv(x, w_q, weight_scale=w_scale)
-    # The same fp8 operands; float32 sums, then one bf16 rounding (2^-9 relative).
+    # The same 8-bit operands; float32 (int8: exact integer) sums, then one bf16 rounding
+    # (2^-9 relative).
     torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=2e-2)
+    if qdtype == torch.int8:
+        expected_int_mm = int_mm_int8(x_q, x_scale, None, w_q, w_scale, None, None, torch.float32)
+        torch.testing.assert_close(got.float(), expected_int_mm, rtol=1e-2, atol=2e-2)

@@ -64,7 +64,7 @@ INTERPRETER_CASES = [
     (5, 128, 64, 8, 32, False),     # 8-bit
     (2, 64, 64, 4, 16, True),       # act order: per-row groups
     (20, 64, 32, 4, 32, False),     # M tiles of 64
-    (70, 128, 32, 4, 64, False),    # M tiles of 64
+    (70, 128, 32, 4, 64, False),    # M tiles of 128
     (256, 128, 32, 4, 64, False),   # prefill: dequantized, then one matmul
     (256, 64, 64, 4, 16, True),     # prefill, act order
     (300, 96, 32, 8, 24, False),    # prefill, 8-bit, a group size no tile sits in

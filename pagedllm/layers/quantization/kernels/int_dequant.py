@@ -23,7 +23,7 @@ import triton.language as tl
 
 # Rows from which `triton_int_group_matmul` dequantizes and calls cuBLAS instead of its
 # in-tile kernels. H200, Llama-3.1-8B's four shapes summed (benchmarks/int4_gemm.py --prefill,
-# BENCHMARKS.md): at 128 rows the tiles take 289 us and this path 331 us; at 256, 506 against 329.
+# BENCHMARKS.md): at 128 rows the tiles take 280 us and this path 331 us; at 256, 484 against 329.
 DEQUANT_MIN_ROWS = 256
 
 
