@@ -77,11 +77,15 @@ def main() -> None:
     rows = []
     if args.cold:
         cache_dir = tempfile.mkdtemp(prefix="pagedllm-triton-cache-")
-        env = {**os.environ, "TRITON_CACHE_DIR": cache_dir, "PYTHONPATH": os.getcwd()}
+        python_path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "TRITON_CACHE_DIR": cache_dir, "PYTHONPATH": python_path}
         for label in ("cold (empty Triton cache)", "warm (same cache)"):
             command = [sys.executable, "-m", "benchmarks.startup", "--tensor-parallel-size", str(tp),
                        "--child", f"{folder},{load_format},0"]
-            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            if child.returncode != 0:
+                sys.exit(f"The {label} start failed (exit status {child.returncode}):\n{child.stderr[-4000:]}")
+            output = child.stdout
             result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
             rows += rows_for(label, result, checkpoint_bytes)
     else:

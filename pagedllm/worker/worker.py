@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from pagedllm.layers.ops import triton_ops_available
 from pagedllm.model_loader.loaders import model_weight_bytes
 from pagedllm.worker import memory_profiler
 from pagedllm.worker.model_runner import ModelRunner
-from pagedllm.worker.precompile import precompile_kernels
+from pagedllm.worker.precompile import hash_triton_in_background, precompile_kernels
 from pagedllm.worker.profiler import StepProfiler
 from pagedllm.worker.sleep_mode import SleepState, put_to_sleep, wake_up
 
@@ -58,6 +59,7 @@ class Worker:
         self._num_kv_blocks = 0
         self._sleep_state: SleepState | None = None
         self._profiler: StepProfiler | None = None
+        self._triton_hashing: threading.Thread | None = None
 
     def init_device(self) -> None:
         start = time.perf_counter()
@@ -67,6 +69,8 @@ class Worker:
             index = self.device.index if self.world_size == 1 and self.device.index is not None else self.local_rank
             self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
+            if triton_ops_available("cuda"):
+                self._triton_hashing = hash_triton_in_background()
             # Before anything of ours is allocated: what other processes use is not ours.
             self._memory_baseline = memory_profiler.take_memory_baseline(self.config, self.device)
         elif self.world_size > 1 and not self.forked:
@@ -131,6 +135,8 @@ class Worker:
         if self.device.type == "cuda" and triton_ops_available("cuda"):
             # The ranks of one machine compile side by side: each takes its share of the cores.
             threads = max(1, _num_usable_cpus() // self.world_size)
+            if self._triton_hashing is not None:
+                self._triton_hashing.join()
             precompile_kernels(self._runner(), self._decode_batch_sizes(), threads)
 
     def determine_num_kv_blocks(self) -> int:

@@ -45,3 +45,26 @@ def test_the_pass_visits_each_step_shape_and_leaves_no_kv_cache(tiny_checkpoints
         layer.kv_cache = cache
     outputs = llm.generate({"prompt_token_ids": [5, 6, 7]}, use_tqdm=False)
     assert len(outputs[0].outputs[0].token_ids) > 0
+
+
+def test_launches_that_differ_only_in_their_tensors_addresses_share_one_key():
+    import torch
+
+    kernel = object()
+    first, second = torch.zeros(64), torch.ones(64)
+    key = precompile._launch_key(kernel, (first, 4096, None, 1.5), {"BLOCK": 64, "shape": (8, 16)})
+    assert key == precompile._launch_key(kernel, (second, 4096, None, 1.5), {"BLOCK": 64, "shape": (8, 16)})
+    # Each thing Triton specializes on changes the key: dtype, 16-byte alignment, values,
+    # bool against int, the kernel.
+    for args, kwargs in [
+        ((first.half(), 4096, None, 1.5), {"BLOCK": 64, "shape": (8, 16)}),
+        ((first[1:], 4096, None, 1.5), {"BLOCK": 64, "shape": (8, 16)}),
+        ((first, 4095, None, 1.5), {"BLOCK": 64, "shape": (8, 16)}),
+        ((first, 4096, None, 1.5), {"BLOCK": True, "shape": (8, 16)}),
+        ((first, 4096, None, 1.5), {"BLOCK": 64, "shape": (8, 17)}),
+    ]:
+        assert precompile._launch_key(kernel, args, kwargs) != key
+    assert precompile._launch_key(object(), (first, 4096, None, 1.5), {"BLOCK": 64, "shape": (8, 16)}) != key
+    # An argument of a type the key does not know is handed to Triton every time.
+    assert precompile._launch_key(kernel, (first, object()), {}) is None
+    assert precompile._launch_key(kernel, (first,), {"dtype": torch.float16}) is None
