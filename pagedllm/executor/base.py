@@ -197,7 +197,7 @@ class RemoteTraceback(Exception):
 
 def get_open_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` now, for the ranks' rendezvous (tcp://host:port). Another
-    process could take it before rank 0 binds it; the window is milliseconds."""
+    process could take it before the store binds it; the window is milliseconds."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

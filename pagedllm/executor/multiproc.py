@@ -42,6 +42,7 @@ import torch
 
 from pagedllm import envs
 from pagedllm.config import EngineConfig
+from pagedllm.distributed.parallel_state import host_store
 from pagedllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.base import Executor, RankEvent, describe_exit_code, exit_with_parent, get_open_port
 from pagedllm.executor.shm_broadcast import GPU_SPIN_S, ShmBroadcast
@@ -66,7 +67,8 @@ class MultiprocExecutor(Executor):
         world_size = engine_config.parallel_config.tensor_parallel_size
         start_method = _start_method(engine_config.device_config.device.type)
         context = multiprocessing.get_context(start_method)
-        init_method = f"tcp://127.0.0.1:{get_open_port()}"
+        port = get_open_port()
+        init_method = f"tcp://127.0.0.1:{port}"
         self._workers: list[_WorkerProcess] = []
         # Numbers each call, so answers to a call the engine stopped waiting for (Ctrl-C)
         # are recognised and dropped instead of being taken for the next call's.
@@ -93,6 +95,13 @@ class MultiprocExecutor(Executor):
             finally:
                 child_conn.close()
             self._workers.append(_WorkerProcess(rank, process, parent_conn))
+        # Served from here, not by rank 0, and up before any rank's init_device asks for it
+        # (see host_store). Created after the forks, which then copy no server thread.
+        try:
+            self._rendezvous_store = host_store(port, world_size)
+        except BaseException:
+            self._finalizer()
+            raise
         logger.info(
             "Started %d worker processes (%s, pids %s) in %.1f s; ranks meet at %s.",
             world_size, start_method, ", ".join(str(w.process.pid) for w in self._workers),
@@ -230,7 +239,7 @@ def _worker_main(
     exit_with_parent()
     from pagedllm.worker.worker import Worker
 
-    worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method, forked=forked)
+    worker = Worker(engine_config, rank, local_rank, distributed_init_method=init_method, forked=forked, hosted_store=True)
     logger.info("Rank %d: process started and imported in %.2f s.", rank, time.time() - spawned_at)
     spin_s = GPU_SPIN_S if engine_config.device_config.device.type == "cuda" else 0.0
     broadcast = ShmBroadcast.attach(broadcast_handle, rank, spin_s)

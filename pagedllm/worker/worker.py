@@ -38,13 +38,16 @@ class Worker:
         local_rank: int,
         distributed_init_method: str | None = None,
         forked: bool = False,
+        hosted_store: bool = False,
     ) -> None:
         """`distributed_init_method` (e.g. "tcp://127.0.0.1:29500") is where the ranks meet to
         form their process group; needed when tensor_parallel_size > 1. `forked`: this process
         was forked from the engine's, so torch runs on one CPU thread (the OpenMP thread pool
         the engine's process may hold does not survive a fork, and a parallel region over
-        more threads would wait forever for the missing ones)."""
+        more threads would wait forever for the missing ones). `hosted_store`: the executor
+        hosts the rendezvous store at `distributed_init_method` (parallel_state.host_store)."""
         self.forked = forked
+        self.hosted_store = hosted_store
         self.config = engine_config
         self.rank = rank
         self.local_rank = local_rank
@@ -94,7 +97,7 @@ class Worker:
             device_ready = time.perf_counter()
             init_distributed(
                 self.world_size, self.rank, "nccl" if self.device.type == "cuda" else "gloo",
-                self.distributed_init_method, self.local_rank,
+                self.distributed_init_method, self.local_rank, hosted_store=self.hosted_store,
             )
             group_joined = time.perf_counter()
             # NCCL builds its communicator at the first collective; do it now, so it is not
