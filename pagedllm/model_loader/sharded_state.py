@@ -91,15 +91,30 @@ def _parts(model: torch.nn.Module, max_file_size: int) -> Iterator[dict[str, tor
         yield part
 
 
-def read_saved_tensor_parallel_size(folder: str) -> int | None:
-    """The tensor_parallel_size recorded in a sharded-state folder (None if it has no record)."""
+def _read_metadata(folder: str) -> dict | None:
+    """The fields of a sharded-state folder's METADATA_FILE (None when it has none)."""
     path = os.path.join(folder, METADATA_FILE)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return int(json.load(f)["tensor_parallel_size"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+            metadata = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot read {path} ({error}); save the sharded state again.") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"Cannot read {path} (not a JSON object); save the sharded state again.")
+    return metadata
+
+
+def read_saved_tensor_parallel_size(folder: str) -> int | None:
+    """The tensor_parallel_size recorded in a sharded-state folder (None if it has no record)."""
+    metadata = _read_metadata(folder)
+    if metadata is None:
+        return None
+    try:
+        return int(metadata["tensor_parallel_size"])
+    except (ValueError, KeyError, TypeError) as error:
+        path = os.path.join(folder, METADATA_FILE)
         raise ValueError(f"Cannot read {path} ({error}); save the sharded state again.") from None
 
 
@@ -176,11 +191,7 @@ def _check_layout_version(model: torch.nn.Module, folder: str) -> None:
     and compute garbage: refuse it."""
     needed = max((getattr(getattr(module, "quant_method", None), "min_sharded_layout_version", 1)
                   for module in model.modules()), default=1)
-    path = os.path.join(folder, METADATA_FILE)
-    saved = 1
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = int(json.load(f).get("layout_version", 1))
+    saved = int((_read_metadata(folder) or {}).get("layout_version", 1))
     if saved < needed:
         raise ValueError(
             f"The sharded state in {folder} was saved with layout version {saved}, but this model's "
@@ -195,13 +206,8 @@ def _persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _saved_pattern(folder: str) -> str:
-    path = os.path.join(folder, METADATA_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            pattern = json.load(f).get("file_pattern")
-        if isinstance(pattern, str):
-            return pattern
-    return DEFAULT_FILE_PATTERN
+    pattern = (_read_metadata(folder) or {}).get("file_pattern")
+    return pattern if isinstance(pattern, str) else DEFAULT_FILE_PATTERN
 
 
 def copy_metadata_files(source_dir: str, output_dir: str) -> list[str]:
