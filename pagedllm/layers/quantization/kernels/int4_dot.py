@@ -32,7 +32,12 @@ import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_for, split_outputs, store_or_merge
-from pagedllm.layers.quantization.kernels.int_group import fits_int4_16bit_kernels, tiles_k, whole_k_tile
+from pagedllm.layers.quantization.kernels.int_group import (
+    fits_int4_16bit_kernels,
+    kernel_group_size,
+    tiles_k,
+    whole_k_tile,
+)
 
 MIN_DOT_ROWS, MAX_DOT_ROWS = 2, 16
 
@@ -173,15 +178,14 @@ def int4_dot_matmul(
         raise ValueError(f"BLOCK_K={block_k} tiles must tile K={k} and groups of {group_size} rows.")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    # One group: every tile reads group 0.
-    kernel_group_size = group_size if group_size != -1 else k + block_k
+    tile_group_size = kernel_group_size(group_size, k, block_k)
     split_k = config["SPLIT_K"]
     num_tiles = triton.cdiv(n, config["BLOCK_N"])
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     splits = split_outputs(out, split_k, num_tiles, split_counts, placeholder=qweight)
     _int4_dot_kernel[(num_tiles, split_k)](
         x, qweight, scales, zeros, out, splits.workspace, splits.counts,
-        m, n, k, kernel_group_size,
+        m, n, k, tile_group_size,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BASE=_BF16_BASE if x.dtype == torch.bfloat16 else _FP16_BASE, SELF_MERGE=splits.self_merge,
         NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **config,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers.quantization.kernels.int_group import kernel_group_size
+
 # Rows from which `triton_int_group_matmul` dequantizes and calls cuBLAS instead of its
 # in-tile kernels. H200, Llama-3.1-8B's four shapes summed (benchmarks/int4_gemm.py --prefill,
 # BENCHMARKS.md): at 128 rows the tiles take 280 us and this path 331 us; at 256, 484 against 329.
@@ -94,12 +96,12 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             raise ValueError(f"dequantize needs {name} with contiguous rows; got strides {tensor.stride()}.")
     out = torch.empty((k, n), device=qweight.device, dtype=scales.dtype)
     block_k, block_n = 64, 128
-    kernel_group_size = group_size if group_size != -1 else k + block_k
+    tile_group_size = kernel_group_size(group_size, k, block_k)
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         qweight, scales, zeros, row_group if row_group is not None else qweight, out, k, n,
-        kernel_group_size, qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        tile_group_size, qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BITS=bits, HAS_ROW_GROUP=row_group is not None,
-        TILE_IN_GROUP=row_group is None and kernel_group_size % block_k == 0,
+        TILE_IN_GROUP=row_group is None and tile_group_size % block_k == 0,
         BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
     )
     return out

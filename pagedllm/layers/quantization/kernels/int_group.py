@@ -52,6 +52,12 @@ def tiles_k(k: int, group_size: int, block_k: int) -> bool:
     return k % block_k == 0 and (group_size == -1 or group_size % block_k == 0)
 
 
+def kernel_group_size(group_size: int, k: int, block_k: int) -> int:
+    """The group size a kernel divides row indices by: one group (-1) becomes a size past K,
+    so that every BLOCK_K tile reads group 0."""
+    return group_size if group_size != -1 else k + block_k
+
+
 def whole_k_tile(k: int, group_size: int, largest: int) -> int:
     """The largest power-of-two K tile up to `largest` (a power of two) that tiles K and every
     group."""
