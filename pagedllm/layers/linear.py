@@ -188,6 +188,14 @@ class MergedColumnParallelLinear(_FusedColumnParallelLinear):
             for i, size in enumerate(self.output_sizes)
         ]
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this layer's two equal parts (gate, up) in one kernel, where the
+        quantization method has one for x (decode rows on the GPU); None otherwise, and the
+        caller applies SiluAndMul to forward()'s output."""
+        if self.gather_output or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            return None
+        return self.quant_method.apply_silu_and_mul(self, x, self.bias)
+
     def _full_shard_sizes(self) -> list[tuple[Any, int]]:
         return list(enumerate(self.output_sizes))
 

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
-from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
+from pagedllm.layers.ops.split_k import finish_splits, gate_up_columns, k_tile_range, split_outputs, store_or_merge
 
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
@@ -60,9 +60,12 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr,
     ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
-    IS_INT8: tl.constexpr,
+    IS_INT8: tl.constexpr, SILU_AND_MUL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
+    SILU_AND_MUL: w stacks a gate and an up matrix of N / 2 rows each, and out [M, N / 2] is
+    silu(gate) * up (ops/split_k.py: each tile holds BLOCK_N / 2 gate rows and the same up
+    rows, so the activation is the epilogue; split K needs SELF_MERGE).
 
     Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
     ACT 3: x is fp8 (or int8, against int8 w: IS_INT8) already, with per-row scales x_scale [M].
@@ -72,9 +75,12 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
-    n_mask = offs_n < N
+    if SILU_AND_MUL:
+        offs_n, n_mask = gate_up_columns(pid_n, BLOCK_N, N)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
 
@@ -135,7 +141,7 @@ def _gemv_kernel(
         if pid_k == 0:
             result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N,
-                   stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE)
+                   stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE, SILU_AND_MUL)
 
 
 @dataclass(frozen=True)
@@ -193,8 +199,12 @@ def gemv(
     config: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
     split_counts: torch.Tensor | None = None,
+    silu_and_mul: bool = False,
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) for at most MAX_GEMV_ROWS rows, like F.linear.
+    With silu_and_mul, weight stacks gate and up halves and the result is
+    silu(gate half) * up half, [..., N / 2], as activation.SiluAndMul of the plain product
+    (one launch instead of two).
 
     An fp8 or int8 `weight` needs its float32 `weight_scale` ([N], [N, 1] or one value). x is
     then quantized to the weight's dtype per token (symmetric), or with the static
@@ -241,11 +251,16 @@ def gemv(
     if act == ACT_QUANTIZED:
         # One scale per row, contiguous (a caller's single or broadcast scale included).
         x_scale = x_scale.expand(M).contiguous()
-    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    out = torch.empty((M, N // 2 if silu_and_mul else N), dtype=out_dtype, device=x.device)
     # tl.dot needs 16 rows; the padding rows are masked loads (no memory traffic).
     block_m = 1 if config.inner == FMA else 16
     num_tiles = triton.cdiv(N, config.block_n)
-    splits = split_outputs(out, config.split_k, num_tiles, split_counts, placeholder=rows)
+    splits = split_outputs(out, config.split_k, num_tiles, split_counts, placeholder=rows, sums_shape=(M, N))
+    if silu_and_mul and (N % 2 or config.block_n % 2 or splits.needs_sum):
+        raise ValueError(
+            f"gemv(silu_and_mul=True) needs an even number of weight rows (gate and up), an even block_n, and "
+            f"split_k=1 or split_counts; got {N} rows, block_n={config.block_n}, split_k={config.split_k}."
+        )
     _gemv_kernel[(num_tiles, config.split_k)](
         rows, weight, scale if scale is not None else rows, x_scale if x_scale is not None else rows,
         bias if bias is not None else rows, out, splits.workspace, splits.counts, M, N, K,
@@ -253,10 +268,10 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
         NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k,
-        SELF_MERGE=splits.self_merge, IS_INT8=is_int8, num_warps=config.num_warps,
+        SELF_MERGE=splits.self_merge, IS_INT8=is_int8, SILU_AND_MUL=silu_and_mul, num_warps=config.num_warps,
     )
     finish_splits(splits, out)
-    return out.reshape(*lead, N)
+    return out.reshape(*lead, out.shape[-1])
 
 
 def _quantize_rows(rows: torch.Tensor, static_scale: torch.Tensor | None,

@@ -11,7 +11,11 @@ try:
 except ImportError:  # older Triton layouts
     from triton.language.extra.cuda import libdevice
 
+from pagedllm.layers.ops import INTERPRETED
+
 _BLOCK = 1024
+# The interpreter has no libdevice (CPU tests of the kernels that use silu_mul).
+_LIBDEVICE = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
@@ -28,11 +32,21 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK:
     x_row = x_ptr + row * stride_x_row
     gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + d + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = x_ptr.dtype.element_ty
+    tl.store(out_ptr + row * stride_out_row + cols, silu_mul(gate, up, x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def silu_mul(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up in `dtype`, from float32 gate and up holding `dtype` values, rounded
+    where the torch ops round (silu computed in float32 as x / (1 + exp(-x)) and rounded to
+    dtype, then the product rounded). Also the GEMV's gate_up epilogue (ops/gemv.py)."""
     # libdevice's expf and an IEEE division are what torch's CUDA silu compiles to; tl.exp
     # and `/` are approximate and would move some results by an ulp.
-    activated = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_out_row + cols, (activated * up).to(dtype), mask=mask)
+    if _LIBDEVICE:
+        activated = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype).to(tl.float32)
+    else:
+        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return (activated * up).to(dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.layers.ops import dense_linear
+from pagedllm.layers.ops import dense_linear, dense_silu_and_mul
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
@@ -86,6 +86,14 @@ class LinearMethodBase(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's `x @ W.T (+ bias)`."""
 
+    def apply_silu_and_mul(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """silu(gate) * up of this rank's output, for a layer stacking equal gate and up parts,
+        computed by the matmul's kernel itself; None (the default) where the method has no
+        such kernel for this x, and the caller applies the activation to `apply`'s output."""
+        return None
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repack or convert weights once every shard is loaded (default: nothing to do)."""
         return None
@@ -143,6 +151,11 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return dense_linear(x, layer.weight, bias)
+
+    def apply_silu_and_mul(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        return dense_silu_and_mul(x, layer.weight, bias)
 
 
 # Checkpoint names of the matrices each fused layer of the models is built from.

@@ -229,6 +229,25 @@ class IntGroupLinearMethod(LinearMethodBase):
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
+    def apply_silu_and_mul(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """One decode row through the int4 one-row kernel with the activation in its epilogue
+        (kernels/int4_half2.py); None for every other case."""
+        if not layer.int_group_use_triton or self.scheme.act_order or bias is not None:
+            return None
+        from pagedllm.layers.quantization.kernels import int4_half2
+
+        x2d = x.reshape(-1, x.shape[-1])
+        k = x2d.shape[-1]
+        if x2d.dtype != layer.scales.dtype or not int4_half2.supports(
+            x2d.shape[0], k, self.scheme.bits, self.scheme.group_size, False, x2d.dtype
+        ):
+            return None
+        out = int4_half2.int4_half2_gemv(x2d, layer.qweight, layer.scales, layer.zeros, self.scheme.group_size,
+                                         layer.int_group_split_counts, silu_and_mul=True)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
 
 def dummy_g_idx(layer: nn.Module, param: torch.Tensor, group_size: int) -> None:
     """The in-order g_idx of this rank's rows (act order without reordering)."""

@@ -113,6 +113,62 @@ def test_gemv_matches_linear_under_the_triton_interpreter():
     run_interpreted(_INTERPRETED_CHECK)
 
 
+_SILU_AND_MUL_CHECK = """
+import torch
+import torch.nn.functional as F
+from pagedllm.layers.ops.gemv import DOT, DOT_SWAPPED, FMA, GemvConfig, gemv
+from pagedllm.layers.ops.split_k import split_count_buffer
+from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE, absmax_scale, quantize, quantize_activation
+
+torch.manual_seed(0)
+# A stacked [gate; up] weight of 2 * 40 rows (ragged against every tile), with a bias: the
+# fused epilogue against silu(gate) * up of the float64 product.
+def reference(product):
+    gate, up = product.chunk(2, dim=-1)
+    return (F.silu(gate) * up).float()
+
+# Split K: the last split adds the partial sums, then applies the activation.
+for M, inner, block_n, split_k in [(1, FMA, 8, 1), (1, FMA, 16, 1), (3, DOT, 32, 1), (8, DOT_SWAPPED, 64, 1),
+                                   (1, FMA, 16, 3), (4, DOT_SWAPPED, 32, 2)]:
+    x, w, b = torch.randn(M, 300), torch.randn(80, 300) / 10, torch.randn(80)
+    counts = split_count_buffer(80, x.device)
+    got = gemv(x, w, b, config=GemvConfig(block_n=block_n, block_k=64, inner=inner, split_k=split_k),
+               split_counts=counts, silu_and_mul=True)
+    assert got.shape == (M, 40), got.shape
+    assert not counts.any()
+    torch.testing.assert_close(got, reference(F.linear(x.double(), w.double(), b.double())), rtol=0, atol=1e-4)
+
+# fp8 weights: rows quantized in the kernel (one row) or by their producer (fp8 rows, per-row scales).
+w = torch.randn(80, 256)
+w_scale = absmax_scale(w, -1, FP8_DTYPE)
+w_q = quantize(w, w_scale, FP8_DTYPE)
+w_deq = w_q.double() * w_scale.double()
+x = torch.randn(4, 256)
+x_q, x_scale, _ = quantize_activation(x, FP8_DTYPE, None, None, True, None)
+got = gemv(x_q, w_q, weight_scale=w_scale, input_scale=x_scale, out_dtype=torch.float32, silu_and_mul=True,
+           config=GemvConfig(block_n=64, block_k=64, inner=DOT_SWAPPED))
+torch.testing.assert_close(got, reference((x_q.double() * x_scale.double()) @ w_deq.T), rtol=1e-5, atol=1e-4)
+static = torch.tensor(0.02)
+x_s = quantize(x[:1], static, FP8_DTYPE).double() * 0.02
+got = gemv(x[:1], w_q, weight_scale=w_scale, input_scale=static, silu_and_mul=True,
+           config=GemvConfig(block_n=16, block_k=64, inner=FMA))
+torch.testing.assert_close(got, reference(x_s @ w_deq.T), rtol=1e-5, atol=1e-4)
+
+for bad in (dict(config=GemvConfig(block_n=16, block_k=64, inner=FMA, split_k=2)),):
+    try:
+        gemv(x[:1], torch.randn(80, 256), silu_and_mul=True, **bad)
+    except ValueError as error:
+        assert "split_counts" in str(error), error
+    else:
+        raise AssertionError("a split-K silu_and_mul accepted")
+print("ok")
+"""
+
+
+def test_gemv_silu_and_mul_epilogue_under_the_triton_interpreter():
+    run_interpreted(_SILU_AND_MUL_CHECK)
+
+
 _GPU_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (512, 1000)]
 
 
@@ -155,3 +211,29 @@ def test_8bit_gemv_matches_the_dequantized_product_on_the_gpu(qdtype, rows, in_f
     if qdtype == torch.int8:
         expected_int_mm = int_mm_int8(x_q, x_scale, None, w_q, w_scale, None, None, torch.float32)
         torch.testing.assert_close(got.float(), expected_int_mm, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int8], ids=["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("intermediate", [14336, 1000])
+def test_silu_and_mul_epilogue_equals_the_two_launches_on_the_gpu(weight_dtype, rows, intermediate):
+    """The gate_up GEMV with the activation in its epilogue gives, bit for bit, what the plain
+    GEMV followed by the silu_and_mul kernel gives (both round the sums to bf16 first)."""
+    from pagedllm.layers.ops.gemv import gemv
+    from pagedllm.layers.ops.silu_and_mul import silu_and_mul
+    from pagedllm.layers.quantization.kernels.w8a8 import absmax_scale, quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2 * intermediate, 4096, device="cuda", dtype=torch.float32) / 64
+    scale = None
+    if weight_dtype == torch.bfloat16:
+        w = w.to(torch.bfloat16)
+    else:
+        scale = absmax_scale(w, -1, weight_dtype)
+        w = quantize(w, scale, weight_dtype)
+    expected = silu_and_mul(gemv(x, w, weight_scale=scale))
+    got = gemv(x, w, weight_scale=scale, silu_and_mul=True)
+    assert got.shape == (rows, intermediate)
+    assert torch.equal(got, expected)

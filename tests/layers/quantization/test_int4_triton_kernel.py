@@ -122,6 +122,32 @@ def test_interpreted_half2_int4_gemv_matches_reference(k, n, group_size, x_scale
     assert_kernel_matches_reference(1, k, n, 4, group_size, False, "cpu", dtype, rtol, self_merge, x_scale)
 
 
+@pytest.mark.parametrize("k, n, group_size", [(512, 128, 128), (256, 64, -1)])
+def test_half2_int4_gemv_with_silu_and_mul(k, n, group_size):
+    """The one-row kernel with the activation in its epilogue (a gate_up layer: W stacks gate and
+    up columns; split K merged by the last split). On the GPU: bit for bit the plain kernel
+    followed by the silu_and_mul kernel. Under the interpreter: silu(gate) * up of the float32
+    reference within the bf16 tolerance of the plain kernel's test."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qweight, scales, zeros, _, _ = random_layout(k, n, 4, group_size, False, device, torch.bfloat16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=torch.bfloat16)
+    counts = split_count_buffer(n, torch.device(device))
+    config = dict(int4_half2.default_config(n, k, group_size, torch.device(device)), BLOCK_N=32, SPLIT_K=2)
+    got = int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, counts, config, silu_and_mul=True)
+    assert got.shape == (1, n // 2) and not counts.any()
+    if device == "cuda":
+        from pagedllm.layers.ops.silu_and_mul import silu_and_mul
+
+        plain = int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, counts, config)
+        assert torch.equal(got, silu_and_mul(plain))
+    else:
+        gate, up = reference_matmul(x.float(), qweight, scales.float(), zeros.float(), 4, group_size).chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        assert (got.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+    with pytest.raises(ValueError, match="split_counts"):
+        int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, None, config, silu_and_mul=True)
+
+
 def test_half2_int4_gemv_splits_long_rows_so_that_x_is_one_load():
     """A program finds the largest |x| of its rows in one load of at most MAX_SPLIT_ROWS rows:
     the default split keeps to that, and a config that does not is refused with the split
