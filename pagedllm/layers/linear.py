@@ -9,7 +9,7 @@ The math itself lives in the layer's `quant_method` (see quantization/base.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from pagedllm.distributed.communication import (
     tensor_model_parallel_all_reduce,
 )
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size
+from pagedllm.layers.ops.epilogue import RopeEpilogue, SiluAndMulEpilogue
 from pagedllm.layers.quantization.base import (
     LoadedWeight,
     QuantizationConfig,
@@ -27,6 +28,9 @@ from pagedllm.layers.quantization.base import (
     narrow_loaded_weight,
     set_weight_attrs,
 )
+
+if TYPE_CHECKING:
+    from pagedllm.layers.rotary_embedding import RotaryEmbedding
 
 
 def divide_for_tp(numerator: int, tp_size: int, what: str) -> int:
@@ -194,7 +198,7 @@ class MergedColumnParallelLinear(_FusedColumnParallelLinear):
         caller applies SiluAndMul to forward()'s output."""
         if self.gather_output or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             return None
-        return self.quant_method.apply_silu_and_mul(self, x, self.bias)
+        return self.quant_method.apply_with_epilogue(self, x, self.bias, SiluAndMulEpilogue())
 
     def _full_shard_sizes(self) -> list[tuple[Any, int]]:
         return list(enumerate(self.output_sizes))
@@ -243,6 +247,19 @@ class QKVParallelLinear(_FusedColumnParallelLinear):
     def _output_partition_sizes(self) -> list[int]:
         kv_size = self.num_kv_heads * self.head_size
         return [self.num_heads * self.head_size, kv_size, kv_size]
+
+    def forward_rotated(
+        self, x: torch.Tensor, rotary_emb: RotaryEmbedding, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        """This layer's output with rotary_emb applied to its q and k heads, in one kernel, where
+        the quantization method has one for x (decode rows on the GPU) and the rope is a
+        plain one over whole heads; None otherwise, and the caller applies rotary_emb to
+        forward()'s q and k."""
+        if positions.dim() != 1 or rotary_emb.rotary_dim != self.head_size:
+            return None
+        epilogue = RopeEpilogue(positions, rotary_emb.cos_cache, rotary_emb.sin_cache, self.head_size,
+                                rotated_columns=(self.num_heads + self.num_kv_heads) * self.head_size)
+        return self.quant_method.apply_with_epilogue(self, x, self.bias, epilogue)
 
     def _full_shard_sizes(self) -> list[tuple[Any, int]]:
         kv_size = self.total_num_kv_heads * self.head_size

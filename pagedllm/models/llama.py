@@ -53,6 +53,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    # position_encode is the rope alone (families that normalise q/k first set this False).
+    rope_in_projection = True
+
     def __init__(
         self, config: Any, rotary_emb: RotaryEmbedding, layer_idx: int, qkv_bias: bool,
         o_bias: bool, quant_config: QuantizationConfig | None = None, prefix: str = "",
@@ -86,9 +89,16 @@ class LlamaAttention(nn.Module):
         return self.rotary_emb(positions, q, k)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.position_encode(positions, q, k)
+        # Decode rows on the GPU: the rope in the qkv GEMV's epilogue (one launch), for families
+        # that apply it straight to the projection.
+        qkv = None
+        if self.rope_in_projection:
+            qkv = self.qkv_proj.forward_rotated(hidden_states, self.rotary_emb, positions)
+        if qkv is not None:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k = self.position_encode(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
 

@@ -15,6 +15,9 @@ from pagedllm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCau
 
 
 class Qwen3Attention(LlamaAttention):
+    # q_norm and k_norm come between the projection and the rope.
+    rope_in_projection = False
+
     def __init__(
         self, config: Any, rotary_emb: RotaryEmbedding, layer_idx: int,
         quant_config: QuantizationConfig | None = None, prefix: str = "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +65,15 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
-def dense_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """silu(gate) * up of x @ weight.T for a weight stacking gate and up halves, as one
-    launch where dense_linear would run the GEMV (the activation in its epilogue); None
-    elsewhere (the caller then runs dense_linear and the activation)."""
+def dense_linear_with_epilogue(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: Any
+) -> torch.Tensor | None:
+    """dense_linear followed by `epilogue` (an ops/epilogue.py Epilogue) as one launch, where
+    dense_linear would run the GEMV; None elsewhere (the caller then runs dense_linear and
+    the op the epilogue stands for)."""
     if x.is_cuda and triton_ops_available("cuda"):
         from pagedllm.layers.ops.gemv import gemv, should_use_gemv
 
         if weight.dtype == x.dtype and should_use_gemv(x, weight):
-            return gemv(x, weight, bias, silu_and_mul=True)
+            return gemv(x, weight, bias, epilogue=epilogue)
     return None

@@ -38,7 +38,16 @@ import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
-from pagedllm.layers.ops.split_k import finish_splits, gate_up_columns, k_tile_range, split_outputs, store_or_merge
+from pagedllm.layers.ops.epilogue import (
+    EPILOGUE_SILU_AND_MUL,
+    Epilogue,
+    check_epilogue,
+    contiguous_run,
+    epilogue_code,
+    rope_args,
+)
+from pagedllm.layers.ops.epilogue_kernels import gate_up_columns, rope_factors, rope_pair_columns
+from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
 
 MAX_GEMV_ROWS = 8
 FP8_DTYPE = torch.float8_e4m3fn
@@ -55,17 +64,19 @@ ACT_NONE, ACT_FP8_DYNAMIC, ACT_FP8_STATIC, ACT_QUANTIZED = 0, 1, 2, 3
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, workspace_ptr, count_ptr, M, N, K,
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, workspace_ptr, count_ptr,
+    positions_ptr, cos_ptr, sin_ptr, stride_cos, rotated_columns, M, N, K,
     stride_xm, stride_wn, stride_w_scale, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr,
     ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
-    IS_INT8: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+    IS_INT8: tl.constexpr, EPILOGUE: tl.constexpr, ROPE_HALF: tl.constexpr, EPILOGUE_RUN: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
-    SILU_AND_MUL: w stacks a gate and an up matrix of N / 2 rows each, and out [M, N / 2] is
-    silu(gate) * up (ops/split_k.py: each tile holds BLOCK_N / 2 gate rows and the same up
-    rows, so the activation is the epilogue; split K needs SELF_MERGE).
+    EPILOGUE (ops/epilogue.py; split K then needs SELF_MERGE): 1, w stacks a gate and an up
+    matrix of N / 2 rows each and out [M, N / 2] is silu(gate) * up; 2, out's heads of
+    2 * ROPE_HALF features are rotated by rope at positions[m] (tables cos/sin
+    [max_position, ROPE_HALF]) up to column rotated_columns.
 
     Layout: x [M, K], w [N, K] (last dims contiguous); w_scale [N] (stride 0 for one scale);
     ACT 3: x is fp8 (or int8, against int8 w: IS_INT8) already, with per-row scales x_scale [M].
@@ -76,8 +87,14 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    if SILU_AND_MUL:
-        offs_n, n_mask = gate_up_columns(pid_n, BLOCK_N, N)
+    rope_cos = None
+    rope_sin = None
+    if EPILOGUE == 1:
+        offs_n, n_mask = gate_up_columns(pid_n, BLOCK_N, N, EPILOGUE_RUN)
+    elif EPILOGUE == 2:
+        offs_n, n_mask, pairs = rope_pair_columns(pid_n, BLOCK_N, N, ROPE_HALF, EPILOGUE_RUN)
+        rope_cos, rope_sin = rope_factors(positions_ptr, cos_ptr, sin_ptr, stride_cos, offs_m, m_mask, pairs,
+                                          rotated_columns, ROPE_HALF, out_ptr.dtype.element_ty)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -141,7 +158,7 @@ def _gemv_kernel(
         if pid_k == 0:
             result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N,
-                   stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE, SILU_AND_MUL)
+                   stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE, EPILOGUE, rope_cos, rope_sin)
 
 
 @dataclass(frozen=True)
@@ -199,11 +216,12 @@ def gemv(
     config: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
     split_counts: torch.Tensor | None = None,
-    silu_and_mul: bool = False,
+    epilogue: Epilogue | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) for at most MAX_GEMV_ROWS rows, like F.linear.
-    With silu_and_mul, weight stacks gate and up halves and the result is
-    silu(gate half) * up half, [..., N / 2], as activation.SiluAndMul of the plain product
+    `epilogue` (ops/epilogue.py): SiluAndMulEpilogue, the weight stacks gate and up halves and
+    the result is silu(gate half) * up half, [..., N / 2]; RopeEpilogue, the q and k heads of
+    the result are rotated. Either gives what the unfused kernel would give the plain product
     (one launch instead of two).
 
     An fp8 or int8 `weight` needs its float32 `weight_scale` ([N], [N, 1] or one value). x is
@@ -251,24 +269,25 @@ def gemv(
     if act == ACT_QUANTIZED:
         # One scale per row, contiguous (a caller's single or broadcast scale included).
         x_scale = x_scale.expand(M).contiguous()
-    out = torch.empty((M, N // 2 if silu_and_mul else N), dtype=out_dtype, device=x.device)
+    code = epilogue_code(epilogue)
+    rope, rope_half = rope_args(epilogue, rows)
+    out = torch.empty((M, N // 2 if code == EPILOGUE_SILU_AND_MUL else N), dtype=out_dtype, device=x.device)
     # tl.dot needs 16 rows; the padding rows are masked loads (no memory traffic).
     block_m = 1 if config.inner == FMA else 16
     num_tiles = triton.cdiv(N, config.block_n)
     splits = split_outputs(out, config.split_k, num_tiles, split_counts, placeholder=rows, sums_shape=(M, N))
-    if silu_and_mul and (N % 2 or config.block_n % 2 or splits.needs_sum):
-        raise ValueError(
-            f"gemv(silu_and_mul=True) needs an even number of weight rows (gate and up), an even block_n, and "
-            f"split_k=1 or split_counts; got {N} rows, block_n={config.block_n}, split_k={config.split_k}."
-        )
+    check_epilogue(epilogue, M, N, config.block_n)
+    if epilogue is not None and splits.needs_sum:
+        raise ValueError(f"a GEMV epilogue with split_k={config.split_k} needs the layer's split_counts.")
     _gemv_kernel[(num_tiles, config.split_k)](
         rows, weight, scale if scale is not None else rows, x_scale if x_scale is not None else rows,
-        bias if bias is not None else rows, out, splits.workspace, splits.counts, M, N, K,
+        bias if bias is not None else rows, out, splits.workspace, splits.counts, *rope, M, N, K,
         rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
         NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k,
-        SELF_MERGE=splits.self_merge, IS_INT8=is_int8, SILU_AND_MUL=silu_and_mul, num_warps=config.num_warps,
+        SELF_MERGE=splits.self_merge, IS_INT8=is_int8, EPILOGUE=code, ROPE_HALF=rope_half,
+        EPILOGUE_RUN=contiguous_run(epilogue, config.block_n, N), num_warps=config.num_warps,
     )
     finish_splits(splits, out)
     return out.reshape(*lead, out.shape[-1])

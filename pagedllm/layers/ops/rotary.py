@@ -19,6 +19,17 @@ _ELEMENTS_PER_PROGRAM = 1024
 
 
 @triton.jit
+def rotate_pair(x1, x2, cos, sin, dtype: tl.constexpr):
+    """Neox rope of feature pairs (x1 from a head's first half, x2 its partner; float32 holding
+    `dtype` values; cos/sin rounded to dtype): (x1 cos - x2 sin, x2 cos + x1 sin) in dtype,
+    each product rounded to dtype first, as the torch reference's casts round them. Also the
+    qkv GEMV's epilogue (ops/epilogue.py)."""
+    out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
+    out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    return out1.to(dtype), out2.to(dtype)
+
+
+@triton.jit
 def _rotate_heads(
     row_ptr, first_head, num_heads, cos, sin,
     HEAD_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -30,14 +41,11 @@ def _rotate_heads(
     first_half = row_ptr + heads[:, None] * HEAD_SIZE + dims[None, :]
     x1 = tl.load(first_half, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first_half + HALF, mask=mask, other=0.0).to(tl.float32)
-    c = cos[None, :]
-    s = sin[None, :]
     # x * cos + rotate_half(x) * sin with the torch reference's casts (one product and the
     # add still become an FMA; see the module docstring).
-    out1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
-    out2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
-    tl.store(first_half, out1.to(dtype), mask=mask)
-    tl.store(first_half + HALF, out2.to(dtype), mask=mask)
+    out1, out2 = rotate_pair(x1, x2, cos[None, :], sin[None, :], dtype)
+    tl.store(first_half, out1, mask=mask)
+    tl.store(first_half + HALF, out2, mask=mask)
 
 
 @triton.jit

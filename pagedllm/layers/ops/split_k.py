@@ -1,6 +1,6 @@
 """Split-K that adds its own partial sums: the epilogue shared by the GEMV kernels
-(ops/gemv.py, quantization/kernels/triton_wNa16.py, int4_dot.py and int4_half2.py), with
-SiLU-and-mul of a gate_up tile as an option.
+(ops/gemv.py, quantization/kernels/triton_wNa16.py, int4_dot.py and int4_half2.py), with the
+epilogues of ops/epilogue.py as an option.
 
 A small weight read by one program per output tile leaves SMs idle, so K is split over
 SPLIT_K programs. Each writes its float32 partial sums to a workspace [SPLIT_K, M, N]; the
@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import num_sms
-from pagedllm.layers.ops.silu_and_mul import silu_mul
+from pagedllm.layers.ops.epilogue import EPILOGUE_NONE
+from pagedllm.layers.ops.epilogue_kernels import store_tile
 
 # The narrowest output tile of the kernels that count: a count buffer holds one count per
 # MIN_BLOCK_N output columns, for up to MAX_ROW_TILES tiles of rows.
@@ -34,45 +35,16 @@ def split_count_buffer(out_features: int, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def gate_up_columns(pid_n, BLOCK_N: tl.constexpr, N):
-    """For a weight stacking a gate and an up matrix of N / 2 outputs each: the output indices
-    tile pid_n reads (its first BLOCK_N / 2 are gate outputs, the rest the same up outputs),
-    and their mask. Such a tile holds what silu(gate) * up needs (store_or_merge's
-    SILU_AND_MUL)."""
-    HALF_N: tl.constexpr = BLOCK_N // 2
-    tile_cols = tl.arange(0, BLOCK_N)
-    out_cols = pid_n * HALF_N + tile_cols % HALF_N
-    return tl.where(tile_cols < HALF_N, out_cols, N // 2 + out_cols), out_cols < N // 2
-
-
-@triton.jit
-def _store_tile(values, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om, tile_id, SILU_AND_MUL: tl.constexpr):
-    """values [BLOCK_M, BLOCK_N] float32 into out [M, N]; with SILU_AND_MUL (a gate_up_columns
-    tile) silu(gate) * up into out [M, N / 2], each sum rounded to out's dtype first, as the
-    unfused silu_and_mul reads them."""
-    if SILU_AND_MUL:
-        HALF_N: tl.constexpr = values.shape[1] // 2
-        dtype: tl.constexpr = out_ptr.dtype.element_ty
-        rounded = values.to(dtype).to(tl.float32)
-        gate, up = tl.split(tl.permute(tl.reshape(rounded, [values.shape[0], 2, HALF_N]), (0, 2, 1)))
-        cols = tile_id * HALF_N + tl.arange(0, HALF_N)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], silu_mul(gate, up, dtype),
-                 mask=mask_m[:, None] & (cols[None, :] < N // 2))
-    else:
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], values.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
 def store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
                    stride_om, tile_id, pid_k, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
-                   SILU_AND_MUL: tl.constexpr = False):
+                   EPILOGUE: tl.constexpr = EPILOGUE_NONE, rope_cos=None, rope_sin=None):
     """Store [BLOCK_M, BLOCK_N] float32 sums: into out, or as split pid_k's partials; with
     SELF_MERGE the last split of tile `tile_id` adds every split's partials into out.
-    SILU_AND_MUL: see _store_tile (split K then needs SELF_MERGE)."""
+    EPILOGUE (rope_cos, rope_sin): ops/epilogue_kernels.py's store_tile, applied to the whole sums
+    (split K then needs SELF_MERGE)."""
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        _store_tile(result, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om, tile_id, SILU_AND_MUL)
+        store_tile(result, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om, tile_id, EPILOGUE, rope_cos, rope_sin)
     else:
         partials = workspace_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partials + pid_k * M * N, result, mask=mask)
@@ -84,7 +56,8 @@ def store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, ma
                 total = tl.zeros(result.shape, dtype=tl.float32)
                 for split in tl.static_range(SPLIT_K):
                     total += tl.load(partials + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                _store_tile(total, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om, tile_id, SILU_AND_MUL)
+                store_tile(total, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om, tile_id, EPILOGUE, rope_cos,
+                           rope_sin)
 
 
 @triton.jit

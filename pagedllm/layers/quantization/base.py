@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.layers.ops import dense_linear, dense_silu_and_mul
+from pagedllm.layers.ops import dense_linear, dense_linear_with_epilogue
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
@@ -86,12 +86,13 @@ class LinearMethodBase(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's `x @ W.T (+ bias)`."""
 
-    def apply_silu_and_mul(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    def apply_with_epilogue(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, epilogue: Any
     ) -> torch.Tensor | None:
-        """silu(gate) * up of this rank's output, for a layer stacking equal gate and up parts,
-        computed by the matmul's kernel itself; None (the default) where the method has no
-        such kernel for this x, and the caller applies the activation to `apply`'s output."""
+        """`apply` followed by `epilogue` (an ops/epilogue.py Epilogue: SiLU-and-mul of a
+        gate_up layer, rope of a qkv layer) in the matmul's own kernel; None (the default)
+        where the method has no such kernel for this x, and the caller runs `apply` and then
+        the op itself."""
         return None
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -152,10 +153,10 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return dense_linear(x, layer.weight, bias)
 
-    def apply_silu_and_mul(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    def apply_with_epilogue(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, epilogue: Any
     ) -> torch.Tensor | None:
-        return dense_silu_and_mul(x, layer.weight, bias)
+        return dense_linear_with_epilogue(x, layer.weight, bias, epilogue)
 
 
 # Checkpoint names of the matrices each fused layer of the models is built from.

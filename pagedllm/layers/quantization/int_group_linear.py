@@ -229,10 +229,10 @@ class IntGroupLinearMethod(LinearMethodBase):
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def apply_silu_and_mul(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    def apply_with_epilogue(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, epilogue: Any
     ) -> torch.Tensor | None:
-        """One decode row through the int4 one-row kernel with the activation in its epilogue
+        """One decode row through the int4 one-row kernel with the epilogue
         (kernels/int4_half2.py); None for every other case."""
         if not layer.int_group_use_triton or self.scheme.act_order or bias is not None:
             return None
@@ -245,7 +245,7 @@ class IntGroupLinearMethod(LinearMethodBase):
         ):
             return None
         out = int4_half2.int4_half2_gemv(x2d, layer.qweight, layer.scales, layer.zeros, self.scheme.group_size,
-                                         layer.int_group_split_counts, silu_and_mul=True)
+                                         layer.int_group_split_counts, epilogue=epilogue)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -316,17 +317,17 @@ class W8A8LinearMethod(LinearMethodBase):
             out = F.linear(x2, self.dequantized_weight(layer, x.dtype), bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def apply_silu_and_mul(
-        self, layer: nn.Module, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None = None
+    def apply_with_epilogue(
+        self, layer: nn.Module, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None, epilogue: Any
     ) -> torch.Tensor | None:
-        """Decode rows through the GEMV with the activation in its epilogue (ops/gemv.py);
-        None on the other paths."""
+        """Decode rows through the GEMV with the epilogue (ops/gemv.py); None on the other
+        paths."""
         if isinstance(x, QuantizedActivation):
-            return _apply_quantized_input(layer, x, bias, silu_and_mul=True)
+            return _apply_quantized_input(layer, x, bias, epilogue)
         if not (layer.w8a8_kernel == "scaled_mm" or (layer.w8a8_kernel == "int_mm" and self.scheme.activation_symmetric)):
             return None
         x2 = x.reshape(-1, x.shape[-1])
-        out = _decode_gemv(x2, layer, bias, getattr(layer, "input_scale", None), silu_and_mul=True)
+        out = _decode_gemv(x2, layer, bias, getattr(layer, "input_scale", None), epilogue)
         return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -374,7 +375,7 @@ def _per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor
 
 
 def _decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
-                 input_scale: torch.Tensor | None, silu_and_mul: bool = False) -> torch.Tensor | None:
+                 input_scale: torch.Tensor | None, epilogue: Any = None) -> torch.Tensor | None:
     """Decode rows (1-8) of an fp8 layer, or of an int8 one with symmetric activations, through
     the Triton GEMV (layers/ops/gemv.py: it reads 8-bit weights faster than torch._scaled_mm
     and torch._int_mm at these sizes); None where it does not apply."""
@@ -383,22 +384,22 @@ def _decode_gemv(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
     if not should_use_gemv(x, layer.weight):
         return None
     return gemv(x, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=input_scale,
-                split_counts=layer.gemv_split_counts, silu_and_mul=silu_and_mul)
+                split_counts=layer.gemv_split_counts, epilogue=epilogue)
 
 
 def _apply_quantized_input(layer: nn.Module, x: QuantizedActivation, bias: torch.Tensor | None,
-                           silu_and_mul: bool = False) -> torch.Tensor | None:
+                           epilogue: Any = None) -> torch.Tensor | None:
     """An input its producer quantized per token (see fused_input_quantization): decode rows
     through the GEMV's 8-bit tensor-core dots, the rest through torch._scaled_mm (fp8) or
-    torch._int_mm (int8). With silu_and_mul: the GEMV with the activation in its epilogue,
-    or None for more rows."""
+    torch._int_mm (int8). With an epilogue (ops/epilogue.py): the GEMV with it, or None for
+    more rows."""
     from pagedllm.layers.ops.gemv import MAX_GEMV_ROWS, gemv
 
     x_q = x.data.reshape(-1, x.data.shape[-1])
     if 0 < x_q.shape[0] <= MAX_GEMV_ROWS:
         out = gemv(x_q, layer.weight, bias, weight_scale=layer.weight_scale, input_scale=x.scale, out_dtype=x.dtype,
-                   split_counts=layer.gemv_split_counts, silu_and_mul=silu_and_mul)
-    elif silu_and_mul:
+                   split_counts=layer.gemv_split_counts, epilogue=epilogue)
+    elif epilogue is not None:
         return None
     elif x_q.dtype == torch.int8:
         out = int_mm_int8(x_q, x.scale.reshape(-1, 1), None, layer.weight, layer.weight_scale, None, bias, x.dtype)

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 from int_group_checkpoints import gptq_tensors, quantize  # noqa: E402
 
 from pagedllm.layers.linear import MergedColumnParallelLinear  # noqa: E402
+from pagedllm.layers.ops.epilogue import RopeEpilogue, SiluAndMulEpilogue  # noqa: E402
 from pagedllm.layers.ops.split_k import split_count_buffer  # noqa: E402
 from pagedllm.layers.quantization.gptq import GPTQConfig  # noqa: E402
 from pagedllm.layers.quantization.kernels import int4_dot, int4_half2, int_dequant, triton_wNa16  # noqa: E402
@@ -133,7 +134,7 @@ def test_half2_int4_gemv_with_silu_and_mul(k, n, group_size):
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=torch.bfloat16)
     counts = split_count_buffer(n, torch.device(device))
     config = dict(int4_half2.default_config(n, k, group_size, torch.device(device)), BLOCK_N=32, SPLIT_K=2)
-    got = int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, counts, config, silu_and_mul=True)
+    got = int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, counts, config, epilogue=SiluAndMulEpilogue())
     assert got.shape == (1, n // 2) and not counts.any()
     if device == "cuda":
         from pagedllm.layers.ops.silu_and_mul import silu_and_mul
@@ -145,7 +146,39 @@ def test_half2_int4_gemv_with_silu_and_mul(k, n, group_size):
         expected = torch.nn.functional.silu(gate) * up
         assert (got.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
     with pytest.raises(ValueError, match="split_counts"):
-        int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, None, config, silu_and_mul=True)
+        int4_half2.int4_half2_gemv(x, qweight, scales, zeros, group_size, None, config, epilogue=SiluAndMulEpilogue())
+
+
+def test_half2_int4_gemv_with_rope():
+    """The one-row kernel with the rope in its epilogue (a qkv layer of heads of 32: two query
+    heads, one key and one value head; split K merged by the last split). On the GPU: bit for
+    bit the plain kernel followed by the rotary kernel. Under the interpreter: the float32
+    reference rotated by the torch rope, within the plain kernel's bf16 tolerance."""
+    from pagedllm.layers.rotary_embedding import get_rope
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    k, n, head = 512, 128, 32
+    rope = get_rope(head, 64, {"rope_type": "default", "rope_theta": 100.0})
+    cos, sin = rope.cos_cache.to(device), rope.sin_cache.to(device)
+    qweight, scales, zeros, _, _ = random_layout(k, n, 4, 128, False, device, torch.bfloat16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=torch.bfloat16)
+    positions = torch.tensor([37], device=device)
+    counts = split_count_buffer(n, torch.device(device))
+    config = dict(int4_half2.default_config(n, k, 128, torch.device(device)), BLOCK_N=32, SPLIT_K=2)
+    epilogue = RopeEpilogue(positions, cos, sin, head, rotated_columns=3 * head)
+    got = int4_half2.int4_half2_gemv(x, qweight, scales, zeros, 128, counts, config, epilogue=epilogue)
+    assert got.shape == (1, n) and not counts.any()
+    if device == "cuda":
+        from pagedllm.layers.ops.rotary import apply_rotary
+
+        expected = int4_half2.int4_half2_gemv(x, qweight, scales, zeros, 128, counts, config)
+        apply_rotary(positions, expected[:, :2 * head], expected[:, 2 * head:3 * head], cos, sin, head, head)
+        assert torch.equal(got, expected)
+    else:
+        plain = reference_matmul(x.float(), qweight, scales.float(), zeros.float(), 4, 128)
+        q, k_, v = plain.split([2 * head, head, head], dim=-1)
+        expected = torch.cat([*rope.forward_native(positions, q, k_), v], dim=-1)
+        assert (got.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
 
 
 def test_half2_int4_gemv_splits_long_rows_so_that_x_is_one_load():

@@ -40,12 +40,20 @@ from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.split_k import (
     even_split,
     finish_splits,
-    gate_up_columns,
     k_tile_range,
     split_for,
     split_outputs,
     store_or_merge,
 )
+from pagedllm.layers.ops.epilogue import (
+    EPILOGUE_SILU_AND_MUL,
+    Epilogue,
+    check_epilogue,
+    contiguous_run,
+    epilogue_code,
+    rope_args,
+)
+from pagedllm.layers.ops.epilogue_kernels import gate_up_columns, rope_factors, rope_pair_columns
 from pagedllm.layers.quantization.kernels.int_group import fits_int4_16bit_kernels, tiles_k, whole_k_tile
 
 # The most K rows one program reads: its x is loaded at once (2,048 pairs, 16 per thread).
@@ -185,24 +193,31 @@ def _scaled_x_pairs(pairs, x_scale, IS_BF16: tl.constexpr, INTERP: tl.constexpr)
 @triton.jit
 def _int4_half2_gemv_kernel(
     x_pairs_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, workspace_ptr, count_ptr,
-    N, K, stride_qk, stride_sg, stride_zg,
+    positions_ptr, cos_ptr, sin_ptr, stride_cos, rotated_columns, N, K, stride_qk, stride_sg, stride_zg,
     TILES_PER_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr, EVEN_N: tl.constexpr,
     X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
-    SILU_AND_MUL: tl.constexpr,
+    EPILOGUE: tl.constexpr, ROPE_HALF: tl.constexpr, EPILOGUE_RUN: tl.constexpr,
 ):
     """out [N] = x [K] @ W, W interleaved int4 [K / 8, N] with uniform groups of
     TILES_PER_GROUP BLOCK_K tiles (0: one group), K a whole number of tiles; EVEN_N: N too.
     x (read as int32 pairs of 16-bit values, x_pairs_ptr), scales, zeros and out contiguous
     along their last axis. Grid
     (cdiv(N, BLOCK_N), SPLIT_K); split K: workspace [SPLIT_K, N] float32 and count_ptr as in
-    ops/split_k.py. SILU_AND_MUL: W stacks gate and up columns, out [N / 2] is silu(gate) * up
-    (ops/split_k.py's gate_up_columns tiles)."""
+    ops/split_k.py. EPILOGUE / ROPE_HALF and the rope arguments: as ops/gemv.py's kernel
+    (SiLU-and-mul of stacked gate and up columns, or rope of q and k heads)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if SILU_AND_MUL:
-        offs_n, mask_n = gate_up_columns(pid_n, BLOCK_N, N)
+    offs_m = tl.arange(0, 1)
+    rope_cos = None
+    rope_sin = None
+    if EPILOGUE == 1:
+        offs_n, mask_n = gate_up_columns(pid_n, BLOCK_N, N, EPILOGUE_RUN)
+    elif EPILOGUE == 2:
+        offs_n, mask_n, pairs = rope_pair_columns(pid_n, BLOCK_N, N, ROPE_HALF, EPILOGUE_RUN)
+        rope_cos, rope_sin = rope_factors(positions_ptr, cos_ptr, sin_ptr, stride_cos, offs_m, offs_m < 1, pairs,
+                                          rotated_columns, ROPE_HALF, out_ptr.dtype.element_ty)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -249,9 +264,8 @@ def _int4_half2_gemv_kernel(
         acc += sums * scale.to(tl.float32)[None, :]
 
     result = (tl.sum(acc, axis=0) * x_inverse)[None, :]
-    offs_m = tl.arange(0, 1)
     store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N,
-                   0, pid_n, pid_k, SPLIT_K, SELF_MERGE, SILU_AND_MUL)
+                   0, pid_n, pid_k, SPLIT_K, SELF_MERGE, EPILOGUE, rope_cos, rope_sin)
 
 
 def supports(m: int, k: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype) -> bool:
@@ -274,12 +288,12 @@ def default_config(n: int, k: int, group_size: int, device: torch.device) -> dic
 
 def int4_half2_gemv(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-    split_counts: torch.Tensor | None = None, config: dict[str, int] | None = None, silu_and_mul: bool = False,
+    split_counts: torch.Tensor | None = None, config: dict[str, int] | None = None,
+    epilogue: Epilogue | None = None,
 ) -> torch.Tensor:
     """x [1, K] (bf16/fp16) @ W for the interleaved int4 layout (kernels/int_group.py);
     `split_counts` as in ops/split_k.py (without it a second launch adds the splits).
-    silu_and_mul: W stacks gate and up columns; returns silu(x @ gate) * (x @ up) [1, N / 2]
-    (split K then needs split_counts)."""
+    `epilogue`: as ops/gemv.py's (split K then needs split_counts)."""
     m, k = x.shape
     n = qweight.shape[1]
     config = config or default_config(n, k, group_size, x.device)
@@ -295,18 +309,20 @@ def int4_half2_gemv(
     if tiles_per_split * block_k > MAX_SPLIT_ROWS:
         raise ValueError(f"SPLIT_K={split_k} leaves {tiles_per_split * block_k} rows of K={k} to one program; at most "
                          f"{MAX_SPLIT_ROWS} are allowed: use SPLIT_K >= {triton.cdiv(k, MAX_SPLIT_ROWS)}.")
-    out = torch.empty((1, n // 2 if silu_and_mul else n), device=x.device, dtype=x.dtype)
+    code = epilogue_code(epilogue)
+    rope, rope_half = rope_args(epilogue, x_pairs)
+    out = torch.empty((1, n // 2 if code == EPILOGUE_SILU_AND_MUL else n), device=x.device, dtype=x.dtype)
     splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight, sums_shape=(n,))
-    if silu_and_mul and (n % 2 or config["BLOCK_N"] % 2 or splits.needs_sum):
-        raise ValueError(f"silu_and_mul needs an even N (gate and up columns; got {n}), an even BLOCK_N, and "
-                         f"SPLIT_K=1 or split_counts (SPLIT_K={split_k}).")
+    check_epilogue(epilogue, 1, n, config["BLOCK_N"])
+    if epilogue is not None and splits.needs_sum:
+        raise ValueError(f"a GEMV epilogue with SPLIT_K={split_k} needs the layer's split_counts.")
     _int4_half2_gemv_kernel[(num_tiles, split_k)](
-        x_pairs, qweight, scales, zeros, out, splits.workspace, splits.counts,
+        x_pairs, qweight, scales, zeros, out, splits.workspace, splits.counts, *rope,
         n, k, qweight.stride(0), scales.stride(0), zeros.stride(0),
         TILES_PER_GROUP=0 if group_size == -1 else group_size // block_k, EVEN_N=n % config["BLOCK_N"] == 0,
         X_PAIRS=triton.next_power_of_2(tiles_per_split * block_k // 2), IS_BF16=x.dtype == torch.bfloat16,
         SELF_MERGE=splits.self_merge, NUM_STAGES=config["num_stages"], INTERP=INTERPRETED,
-        SILU_AND_MUL=silu_and_mul, **config,
+        EPILOGUE=code, ROPE_HALF=rope_half, EPILOGUE_RUN=contiguous_run(epilogue, config["BLOCK_N"], n), **config,
     )
     finish_splits(splits, out[0])
     return out
