@@ -136,3 +136,52 @@ def test_shape_mismatch_names_the_layer() -> None:
     layer = ReplicatedLinear(6, 8, prefix="model.layers.0.mlp.down_proj")
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj.*\(8, 7\)"):
         load(layer, "weight", torch.randn(8, 7))
+
+
+class _RecordingMethod:
+    """Stands in for a quantization method with a fused kernel: records the epilogue asked for."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+        self.epilogues: list[object] = []
+
+    def apply_with_epilogue(self, layer, x, bias, epilogue):
+        self.epilogues.append(epilogue)
+        return self.method.apply(layer, x, bias)
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_qkv_asks_its_method_for_the_rope_of_its_own_heads(tp_size: int) -> None:
+    """forward_rotated hands the method one RopeEpilogue over this rank's q and k heads (and
+    on the CPU, where the method has no fused kernel, returns None: the caller rotates)."""
+    from pagedllm.layers.ops.epilogue import RopeEpilogue
+    from pagedllm.layers.rotary_embedding import get_rope
+
+    layers = per_rank(tp_size, lambda: QKVParallelLinear(16, 8, total_num_heads=4, total_num_kv_heads=2))
+    x, positions = torch.randn(3, 16), torch.tensor([0, 5, 9])
+    rope = get_rope(8, 32, {"rope_type": "default", "rope_theta": 100.0})
+    assert layers[0].forward_rotated(x, rope, positions) is None
+    for layer in layers:
+        layer.quant_method = _RecordingMethod(layer.quant_method)
+        layer.forward_rotated(x, rope, positions)
+        (epilogue,) = layer.quant_method.epilogues
+        assert isinstance(epilogue, RopeEpilogue) and epilogue.head_size == 8
+        assert epilogue.rotated_columns == (4 // tp_size + 2 // tp_size) * 8
+        assert epilogue.positions is positions and epilogue.cos_cache is rope.cos_cache
+    partial = get_rope(8, 32, {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5})
+    assert layers[0].forward_rotated(x, partial, positions) is None
+    assert layers[0].forward_rotated(x, rope, torch.zeros(3, 3, dtype=torch.long)) is None  # M-RoPE rows
+    assert len(layers[0].quant_method.epilogues) == 1
+
+
+def test_gate_up_asks_its_method_for_silu_and_mul_only_with_equal_parts() -> None:
+    from pagedllm.layers.ops.epilogue import SiluAndMulEpilogue
+
+    layer = MergedColumnParallelLinear(6, [8, 8])
+    assert layer.forward_silu_and_mul(torch.randn(2, 6)) is None
+    layer.quant_method = _RecordingMethod(layer.quant_method)
+    layer.forward_silu_and_mul(torch.randn(2, 6))
+    assert layer.quant_method.epilogues == [SiluAndMulEpilogue()]
+    unequal = MergedColumnParallelLinear(6, [8, 4])
+    unequal.quant_method = _RecordingMethod(unequal.quant_method)
+    assert unequal.forward_silu_and_mul(torch.randn(2, 6)) is None and not unequal.quant_method.epilogues

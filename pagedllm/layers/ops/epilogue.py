@@ -8,9 +8,11 @@ does it.
 - Rope after a qkv projection: each tile holds pairs of features (i, i + head_size / 2) of the
   same heads (`rope_pair_columns`), so the epilogue rotates the q and k heads and leaves v.
 
-Each rounds the sums to the output dtype first and then computes exactly as the unfused kernel
-does (silu_and_mul.py, rotary.py), so the results are the same bit for bit. At batch 1 each
-saves a ~2 µs launch and the gap before it per layer (BENCHMARKS.md, twelfth run).
+Each rounds the sums to the output dtype first and then computes as the unfused kernel does
+(silu_and_mul.py, rotary.py): SiLU-and-mul gives the same bits; rope too, except where the
+compiler fuses one product of a pair with the add differently (one rounding apart; 89% of
+Llama's q and k identical on the H200). At batch 1 each saves a ~2 µs launch and the gap
+before it per layer (BENCHMARKS.md, eleventh run).
 """
 
 from __future__ import annotations

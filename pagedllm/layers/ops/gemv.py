@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
 from pagedllm.layers.ops.epilogue import (
     EPILOGUE_SILU_AND_MUL,
     Epilogue,
@@ -47,6 +46,7 @@ from pagedllm.layers.ops.epilogue import (
     rope_args,
 )
 from pagedllm.layers.ops.epilogue_kernels import gate_up_columns, rope_factors, rope_pair_columns
+from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
 
 MAX_GEMV_ROWS = 8

@@ -37,14 +37,6 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.split_k import (
-    even_split,
-    finish_splits,
-    k_tile_range,
-    split_for,
-    split_outputs,
-    store_or_merge,
-)
 from pagedllm.layers.ops.epilogue import (
     EPILOGUE_SILU_AND_MUL,
     Epilogue,
@@ -54,6 +46,14 @@ from pagedllm.layers.ops.epilogue import (
     rope_args,
 )
 from pagedllm.layers.ops.epilogue_kernels import gate_up_columns, rope_factors, rope_pair_columns
+from pagedllm.layers.ops.split_k import (
+    even_split,
+    finish_splits,
+    k_tile_range,
+    split_for,
+    split_outputs,
+    store_or_merge,
+)
 from pagedllm.layers.quantization.kernels.int_group import fits_int4_16bit_kernels, tiles_k, whole_k_tile
 
 # The most K rows one program reads: its x is loaded at once (2,048 pairs, 16 per thread).
