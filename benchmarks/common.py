@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -74,6 +76,18 @@ def measure_copy_bandwidth(num_bytes: int = 1 << 30, repeats: int = 20) -> float
     del src, dst
     torch.cuda.empty_cache()
     return num_bytes / times[len(times) // 2]
+
+
+def measure_copy_bandwidth_in_child() -> float:
+    """measure_copy_bandwidth in a fresh process, so that this one does not touch CUDA (an
+    engine of several ranks forks them from it only while it has not)."""
+    repository_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repository_root, os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-c", "from benchmarks.common import measure_copy_bandwidth; print(measure_copy_bandwidth())"],
+        env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, check=True,
+    )
+    return float(result.stdout.split()[-1])
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
