@@ -7,7 +7,9 @@ no arithmetic per byte, so its speed is the weight's bytes over the memory bandw
 program reads BLOCK_N rows of W (K slices of BLOCK_K per iteration, pipelined NUM_STAGES
 deep), over all of K, or for long fp8 rows over one of split_k ranges (the last split adds
 the partial sums: ops/split_k.py, the same sums every run). The output, its bias, and for
-fp8 the activation quantization and both scales are done in the same kernel.
+fp8 the activation quantization and both scales are done in the same kernel, and so is, when
+the caller asks, the op that follows the projection (SiLU-and-mul after gate_up, rope after
+qkv: ops/epilogue.py).
 
 Three inner loops, picked per shape from the table measured on an H200
 (`benchmarks/gemv_micro.py --sweep`): FMA (one row: multiply-add into a [BLOCK_N, BLOCK_K]
