@@ -7,6 +7,7 @@ no call finds its weight in L2), as the engine runs them.
     PYTHONPATH=. python3 benchmarks/gemv_micro.py [--rows 1 2 4 8] [--fp8]
     PYTHONPATH=. python3 benchmarks/gemv_micro.py --fp8 --quantized-input  # rows quantized before
     PYTHONPATH=. python3 benchmarks/gemv_micro.py --sweep bf16|fp8|fp8q [--json out.json]   # tile search
+    PYTHONPATH=. python3 benchmarks/gemv_micro.py --epilogues   # gate_up and qkv with and without theirs
 """
 
 from __future__ import annotations
@@ -109,6 +110,52 @@ def _quantized_input_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
                 split_counts=_counts(weight))
 
 
+def _epilogue_costs(rows: list[int]) -> list[tuple[str, str]]:
+    """µs per call of the gate_up GEMV with and without SiLU-and-mul in its epilogue, and of the
+    qkv GEMV with and without rope (ops/epilogue.py), bf16 and fp8 rows quantized before, with
+    the separate kernel each epilogue replaces timed alone."""
+    from pagedllm.layers.ops.epilogue import RopeEpilogue, SiluAndMulEpilogue
+    from pagedllm.layers.ops.rotary import apply_rotary
+    from pagedllm.layers.ops.silu_and_mul import silu_and_mul
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+    from pagedllm.layers.rotary_embedding import get_rope
+
+    head, q_size, kv_size = 128, 4096, 1024
+    rope = get_rope(head, 8192, {"rope_type": "default", "rope_theta": 500000.0})
+    cos, sin = rope.cos_cache.cuda(), rope.sin_cache.cuda()
+    table = []
+    for fp8 in (False, True):
+        for name, in_features, out_features in SHAPES[:3:2]:
+            weights, scale = _weights(out_features, in_features, fp8)
+            for num_rows in rows:
+                x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)
+                operand = per_token_quant(x, torch.float8_e4m3fn) if fp8 else (x, None)
+                positions = torch.randint(0, 8192, (num_rows,), device="cuda")
+                epilogue = (RopeEpilogue(positions, cos, sin, head, q_size + kv_size) if name == "qkv"
+                            else SiluAndMulEpilogue())
+
+                def call(w, epilogue=None):
+                    return gemv(operand[0], w, weight_scale=scale, input_scale=operand[1], epilogue=epilogue,
+                                out_dtype=torch.bfloat16, split_counts=_counts(w))
+
+                plain = graph_seconds_per_call(lambda i: call(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
+                fused = graph_seconds_per_call(lambda i: call(weights[i % len(weights)], epilogue), _CALLS_PER_GRAPH, 20)
+                out = call(weights[0])
+                if name == "qkv":
+                    separate = graph_seconds_per_call(lambda i: apply_rotary(
+                        positions, out[:, :q_size], out[:, q_size:q_size + kv_size], cos, sin, head, head),
+                        _CALLS_PER_GRAPH, 20)
+                else:
+                    separate = graph_seconds_per_call(lambda i: silu_and_mul(out), _CALLS_PER_GRAPH, 20)
+                table.append((f"{'fp8 ' if fp8 else ''}{name}, M={num_rows}", (
+                    f"GEMV {plain * 1e6:.2f} us, with {'rope' if name == 'qkv' else 'SiLU-and-mul'} "
+                    f"{fused * 1e6:.2f} us (+{(fused - plain) * 1e6:.2f}); the separate kernel {separate * 1e6:.2f} us"
+                )))
+            del weights
+            torch.cuda.empty_cache()
+    return table
+
+
 def _rate(fn, weights: list[torch.Tensor], num_bytes: int) -> float:
     return num_bytes / graph_seconds_per_call(lambda i: fn(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
 
@@ -123,7 +170,12 @@ def main() -> None:
     parser.add_argument("--quantized-input", action="store_true",
                         help="with --fp8: the rows arrive quantized (by the norm or activation kernel before)")
     parser.add_argument("--json", default=None, help="write the sweep's timings here")
+    parser.add_argument("--epilogues", action="store_true",
+                        help="gate_up and qkv with and without their epilogues (SiLU-and-mul, rope)")
     args = parser.parse_args()
+    if args.epilogues:
+        print_table(f"GEMV epilogues, Llama-3.1-8B shapes, {torch.cuda.get_device_name()}", _epilogue_costs(args.rows))
+        return
     # measure_copy_bandwidth counts bytes read + written; a GEMV only reads, so its limit is
     # the same bytes per second of traffic.
     bandwidth = measure_copy_bandwidth()
