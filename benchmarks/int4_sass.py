@@ -34,7 +34,9 @@ _DOT_ARGS = [("x_ptr", "*bf16"), ("qweight_ptr", "*i32"), ("scales_ptr", "*bf16"
              ("K", "i32"), ("group_size", "i32"), ("stride_xm", "i32"), ("stride_qk", "i32"), ("stride_sg", "i32"),
              ("stride_zg", "i32"), ("stride_om", "i32")]
 _HALF2_ARGS = [("x_pairs_ptr", "*i32"), ("qweight_ptr", "*i32"), ("scales_ptr", "*bf16"), ("zeros_ptr", "*bf16"),
-               ("out_ptr", "*bf16"), ("workspace_ptr", "*fp32"), ("count_ptr", "*i32"), ("N", "i32"), ("K", "i32"),
+               ("out_ptr", "*bf16"), ("workspace_ptr", "*fp32"), ("count_ptr", "*i32"), ("positions_ptr", "*i64"),
+               ("cos_ptr", "*fp32"), ("sin_ptr", "*fp32"), ("stride_cos", "i32"), ("rotated_columns", "i32"),
+               ("N", "i32"), ("K", "i32"),
                ("stride_qk", "i32"), ("stride_sg", "i32"), ("stride_zg", "i32")]
 _DIVISIBLE_BY_16 = {"N", "K", "group_size", "stride_xm", "stride_qk", "stride_sg", "stride_zg", "stride_om"}
 
@@ -55,7 +57,9 @@ def main() -> None:
                      "stride_xk": 1, "stride_qn": 1, "stride_sn": 1, "stride_zn": 1}
     elif args.kernel == "half2":
         kernel_fn, arg_list = int4_half2._int4_half2_gemv_kernel, _HALF2_ARGS
-        constants = {"INTERP": False, "TILES_PER_GROUP": 1, "EVEN_N": True, "X_PAIRS": 512, "IS_BF16": True, **tile}
+        # No epilogue (ops/epilogue.py): the plain GEMV's loop.
+        constants = {"INTERP": False, "TILES_PER_GROUP": 1, "EVEN_N": True, "X_PAIRS": 512, "IS_BF16": True,
+                     "EPILOGUE": 0, "ROPE_HALF": 64, "EPILOGUE_RUN": 1, **tile}
     else:
         kernel_fn, arg_list = int4_dot._int4_dot_kernel, _DOT_ARGS
         constants = {"BASE": int4_dot._BF16_BASE, "INTERP": False, **tile}
