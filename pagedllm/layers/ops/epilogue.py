@@ -89,11 +89,34 @@ def contiguous_run(epilogue: Epilogue | None, block_n: int, out_features: int) -
     return max(run, 1)
 
 
-def rope_args(epilogue: Epilogue | None, placeholder: torch.Tensor) -> tuple[tuple, int]:
-    """The kernels' (positions, cos, sin, stride_cos, rotated_columns) arguments and their
-    ROPE_HALF: the tables under rope, else placeholders (never read)."""
+@dataclass(frozen=True, slots=True)
+class EpilogueLaunch:
+    """What a GEMV launch passes for its epilogue (the kernels of ops/gemv.py and int4_half2.py
+    take the same arguments)."""
+
+    out_features: int
+    """The output's width: the weight's, or half of it for SiLU-and-mul."""
+    rope_args: tuple
+    """positions, cos, sin, stride_cos, rotated_columns (placeholders, never read, without rope)."""
+    constexprs: dict[str, int]
+    """EPILOGUE, ROPE_HALF, EPILOGUE_RUN."""
+
+
+def plan_epilogue(epilogue: Epilogue | None, num_rows: int, out_features: int, block_n: int,
+                  placeholder: torch.Tensor) -> EpilogueLaunch:
+    """The launch arguments for `epilogue` on a GEMV of num_rows x out_features in tiles of
+    block_n columns; ValueError where the shapes cannot take it (check_epilogue)."""
+    check_epilogue(epilogue, num_rows, out_features, block_n)
+    code = epilogue_code(epilogue)
+    rope_args = (placeholder, placeholder, placeholder, 0, 0)
+    rope_half = 1
     if isinstance(epilogue, RopeEpilogue):
         tables = epilogue.cos_cache
-        return ((epilogue.positions, tables, epilogue.sin_cache, tables.stride(0), epilogue.rotated_columns),
-                epilogue.head_size // 2)
-    return (placeholder, placeholder, placeholder, 0, 0), 1
+        rope_args = (epilogue.positions, tables, epilogue.sin_cache, tables.stride(0), epilogue.rotated_columns)
+        rope_half = epilogue.head_size // 2
+    return EpilogueLaunch(
+        out_features=out_features // 2 if code == EPILOGUE_SILU_AND_MUL else out_features,
+        rope_args=rope_args,
+        constexprs={"EPILOGUE": code, "ROPE_HALF": rope_half,
+                    "EPILOGUE_RUN": contiguous_run(epilogue, block_n, out_features)},
+    )

@@ -11,6 +11,28 @@ from pagedllm.layers.ops.silu_and_mul import silu_mul
 
 
 @triton.jit
+def epilogue_columns(pid_n, BLOCK_N: tl.constexpr, N, offs_m, mask_m, positions_ptr, cos_ptr, sin_ptr, stride_cos,
+                     rotated_columns, dtype: tl.constexpr, EPILOGUE: tl.constexpr, ROPE_HALF: tl.constexpr,
+                     RUN: tl.constexpr):
+    """The output columns tile pid_n reads, their mask, and the rope's cos and sin (never-read
+    stand-ins without rope: a Triton function cannot return None), for the kernel's EPILOGUE:
+    plain tiles, gate_up_columns, or rope_pair_columns with rope_factors. The one place a
+    kernel's tile is chosen by its epilogue."""
+    rope_cos = tl.zeros([1], dtype=tl.float32)
+    rope_sin = tl.zeros([1], dtype=tl.float32)
+    if EPILOGUE == 1:
+        offs_n, mask_n = gate_up_columns(pid_n, BLOCK_N, N, RUN)
+    elif EPILOGUE == 2:
+        offs_n, mask_n, pairs = rope_pair_columns(pid_n, BLOCK_N, N, ROPE_HALF, RUN)
+        rope_cos, rope_sin = rope_factors(positions_ptr, cos_ptr, sin_ptr, stride_cos, offs_m, mask_m, pairs,
+                                          rotated_columns, ROPE_HALF, dtype)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+    return offs_n, mask_n, rope_cos, rope_sin
+
+
+@triton.jit
 def gate_up_columns(pid_n, BLOCK_N: tl.constexpr, N, RUN: tl.constexpr):
     """For a weight stacking a gate and an up matrix of N / 2 outputs each: the output indices
     tile pid_n reads (its first BLOCK_N / 2 are gate outputs, the rest the same up outputs),

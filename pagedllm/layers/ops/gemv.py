@@ -39,15 +39,8 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.epilogue import (
-    EPILOGUE_SILU_AND_MUL,
-    Epilogue,
-    check_epilogue,
-    contiguous_run,
-    epilogue_code,
-    rope_args,
-)
-from pagedllm.layers.ops.epilogue_kernels import gate_up_columns, rope_factors, rope_pair_columns
+from pagedllm.layers.ops.epilogue import Epilogue, plan_epilogue
+from pagedllm.layers.ops.epilogue_kernels import epilogue_columns
 from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
 
@@ -89,17 +82,9 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    rope_cos = None
-    rope_sin = None
-    if EPILOGUE == 1:
-        offs_n, n_mask = gate_up_columns(pid_n, BLOCK_N, N, EPILOGUE_RUN)
-    elif EPILOGUE == 2:
-        offs_n, n_mask, pairs = rope_pair_columns(pid_n, BLOCK_N, N, ROPE_HALF, EPILOGUE_RUN)
-        rope_cos, rope_sin = rope_factors(positions_ptr, cos_ptr, sin_ptr, stride_cos, offs_m, m_mask, pairs,
-                                          rotated_columns, ROPE_HALF, out_ptr.dtype.element_ty)
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+    offs_n, n_mask, rope_cos, rope_sin = epilogue_columns(
+        pid_n, BLOCK_N, N, offs_m, m_mask, positions_ptr, cos_ptr, sin_ptr, stride_cos, rotated_columns,
+        out_ptr.dtype.element_ty, EPILOGUE, ROPE_HALF, EPILOGUE_RUN)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
 
@@ -271,25 +256,21 @@ def gemv(
     if act == ACT_QUANTIZED:
         # One scale per row, contiguous (a caller's single or broadcast scale included).
         x_scale = x_scale.expand(M).contiguous()
-    code = epilogue_code(epilogue)
-    rope, rope_half = rope_args(epilogue, rows)
-    out = torch.empty((M, N // 2 if code == EPILOGUE_SILU_AND_MUL else N), dtype=out_dtype, device=x.device)
+    plan = plan_epilogue(epilogue, M, N, config.block_n, placeholder=rows)
+    out = torch.empty((M, plan.out_features), dtype=out_dtype, device=x.device)
     # tl.dot needs 16 rows; the padding rows are masked loads (no memory traffic).
     block_m = 1 if config.inner == FMA else 16
     num_tiles = triton.cdiv(N, config.block_n)
-    splits = split_outputs(out, config.split_k, num_tiles, split_counts, placeholder=rows, sums_shape=(M, N))
-    check_epilogue(epilogue, M, N, config.block_n)
-    if epilogue is not None and splits.needs_sum:
-        raise ValueError(f"a GEMV epilogue with split_k={config.split_k} needs the layer's split_counts.")
+    splits = split_outputs(out, config.split_k, num_tiles, split_counts, placeholder=rows, sums_shape=(M, N),
+                           whole_sums_in_kernel=epilogue is not None)
     _gemv_kernel[(num_tiles, config.split_k)](
         rows, weight, scale if scale is not None else rows, x_scale if x_scale is not None else rows,
-        bias if bias is not None else rows, out, splits.workspace, splits.counts, *rope, M, N, K,
+        bias if bias is not None else rows, out, splits.workspace, splits.counts, *plan.rope_args, M, N, K,
         rows.stride(0), weight.stride(0), 0 if scale is None or scale.numel() == 1 else 1, out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INNER=config.inner,
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
         NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k,
-        SELF_MERGE=splits.self_merge, IS_INT8=is_int8, EPILOGUE=code, ROPE_HALF=rope_half,
-        EPILOGUE_RUN=contiguous_run(epilogue, config.block_n, N), num_warps=config.num_warps,
+        SELF_MERGE=splits.self_merge, IS_INT8=is_int8, num_warps=config.num_warps, **plan.constexprs,
     )
     finish_splits(splits, out)
     return out.reshape(*lead, out.shape[-1])

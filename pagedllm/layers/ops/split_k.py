@@ -107,12 +107,18 @@ class SplitOutputs:
 
 
 def split_outputs(out: torch.Tensor, split_k: int, num_tiles: int, split_counts: torch.Tensor | None,
-                  placeholder: torch.Tensor, sums_shape: tuple[int, ...] | None = None) -> SplitOutputs:
+                  placeholder: torch.Tensor, sums_shape: tuple[int, ...] | None = None,
+                  whole_sums_in_kernel: bool = False) -> SplitOutputs:
     """The workspace and count buffer for a launch writing `out` with `split_k` splits over
     `num_tiles` output tiles; pass the result's fields to the kernel and then to
     `finish_splits`. sums_shape: the sums' shape where it is not out's (a SiLU-and-mul
-    launch's out has half the columns)."""
+    launch's out has half the columns). whole_sums_in_kernel: the kernel's epilogue needs the
+    whole sums (ops/epilogue.py), so splits must be added by the last split, not by a second
+    launch: ValueError without the count buffer that allows it."""
     self_merge = split_k > 1 and split_counts is not None and num_tiles <= split_counts.numel()
+    if whole_sums_in_kernel and split_k > 1 and not self_merge:
+        raise ValueError(f"a GEMV epilogue with split_k={split_k} needs the layer's split_counts "
+                         f"(a count buffer of at least {num_tiles} tiles).")
     sums_shape = tuple(out.shape) if sums_shape is None else sums_shape
     workspace = out if split_k == 1 else torch.empty((split_k, *sums_shape), dtype=torch.float32, device=out.device)
     return SplitOutputs(workspace, split_counts if self_merge else placeholder, self_merge,

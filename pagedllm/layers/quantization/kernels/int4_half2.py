@@ -37,15 +37,8 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
-from pagedllm.layers.ops.epilogue import (
-    EPILOGUE_SILU_AND_MUL,
-    Epilogue,
-    check_epilogue,
-    contiguous_run,
-    epilogue_code,
-    rope_args,
-)
-from pagedllm.layers.ops.epilogue_kernels import gate_up_columns, rope_factors, rope_pair_columns
+from pagedllm.layers.ops.epilogue import Epilogue, plan_epilogue
+from pagedllm.layers.ops.epilogue_kernels import epilogue_columns
 from pagedllm.layers.ops.split_k import (
     even_split,
     finish_splits,
@@ -210,17 +203,9 @@ def _int4_half2_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, 1)
-    rope_cos = None
-    rope_sin = None
-    if EPILOGUE == 1:
-        offs_n, mask_n = gate_up_columns(pid_n, BLOCK_N, N, EPILOGUE_RUN)
-    elif EPILOGUE == 2:
-        offs_n, mask_n, pairs = rope_pair_columns(pid_n, BLOCK_N, N, ROPE_HALF, EPILOGUE_RUN)
-        rope_cos, rope_sin = rope_factors(positions_ptr, cos_ptr, sin_ptr, stride_cos, offs_m, offs_m < 1, pairs,
-                                          rotated_columns, ROPE_HALF, out_ptr.dtype.element_ty)
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+    offs_n, mask_n, rope_cos, rope_sin = epilogue_columns(
+        pid_n, BLOCK_N, N, offs_m, offs_m < 1, positions_ptr, cos_ptr, sin_ptr, stride_cos, rotated_columns,
+        out_ptr.dtype.element_ty, EPILOGUE, ROPE_HALF, EPILOGUE_RUN)
 
     tile_start, tile_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
     x_scale, x_inverse = _x_scale(x_pairs_ptr, tile_start, tile_end, BLOCK_K, X_PAIRS, IS_BF16)
@@ -309,20 +294,17 @@ def int4_half2_gemv(
     if tiles_per_split * block_k > MAX_SPLIT_ROWS:
         raise ValueError(f"SPLIT_K={split_k} leaves {tiles_per_split * block_k} rows of K={k} to one program; at most "
                          f"{MAX_SPLIT_ROWS} are allowed: use SPLIT_K >= {triton.cdiv(k, MAX_SPLIT_ROWS)}.")
-    code = epilogue_code(epilogue)
-    rope, rope_half = rope_args(epilogue, x_pairs)
-    out = torch.empty((1, n // 2 if code == EPILOGUE_SILU_AND_MUL else n), device=x.device, dtype=x.dtype)
-    splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight, sums_shape=(n,))
-    check_epilogue(epilogue, 1, n, config["BLOCK_N"])
-    if epilogue is not None and splits.needs_sum:
-        raise ValueError(f"a GEMV epilogue with SPLIT_K={split_k} needs the layer's split_counts.")
+    plan = plan_epilogue(epilogue, 1, n, config["BLOCK_N"], placeholder=x_pairs)
+    out = torch.empty((1, plan.out_features), device=x.device, dtype=x.dtype)
+    splits = split_outputs(out[0], split_k, num_tiles, split_counts, placeholder=qweight, sums_shape=(n,),
+                           whole_sums_in_kernel=epilogue is not None)
     _int4_half2_gemv_kernel[(num_tiles, split_k)](
-        x_pairs, qweight, scales, zeros, out, splits.workspace, splits.counts, *rope,
+        x_pairs, qweight, scales, zeros, out, splits.workspace, splits.counts, *plan.rope_args,
         n, k, qweight.stride(0), scales.stride(0), zeros.stride(0),
         TILES_PER_GROUP=0 if group_size == -1 else group_size // block_k, EVEN_N=n % config["BLOCK_N"] == 0,
         X_PAIRS=triton.next_power_of_2(tiles_per_split * block_k // 2), IS_BF16=x.dtype == torch.bfloat16,
         SELF_MERGE=splits.self_merge, NUM_STAGES=config["num_stages"], INTERP=INTERPRETED,
-        EPILOGUE=code, ROPE_HALF=rope_half, EPILOGUE_RUN=contiguous_run(epilogue, config["BLOCK_N"], n), **config,
+        **plan.constexprs, **config,
     )
     finish_splits(splits, out[0])
     return out
