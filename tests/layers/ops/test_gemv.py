@@ -113,119 +113,88 @@ def test_gemv_matches_linear_under_the_triton_interpreter():
     run_interpreted(_INTERPRETED_CHECK)
 
 
-_SILU_AND_MUL_CHECK = """
+_EPILOGUE_CHECK = """
 import torch
 import torch.nn.functional as F
-from pagedllm.layers.ops.gemv import DOT, DOT_SWAPPED, FMA, GemvConfig, gemv
-from pagedllm.layers.ops.epilogue import SiluAndMulEpilogue
-from pagedllm.layers.ops.split_k import split_count_buffer
-from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE, absmax_scale, quantize, quantize_activation
-
-torch.manual_seed(0)
-# A stacked [gate; up] weight of 2 * 40 rows (ragged against every tile), with a bias: the
-# fused epilogue against silu(gate) * up of the float64 product.
-def reference(product):
-    gate, up = product.chunk(2, dim=-1)
-    return (F.silu(gate) * up).float()
-
-# Split K: the last split adds the partial sums, then applies the activation.
-for M, inner, block_n, split_k in [(1, FMA, 8, 1), (1, FMA, 16, 1), (3, DOT, 32, 1), (8, DOT_SWAPPED, 64, 1),
-                                   (1, FMA, 16, 3), (4, DOT_SWAPPED, 32, 2)]:
-    x, w, b = torch.randn(M, 300), torch.randn(80, 300) / 10, torch.randn(80)
-    counts = split_count_buffer(80, x.device)
-    got = gemv(x, w, b, config=GemvConfig(block_n=block_n, block_k=64, inner=inner, split_k=split_k),
-               split_counts=counts, epilogue=SiluAndMulEpilogue())
-    assert got.shape == (M, 40), got.shape
-    assert not counts.any()
-    torch.testing.assert_close(got, reference(F.linear(x.double(), w.double(), b.double())), rtol=0, atol=1e-4)
-
-# fp8 weights: rows quantized in the kernel (one row) or by their producer (fp8 rows, per-row scales).
-w = torch.randn(80, 256)
-w_scale = absmax_scale(w, -1, FP8_DTYPE)
-w_q = quantize(w, w_scale, FP8_DTYPE)
-w_deq = w_q.double() * w_scale.double()
-x = torch.randn(4, 256)
-x_q, x_scale, _ = quantize_activation(x, FP8_DTYPE, None, None, True, None)
-got = gemv(x_q, w_q, weight_scale=w_scale, input_scale=x_scale, out_dtype=torch.float32, epilogue=SiluAndMulEpilogue(),
-           config=GemvConfig(block_n=64, block_k=64, inner=DOT_SWAPPED))
-torch.testing.assert_close(got, reference((x_q.double() * x_scale.double()) @ w_deq.T), rtol=1e-5, atol=1e-4)
-static = torch.tensor(0.02)
-x_s = quantize(x[:1], static, FP8_DTYPE).double() * 0.02
-got = gemv(x[:1], w_q, weight_scale=w_scale, input_scale=static, epilogue=SiluAndMulEpilogue(),
-           config=GemvConfig(block_n=16, block_k=64, inner=FMA))
-torch.testing.assert_close(got, reference(x_s @ w_deq.T), rtol=1e-5, atol=1e-4)
-
-for bad in (dict(config=GemvConfig(block_n=16, block_k=64, inner=FMA, split_k=2)),):
-    try:
-        gemv(x[:1], torch.randn(80, 256), epilogue=SiluAndMulEpilogue(), **bad)
-    except ValueError as error:
-        assert "split_counts" in str(error), error
-    else:
-        raise AssertionError("a split-K silu_and_mul accepted")
-print("ok")
-"""
-
-
-def test_gemv_silu_and_mul_epilogue_under_the_triton_interpreter():
-    run_interpreted(_SILU_AND_MUL_CHECK)
-
-
-_ROPE_CHECK = """
-import torch
-import torch.nn.functional as F
-from pagedllm.layers.ops.epilogue import RopeEpilogue
+from pagedllm.layers.ops.epilogue import RopeEpilogue, SiluAndMulEpilogue
 from pagedllm.layers.ops.gemv import DOT, DOT_SWAPPED, FMA, GemvConfig, gemv
 from pagedllm.layers.ops.split_k import split_count_buffer
 from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE, absmax_scale, quantize, quantize_activation
 from pagedllm.layers.rotary_embedding import get_rope
 
 torch.manual_seed(0)
-# A qkv weight of 2 query heads, 1 key and 1 value head of 16 features; q and k rotated, v not;
-# tiles of fewer pairs than a head half, as many, and two heads' worth.
+# A stacked [gate; up] weight of 2 * 40 rows (ragged against every tile), and a qkv weight of
+# 2 query heads, 1 key and 1 value head of 16 features (q and k rotated, v not).
 head, q_size, kv_size = 16, 32, 16
 rope = get_rope(head, 64, {"rope_type": "default", "rope_theta": 100.0})
 
-def reference(product, positions):
+def silu_reference(product, positions):
+    gate, up = product.chunk(2, dim=-1)
+    return (F.silu(gate) * up).float()
+
+def rope_reference(product, positions):
     q, k, v = product.float().split([q_size, kv_size, kv_size], dim=-1)
     q, k = rope.forward_native(positions, q, k)
     return torch.cat([q, k, v], dim=-1)
 
-for M, inner, block_n, split_k in [(1, FMA, 8, 1), (1, FMA, 16, 3), (3, DOT, 32, 1), (8, DOT_SWAPPED, 64, 2)]:
-    x, w, b = torch.randn(M, 300), torch.randn(64, 300) / 10, torch.randn(64)
-    positions = torch.randint(0, 64, (M,))
-    counts = split_count_buffer(64, x.device)
-    epilogue = RopeEpilogue(positions, rope.cos_cache, rope.sin_cache, head, q_size + kv_size)
-    got = gemv(x, w, b, config=GemvConfig(block_n=block_n, block_k=64, inner=inner, split_k=split_k),
-               split_counts=counts, epilogue=epilogue)
-    assert not counts.any()
-    expected = reference(F.linear(x.double(), w.double(), b.double()), positions)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+# (epilogue, its reference, the weight's outputs, the result's width)
+def epilogues(positions):
+    return [(SiluAndMulEpilogue(), silu_reference, 80, 40),
+            (RopeEpilogue(positions, rope.cos_cache, rope.sin_cache, head, q_size + kv_size), rope_reference, 64, 64)]
 
-# fp8 rows quantized by their producer.
-w = torch.randn(64, 256)
-w_scale = absmax_scale(w, -1, FP8_DTYPE)
-w_q = quantize(w, w_scale, FP8_DTYPE)
-x_q, x_scale, _ = quantize_activation(torch.randn(2, 256), FP8_DTYPE, None, None, True, None)
-positions = torch.tensor([5, 40])
-got = gemv(x_q, w_q, weight_scale=w_scale, input_scale=x_scale, out_dtype=torch.float32,
-           config=GemvConfig(block_n=32, block_k=64, inner=DOT_SWAPPED),
-           epilogue=RopeEpilogue(positions, rope.cos_cache, rope.sin_cache, head, q_size + kv_size))
-expected = reference((x_q.double() * x_scale.double()) @ (w_q.double() * w_scale.double()).T, positions)
-torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+# Every inner loop; tiles of fewer rope pairs than a head half, as many, and two heads' worth;
+# split K, the last split adding the partial sums before the epilogue (its counts left at zero).
+for M, inner, block_n, split_k in [(1, FMA, 8, 1), (1, FMA, 16, 1), (3, DOT, 32, 1), (8, DOT_SWAPPED, 64, 1),
+                                   (1, FMA, 16, 3), (4, DOT_SWAPPED, 32, 2), (8, DOT_SWAPPED, 64, 2)]:
+    x, positions = torch.randn(M, 300), torch.randint(0, 64, (M,))
+    for epilogue, reference, outputs, width in epilogues(positions):
+        w, b = torch.randn(outputs, 300) / 10, torch.randn(outputs)
+        counts = split_count_buffer(outputs, x.device)
+        got = gemv(x, w, b, config=GemvConfig(block_n=block_n, block_k=64, inner=inner, split_k=split_k),
+                   split_counts=counts, epilogue=epilogue)
+        assert got.shape == (M, width), got.shape
+        assert not counts.any()
+        expected = reference(F.linear(x.double(), w.double(), b.double()), positions)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
-try:
-    gemv(x_q[:1].float(), torch.randn(60, 256), epilogue=RopeEpilogue(positions[:1], rope.cos_cache, rope.sin_cache,
-                                                                   head, 32))
-except ValueError as error:
-    assert "whole heads" in str(error), error
-else:
-    raise AssertionError("a weight of 60 outputs accepted for heads of 16")
+# fp8 weights: rows quantized by their producer (fp8 rows, per-row scales), or in the kernel
+# with a static scale (one row).
+x = torch.randn(4, 256)
+x_q, x_scale, _ = quantize_activation(x, FP8_DTYPE, None, None, True, None)
+static = torch.tensor(0.02)
+x_s = quantize(x[:1], static, FP8_DTYPE).double() * 0.02
+positions = torch.tensor([5, 40, 3, 63])
+for epilogue, reference, outputs, width in epilogues(positions):
+    w = torch.randn(outputs, 256)
+    w_scale = absmax_scale(w, -1, FP8_DTYPE)
+    w_q = quantize(w, w_scale, FP8_DTYPE)
+    w_deq = w_q.double() * w_scale.double()
+    got = gemv(x_q, w_q, weight_scale=w_scale, input_scale=x_scale, out_dtype=torch.float32, epilogue=epilogue,
+               config=GemvConfig(block_n=32, block_k=64, inner=DOT_SWAPPED))
+    torch.testing.assert_close(got, reference((x_q.double() * x_scale.double()) @ w_deq.T, positions),
+                               rtol=1e-5, atol=1e-4)
+    one_row = epilogue if isinstance(epilogue, SiluAndMulEpilogue) else epilogues(positions[:1])[1][0]
+    got = gemv(x[:1], w_q, weight_scale=w_scale, input_scale=static, epilogue=one_row,
+               config=GemvConfig(block_n=16, block_k=64, inner=FMA))
+    torch.testing.assert_close(got, reference(x_s @ w_deq.T, positions[:1]), rtol=1e-5, atol=1e-4)
+
+# Refused: a split the kernel cannot merge itself; outputs that are not whole heads.
+for bad, message in [(dict(config=GemvConfig(block_n=16, block_k=64, inner=FMA, split_k=2),
+                           epilogue=SiluAndMulEpilogue()), "split_counts"),
+                     (dict(epilogue=RopeEpilogue(positions[:1], rope.cos_cache, rope.sin_cache, head, 32)),
+                      "whole heads")]:
+    try:
+        gemv(x[:1], torch.randn(60 if message == "whole heads" else 80, 256), **bad)
+    except ValueError as error:
+        assert message in str(error), error
+    else:
+        raise AssertionError(f"accepted: {bad}")
 print("ok")
 """
 
 
-def test_gemv_rope_epilogue_under_the_triton_interpreter():
-    run_interpreted(_ROPE_CHECK)
+def test_gemv_epilogues_under_the_triton_interpreter():
+    run_interpreted(_EPILOGUE_CHECK)
 
 
 _GPU_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (512, 1000)]
@@ -272,6 +241,20 @@ def test_8bit_gemv_matches_the_dequantized_product_on_the_gpu(qdtype, rows, in_f
         torch.testing.assert_close(got.float(), expected_int_mm, rtol=1e-2, atol=2e-2)
 
 
+def _gpu_operands(rows: int, out_features: int, weight_dtype: torch.dtype):
+    """x [rows, 4096] bf16, a weight [out_features, 4096] of weight_dtype (8-bit: quantized per
+    channel) and its scale (None for bf16), on the GPU."""
+    from pagedllm.layers.quantization.kernels.w8a8 import absmax_scale, quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(out_features, 4096, device="cuda", dtype=torch.float32) / 64
+    if weight_dtype == torch.bfloat16:
+        return x, w.to(torch.bfloat16), None
+    scale = absmax_scale(w, -1, weight_dtype)
+    return x, quantize(w, scale, weight_dtype), scale
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int8], ids=["bf16", "fp8", "int8"])
 @pytest.mark.parametrize("rows", [1, 2, 8])
@@ -282,17 +265,8 @@ def test_silu_and_mul_epilogue_equals_the_two_launches_on_the_gpu(weight_dtype, 
     from pagedllm.layers.ops.epilogue import SiluAndMulEpilogue
     from pagedllm.layers.ops.gemv import gemv
     from pagedllm.layers.ops.silu_and_mul import silu_and_mul
-    from pagedllm.layers.quantization.kernels.w8a8 import absmax_scale, quantize
 
-    torch.manual_seed(0)
-    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(2 * intermediate, 4096, device="cuda", dtype=torch.float32) / 64
-    scale = None
-    if weight_dtype == torch.bfloat16:
-        w = w.to(torch.bfloat16)
-    else:
-        scale = absmax_scale(w, -1, weight_dtype)
-        w = quantize(w, scale, weight_dtype)
+    x, w, scale = _gpu_operands(rows, 2 * intermediate, weight_dtype)
     expected = silu_and_mul(gemv(x, w, weight_scale=scale))
     got = gemv(x, w, weight_scale=scale, epilogue=SiluAndMulEpilogue())
     assert got.shape == (rows, intermediate)
@@ -311,21 +285,12 @@ def test_rope_epilogue_equals_the_two_launches_on_the_gpu(weight_dtype, rows):
     from pagedllm.layers.ops.epilogue import RopeEpilogue
     from pagedllm.layers.ops.gemv import gemv
     from pagedllm.layers.ops.rotary import apply_rotary
-    from pagedllm.layers.quantization.kernels.w8a8 import absmax_scale, quantize
     from pagedllm.layers.rotary_embedding import get_rope
 
-    torch.manual_seed(0)
     head, q_size, kv_size = 128, 4096, 1024
     rope = get_rope(head, 8192, {"rope_type": "default", "rope_theta": 500000.0})
     rope.cos_cache, rope.sin_cache = rope.cos_cache.cuda(), rope.sin_cache.cuda()
-    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(q_size + 2 * kv_size, 4096, device="cuda", dtype=torch.float32) / 64
-    scale = None
-    if weight_dtype == torch.bfloat16:
-        w = w.to(torch.bfloat16)
-    else:
-        scale = absmax_scale(w, -1, weight_dtype)
-        w = quantize(w, scale, weight_dtype)
+    x, w, scale = _gpu_operands(rows, q_size + 2 * kv_size, weight_dtype)
     positions = torch.randint(0, 8192, (rows,), device="cuda")
     plain = gemv(x, w, weight_scale=scale)
     expected = plain.clone()
