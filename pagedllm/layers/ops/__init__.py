@@ -57,20 +57,16 @@ def _cuda_sm_count(device_index: int) -> int:
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or on CUDA at decode sizes (1-8 rows) the Triton GEMV (ops/gemv.py), which
     reads the weight closer to the bandwidth limit than cuBLAS on every Llama-3.1-8B shape."""
-    if x.is_cuda and triton_ops_available("cuda"):
-        from pagedllm.layers.ops.gemv import gemv, should_use_gemv
-
-        if weight.dtype == x.dtype and should_use_gemv(x, weight):
-            return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+    out = dense_linear_with_epilogue(x, weight, bias, None)
+    return F.linear(x, weight, bias) if out is None else out
 
 
 def dense_linear_with_epilogue(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: Any
 ) -> torch.Tensor | None:
-    """dense_linear followed by `epilogue` (an ops/epilogue.py Epilogue) as one launch, where
-    dense_linear would run the GEMV; None elsewhere (the caller then runs dense_linear and
-    the op the epilogue stands for)."""
+    """The Triton GEMV of x @ weight.T (+ bias) followed by `epilogue` (an ops/epilogue.py
+    Epilogue, or None) as one launch, where the GEMV applies; None elsewhere (the caller then
+    runs F.linear and the op the epilogue stands for)."""
     if x.is_cuda and triton_ops_available("cuda"):
         from pagedllm.layers.ops.gemv import gemv, should_use_gemv
 

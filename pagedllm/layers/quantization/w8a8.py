@@ -287,7 +287,7 @@ class W8A8LinearMethod(LinearMethodBase):
         input_scale = getattr(layer, "input_scale", None)
         input_zero_point = getattr(layer, "input_zero_point", None)
         decode_out = None
-        if layer.w8a8_kernel == "scaled_mm" or (layer.w8a8_kernel == "int_mm" and scheme.activation_symmetric):
+        if self._has_decode_gemv(layer):
             decode_out = _decode_gemv(x2, layer, bias, input_scale)
         if decode_out is not None:
             out = decode_out
@@ -324,11 +324,16 @@ class W8A8LinearMethod(LinearMethodBase):
         paths."""
         if isinstance(x, QuantizedActivation):
             return _apply_quantized_input(layer, x, bias, epilogue)
-        if not (layer.w8a8_kernel == "scaled_mm" or (layer.w8a8_kernel == "int_mm" and self.scheme.activation_symmetric)):
+        if not self._has_decode_gemv(layer):
             return None
         x2 = x.reshape(-1, x.shape[-1])
         out = _decode_gemv(x2, layer, bias, getattr(layer, "input_scale", None), epilogue)
         return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _has_decode_gemv(self, layer: nn.Module) -> bool:
+        """Whether decode rows of a plain-tensor input may take the Triton GEMV: fp8 layers,
+        and int8 ones with symmetric activations."""
+        return layer.w8a8_kernel == "scaled_mm" or (layer.w8a8_kernel == "int_mm" and self.scheme.activation_symmetric)
 
     @staticmethod
     def _weight_row_sums(layer: nn.Module) -> torch.Tensor:
