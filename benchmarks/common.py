@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -96,6 +97,48 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     result = fn()
     torch.cuda.synchronize()
     return result, time.perf_counter() - start
+
+
+def batch1_decode_rates(llm, prompt: list[int], output_len: int) -> tuple[float, float]:
+    """(decode tokens/s without the prefill, end-to-end tokens/s) of one greedy request:
+    output_len - 1 tokens in the time a full generate takes beyond a one-token one. The
+    one-token time is the fastest of three, before and after the full one, so that a stall in
+    one of them cannot skew the difference (a first run once read a negative rate). Triton
+    compiles after start-up are reported: the engine's pass should leave none."""
+    from pagedllm import SamplingParams
+
+    request = {"prompt_token_ids": prompt}
+    llm.generate(request, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
+    with late_compiles() as compiled:
+
+        def generate(max_tokens: int) -> float:
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            return timed(lambda: llm.generate(request, params, use_tqdm=False))[1]
+
+        first = [generate(1)]
+        full = generate(output_len)
+        first += [generate(1), generate(1)]
+    if compiled:
+        print(f"warning: {len(compiled)} Triton kernels compiled after the warm-up: {sorted(set(compiled))}")
+    return (output_len - 1) / (full - min(first)), output_len / full
+
+
+@contextlib.contextmanager
+def late_compiles() -> Iterator[list[str]]:
+    """Inside, every Triton compile appends its kernel's name to the yielded list."""
+    from triton import knobs
+
+    compiled: list[str] = []
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def record(*, fn, **_) -> None:
+        compiled.append(fn.name)
+
+    knobs.runtime.jit_post_compile_hook = record
+    try:
+        yield compiled
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

@@ -8,6 +8,7 @@ no call finds its weight in L2), as the engine runs them.
     PYTHONPATH=. python3 benchmarks/gemv_micro.py --fp8 --quantized-input  # rows quantized before
     PYTHONPATH=. python3 benchmarks/gemv_micro.py --sweep bf16|fp8|fp8q [--json out.json]   # tile search
     PYTHONPATH=. python3 benchmarks/gemv_micro.py --epilogues   # gate_up and qkv with and without theirs
+    PYTHONPATH=. python3 benchmarks/gemv_micro.py --activation-costs   # fp8 rows quantized in the GEMV or before
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ SHAPES = [
     ("down", 14336, 4096),
     ("lm_head", 4096, 128256),
 ]
+# Which dimension each layer splits over ranks: column-parallel layers split N, row-parallel K.
+_ROW_PARALLEL = ("o", "down")
+
+
+def rank_shapes(tensor_parallel_size: int) -> list[tuple[str, int, int]]:
+    """SHAPES as one rank of `tensor_parallel_size` holds them."""
+    return [(name, k // tensor_parallel_size, n) if name in _ROW_PARALLEL else (name, k, n // tensor_parallel_size)
+            for name, k, n in SHAPES]
+
 _CALLS_PER_GRAPH = 20
 # Weight copies rotated through: enough bytes that L2 (50 MB) holds none of them between calls.
 _ROTATION_BYTES = 256 << 20
@@ -43,7 +53,7 @@ SWEEP_CONFIGS = {
         + [GemvConfig(bn, bk, DOT_SWAPPED, 4, stages) for bn, bk in [(64, 128), (128, 128), (64, 256)] for stages in (3, 4)]
     ),
     "fp8": (
-        [GemvConfig(bn, bk, FMA, warps, stages) for bn, bk in [(16, 512), (32, 512), (32, 256), (64, 256)]
+        [GemvConfig(bn, bk, FMA, warps, stages) for bn, bk in [(8, 512), (8, 1024), (16, 512), (32, 256)]
          for warps in (4, 8) for stages in (3, 4)]
         + [GemvConfig(bn, bk, inner, 4, stages, split_k=split) for inner, bn, bk in
            [(DOT_SWAPPED, 64, 128), (DOT_SWAPPED, 64, 256), (DOT_SWAPPED, 128, 128), (DOT, 32, 128), (DOT, 64, 256)]
@@ -52,6 +62,9 @@ SWEEP_CONFIGS = {
     # fp8 rows quantized by the kernel that produced them (an RMSNorm or SiLU-and-mul): the
     # GEMV's own time only.
     "fp8q": [
+        GemvConfig(bn, bk, FMA, warps, stages) for bn, bk in [(16, 512), (32, 256), (32, 512), (8, 1024)]
+        for warps in (4, 8) for stages in (3, 4)
+    ] + [
         GemvConfig(bn, bk, DOT_SWAPPED, warps, stages, split_k=split)
         for bn, bk, warps, stages in [(64, 256, 4, 5), (64, 128, 4, 8), (128, 128, 4, 6), (32, 256, 4, 8),
                                       (64, 512, 4, 3)]
@@ -156,13 +169,50 @@ def _epilogue_costs(rows: list[int]) -> list[tuple[str, str]]:
     return table
 
 
+def _activation_costs() -> list[tuple[str, str]]:
+    """The one-row fp8 GEMV (its default tiles) on o, down and qkv with bf16 rows: activations
+    quantized in the kernel per token (a pass for the row's largest value, then a division
+    per value), with a static scale (the division only), and rows quantized before (neither):
+    where the in-kernel quantization's time goes."""
+    from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
+
+    bandwidth = measure_copy_bandwidth()
+    table = [("measured copy bandwidth", f"{bandwidth / 1e12:.2f} TB/s")]
+    for name, in_features, out_features in SHAPES:
+        if name not in ("o", "down", "qkv"):
+            continue
+        weights, scale = _weights(out_features, in_features, fp8=True)
+        x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
+        static_scale = torch.tensor([0.01], device="cuda")
+        x_q, x_scale = per_token_quant(x, torch.float8_e4m3fn)
+        variants = {
+            "per token in the kernel": lambda w: gemv(x, w, weight_scale=scale),
+            "static scale": lambda w: gemv(x, w, weight_scale=scale, input_scale=static_scale),
+            "rows quantized before": lambda w: gemv(x_q, w, weight_scale=scale, input_scale=x_scale,
+                                                    out_dtype=torch.bfloat16),
+        }
+        cells = []
+        for label, fn in variants.items():
+            seconds = graph_seconds_per_call(lambda i, fn=fn: fn(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
+            cells.append(f"{label} {seconds * 1e6:.2f} us ({out_features * in_features / seconds / bandwidth:.1%})")
+        table.append((f"fp8 {name}, M=1", ", ".join(cells)))
+        del weights
+        torch.cuda.empty_cache()
+    return table
+
+
 def _rate(fn, weights: list[torch.Tensor], num_bytes: int) -> float:
     return num_bytes / graph_seconds_per_call(lambda i: fn(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--rows", type=int, nargs="+", default=None,
+                        help="rows per call (default 1 2 4 8; with --sweep 1 4 8)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="the shapes one rank of this many holds")
+    parser.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in SHAPES], default=None,
+                        help="only these layers (default: all)")
     parser.add_argument("--fp8", action="store_true", help="fp8 weights (dynamic per-token activations)")
     parser.add_argument("--sweep", choices=sorted(SWEEP_CONFIGS), default=None,
                         help="time every tile of SWEEP_CONFIGS for bf16 or fp8 weights (fp8: also with the "
@@ -172,9 +222,16 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the sweep's timings here")
     parser.add_argument("--epilogues", action="store_true",
                         help="gate_up and qkv with and without their epilogues (SiLU-and-mul, rope)")
+    parser.add_argument("--activation-costs", action="store_true",
+                        help="one-row fp8 o, down and qkv with activations quantized in the kernel, with a static "
+                             "scale, and quantized before")
     args = parser.parse_args()
+    if args.activation_costs:
+        print_table(f"fp8 activation quantization in the GEMV, {torch.cuda.get_device_name()}", _activation_costs())
+        return
     if args.epilogues:
-        print_table(f"GEMV epilogues, Llama-3.1-8B shapes, {torch.cuda.get_device_name()}", _epilogue_costs(args.rows))
+        print_table(f"GEMV epilogues, Llama-3.1-8B shapes, {torch.cuda.get_device_name()}",
+                    _epilogue_costs(args.rows or [1, 2, 4, 8]))
         return
     # measure_copy_bandwidth counts bytes read + written; a GEMV only reads, so its limit is
     # the same bytes per second of traffic.
@@ -184,9 +241,11 @@ def main() -> None:
     worst = 1.0
     quantized_input = args.sweep == "fp8q" or (args.fp8 and args.quantized_input)
     for fp8 in ((args.sweep in ("fp8", "fp8q"),) if args.sweep else (args.fp8,)):
-        for name, in_features, out_features in SHAPES:
+        for name, in_features, out_features in rank_shapes(args.tensor_parallel_size):
+            if args.shapes and name not in args.shapes:
+                continue
             weights, scale = _weights(out_features, in_features, fp8)
-            for num_rows in ((1, 4, 8) if args.sweep else args.rows):
+            for num_rows in args.rows or ((1, 4, 8) if args.sweep else (1, 2, 4, 8)):
                 x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)
                 num_bytes = weights[0].numel() * weights[0].element_size() + x.numel() * 2 + num_rows * out_features * 2
                 label = f"{'fp8 ' if fp8 else ''}{name} {in_features}->{out_features}, M={num_rows}"
@@ -226,7 +285,8 @@ def main() -> None:
             del weights
             torch.cuda.empty_cache()
     rows_out.append(("worst shape, best kernel (target >= 90%)", f"{worst:.1%}"))
-    print_table(f"GEMV micro-benchmark, Llama-3.1-8B shapes, {torch.cuda.get_device_name()}", rows_out)
+    ranks = f", one rank of {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    print_table(f"GEMV micro-benchmark, Llama-3.1-8B shapes{ranks}, {torch.cuda.get_device_name()}", rows_out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(sweep_records, f, indent=1)

@@ -18,11 +18,11 @@ import torch
 
 from benchmarks.common import (
     LLAMA_3_1_8B,
+    batch1_decode_rates,
     kv_bytes_per_token,
     measure_copy_bandwidth,
     measure_copy_bandwidth_in_child,
     print_table,
-    timed,
     weight_bytes,
     write_config_dir,
 )
@@ -30,17 +30,14 @@ from benchmarks.common import (
 
 def decode_tokens_per_second(folder: str, prompt: list[int], output_len: int, enforce_eager: bool,
                              tensor_parallel_size: int = 1, async_scheduling: bool = True) -> tuple[float, float]:
-    from pagedllm import LLM, SamplingParams
+    from pagedllm import LLM
 
     llm = LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=8, skip_tokenizer_init=True,
               enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, async_scheduling=async_scheduling)
-    request = {"prompt_token_ids": prompt}
-    llm.generate(request, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
-    _, full = timed(lambda: llm.generate(request, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False))
-    _, first = timed(lambda: llm.generate(request, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False))
-    llm.shutdown()
-    # Decode rate without the prefill: (output_len - 1) tokens in (full - first) seconds.
-    return (output_len - 1) / (full - first), output_len / full
+    try:
+        return batch1_decode_rates(llm, prompt, output_len)
+    finally:
+        llm.shutdown()
 
 
 def main() -> None:

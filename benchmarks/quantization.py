@@ -29,6 +29,7 @@ import torch
 from benchmarks.common import (
     LLAMA_3_1_8B,
     QWEN3_0_6B,
+    batch1_decode_rates,
     kv_bytes_per_token,
     measure_copy_bandwidth,
     print_table,
@@ -85,16 +86,12 @@ def make_llm(config: dict, scheme: str, **kwargs):
 
 def latency(scheme: str, input_len: int = 128, output_len: int = 256) -> float:
     """Batch-1 decode tokens/s (prefill excluded) with CUDA graphs."""
-    from pagedllm import SamplingParams
-
     llm = make_llm(LLAMA_3_1_8B, scheme, max_model_len=1024, max_num_seqs=8)
     prompt = np.random.default_rng(0).integers(0, LLAMA_3_1_8B["vocab_size"], input_len).tolist()
-    request = {"prompt_token_ids": prompt}
-    llm.generate(request, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    _, full = timed(lambda: llm.generate(request, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False))
-    _, first = timed(lambda: llm.generate(request, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False))
-    llm.shutdown()
-    return (output_len - 1) / (full - first)
+    try:
+        return batch1_decode_rates(llm, prompt, output_len)[0]
+    finally:
+        llm.shutdown()
 
 
 def latency_limit(scheme: str, bandwidth: float, input_len: int = 128, output_len: int = 256) -> float:
