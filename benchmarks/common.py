@@ -104,7 +104,8 @@ def batch1_decode_rates(llm, prompt: list[int], output_len: int) -> tuple[float,
     output_len - 1 tokens in the time a full generate takes beyond a one-token one. The
     one-token time is the fastest of three, before and after the full one, so that a stall in
     one of them cannot skew the difference (a first run once read a negative rate). Triton
-    compiles after start-up are reported: the engine's pass should leave none."""
+    compiles after the warm-up generate are reported: the engine's start-up pass should leave
+    none."""
     from pagedllm import SamplingParams
 
     request = {"prompt_token_ids": prompt}

@@ -116,8 +116,8 @@ def _launch_shape(hidden_size: int, quantized: bool) -> tuple[int, int]:
         )
     block = triton.next_power_of_2(hidden_size)
     # ~512 elements a warp: 8 warps for a 4096 row, 1 for a 128-wide head. A quantizing norm
-    # takes half as many a warp: its IEEE divisions made a 4096 row 3.12 µs at 8 warps and
-    # 2.69 µs at 16 on the H200, where the plain norm is fastest at 8 (1.72 µs; 16: 1.79).
+    # takes half as many a warp: with IEEE division per value, a 4096 row took 3.12 µs at 8
+    # warps and 2.69 µs at 16 on the H200, where the plain norm is fastest at 8 (1.72; 16: 1.79).
     elements_per_warp = 256 if quantized else 512
     return block, max(1, min(16, block // elements_per_warp))
 

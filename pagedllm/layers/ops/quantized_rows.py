@@ -1,8 +1,8 @@
 """Per-token fp8 or int8 quantization of a row a kernel holds in registers, for kernels that
 quantize their own output (RMSNorm: layers/quantization/quantized_activation.py) and the
 GEMV. Same numbers as kernels.per_token_quant: scale = max(max|x| / qmax, 1e-12) (qmax 448 or
-127), values x / scale (rounded as IEEE division rounds), fp8: saturated to +-448 and rounded to nearest even by
-the cast; int8: rounded half to even and clamped to [-128, 127]."""
+127), values x / scale (rounded as IEEE division rounds), fp8: saturated to +-448 and rounded
+to nearest even by the cast; int8: rounded half to even and clamped to [-128, 127]."""
 
 from __future__ import annotations
 
