@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from pagedllm import envs
 from pagedllm.config import (
@@ -26,29 +26,20 @@ from pagedllm.config import (
     SchedulerConfig,
     text_config_of,
 )
+from pagedllm.engine.hf_config import (
+    apply_hf_overrides,
+    config_dtype_of,
+    derive_max_model_len,
+    read_hf_config,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
-_STR_TO_DTYPE = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf", "sharded_state")
 TOKENIZER_MODES = ("auto", "slow")
 GENERATION_CONFIG_MODES = ("auto", "vllm")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
-# Keys of config.json that may hold the context length, most specific first (vLLM's list).
-_CONTEXT_LENGTH_KEYS = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_seq_len",
-    "seq_length",
-    "max_sequence_length",
-    "model_max_length",
-)
 
 
 # vLLM's default decode batch sizes for CUDA graphs: 1, 2, 4, then every 8 up to 512.
@@ -438,86 +429,3 @@ def _check_generation_config(value: Any) -> str:
             f"generation_config={value!r} is neither 'auto', 'vllm' nor an existing folder; pass one of those."
         )
     return value
-
-
-def apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> PretrainedConfig:
-    """vLLM's `hf_overrides`: a dict merged into config.json (nested dicts into nested
-    configs such as text_config), or a callable that returns the new config."""
-    if hf_overrides is None:
-        return hf_config
-    if callable(hf_overrides):
-        result = hf_overrides(hf_config)
-        if not isinstance(result, PretrainedConfig):
-            raise ValueError(f"hf_overrides must return a PretrainedConfig, got {type(result).__name__}.")
-        return result
-    if not isinstance(hf_overrides, dict):
-        raise ValueError(
-            f"hf_overrides must be a dict (e.g. {{'rope_theta': 1e6}}) or a callable, got {hf_overrides!r}."
-        )
-    for key, value in hf_overrides.items():
-        current = getattr(hf_config, key, None)
-        if isinstance(value, dict) and isinstance(current, PretrainedConfig):
-            apply_hf_overrides(current, value)
-        else:
-            setattr(hf_config, key, value)
-    return hf_config
-
-
-def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-    """vLLM's rules for `dtype`: "auto" takes the checkpoint's dtype (config.json's
-    `torch_dtype`/`dtype`), except that a float32 (or missing) one becomes bfloat16 on a GPU
-    that supports it (float16 otherwise), since serving in float32 halves throughput; on CPU,
-    float32 and float16 checkpoints stay float32 (CPUs lack fast float16 kernels) and bfloat16
-    stays bfloat16. An explicit dtype is used as given."""
-    if isinstance(requested, torch.dtype):
-        return requested
-    if requested != "auto":
-        if requested not in _STR_TO_DTYPE:
-            raise ValueError(
-                f"dtype={requested!r} is not supported; use one of "
-                f"'auto', {', '.join(repr(k) for k in _STR_TO_DTYPE)}."
-            )
-        return _STR_TO_DTYPE[requested]
-    if device.type == "cuda":
-        if config_dtype in (torch.float16, torch.bfloat16):
-            return config_dtype
-        # Planning without a GPU (`pagedllm plan`) assumes a current one, with bfloat16.
-        return torch.bfloat16 if torch.cuda.device_count() == 0 or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if config_dtype == torch.bfloat16 else torch.float32
-
-
-def config_dtype_of(hf_config: PretrainedConfig) -> torch.dtype | None:
-    # transformers 5 calls it `dtype`; reading the old `torch_dtype` alias only warns.
-    value = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
-    if isinstance(value, str):
-        return _STR_TO_DTYPE.get(value)
-    return value if isinstance(value, torch.dtype) else None
-
-
-def derive_max_model_len(hf_config: PretrainedConfig) -> int:
-    """The model's context length from config.json (the smallest of the keys present)."""
-    hf_config = text_config_of(hf_config)
-    lengths = [
-        int(value)
-        for key in _CONTEXT_LENGTH_KEYS
-        if isinstance(value := getattr(hf_config, key, None), (int, float)) and value > 0
-    ]
-    return min(lengths) if lengths else 2048
-
-
-def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bool, revision: str | None) -> PretrainedConfig:
-    if gguf_file is not None:
-        from pagedllm.model_loader.gguf import load_gguf_config
-
-        return load_gguf_config(gguf_file)
-    config_path = os.path.join(model_path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"model={model_path!r} has no config.json: pass a model folder or hub id.")
-    from pagedllm.models.registry import read_remote_code_config
-
-    # Remote-code checkpoints whose model pagedllm implements (InternVL2's InternVLChatModel)
-    # are read without their code.
-    native = read_remote_code_config(config_path)
-    if native is not None:
-        return native
-    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)

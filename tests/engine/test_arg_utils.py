@@ -7,7 +7,6 @@ import torch
 import transformers
 
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.config_builder import resolve_dtype
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +19,6 @@ def bf16_checkpoint(tmp_path_factory):
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(path)
     return path
-
-
-def test_auto_dtype_follows_vllm_rules():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
-    assert resolve_dtype("auto", torch.float32, cpu) == torch.float32
-    assert resolve_dtype("auto", torch.float16, cpu) == torch.float32
-    assert resolve_dtype("auto", torch.float16, cuda) == torch.float16
-    assert resolve_dtype("half", torch.float32, cpu) == torch.float16
-    with pytest.raises(ValueError, match="dtype='int3'"):
-        resolve_dtype("int3", None, cpu)
 
 
 def test_max_model_len_defaults_to_context_and_larger_is_an_error(bf16_checkpoint):
