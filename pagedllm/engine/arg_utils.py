@@ -133,12 +133,16 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> EngineArgs:
         """The options given on the command line; the others keep their defaults."""
-        given = {
+        return cls(**cls.given_cli_options(namespace))
+
+    @classmethod
+    def given_cli_options(cls, namespace: argparse.Namespace) -> dict[str, Any]:
+        """The engine options of `add_cli_args` that the command line gave, by name."""
+        return {
             option.name: getattr(namespace, option.name)
             for option in dataclasses.fields(cls)
             if getattr(namespace, option.name, None) is not None
         }
-        return cls(**given)
 
     def create_engine_config(self) -> EngineConfig:
         """Builds and validates every config; a bad value is a ValueError naming the option."""

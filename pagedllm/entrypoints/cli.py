@@ -95,23 +95,15 @@ def _add_chat_parser(commands: Any) -> Runner:
 
 
 def _add_save_sharded_parser(commands: Any) -> Runner:
-    save = commands.add_parser(
-        "save-sharded",
-        help="save each tensor-parallel rank's weights to its own files (load_format='sharded_state')",
-    )
+    help_text = "save each tensor-parallel rank's weights to its own files (load_format='sharded_state')"
+    save = commands.add_parser("save-sharded", help=help_text, description=help_text)
     _add_debug_flag(save)
-    save.add_argument("--model", required=True, help="model folder or hub id")
-    save.add_argument("--tensor-parallel-size", type=int, required=True, help="number of ranks to split into")
     save.add_argument("--output", required=True, help="folder to write (new or empty)")
     save.add_argument("--max-file-size", type=int, default=None,
                       help="largest file in bytes (default 5 GiB); a rank's state is split into parts")
-    save.add_argument("--dtype", type=str, default=None, help="auto | float32 | bfloat16 | float16")
-    save.add_argument("--load-format", type=str, default=None, help="auto | safetensors | pt")
-    save.add_argument("--distributed-executor-backend", type=str, default=None, help="mp (default) | ray | uni")
-    save.add_argument("--revision", type=str, default=None, help="hub revision of the model")
-    save.add_argument("--download-dir", type=str, default=None, help="hub cache folder")
-    save.add_argument("--device", type=str, default=None, help="auto | cuda | cpu")
-    save.add_argument("--trust-remote-code", action="store_true", default=None)
+    # Every engine option, as vLLM's save_sharded_state takes them: --model and
+    # --tensor-parallel-size, and what the saved state must keep (--quantization fp8, ...).
+    EngineArgs.add_cli_args(save)
     return run_save_sharded
 
 
@@ -227,11 +219,16 @@ def _user_messages() -> Any:
 def run_save_sharded(args: argparse.Namespace) -> int:
     from pagedllm.entrypoints.save_sharded import save_sharded_checkpoint
 
-    names = ("dtype", "load_format", "distributed_executor_backend", "revision", "download_dir", "device", "trust_remote_code")
-    kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    save_sharded_checkpoint(args.model, args.output, args.tensor_parallel_size, args.max_file_size, **kwargs)
-    print(f"Saved {args.tensor_parallel_size} rank(s) of {args.model} to {args.output}; load it with "
-          f"LLM(model={args.output!r}, load_format='sharded_state', tensor_parallel_size={args.tensor_parallel_size}).")
+    options = EngineArgs.given_cli_options(args)
+    model = options.pop("model", None)
+    if model is None:
+        raise ValueError("save-sharded needs --model: the model folder or hub id to split.")
+    tensor_parallel_size = options.pop("tensor_parallel_size", 1)
+    save_sharded_checkpoint(model, args.output, tensor_parallel_size, args.max_file_size, **options)
+    kept = "".join(f", {name}={options[name]!r}" for name in ("quantization", "kv_cache_dtype") if name in options)
+    print(f"Saved {tensor_parallel_size} rank(s) of {model} to {args.output}; load it with "
+          f"LLM(model={args.output!r}, load_format='sharded_state', tensor_parallel_size={tensor_parallel_size}"
+          f"{kept}).")
     return 0
 
 

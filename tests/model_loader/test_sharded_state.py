@@ -97,3 +97,6 @@ def test_sharded_state_errors_name_the_fix(tmp_path, capsys):
         main(["save-sharded", "--model", str(source), "--tensor-parallel-size", "1", "--output", str(source),
               "--distributed-executor-backend", "uni"])
     assert "is the model folder itself" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["save-sharded", "--output", str(tmp_path / "other")])
+    assert "save-sharded needs --model" in capsys.readouterr().err

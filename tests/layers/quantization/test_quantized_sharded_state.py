@@ -42,3 +42,23 @@ def test_sharded_state_keeps_quantized_weights_and_scales(tiny_checkpoints, tmp_
         assert saved["model.layers.1.self_attn.attn.v_scale"].item() == pytest.approx(0.03)
     loaded = LLM(str(output), load_format="sharded_state", **COMMON, **options)
     assert engine_prompt_logprobs(loaded) == expected
+
+
+def test_the_save_sharded_command_takes_the_quantization_option(tiny_checkpoints, tmp_path, capsys) -> None:
+    """`pagedllm save-sharded --quantization fp8` (every engine option, as vLLM's
+    save_sharded_state takes them) saves the fp8 weights, and prints a load line that keeps
+    the option."""
+    from pagedllm.entrypoints.cli import main
+
+    source = tiny_checkpoints["llama"]
+    output = tmp_path / "sharded"
+    assert main(["save-sharded", "--model", str(source), "--quantization", "fp8", "--dtype", "float32",
+                 "--output", str(output), "--distributed-executor-backend", "uni"]) == 0
+    assert "quantization='fp8'" in capsys.readouterr().out
+    saved = {}
+    for path in glob.glob(str(output / "model-rank-0-part-*.safetensors")):
+        saved.update(load_file(path))
+    assert saved["model.layers.0.self_attn.qkv_proj.weight"].dtype == torch.float8_e4m3fn
+    expected = engine_prompt_logprobs(LLM(str(source), quantization="fp8", **COMMON))
+    loaded = LLM(str(output), load_format="sharded_state", quantization="fp8", **COMMON)
+    assert engine_prompt_logprobs(loaded) == expected
