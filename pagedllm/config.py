@@ -158,6 +158,11 @@ class CacheConfig:
     """KV cache element type: "auto" (the model dtype) or "fp8" (float8_e4m3fn with per-layer
     key and value scales from the checkpoint, else 1.0)."""
 
+    def element_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type for a model computing in `model_dtype` (what the
+        engine allocates and what the memory plan counts)."""
+        return torch.float8_e4m3fn if self.cache_dtype == "fp8" else model_dtype
+
 
 @dataclass(frozen=True)
 class ParallelConfig:

@@ -78,7 +78,9 @@ def render_plan(plan: MemoryPlan, gpu_memory: int | None) -> str:
     where = (f"GPU of {format_gib(gpu_memory or 0)}" if plan.device == "cuda" else "CPU")
     lines = [
         f"Memory plan per rank ({plan.tensor_parallel_size} rank(s), {where}, dtype {plan.dtype}"
-        f"{', quantization ' + plan.quantization if plan.quantization else ''}; weights from {plan.weights_source}):",
+        f"{', quantization ' + plan.quantization if plan.quantization else ''}"
+        f"{', KV cache ' + plan.kv_cache_dtype if plan.kv_cache_dtype != plan.dtype else ''}; "
+        f"weights from {plan.weights_source}):",
         f"  budget                 {format_gib(plan.budget_bytes)}",
         f"  weights                {format_gib(plan.weights_bytes)}  ("
         + ", ".join(f"{name} {format_gib(size)}" for name, size in sorted(plan.weights_bytes_by_dtype.items())) + ")",

@@ -51,6 +51,8 @@ class MemoryPlan:
     non_torch_bytes: int
     cuda_graph_bytes: int
     kv_bytes_per_token: int
+    kv_cache_dtype: str
+    """The KV cache's element type ("bfloat16", "float8_e4m3fn", ...)."""
     max_model_len: int
     max_num_seqs: int
     kv: KVCacheSizing
@@ -134,6 +136,7 @@ def _plan(
         non_torch_bytes=non_torch,
         cuda_graph_bytes=graph,
         kv_bytes_per_token=block_bytes // cache_config.block_size,
+        kv_cache_dtype=str(cache_config.element_dtype(model_config.dtype)).removeprefix("torch."),
         max_model_len=model_config.max_model_len,
         max_num_seqs=scheduler_config.max_num_seqs,
         kv=kv,
@@ -146,7 +149,8 @@ def kv_block_bytes(config: EngineConfig) -> int:
     model_config = config.model_config
     tp_size = config.parallel_config.tensor_parallel_size
     # Fewer KV heads than ranks: each rank holds one replicated head.
-    spec = KVCacheSpec(max(1, model_config.num_key_value_heads // tp_size), model_config.head_dim, model_config.dtype)
+    spec = KVCacheSpec(max(1, model_config.num_key_value_heads // tp_size), model_config.head_dim,
+                       config.cache_config.element_dtype(model_config.dtype))
     return model_config.num_hidden_layers * spec.page_size_bytes(config.cache_config.block_size)
 
 

@@ -73,9 +73,10 @@ class ModelRunner:
 
             offload_weights_to_cpu(self.model, self.config.load_config.cpu_offload_bytes, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        if self.config.cache_config.cache_dtype == "fp8":
+        kv_cache_dtype = self.config.cache_config.element_dtype(self.model_config.dtype)
+        if kv_cache_dtype != self.model_config.dtype:
             for layer in self.attention_layers:
-                layer.set_kv_cache_dtype(torch.float8_e4m3fn)
+                layer.set_kv_cache_dtype(kv_cache_dtype)
         if supports_multimodal(self.model):
             self.mm_runner = MultiModalRunner(self.model, self.device)
 

@@ -34,6 +34,7 @@ def _plan(model: Path | str, **kwargs) -> MemoryPlan:
     ("family", "tied", "engine_kwargs"),
     [
         ("llama", False, dict(kv_cache_memory_bytes=3 << 20)),
+        ("llama", False, dict(kv_cache_memory_bytes=3 << 20, kv_cache_dtype="fp8")),  # twice the tokens
         ("qwen2", False, dict(kv_cache_memory_bytes=1 << 20, block_size=32)),
         ("qwen3", True, dict(max_num_seqs=4, max_model_len=200)),  # capped, default CPU budget
     ],
@@ -149,6 +150,10 @@ def test_gpu_plan_of_a_real_size_model_names_the_settings_that_would_fit(tmp_pat
     text = "\n".join(plan.suggestions)
     assert f"max_model_len={plan.kv.budget_blocks * 16}" in text
     assert "tensor_parallel_size=2" in text and "quantization='fp8'" in text
+    fp8_cache = EngineArgs.from_kwargs(str(tmp_path), load_format="dummy", kv_cache_dtype="fp8")
+    fp8_plan = plan_memory(fp8_cache.create_planning_config("cuda"), parse_bytes("24GiB"))
+    assert fp8_plan.kv_bytes_per_token == plan.kv_bytes_per_token // 2
+    assert fp8_plan.kv_cache_dtype == "float8_e4m3fn" and plan.kv_cache_dtype == "bfloat16"
     roomy = plan_memory(config, parse_bytes("80GiB"))
     assert roomy.fits and roomy.kv.num_tokens > 131072
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 << 20
