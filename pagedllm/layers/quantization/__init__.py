@@ -23,6 +23,9 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "gptq": "pagedllm.layers.quantization.gptq:GPTQConfig",
     "awq": "pagedllm.layers.quantization.awq:AWQConfig",
 }
+# vLLM's names for its Marlin kernels of the same checkpoint formats, which vLLM users pass as
+# quantization=; here they run pagedllm's own kernels for that format.
+_KERNEL_NAMES = {"gptq-marlin": "gptq", "awq-marlin": "awq"}
 
 
 def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
@@ -48,6 +51,10 @@ def resolve_quantization(requested: str | None, hf_config: Any) -> str | None:
     if requested is None:
         return checkpoint_method
     name = str(requested).lower().replace("_", "-")
+    if name in _KERNEL_NAMES:
+        logger.info("quantization=%r: the %r checkpoint format, run by pagedllm's own kernels.", requested,
+                    _KERNEL_NAMES[name])
+        name = _KERNEL_NAMES[name]
     if name not in QUANTIZATION_METHODS:
         raise ValueError(
             f"quantization={requested!r} is not supported; use one of "
