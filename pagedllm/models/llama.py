@@ -91,13 +91,12 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         # Decode rows on the GPU: the rope in the qkv GEMV's epilogue (one launch), for families
         # that apply it straight to the projection.
-        qkv = None
+        rotated = None
         if self.rope_in_projection:
-            qkv = self.qkv_proj.forward_rotated(hidden_states, self.rotary_emb, positions)
-        if qkv is not None:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        else:
-            q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            rotated = self.qkv_proj.forward_rotated(hidden_states, self.rotary_emb, positions)
+        qkv = rotated if rotated is not None else self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if rotated is None:
             q, k = self.position_encode(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
