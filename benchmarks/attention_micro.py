@@ -1,12 +1,14 @@
-"""Micro-benchmark of the TRITON_PAGED kernels on Qwen3-0.6B-like heads (16 q, 8 kv, D 128).
+"""Micro-benchmark of the TRITON_PAGED kernels on Qwen3-0.6B-like heads (16 q, 8 kv, D 128), or
+Llama-3.1-8B's (32 q, 8 kv) with --model llama.
 
-Decode: achieved GB/s of KV read (each request's K and V read once) against a device-to-device
-copy measured in the same run (bytes read + written). Each timing is the median of CUDA-graph
-replays; inputs rotate over enough independent caches to exceed L2, and the cache holds random
-data with shuffled block ids. Prefill: TFLOP/s of causal attention (4 * D * H * visible pairs),
-with torch's SDPA (flash, contiguous K/V) beside it.
+Decode, launched as the engine launches it (the backend's split count, splits merged by the last
+to finish): achieved GB/s of KV read (each request's K and V read once) against a
+device-to-device copy measured in the same run (bytes read + written). Each timing is the
+median of CUDA-graph replays; inputs rotate over enough independent caches to exceed L2, and
+the cache holds random data with shuffled block ids. Prefill: TFLOP/s of causal attention
+(4 * D * H * visible pairs), with torch's SDPA (flash, contiguous K/V) beside it.
 
-    python benchmarks/attention_micro.py [--sweep] [--json PATH]
+    python benchmarks/attention_micro.py [--sweep] [--model llama] [--batches 1 64] [--contexts 4096 32768] [--json PATH]
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pagedllm.layers.attention.ops.common import TileConfig
 from pagedllm.layers.attention.ops.decode_attention import DecodeConfig, decode_config, paged_decode_attention
 from pagedllm.layers.attention.ops.prefill_attention import paged_prefill_attention
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 16, 8, 128, 16
+NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 8, 128, 16
+NUM_HEADS_BY_MODEL = {"qwen3": 16, "llama": 32}
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
 ELEM = 2
@@ -46,14 +49,15 @@ def read_bandwidth() -> float:
     return 2**31 / seconds
 
 
-def decode_case(batch: int, context: int, configs: list[tuple[str, DecodeConfig, int]]) -> list[dict]:
+def decode_case(batch: int, context: int, configs: list[tuple[str, DecodeConfig, int]],
+                split_counters: torch.Tensor, num_heads: int) -> list[dict]:
     kv_bytes = batch * context * NUM_KV_HEADS * HEAD_SIZE * ELEM * 2
     num_sets = max(1, -(-4 * L2_BYTES // kv_bytes))
     blocks_per_req = context // BLOCK_SIZE
     num_blocks = num_sets * batch * blocks_per_req
     kv_cache = torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
     tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_sets, batch, blocks_per_req)
-    query = torch.randn(num_sets, batch, NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
+    query = torch.randn(num_sets, batch, num_heads, HEAD_SIZE, dtype=DTYPE, device="cuda")
     out = torch.empty_like(query)
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
@@ -63,7 +67,7 @@ def decode_case(batch: int, context: int, configs: list[tuple[str, DecodeConfig,
             s = i % num_sets
             paged_decode_attention(
                 out[s], query[s], kv_cache, tables[s], query_start_loc, seq_lens, batch,
-                HEAD_SIZE**-0.5, num_splits, config=config,
+                HEAD_SIZE**-0.5, num_splits, config=config, split_counters=split_counters,
             )
 
         seconds = graph_seconds_per_call(fn, num_sets)
@@ -74,19 +78,19 @@ def decode_case(batch: int, context: int, configs: list[tuple[str, DecodeConfig,
 
 
 def prefill_case(
-    query_len: int, context: int, configs: list[TileConfig | None], head_size: int = HEAD_SIZE
+    query_len: int, context: int, configs: list[TileConfig | None], num_heads: int, head_size: int = HEAD_SIZE
 ) -> list[dict]:
     seq_len = query_len + context
     blocks = -(-seq_len // BLOCK_SIZE)
     kv_cache = torch.randn(2, blocks, BLOCK_SIZE, NUM_KV_HEADS, head_size, dtype=DTYPE, device="cuda")
     table = torch.randperm(blocks, device="cuda").to(torch.int32)[None]
-    query = torch.randn(query_len, NUM_HEADS, head_size, dtype=DTYPE, device="cuda")
+    query = torch.randn(query_len, num_heads, head_size, dtype=DTYPE, device="cuda")
     out = torch.empty_like(query)
     qsl = torch.tensor([0, query_len], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([seq_len], dtype=torch.int32, device="cuda")
 
     pairs = query_len * context + query_len * (query_len + 1) / 2
-    flops = 4 * pairs * head_size * NUM_HEADS
+    flops = 4 * pairs * head_size * num_heads
     rows = []
     for config in configs:
         def ours(i: int) -> None:
@@ -118,8 +122,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="--sweep-decode and --sweep-prefill")
     parser.add_argument("--sweep-decode", action="store_true", help="also try other decode tiles and split counts")
     parser.add_argument("--sweep-prefill", action="store_true", help="also try other prefill tiles and head sizes")
+    parser.add_argument("--model", choices=sorted(NUM_HEADS_BY_MODEL), default="qwen3", help="query heads")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    num_heads = NUM_HEADS_BY_MODEL[args.model]
     sweep_decode = args.sweep or args.sweep_decode
     sweep_prefill = args.sweep or args.sweep_prefill
     from pagedllm.layers.attention.backends.triton_paged import TritonPagedAttention
@@ -129,8 +137,8 @@ def main() -> None:
     copy_bps = copy_bandwidth()
     read_bps = read_bandwidth()
     rows: list[dict] = []
-    for batch in (1, 64):
-        for context in (4096, 32768):
+    for batch in args.batches:
+        for context in args.contexts:
             auto = backend.num_decode_splits(batch, NUM_KV_HEADS, device)
             default = decode_config(HEAD_SIZE, DTYPE)
             configs = [("default", default, auto)]
@@ -142,21 +150,21 @@ def main() -> None:
                     configs.append(("default", default, min(splits, 128)))
                 for bn, warps, stages in ((128, 4, 3), (64, 8, 3), (32, 4, 4), (128, 8, 2), (64, 4, 4)):
                     configs.append((f"n{bn}w{warps}s{stages}", DecodeConfig(bn, warps, stages), auto))
-            rows += decode_case(batch, context, configs)
+            rows += decode_case(batch, context, configs, backend.split_counters(device), num_heads)
             torch.cuda.empty_cache()
     prefill_configs: list[TileConfig | None] = [None]
     if sweep_prefill:
         prefill_configs += [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3),
                             TileConfig(64, 32, 4, 3), TileConfig(64, 64, 4, 4)]
     for query_len, context in ((8192, 0), (2048, 30720)):
-        rows += prefill_case(query_len, context, prefill_configs)
+        rows += prefill_case(query_len, context, prefill_configs, num_heads)
     if sweep_prefill:
         other_head_sizes = {
             64: [None, TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3), TileConfig(64, 128, 4, 3)],
             256: [None, TileConfig(64, 32, 4, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 2)],
         }
         for head_size, configs in other_head_sizes.items():
-            rows += prefill_case(8192, 0, configs, head_size)
+            rows += prefill_case(8192, 0, configs, num_heads, head_size)
 
     print(f"\ncopy bandwidth (read+write): {copy_bps / 1e9:.0f} GB/s, read-only (sum): {read_bps / 1e9:.0f} GB/s "
           f"on {torch.cuda.get_device_name()}")

@@ -32,7 +32,9 @@ def decode_tokens_per_second(folder: str, prompt: list[int], output_len: int, en
                              tensor_parallel_size: int = 1, async_scheduling: bool = True) -> tuple[float, float]:
     from pagedllm import LLM
 
-    llm = LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=8, skip_tokenizer_init=True,
+    max_model_len = max(1024, len(prompt) + output_len)
+    llm = LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=8,
+              skip_tokenizer_init=True,
               enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, async_scheduling=async_scheduling)
     try:
         return batch1_decode_rates(llm, prompt, output_len)

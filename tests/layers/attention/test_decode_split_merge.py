@@ -15,11 +15,11 @@ from pagedllm.layers.attention.ops.decode_attention import decode_config, paged_
 
 torch.manual_seed(0)
 num_heads, num_kv_heads, head_size, block_size = 4, 2, 16, 4
-seq_lens = [3, 13, 30]
-num_blocks = 32
+seq_lens = [3, 13, 30, 200]
+num_blocks = 96
 kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_size)
 blocks = torch.randperm(num_blocks)
-block_table = torch.zeros(len(seq_lens), 8, dtype=torch.int32)
+block_table = torch.zeros(len(seq_lens), 64, dtype=torch.int32)
 cursor = 0
 for row, length in enumerate(seq_lens):
     count = -(-length // block_size)
@@ -42,10 +42,11 @@ for row, length in enumerate(seq_lens):
         expected[row, head] = weights @ values[:, kv]
 
 counters = torch.zeros(64, dtype=torch.int32)
-# 8-key tiles, so that 13 and 30 keys really split (2 and 4 splits hold keys; the default
-# float32 tile of 32 keys would give every context one).
+# 8-key tiles, so that 13 and up keys really split (the default float32 tile of 32 keys would
+# give the short contexts one). In 32 splits 3 keys hold one (written directly, the others
+# returning at once), 13 keys 2, 30 keys 4 and 200 keys 25: two groups of the fused merge's 16.
 config = dataclasses.replace(decode_config(head_size, query.dtype), block_n=8)
-for num_splits in (1, 4, 8):
+for num_splits in (1, 4, 8, 32):
     for fused in (False, True):
         out = torch.full_like(query, float("nan"))
         paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,
@@ -59,7 +60,7 @@ last = torch.tensor(seq_lens) - 1
 slot_mapping = block_table[torch.arange(len(seq_lens)), last // block_size].long() * block_size + last % block_size
 pages, offsets = slot_mapping // block_size, slot_mapping % block_size
 new_keys, new_values = kv_cache[0, pages, offsets].clone(), kv_cache[1, pages, offsets].clone()
-for num_splits in (1, 4, 8):
+for num_splits in (1, 4, 8, 32):
     kv_cache[:, pages, offsets] = float("nan")
     out = torch.full_like(query, float("nan"))
     paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, lens, len(seq_lens), scale,

@@ -38,7 +38,7 @@ MAX_HEAD_SIZE = 256
 # tl.dot needs an inner dimension of at least 16.
 MIN_HEAD_SIZE = 16
 # (request, KV head) pairs whose decode splits can merge themselves; splits > 1 only happen
-# below 4 x num_sms pairs (choose_num_splits), so larger batches never need more.
+# below 2 x num_sms pairs (choose_num_splits), so larger batches never need more.
 _SPLIT_COUNTER_SLOTS = 4096
 
 
@@ -59,14 +59,14 @@ class TritonPagedAttention:
             )
         self.sliding_window = sliding_window
         self.max_decode_splits = max_decode_splits
-        # The decode splits' arrival counters (zeroed once; the kernel leaves them zeroed).
         self._split_counters: dict[torch.device, torch.Tensor] = {}
 
     def num_decode_splits(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
         """Splits used for a decode batch of num_reqs (padded) requests on device."""
         return choose_num_splits(num_reqs, num_kv_heads, num_sms(device), self.max_decode_splits)
 
-    def _counters(self, device: torch.device) -> torch.Tensor:
+    def split_counters(self, device: torch.device) -> torch.Tensor:
+        """The decode splits' arrival counters on device (zeroed once; the kernel leaves them zeroed)."""
         if device not in self._split_counters:
             self._split_counters[device] = torch.zeros(_SPLIT_COUNTER_SLOTS, dtype=torch.int32, device=device)
         return self._split_counters[device]
@@ -136,7 +136,7 @@ class TritonPagedAttention:
                 paged_decode_attention(
                     out, query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.num_reqs,
                     scale, num_splits, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
-                    split_counters=self._counters(query.device),
+                    split_counters=self.split_counters(query.device),
                     new_kv=(key, value, md.slot_mapping), write_new_kv=decode_only,
                 )
         if md.num_actual_tokens < num_tokens:

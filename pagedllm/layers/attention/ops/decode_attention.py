@@ -18,11 +18,14 @@ import triton.language as tl
 
 from pagedllm.layers.attention.ops.common import LOG2_E, dot_precision
 
-MAX_NUM_SPLITS = 64
+MAX_NUM_SPLITS = 32
 """Upper bound on splits; also bounds the partial-result buffers (num_reqs x heads x splits)."""
 
-# Enough programs for several resident per SM; more only adds merge traffic.
-_PROGRAMS_PER_SM = 4
+# Programs per SM that choose_num_splits aims for. More add merge work without adding
+# bandwidth: on an H200 (Llama-3.1-8B heads, 256-16k keys, batch 1-32) half of the splits that
+# 4 per SM (and a cap of 64) gave was as fast or faster at every batch size, e.g. batch 8 at 4k
+# keys 41.3 us against 46.4 us, batch 1 at 4k 13.8 us against 15.8 us (BENCHMARKS.md).
+_PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +36,9 @@ class DecodeConfig:
 
 
 def decode_config(head_size: int, dtype: torch.dtype) -> DecodeConfig:
-    """Tiles of keys per loop iteration: 16-32 KiB of K+V per stage. Four stages measured
-    best or within noise on an H100 (Qwen3-0.6B heads, batch 1 and 64, 4k and 32k context)."""
+    """Tiles of keys per loop iteration: 16-32 KiB of K+V per stage. Four stages measured best
+    or within noise on an H100 (Qwen3-0.6B heads, batch 1 and 64, 4k and 32k context) and on an
+    H200 (Llama-3.1-8B heads, batch 1-32, 256-16k keys: two stages were up to 12% slower)."""
     block_d = triton.next_power_of_2(head_size)
     block_n = 64 if block_d <= 128 else 32
     if dtype == torch.float32:
@@ -43,7 +47,7 @@ def decode_config(head_size: int, dtype: torch.dtype) -> DecodeConfig:
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = MAX_NUM_SPLITS) -> int:
-    """A power of two such that num_reqs * num_kv_heads * splits fills the GPU a few times.
+    """A power of two such that num_reqs * num_kv_heads * splits fills the GPU about twice.
 
     Depends only on the (padded) batch size, the head count and the device, never on
     sequence lengths: that is what makes the decode grid static under CUDA graphs."""
@@ -94,6 +98,8 @@ def _paged_decode_kernel(
     head_size,
     QUERIES_PER_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    MERGE_ROWS: tl.constexpr,
+    MERGE_GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -117,10 +123,13 @@ def _paged_decode_kernel(
     the split that reads their position, which then reads them back like any other key, so
     a decode-only step launches no cache-write kernel. 0: reshape_and_cache has written them.
     Grid: (num_reqs, num_kv_heads, num_splits); requests whose query length is not 1 exit.
-    The split covers keys [start + split * chunk, start + (split + 1) * chunk), chunk =
-    (seq_len - start) / num_splits rounded up to BLOCK_N; start is 0, or with USE_WINDOW
-    seq_len - window (sliding window). Bytes: 2 * keys * head_size * elem per (request, KV
-    head), the visible KV read once; FLOPs: 4 * keys * head_size per query head (negligible).
+    The split covers keys [start + split * chunk, start + (split + 1) * chunk) of the span
+    [start, seq_len), chunk = span / num_splits rounded up to BLOCK_N; start is 0, or with
+    USE_WINDOW seq_len - window (sliding window). Short spans leave splits past their end
+    empty: only the num_active = ceil(span / chunk) splits that hold keys are merged. With
+    FUSED_MERGE the others return at once, and a span that one split holds is written to out
+    directly. Bytes: 2 * keys * head_size * elem per (request, KV head), the visible KV read
+    once; FLOPs: 4 * keys * head_size per query head (negligible).
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -135,7 +144,11 @@ def _paged_decode_kernel(
         range_start = tl.maximum(seq_len - window, 0)
     else:
         range_start = 0
-    chunk = tl.cdiv(tl.cdiv(seq_len - range_start, num_splits), BLOCK_N) * BLOCK_N
+    span = seq_len - range_start
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    num_active = tl.cdiv(span, chunk)
+    if FUSED_MERGE & (split >= num_active):
+        return
     split_start = range_start + split * chunk
     split_end = tl.minimum(split_start + chunk, seq_len)
 
@@ -185,7 +198,7 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if num_splits == 1:
+    if (num_splits == 1) | (FUSED_MERGE & (num_active == 1)):
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(
             out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
@@ -193,8 +206,8 @@ def _paged_decode_kernel(
             mask=row_valid[:, None] & dim_valid[None, :],
         )
     else:
-        # Empty splits (short contexts) still write m = -inf, l = 0, acc = 0, so the merge
-        # never reads uninitialised memory.
+        # Without FUSED_MERGE the splits past the context still write m = -inf, l = 0, acc = 0,
+        # so the merge kernel, which reads every split, never reads uninitialised memory.
         part_row = (req.to(tl.int64) * num_heads + heads) * num_splits + split
         tl.store(part_max_ptr + part_row, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
@@ -205,17 +218,17 @@ def _paged_decode_kernel(
         )
         if FUSED_MERGE:
             # acq_rel: this split's partials are visible before the count, and the last split
-            # sees every other split's partials after it.
+            # sees every other split's partials after it. Only the active splits count.
             counter = split_counter_ptr + req * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_active - 1:
                 tl.atomic_xchg(counter, 0)
-                # Splits past the context are empty (m = -inf, l = 0): adding them changes nothing.
-                num_active = tl.cdiv(seq_len - range_start, chunk)
-                first_row = (req.to(tl.int64) * num_heads + heads) * num_splits
+                merge_heads = kv_head * QUERIES_PER_KV + tl.arange(0, MERGE_ROWS)
+                merge_valid = tl.arange(0, MERGE_ROWS) < QUERIES_PER_KV
                 _merge_splits(
-                    out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
-                    part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_active, head_size, dims,
-                    row_valid[:, None] & dim_valid[None, :], row_valid,
+                    out_ptr + q_start.to(tl.int64) * stride_out_token + merge_heads[:, None] * stride_out_head
+                    + dims[None, :],
+                    part_out_ptr, part_max_ptr, part_sum_ptr, (req.to(tl.int64) * num_heads + merge_heads) * num_splits,
+                    num_active, head_size, dims, dim_valid, merge_valid, MERGE_GROUP,
                 )
 
 
@@ -238,26 +251,34 @@ def _write_new_kv(key_row, value_row, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_s
 
 @triton.jit
 def _merge_splits(out_ptrs, part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_splits, head_size, dims,
-                  out_mask, row_mask):
+                  dim_valid, row_valid, GROUP: tl.constexpr):
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s, over the
     splits [first_row, first_row + num_splits) of each row (a [ROWS] tensor of part rows).
-    Loads bypass L1 (.cg): the partials were written by other programs."""
-    m_max = tl.load(part_max_ptr + first_row, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-    for s in range(1, num_splits):
-        m_max = tl.maximum(m_max, tl.load(part_max_ptr + first_row + s, mask=row_mask, other=float("-inf"),
-                                          cache_modifier=".cg"))
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.zeros_like(m_max)
-    acc = tl.zeros(out_mask.shape, dtype=tl.float32)
-    for s in range(0, num_splits):
-        weight = tl.math.exp2(tl.load(part_max_ptr + first_row + s, mask=row_mask, other=float("-inf"),
-                                      cache_modifier=".cg") - m_max)
-        total += weight * tl.load(part_sum_ptr + first_row + s, mask=row_mask, other=0.0, cache_modifier=".cg")
-        part = tl.load(part_out_ptr + (first_row + s)[:, None] * head_size + dims[None, :], mask=out_mask, other=0.0,
-                       cache_modifier=".cg")
-        acc += part * weight[:, None]
-    total = tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=out_mask)
+    One online pass, GROUP splits a step: their loads are independent, so the merge waits for
+    memory once per GROUP splits rather than twice per split. Loads bypass L1 (.cg): the
+    partials were written by other programs."""
+    m_run = tl.full(row_valid.shape, float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros(row_valid.shape, dtype=tl.float32)
+    acc = tl.zeros([row_valid.shape[0], dims.shape[0]], dtype=tl.float32)
+    for group_start in range(0, num_splits, GROUP):
+        splits = group_start + tl.arange(0, GROUP)
+        rows = first_row[:, None] + splits[None, :]
+        valid = row_valid[:, None] & (splits < num_splits)[None, :]
+        m_s = tl.load(part_max_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_sum_ptr + rows, mask=valid, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_out_ptr + rows[:, :, None] * head_size + dims[None, None, :],
+                       mask=valid[:, :, None] & dim_valid[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m_s, 1))
+        # A row no split has seen yet keeps m = -inf; 0 stands in so no weight is NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_ref)
+        weight = tl.math.exp2(m_s - m_ref[:, None])
+        l_run = l_run * alpha + tl.sum(weight * l_s, 1)
+        acc = acc * alpha[:, None] + tl.sum(part * weight[:, :, None], 1)
+        m_run = m_new
+    l_run = tl.where(l_run == 0.0, 1.0, l_run)
+    tl.store(out_ptrs, (acc / l_run[:, None]).to(out_ptrs.dtype.element_ty),
+             mask=row_valid[:, None] & dim_valid[None, :])
 
 
 @triton.jit
@@ -355,6 +376,8 @@ def paged_decode_attention(
     block_d = triton.next_power_of_2(head_size)
     # tl.dot needs at least 16 rows; the padding rows cost tensor-core time only.
     block_m = max(16, triton.next_power_of_2(queries_per_kv))
+    # The merge has no tl.dot, so it holds only the KV head's own query heads.
+    merge_rows = triton.next_power_of_2(queries_per_kv)
     config = config or decode_config(head_size, query.dtype)
     # The same value at every batch size the engine captures (one compiled variant): with a
     # single split there is nothing to merge and the flag is never read.
@@ -411,6 +434,9 @@ def paged_decode_attention(
         head_size,
         QUERIES_PER_KV=queries_per_kv,
         BLOCK_M=block_m,
+        MERGE_ROWS=merge_rows,
+        # [MERGE_ROWS, MERGE_GROUP, BLOCK_D] float32 partials in flight: 32 rows of head_size.
+        MERGE_GROUP=max(1, 32 // merge_rows),
         BLOCK_N=config.block_n,
         BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1],
