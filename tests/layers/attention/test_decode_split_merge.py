@@ -54,6 +54,17 @@ for num_splits in (1, 4, 8, 32):
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
         assert int(counters.abs().sum()) == 0, counters
 
+# A row with no keys gives zeros and leaves its counters zeroed, whatever the split count.
+empty_lens = lens.clone()
+empty_lens[1] = 0
+for num_splits in (1, 4, 32):
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(out, query, kv_cache, block_table, query_start_loc, empty_lens, len(seq_lens), scale,
+                           num_splits, config=config, split_counters=counters)
+    assert bool((out[1] == 0).all()), out[1]
+    torch.testing.assert_close(out[[0, 2, 3]].double(), expected[[0, 2, 3]], rtol=0, atol=1e-5)
+    assert int(counters.abs().sum()) == 0, counters
+
 # A decode-only step's new keys and values (each request's last position) written by the
 # kernel itself: their slots hold NaN until then, and afterwards what the cache held before.
 last = torch.tensor(seq_lens) - 1

@@ -144,7 +144,9 @@ def _paged_decode_kernel(
         range_start = tl.maximum(seq_len - window, 0)
     else:
         range_start = 0
-    span = seq_len - range_start
+    # A row with no keys (never made by the engine) still has one split, which writes zeros
+    # and leaves its arrival counter at zero.
+    span = tl.maximum(seq_len - range_start, 1)
     chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
     num_active = tl.cdiv(span, chunk)
     if FUSED_MERGE & (split >= num_active):
