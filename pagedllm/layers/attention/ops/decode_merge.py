@@ -1,0 +1,91 @@
+"""Merging the split-K decode kernel's partial softmax results (Triton).
+
+Each split of a decode row leaves an unnormalised partial output and its log2-domain running
+max and softmax denominator (decode_attention.py). merge_splits is called by the last split to
+finish, inside the decode kernel; decode_merge_kernel is the separate launch used when no
+arrival counters are given.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def merge_splits(out_ptrs, part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_splits, head_size, dims,
+                  dim_valid, row_valid, GROUP: tl.constexpr):
+    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s, over the
+    splits [first_row, first_row + num_splits) of each row (a [ROWS] tensor of part rows).
+    One online pass, GROUP splits a step: their loads are independent, so the merge waits for
+    memory once per GROUP splits rather than twice per split. Loads bypass L1 (.cg): the
+    partials were written by other programs."""
+    m_run = tl.full(row_valid.shape, float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros(row_valid.shape, dtype=tl.float32)
+    acc = tl.zeros([row_valid.shape[0], dims.shape[0]], dtype=tl.float32)
+    for group_start in range(0, num_splits, GROUP):
+        splits = group_start + tl.arange(0, GROUP)
+        rows = first_row[:, None] + splits[None, :]
+        valid = row_valid[:, None] & (splits < num_splits)[None, :]
+        m_s = tl.load(part_max_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_sum_ptr + rows, mask=valid, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_out_ptr + rows[:, :, None] * head_size + dims[None, None, :],
+                       mask=valid[:, :, None] & dim_valid[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m_s, 1))
+        # A row no split has seen yet keeps m = -inf; 0 stands in so no weight is NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_ref)
+        weight = tl.math.exp2(m_s - m_ref[:, None])
+        l_run = l_run * alpha + tl.sum(weight * l_s, 1)
+        acc = acc * alpha[:, None] + tl.sum(part * weight[:, :, None], 1)
+        m_run = m_new
+    l_run = tl.where(l_run == 0.0, 1.0, l_run)
+    tl.store(out_ptrs, (acc / l_run[:, None]).to(out_ptrs.dtype.element_ty),
+             mask=row_valid[:, None] & dim_valid[None, :])
+
+
+@triton.jit
+def decode_merge_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    query_start_loc_ptr,
+    num_tokens,
+    num_heads,
+    stride_out_token,
+    stride_out_head,
+    head_size,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Merge NUM_SPLITS partial softmax results of one (decode request, query head).
+
+    out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s.
+    Grid: (num_reqs, num_heads). Bytes: NUM_SPLITS * (head_size + 2) * 4 read, head_size
+    elements written, per (request, head).
+    """
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if (q_len != 1) | (q_start >= num_tokens):
+        return
+    splits = tl.arange(0, NUM_SPLITS)
+    part_row = (req.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits
+    m_s = tl.load(part_max_ptr + part_row)
+    l_s = tl.load(part_sum_ptr + part_row)
+    m_max = tl.max(m_s, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    weight = tl.math.exp2(m_s - m_max)
+    total = tl.sum(weight * l_s, 0)
+    total = tl.where(total == 0.0, 1.0, total)
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < head_size
+    acc_s = tl.load(part_out_ptr + part_row[:, None] * head_size + dims[None, :], mask=dim_valid[None, :], other=0.0)
+    out = tl.sum(acc_s * weight[:, None], 0) / total
+    tl.store(
+        out_ptr + q_start.to(tl.int64) * stride_out_token + head * stride_out_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dim_valid,
+    )
