@@ -14,7 +14,7 @@ import triton.language as tl
 
 @triton.jit
 def merge_splits(out_ptrs, part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_splits, head_size, dims,
-                  dim_valid, row_valid, GROUP: tl.constexpr):
+                 dim_valid, row_valid, GROUP: tl.constexpr):
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s, over the
     splits [first_row, first_row + num_splits) of each row (a [ROWS] tensor of part rows).
     One online pass, GROUP splits a step: their loads are independent, so the merge waits for
