@@ -49,6 +49,12 @@ def fuse_all_reduce_rms_norm() -> bool:
     return _get_bool("FUSE_ALL_REDUCE_RMS_NORM", default=True)
 
 
+def programmatic_dependent_launch() -> bool:
+    """PAGEDLLM_PDL (default on): on Hopper and later GPUs the decode step's Triton kernels are
+    launched with programmatic dependent launch (layers/ops/pdl.py); 0 launches them plainly."""
+    return _get_bool("PDL", default=True)
+
+
 def hf_hub_offline() -> bool:
     """HF_HUB_OFFLINE (huggingface_hub's own variable): use only the local hub cache."""
     value = os.environ.get("HF_HUB_OFFLINE", "")

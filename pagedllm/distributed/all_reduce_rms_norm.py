@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.pdl import pdl_launch_options, start_after_previous_kernel
 
 
 @triton.jit
@@ -41,6 +42,7 @@ def _all_reduce_add_rms_norm_kernel(
     WORLD: tl.constexpr,
     BLOCK_WORDS: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Row r: s = sum over ranks of x[r] (every rank's partial, as bf16); residual[r] =
     bf16(bf16(s) + residual[r]); x[r] = rms_norm(residual[r]) * weight.
@@ -52,6 +54,7 @@ def _all_reduce_add_rms_norm_kernel(
     Grid: (rows,); each program waits for the same row's program on every peer, so rows stay
     well below the SM count (symm_mem_all_reduce.MAX_FUSED_ROWS).
     """
+    start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     epoch = tl.load(epochs_ptr + row) + 1
     tl.store(epochs_ptr + row, epoch)
@@ -162,5 +165,6 @@ def all_reduce_add_rms_norm(
         x, x.view(torch.int32), residual, weight, buffer_ptrs, epochs, words_per_row, region_words, eps,
         RANK=rank, WORLD=buffer_ptrs.numel(), BLOCK_WORDS=block_words, INTERPRETED=INTERPRETED,
         num_warps=max(1, min(16, block_words // 256)),
+        **pdl_launch_options(x.device),
     )
     return x, residual

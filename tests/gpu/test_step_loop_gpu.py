@@ -60,6 +60,31 @@ def test_async_scheduling_gives_sync_tokens_with_cuda_graphs(tmp_path, family):
     assert list(results[1][0][0]) == expected[0]
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_programmatic_dependent_launch_changes_no_result(tmp_path, monkeypatch, quantization):
+    """The decode step's kernels launched with PDL (the default on Hopper: layers/ops/pdl.py)
+    give the tokens and logprobs of plain launches bit for bit, in CUDA graphs."""
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.layers.ops.pdl import pdl_launch_options
+
+    path = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    results = []
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("PAGEDLLM_PDL", pdl)
+        llm = LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16", quantization=quantization,
+                  gpu_memory_utilization=0.3, max_num_batched_tokens=64)
+        try:
+            outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        finally:
+            _release(llm)
+        results.append([(tuple(c.token_ids), [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
+                        for o in outputs for c in o.outputs])
+    assert results[0] == results[1]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert pdl_launch_options(torch.device("cuda"))["USE_PDL"]  # the second run did use it
+
+
 @two_gpus
 def test_two_gpus_async_custom_all_reduce_and_nccl_agree(tmp_path):
     """tensor_parallel_size=2: sync + NCCL, async + symmetric-memory all-reduce (in graphs) and

@@ -17,13 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers.ops.pdl import pdl_launch_options, start_after_previous_kernel
+
 _BLOCK_V = 4096
 _EMPTY_KEY = -(1 << 63)
 
 
 @triton.jit(do_not_specialize=["vocab_size", "num_chunks"])
 def _argmax_kernel(logits_ptr, out_ptr, key_ptr, count_ptr, stride_row, vocab_size, num_chunks, empty_key,
-                   BLOCK_V: tl.constexpr):
+                   BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
+    start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -68,5 +71,6 @@ class GreedyArgmax:
         num_chunks = triton.cdiv(vocab_size, _BLOCK_V)
         _argmax_kernel[(num_rows, num_chunks)](
             logits, out, keys, counts, logits.stride(0), vocab_size, num_chunks, _EMPTY_KEY, BLOCK_V=_BLOCK_V, num_warps=8,
+            **pdl_launch_options(logits.device),
         )
         return out

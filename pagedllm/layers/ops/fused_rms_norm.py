@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.pdl import pdl_launch_options, start_after_previous_kernel
 from pagedllm.layers.ops.quantized_rows import store_row_quantized
 from pagedllm.layers.quantization.quantized_activation import QuantizedActivation
 
@@ -37,6 +38,7 @@ def _rms_norm_kernel(
     QUANT: tl.constexpr,
     IS_INT8: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[r] = weight * to_input_dtype(x[r] * rsqrt(mean(x[r]^2) + eps)).
     QUANT: out is fp8 (IS_INT8: int8), that row (rounded to the input dtype first) quantized per token with
@@ -47,6 +49,7 @@ def _rms_norm_kernel(
     a fused qkv output needs no copy); out [rows, hidden_size], row stride stride_out_row.
     Grid: (rows,). Bytes: 2 * rows * hidden_size * elem + the weight; FLOPs: ~4 per element.
     """
+    start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     outer = row // rows_per_outer
     inner = row % rows_per_outer
@@ -80,6 +83,7 @@ def _fused_add_rms_norm_kernel(
     QUANT: tl.constexpr,
     IS_INT8: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """In place: residual[r] += x[r] (rounded to the input dtype); x[r] = rms_norm(residual[r]).
     QUANT: the norm goes to q [rows, hidden_size] as fp8 (IS_INT8: int8), quantized per token with its scale
@@ -89,6 +93,7 @@ def _fused_add_rms_norm_kernel(
     Bytes: 4 * rows * hidden_size * elem (read both, write both) + the weight, against 10
     passes for the unfused torch chain.
     """
+    start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -167,7 +172,7 @@ def rms_norm(
     _rms_norm_kernel[(num_rows,)](
         x, weight, out, rows_per_outer, stride_outer, stride_inner, stride_out_row, hidden_size, eps, scales,
         BLOCK=block, QUANT=quantize_to is not None, IS_INT8=quantize_to == torch.int8,
-        EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
+        EXACT_ROUNDING=INTERPRETED, num_warps=num_warps, **pdl_launch_options(x.device),
     )
     return result
 
@@ -210,6 +215,6 @@ def fused_add_rms_norm(
     _fused_add_rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight, x_rows.stride(0), residual_rows.stride(0), hidden_size, eps, q_rows, scales,
         BLOCK=block, QUANT=quantize_to is not None, IS_INT8=quantize_to == torch.int8,
-        EXACT_ROUNDING=INTERPRETED, num_warps=num_warps,
+        EXACT_ROUNDING=INTERPRETED, num_warps=num_warps, **pdl_launch_options(x.device),
     )
     return normed, residual

@@ -41,6 +41,7 @@ import triton.language as tl
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.epilogue import Epilogue, plan_epilogue
 from pagedllm.layers.ops.epilogue_kernels import epilogue_columns
+from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_launch_options, wait_for_previous_kernel
 from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_outputs, store_or_merge
 
@@ -66,6 +67,7 @@ def _gemv_kernel(
     ACT: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_STAGES: tl.constexpr, EXACT_ROUNDING: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
     IS_INT8: tl.constexpr, EPILOGUE: tl.constexpr, ROPE_HALF: tl.constexpr, EPILOGUE_RUN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (x quantized per ACT, times the scales, plus bias).
     EPILOGUE (ops/epilogue.py; split K then needs SELF_MERGE): 1, w stacks a gate and an up
@@ -78,6 +80,7 @@ def _gemv_kernel(
     Grid: (cdiv(N, BLOCK_N), SPLIT_K); out [M, N] in out's dtype (split K: ops/split_k.py).
     Bytes: N * K * w elem (read once) + M * K * x elem; FLOPs 2 * M * N * K.
     """
+    wait_for_previous_kernel(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -129,6 +132,7 @@ def _gemv_kernel(
                 acc += tl.dot(w, tl.trans(x), out_dtype=tl.int32).to(tl.float32)
             else:
                 acc += tl.dot(w, tl.trans(x))
+    allow_next_kernel(USE_PDL)
 
     if INNER == 0:
         result = tl.sum(acc, axis=1)[None, :]
@@ -273,6 +277,7 @@ def gemv(
         ACT=act, W_SCALED=scale is not None, HAS_BIAS=bias is not None,
         NUM_STAGES=config.num_stages, EXACT_ROUNDING=INTERPRETED, SPLIT_K=config.split_k,
         SELF_MERGE=splits.self_merge, IS_INT8=is_int8, num_warps=config.num_warps, **plan.constexprs,
+        **pdl_launch_options(x.device),
     )
     finish_splits(splits, out)
     return out.reshape(*lead, out.shape[-1])

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers.ops.pdl import pdl_launch_options, start_after_previous_kernel
+
 # Elements of one head half a program rotates at once (heads * rotary_dim / 2): 8 a thread.
 _ELEMENTS_PER_PROGRAM = 1024
 
@@ -66,6 +68,7 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Rotates features [0, 2 * HALF) of every head of token t of q and k by angle
     positions[t] * inv_freq; features past 2 * HALF (partial rotary) are left untouched.
@@ -75,6 +78,7 @@ def _rotary_kernel(
     [max_position, HALF]. Grid: (T, num_q_blocks + kv blocks), each program BLOCK_H heads of
     one token. Bytes: 2 * T * (Hq + Hkv) * 2 * HALF * elem + T * 2 * HALF * 4 of cos/sin.
     """
+    start_after_previous_kernel(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     position = tl.load(positions_ptr + token * stride_positions).to(tl.int64)
@@ -143,5 +147,6 @@ def apply_rotary(
         q_rows.stride(0), k_rows.stride(0), positions.stride(0), cos_cache.stride(0),
         num_q_heads, num_kv_heads, num_q_blocks,
         HEAD_SIZE=head_size, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+        **pdl_launch_options(query.device),
     )
     return query, key

@@ -12,6 +12,7 @@ except ImportError:  # older Triton layouts
     from triton.language.extra.cuda import libdevice
 
 from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.pdl import pdl_launch_options, start_after_previous_kernel
 
 _BLOCK = 1024
 # The interpreter has no libdevice (CPU tests of the kernels that use silu_mul).
@@ -19,13 +20,14 @@ _LIBDEVICE = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x_row, stride_out_row, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """out[r, j] = to_dtype(silu(x[r, j])) * x[r, d + j], rounding where the torch ops do
     (silu computed in float32 as x / (1 + exp(-x)) and rounded, then the product rounded).
 
     Layout: x [rows, 2 * d], out [rows, d], last dims contiguous. Grid: (rows, cdiv(d, BLOCK)).
     Bytes: 3 * rows * d * elem; FLOPs: ~5 per output element plus one exp.
     """
+    start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -64,5 +66,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_BLOCK, triton.next_power_of_2(d))
     grid = (rows.shape[0], triton.cdiv(d, block))
     stride_out_row = d  # out is contiguous
-    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), stride_out_row, d, BLOCK=block, num_warps=4)
+    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), stride_out_row, d, BLOCK=block, num_warps=4,
+                               **pdl_launch_options(x.device))
     return out

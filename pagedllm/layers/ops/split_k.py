@@ -21,6 +21,7 @@ import triton.language as tl
 from pagedllm.layers.ops import num_sms
 from pagedllm.layers.ops.epilogue import EPILOGUE_NONE
 from pagedllm.layers.ops.epilogue_kernels import store_tile
+from pagedllm.layers.ops.pdl import pdl_launch_options, start_after_previous_kernel
 
 # The narrowest output tile of the kernels that count: a count buffer holds one count per
 # MIN_BLOCK_N output columns, for up to MAX_ROW_TILES tiles of rows.
@@ -83,7 +84,9 @@ def even_split(k_tiles: int, split_k: int) -> int:
 
 
 @triton.jit
-def _sum_splits_kernel(workspace_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(workspace_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    start_after_previous_kernel(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     total = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -135,4 +138,4 @@ def sum_splits(workspace: torch.Tensor, out: torch.Tensor) -> None:
     """out [M, N] (contiguous) = the sum of workspace [SPLIT_K, M, N] over splits, in order."""
     block = 1024
     _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
-        workspace, out, out.numel(), SPLIT_K=workspace.shape[0], BLOCK=block)
+        workspace, out, out.numel(), SPLIT_K=workspace.shape[0], BLOCK=block, **pdl_launch_options(out.device))

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from pagedllm.layers.attention.ops.common import LOG2_E, dot_precision
 from pagedllm.layers.attention.ops.decode_merge import decode_merge_kernel, merge_splits
+from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_launch_options, wait_for_previous_kernel
 
 MAX_NUM_SPLITS = 32
 """Upper bound on splits; also bounds the partial-result buffers (num_reqs x heads x splits)."""
@@ -108,6 +109,7 @@ def _paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One split of the context of one decode request, for all query heads of one KV head.
 
@@ -132,6 +134,7 @@ def _paged_decode_kernel(
     directly. Bytes: 2 * keys * head_size * elem per (request, KV head), the visible KV read
     once; FLOPs: 4 * keys * head_size per query head (negligible).
     """
+    wait_for_previous_kernel(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -200,6 +203,7 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    allow_next_kernel(USE_PDL)
 
     if (num_splits == 1) | (FUSED_MERGE & (num_active == 1)):
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -370,6 +374,7 @@ def paged_decode_attention(
         FUSED_MERGE=fused_merge,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch_options(query.device),
     )
     if num_splits > 1 and not fused_merge:
         decode_merge_kernel[(num_reqs, num_heads)](
@@ -386,4 +391,5 @@ def paged_decode_attention(
             NUM_SPLITS=num_splits,
             BLOCK_D=block_d,
             num_warps=4,
+            **pdl_launch_options(query.device),
         )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pagedllm.layers.ops.pdl import start_after_previous_kernel
+
 
 @triton.jit
 def merge_splits(out_ptrs, part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_splits, head_size, dims,
@@ -58,6 +60,7 @@ def decode_merge_kernel(
     head_size,
     NUM_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Merge NUM_SPLITS partial softmax results of one (decode request, query head).
 
@@ -65,6 +68,7 @@ def decode_merge_kernel(
     Grid: (num_reqs, num_heads). Bytes: NUM_SPLITS * (head_size + 2) * 4 read, head_size
     elements written, per (request, head).
     """
+    start_after_previous_kernel(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + req)

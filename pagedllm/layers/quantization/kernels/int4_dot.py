@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_launch_options, wait_for_previous_kernel
 from pagedllm.layers.ops.split_k import finish_splits, k_tile_range, split_for, split_outputs, store_or_merge
 from pagedllm.layers.quantization.kernels.int_group import (
     fits_int4_16bit_kernels,
@@ -109,10 +110,12 @@ def _int4_dot_kernel(
     stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
     BASE: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out [M, N] = x [M, K] @ W for M <= 16, W in the interleaved int4 layout with uniform
     groups (each BLOCK_K tile inside one). Grid (cdiv(N, BLOCK_N), SPLIT_K); column strides 1.
     Split K: workspace [SPLIT_K, M, N] float32 and count_ptr as in ops/split_k.py."""
+    wait_for_previous_kernel(USE_PDL)
     WORDS: tl.constexpr = BLOCK_K // 8
     BLOCK_M: tl.constexpr = 16
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -145,6 +148,7 @@ def _int4_dot_kernel(
         else:
             acc += tl.dot(values, x) * scale[:, None]
 
+    allow_next_kernel(USE_PDL)
     store_or_merge(tl.trans(acc), out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
                    stride_om, pid_n, pid_k, SPLIT_K, SELF_MERGE)
 
@@ -189,6 +193,7 @@ def int4_dot_matmul(
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BASE=_BF16_BASE if x.dtype == torch.bfloat16 else _FP16_BASE, SELF_MERGE=splits.self_merge,
         NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **config,
+        **pdl_launch_options(x.device),
     )
     finish_splits(splits, out)
     return out

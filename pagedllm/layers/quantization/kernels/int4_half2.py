@@ -39,6 +39,7 @@ import triton.language as tl
 from pagedllm.layers.ops import INTERPRETED
 from pagedllm.layers.ops.epilogue import Epilogue, plan_epilogue
 from pagedllm.layers.ops.epilogue_kernels import epilogue_columns
+from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_launch_options, wait_for_previous_kernel
 from pagedllm.layers.ops.split_k import (
     even_split,
     finish_splits,
@@ -191,6 +192,7 @@ def _int4_half2_gemv_kernel(
     X_PAIRS: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
     EPILOGUE: tl.constexpr, ROPE_HALF: tl.constexpr, EPILOGUE_RUN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out [N] = x [K] @ W, W interleaved int4 [K / 8, N] with uniform groups of
     TILES_PER_GROUP BLOCK_K tiles (0: one group), K a whole number of tiles; EVEN_N: N too.
@@ -199,6 +201,7 @@ def _int4_half2_gemv_kernel(
     (cdiv(N, BLOCK_N), SPLIT_K); split K: workspace [SPLIT_K, N] float32 and count_ptr as in
     ops/split_k.py. EPILOGUE / ROPE_HALF and the rope arguments: as ops/gemv.py's kernel
     (SiLU-and-mul of stacked gate and up columns, or rope of q and k heads)."""
+    wait_for_previous_kernel(USE_PDL)
     WORDS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -248,6 +251,7 @@ def _int4_half2_gemv_kernel(
                 dtype=tl.float32, is_pure=True, pack=1)
         acc += sums * scale.to(tl.float32)[None, :]
 
+    allow_next_kernel(USE_PDL)
     result = (tl.sum(acc, axis=0) * x_inverse)[None, :]
     store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N,
                    0, pid_n, pid_k, SPLIT_K, SELF_MERGE, EPILOGUE, rope_cos, rope_sin)
@@ -305,6 +309,7 @@ def int4_half2_gemv(
         X_PAIRS=triton.next_power_of_2(tiles_per_split * block_k // 2), IS_BF16=x.dtype == torch.bfloat16,
         SELF_MERGE=splits.self_merge, NUM_STAGES=config["num_stages"], INTERP=INTERPRETED,
         **plan.constexprs, **config,
+        **pdl_launch_options(x.device),
     )
     finish_splits(splits, out[0])
     return out

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.pdl import pdl_launch_options, start_after_previous_kernel
 from pagedllm.layers.ops.quantized_rows import quantize_values, row_scale
 from pagedllm.layers.quantization.kernels.w8a8 import FP8_DTYPE
 
@@ -20,10 +21,12 @@ _MAX_BLOCK = 8192
 def _per_token_quant_kernel(
     x_ptr, q_ptr, scale_ptr, num_columns, stride_x, stride_q,
     IS_INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Row r: scale[r] = max(|x[r]|) / qmax (at least 1e-12); q[r] = x[r] / scale[r], saturated
     (fp8) or rounded half to even and clamped to [-128, 127] (int8): ops/quantized_rows.py.
     Grid: (rows,)."""
+    start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -55,5 +58,6 @@ def per_token_quant(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor,
     _per_token_quant_kernel[(num_rows,)](
         x, q, scale, num_columns, x.stride(0), q.stride(0),
         IS_INT8=qdtype != FP8_DTYPE, EXACT_ROUNDING=INTERPRETED, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        **pdl_launch_options(x.device),
     )
     return q, scale

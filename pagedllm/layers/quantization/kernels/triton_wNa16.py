@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.ops import INTERPRETED
+from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_launch_options, wait_for_previous_kernel
 from pagedllm.layers.ops.split_k import (
     finish_splits,
     k_tile_range,
@@ -138,6 +139,7 @@ def _int_group_gemv_kernel(
     stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     BITS: tl.constexpr, HAS_ROW_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, SELF_MERGE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One row (batch-1 decode). Every step is elementwise on the [words, N] tile as loaded:
     value i of each word is multiplied by its x and summed into a per-word accumulator, so
@@ -146,6 +148,7 @@ def _int_group_gemv_kernel(
     run): 5.8 SASS instructions per 4-bit value at 64 columns, 24-44% of the bandwidth on
     Llama-3.1-8B's shapes (eighth run), hence int4_half2.py for 16-bit rows. out [N] contiguous;
     split K: workspace [SPLIT_K, N] float32 and count_ptr as in ops/split_k.py."""
+    wait_for_previous_kernel(USE_PDL)
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK
@@ -202,6 +205,7 @@ def _int_group_gemv_kernel(
                 tile_acc += x[:, None] * q
             acc += tile_acc * scale.to(tl.float32)[None, :]
 
+    allow_next_kernel(USE_PDL)
     result = tl.sum(acc, axis=0)[None, :]
     offs_m = tl.arange(0, 1)
     store_or_merge(result, out_ptr, workspace_ptr, count_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N,
@@ -313,6 +317,7 @@ def _gemv(x, qweight, scales, zeros, row_group, row_group_arg, bits, kernel_grou
             scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
             BITS=bits, HAS_ROW_GROUP=row_group is not None, SELF_MERGE=splits.self_merge,
             NUM_STAGES=config["num_stages"], INTERP=INTERPRETED, **gemv_config,
+            **pdl_launch_options(x.device),
         )
         finish_splits(splits, out[row])
     return out
