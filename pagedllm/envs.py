@@ -51,7 +51,8 @@ def fuse_all_reduce_rms_norm() -> bool:
 
 def programmatic_dependent_launch() -> bool:
     """PAGEDLLM_PDL (default on): on Hopper and later GPUs the decode step's Triton kernels are
-    launched with programmatic dependent launch (layers/ops/pdl.py); 0 launches them plainly."""
+    launched with programmatic dependent launch (layers/ops/pdl.py); 0 launches them plainly.
+    Read once per process and GPU, at the first such launch."""
     return _get_bool("PDL", default=True)
 
 

@@ -322,5 +322,8 @@ class AsyncLLM:
             if on_loop:
                 self._fail_all(error, log_error=False)
             else:
-                loop.call_soon_threadsafe(self._fail_all, error, False)
+                try:
+                    loop.call_soon_threadsafe(self._fail_all, error, False)
+                except RuntimeError:  # the loop closed since the check: no stream is left to fail
+                    pass
         self.engine_core.shutdown()

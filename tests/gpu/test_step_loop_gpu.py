@@ -65,13 +65,14 @@ def test_programmatic_dependent_launch_changes_no_result(tmp_path, monkeypatch, 
     """The decode step's kernels launched with PDL (the default on Hopper: layers/ops/pdl.py)
     give the tokens and logprobs of plain launches bit for bit, in CUDA graphs."""
     from pagedllm import LLM, SamplingParams
-    from pagedllm.layers.ops.pdl import pdl_launch_options
+    from pagedllm.layers.ops.pdl import _cuda_launch_options, pdl_launch_options
 
     path = make_tiny_checkpoint(tmp_path / "llama", "llama")
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     results = []
     for pdl in ("0", "1"):
         monkeypatch.setenv("PAGEDLLM_PDL", pdl)
+        _cuda_launch_options.cache_clear()  # the variable is read once per process and GPU
         llm = LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16", quantization=quantization,
                   gpu_memory_utilization=0.3, max_num_batched_tokens=64)
         try:

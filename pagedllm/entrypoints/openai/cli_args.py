@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
+import threading
 from typing import Any
 
 from pagedllm import envs
@@ -65,19 +65,17 @@ def run_serve(args: argparse.Namespace) -> int:
         """Stops the engine as soon as SIGINT / SIGTERM arrives, so open streams end at once
         (with an error event) instead of holding the graceful shutdown."""
 
-        async def serve(self, sockets: Any = None) -> None:
-            self.running_loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
             # uvicorn re-raises the signal once it has shut down, which kills the process
             # (SIGTERM) or raises KeyboardInterrupt (SIGINT); the shutdown is clean, so exit
             # with status 0 instead.
             getattr(self, "_captured_signals", []).clear()
-            loop = getattr(self, "running_loop", None)
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(engine.shutdown)
+            # From a thread: AsyncLLM.shutdown fails the open streams on the event loop, then
+            # joins the engine-core process, which on the loop would hold back the streams'
+            # last events (on a loaded machine past the graceful timeout, which then cancels
+            # them with a traceback). The process waits for this thread before it exits.
+            threading.Thread(target=engine.shutdown, name="pagedllm-engine-shutdown").start()
 
     from pagedllm.engine.async_llm import AsyncLLM
     from pagedllm.entrypoints.openai.api_server import build_app

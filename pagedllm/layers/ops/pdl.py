@@ -26,6 +26,8 @@ matching launch option, so a kernel waits exactly when it was launched that way.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import triton
@@ -40,23 +42,28 @@ except ImportError:  # a Triton without grid dependency control
     gdc_launch_dependents = gdc_wait = None
 
 
-@functools.cache
-def _device_supports_pdl(device_index: int) -> bool:
-    return torch.version.cuda is not None and torch.cuda.get_device_capability(device_index) >= (9, 0)
+_PLAIN: Mapping[str, bool] = MappingProxyType({"USE_PDL": False})
+_PDL: Mapping[str, bool] = MappingProxyType({"USE_PDL": True, "launch_pdl": True})
 
 
-def pdl_launch_options(device: torch.device) -> dict[str, bool]:
+def pdl_launch_options(device: torch.device) -> Mapping[str, bool]:
     """Keyword arguments for a launch on `device` of a kernel with a USE_PDL constexpr: PDL on
     CUDA GPUs of compute capability 9.0 or later with a Triton that has grid dependency
     control, unless PAGEDLLM_PDL=0. (Older Tritons do not know the launch_pdl option.)"""
-    use_pdl = (
-        device.type == "cuda"
-        and not INTERPRETED
-        and gdc_wait is not None
-        and envs.programmatic_dependent_launch()
-        and _device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
-    )
-    return {"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}
+    if device.type != "cuda" or INTERPRETED:
+        return _PLAIN
+    return _cuda_launch_options(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_launch_options(device_index: int) -> Mapping[str, bool]:
+    """Decided at a process's first launch on the device: reading PAGEDLLM_PDL took 3 µs, a
+    cost every eager launch would pay (about 300 per step)."""
+    if gdc_wait is None or not envs.programmatic_dependent_launch():
+        return _PLAIN
+    if torch.version.cuda is None or torch.cuda.get_device_capability(device_index) < (9, 0):
+        return _PLAIN
+    return _PDL
 
 
 @triton.jit
