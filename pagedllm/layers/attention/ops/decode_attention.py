@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.attention.ops.common import LOG2_E, dot_precision
-from pagedllm.layers.attention.ops.decode_merge import decode_merge_kernel, merge_splits
+from pagedllm.layers.attention.ops.decode_merge import decode_merge_kernel, decode_query, merge_splits
 from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_launch_options, wait_for_previous_kernel
 
 MAX_NUM_SPLITS = 32
@@ -138,9 +138,8 @@ def _paged_decode_kernel(
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + req)
-    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
-    if (q_len != 1) | (q_start >= num_tokens):
+    q_start, skipped = decode_query(query_start_loc_ptr, req, num_tokens)
+    if skipped:
         return
     seq_len = tl.load(seq_lens_ptr + req)
     if USE_WINDOW:

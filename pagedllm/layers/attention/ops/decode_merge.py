@@ -15,6 +15,15 @@ from pagedllm.layers.ops.pdl import start_after_previous_kernel
 
 
 @triton.jit
+def decode_query(query_start_loc_ptr, req, num_tokens):
+    """Where request req's query starts in the step's tokens, and whether the decode kernels
+    skip it: it is not a decode row (one query token) or lies past num_tokens."""
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    return q_start, (q_len != 1) | (q_start >= num_tokens)
+
+
+@triton.jit
 def merge_splits(out_ptrs, part_out_ptr, part_max_ptr, part_sum_ptr, first_row, num_splits, head_size, dims,
                  dim_valid, row_valid, GROUP: tl.constexpr):
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s, over the
@@ -71,9 +80,8 @@ def decode_merge_kernel(
     start_after_previous_kernel(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
-    q_start = tl.load(query_start_loc_ptr + req)
-    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
-    if (q_len != 1) | (q_start >= num_tokens):
+    q_start, skipped = decode_query(query_start_loc_ptr, req, num_tokens)
+    if skipped:
         return
     splits = tl.arange(0, NUM_SPLITS)
     part_row = (req.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits
