@@ -9,7 +9,9 @@ store lands whole, so a reader that sees the flag it expects also sees the data,
 is needed before or after. The flag is the call's number (an "epoch"), counted per row on the
 device so that CUDA graph replays keep counting. Each rank's buffer has two slots, used in turn:
 a rank can only write epoch e + 2 into a slot after it has read the peer's epoch e + 1, which
-the peer sent after it finished reading epoch e from that slot.
+the peer sent after it finished reading epoch e from that slot. A reader waits thread by
+thread: each re-reads its own packets until their flags arrive (an inline-asm loop), with no
+block-wide vote between reads, which cost a barrier per read.
 
 Numerics equal the unfused chain: the partial sums are added in float32 in rank order on every
 rank (so the ranks' residual streams stay bit-identical), rounded to the model dtype as the
@@ -43,6 +45,7 @@ def _all_reduce_add_rms_norm_kernel(
     BLOCK_WORDS: tl.constexpr,
     INTERPRETED: tl.constexpr,
     USE_PDL: tl.constexpr,
+    SPIN_PER_THREAD: tl.constexpr,
 ):
     """Row r: s = sum over ranks of x[r] (every rank's partial, as bf16); residual[r] =
     bf16(bf16(s) + residual[r]); x[r] = rms_norm(residual[r]) * weight.
@@ -52,7 +55,9 @@ def _all_reduce_add_rms_norm_kernel(
     exchange buffer, laid out [2 slots][WORLD senders][region_words], row r of a region at
     r * words_per_row. epochs [rows] int32: how many calls each row has made on this rank.
     Grid: (rows,); each program waits for the same row's program on every peer, so rows stay
-    well below the SM count (symm_mem_all_reduce.MAX_FUSED_ROWS).
+    well below the SM count (symm_mem_all_reduce.MAX_FUSED_ROWS). SPIN_PER_THREAD: each thread
+    waits for its own packets (two or more words a thread: `launch_shape`); else the block
+    votes after each read.
     """
     start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -88,11 +93,16 @@ def _all_reduce_add_rms_norm_kernel(
             words = own_words
         else:
             source = own_buffer + (slot * WORLD + sender) * region_words + row_in_region
-            received = _load_volatile(source, INTERPRETED)
-            waiting = tl.max((((received >> 32).to(tl.int32) != epoch) & mask).to(tl.int32), axis=0)
-            while waiting > 0:
+            if SPIN_PER_THREAD and not INTERPRETED:
+                received = _wait_for_packets(source, epoch + tl.zeros_like(cols))
+            else:
+                # The interpreter, and rows too short for two words a thread: read every
+                # packet, then vote across the block until none is missing.
                 received = _load_volatile(source, INTERPRETED)
                 waiting = tl.max((((received >> 32).to(tl.int32) != epoch) & mask).to(tl.int32), axis=0)
+                while waiting > 0:
+                    received = _load_volatile(source, INTERPRETED)
+                    waiting = tl.max((((received >> 32).to(tl.int32) != epoch) & mask).to(tl.int32), axis=0)
             words = tl.where(mask, (received & 0xFFFFFFFF).to(tl.int32), 0)
         # Little-endian: a word holds element 2i in its low half, 2i + 1 in its high half.
         sum_even += (words << 16).to(tl.float32, bitcast=True)
@@ -128,6 +138,20 @@ def _load_volatile(pointers, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _wait_for_packets(pointers, epochs):
+    """Each thread reads its packets (two at a time) until their flags hold `epochs`, with no
+    block-wide vote between reads. Columns past the row read column 0's packet, which also
+    arrives."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 l0, h0, l1, h1; "
+        "WAIT_${:uid}: ld.volatile.global.b64 $0, [$2]; ld.volatile.global.b64 $1, [$3]; "
+        "mov.b64 {l0, h0}, $0; mov.b64 {l1, h1}, $1; "
+        "setp.ne.b32 p, h0, $4; setp.ne.or.b32 p, h1, $5, p; @p bra WAIT_${:uid}; }",
+        "=l,=l,l,l,r,r", [pointers, epochs], dtype=tl.int64, is_pure=False, pack=2,
+    )
+
+
+@triton.jit
 def _store_volatile(pointers, values, mask, INTERPRETED: tl.constexpr):
     """An 8-byte store that goes out whole and at once (a packet to a peer)."""
     if INTERPRETED:
@@ -149,6 +173,15 @@ def _round_to_bf16(value):
     return bits.to(tl.float32, bitcast=True)
 
 
+def launch_shape(block_words: int) -> tuple[int, bool]:
+    """(num_warps, SPIN_PER_THREAD) for a row of block_words words: four words a thread, up to
+    16 warps (Llama's 2048 words: 2.5 µs per call in a chain of GEMVs, against 2.9 µs with the
+    vote loop on 8 warps; BENCHMARKS.md, fifteenth run). The per-thread wait reads two packets
+    per asm block, so it needs two or more words a thread."""
+    num_warps = max(1, min(16, block_words // 128))
+    return num_warps, block_words >= 64 * num_warps
+
+
 def all_reduce_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
     buffer_ptrs: torch.Tensor, epochs: torch.Tensor, region_words: int, rank: int,
@@ -161,10 +194,11 @@ def all_reduce_add_rms_norm(
     rows, hidden_size = x.shape
     words_per_row = hidden_size // 2
     block_words = triton.next_power_of_2(words_per_row)
+    num_warps, spin_per_thread = launch_shape(block_words)
     _all_reduce_add_rms_norm_kernel[(rows,)](
         x, x.view(torch.int32), residual, weight, buffer_ptrs, epochs, words_per_row, region_words, eps,
         RANK=rank, WORLD=buffer_ptrs.numel(), BLOCK_WORDS=block_words, INTERPRETED=INTERPRETED,
-        num_warps=max(1, min(16, block_words // 256)),
+        SPIN_PER_THREAD=spin_per_thread, num_warps=num_warps,
         **pdl_launch_options(x.device),
     )
     return x, residual
