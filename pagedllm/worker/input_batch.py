@@ -221,22 +221,28 @@ def build_step_inputs(
     source_rows = batch.last_sample_index[token_rows[fill_rows]]
     samples = np.flatnonzero(seq_lens == batch.num_tokens[rows])
     sample_token_rows = query_start_loc[1:][samples] - 1
-    # One host-to-device copy for every per-step array, split into views on the device.
-    parts = [input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table.ravel(), fill_rows,
-             source_rows, sample_token_rows]
-    (dev_input_ids, dev_positions, dev_slots, dev_query_start_loc, dev_seq_lens, dev_block_table,
-     dev_fill_rows, dev_source_rows, dev_sample_token_rows) = _pack_to_device(parts, stager)
+    # One host-to-device copy for every per-step array, split into views on the device; the
+    # attention metadata's int32 arrays travel as int32, so no cast runs on the device.
+    (dev_input_ids, dev_positions, dev_slots, dev_fill_rows, dev_source_rows, dev_sample_token_rows,
+     dev_query_start_loc, dev_seq_lens, dev_block_table) = _pack_to_device(
+        [input_ids, positions, slot_mapping, fill_rows, source_rows, sample_token_rows],
+        [query_start_loc, seq_lens, block_table.ravel()], stager)
     if len(fill_rows):
         assert previous_sampled is not None, "a placeholder token with no step in flight"
-        dev_input_ids.index_copy_(0, dev_fill_rows, previous_sampled.index_select(0, dev_source_rows))
+        sampled = previous_sampled.index_select(0, dev_source_rows)
+        if len(fill_rows) == num_tokens:
+            # Every token is one the last step sampled (decode rows only): they are the ids.
+            dev_input_ids = sampled
+        else:
+            dev_input_ids.index_copy_(0, dev_fill_rows, sampled)
     attn_metadata = AttentionMetadata(
         num_actual_tokens=num_tokens,
         num_reqs=num_reqs,
         max_query_len=int(query_lens.max(initial=0)),
         max_seq_len=int(seq_lens.max(initial=0)),
-        query_start_loc=dev_query_start_loc.to(torch.int32),
-        seq_lens=dev_seq_lens.to(torch.int32),
-        block_table=dev_block_table.view(block_table.shape).to(torch.int32),
+        query_start_loc=dev_query_start_loc,
+        seq_lens=dev_seq_lens,
+        block_table=dev_block_table.view(block_table.shape),
         slot_mapping=dev_slots,
         query_start_loc_cpu=query_start_loc.tolist(),
         seq_lens_cpu=seq_lens.tolist(),
@@ -255,18 +261,28 @@ def build_step_inputs(
     )
 
 
-def _pack_to_device(parts: list[np.ndarray], stager: HostStager) -> list[torch.Tensor]:
-    """The parts as int64 views of one buffer copied to the device at once. Each view starts
-    on a 16-byte boundary: Triton specializes kernels on pointer alignment, so a view at an
-    odd int64 offset (after an odd token count) would compile a second variant of each kernel
-    that reads it, in the middle of a user's request."""
-    starts = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([len(part) + (len(part) & 1) for part in parts], out=starts[1:])
+def _pack_to_device(int64_parts: list[np.ndarray], int32_parts: list[np.ndarray],
+                    stager: HostStager) -> list[torch.Tensor]:
+    """The parts as views of one int64 buffer copied to the device at once: int64_parts as
+    int64, then int32_parts as int32 (values that fit). Each view starts on a 16-byte
+    boundary: Triton specializes kernels on pointer alignment, so a view at an odd int64
+    offset (after an odd token count) would compile a second variant of each kernel that reads
+    it, in the middle of a user's request."""
+    # Sizes in int64 words, each rounded up to two words (16 bytes).
+    words = [len(part) for part in int64_parts] + [-(-len(part) // 2) for part in int32_parts]
+    starts = np.zeros(len(words) + 1, dtype=np.int64)
+    np.cumsum([count + (count & 1) for count in words], out=starts[1:])
     packed = np.zeros(int(starts[-1]), dtype=np.int64)
-    for part, start in zip(parts, starts):
+    as_int32 = packed.view(np.int32)
+    for part, start in zip(int64_parts, starts):
         packed[start : start + len(part)] = part
+    for part, start in zip(int32_parts, starts[len(int64_parts):]):
+        as_int32[2 * start : 2 * start + len(part)] = part
     device_packed = stager.to_device(packed)
-    return [device_packed[start : start + len(part)] for part, start in zip(parts, starts)]
+    views = [device_packed[start : start + len(part)] for part, start in zip(int64_parts, starts)]
+    for part, start, count in zip(int32_parts, starts[len(int64_parts):], words[len(int64_parts):]):
+        views.append(device_packed[start : start + count].view(torch.int32)[: len(part)])
+    return views
 
 
 def build_profile_inputs(num_tokens: int, max_model_len: int, device: torch.device) -> StepInputs:

@@ -49,6 +49,14 @@ def test_rows_survive_removal_and_inputs_equal_the_per_request_reference():
     assert (inputs.input_ids.tolist(), inputs.positions.tolist(), inputs.attn_metadata.slot_mapping.tolist()) == expected
     assert inputs.attn_metadata.seq_lens.tolist() == [13, 2, 6]
     assert inputs.attn_metadata.block_table.tolist()[0] == [6, 8, 10, 11]
+    assert inputs.attn_metadata.query_start_loc.tolist() == [0, 5, 7, 9]
+    # The attention's int32 arrays arrive as int32 views of the one copy (no cast launched),
+    # each on a 16-byte boundary like the int64 ones.
+    metadata = inputs.attn_metadata
+    for tensor in (metadata.query_start_loc, metadata.seq_lens, metadata.block_table):
+        assert tensor.dtype == torch.int32 and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0
+    for tensor in (inputs.input_ids, inputs.positions, metadata.slot_mapping):
+        assert tensor.dtype == torch.int64 and tensor.data_ptr() % 16 == 0
 
 
 def test_placeholders_come_from_the_previous_steps_device_ids():
@@ -62,6 +70,12 @@ def test_placeholders_come_from_the_previous_steps_device_ids():
     previous = torch.tensor([55, 33])
     inputs = build_step_inputs(_step({"x": 1, "y": 1}), batch, BLOCK_SIZE, HostStager(torch.device("cpu")), previous)
     assert inputs.input_ids.tolist() == [33, 55]
+    # With a prefill chunk beside them, the sampled ids go into their rows among known ones.
+    batch.add("z", [7, 8, 9], 3, [2], 0, params, None)
+    mixed = build_step_inputs(_step({"z": 3, "x": 1, "y": 1}), batch, BLOCK_SIZE, HostStager(torch.device("cpu")),
+                              previous)
+    assert mixed.input_ids.tolist() == [7, 8, 9, 33, 55]
+    batch.remove("z")
     epochs = batch.epoch[[1, 0]].copy()
     batch.remove("x")
     batch.add("x", [9, 9], 2, [3], 2, params, None)  # the same id, admitted again
