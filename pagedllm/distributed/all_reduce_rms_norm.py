@@ -56,7 +56,7 @@ def _all_reduce_add_rms_norm_kernel(
     r * words_per_row. epochs [rows] int32: how many calls each row has made on this rank.
     Grid: (rows,); each program waits for the same row's program on every peer, so rows stay
     well below the SM count (symm_mem_all_reduce.MAX_FUSED_ROWS). SPIN_PER_THREAD: each thread
-    waits for its own packets (two or more words a thread: `launch_shape`); else the block
+    waits for its own packets (two to four words a thread: `launch_shape`); else the block
     votes after each read.
     """
     start_after_previous_kernel(USE_PDL)
@@ -96,8 +96,8 @@ def _all_reduce_add_rms_norm_kernel(
             if SPIN_PER_THREAD and not INTERPRETED:
                 received = _wait_for_packets(source, epoch + tl.zeros_like(cols))
             else:
-                # The interpreter, and rows too short for two words a thread: read every
-                # packet, then vote across the block until none is missing.
+                # The interpreter, and rows of fewer than two or more than four words a
+                # thread: read every packet, then vote across the block until none is missing.
                 received = _load_volatile(source, INTERPRETED)
                 waiting = tl.max((((received >> 32).to(tl.int32) != epoch) & mask).to(tl.int32), axis=0)
                 while waiting > 0:
@@ -175,11 +175,14 @@ def _round_to_bf16(value):
 
 def launch_shape(block_words: int) -> tuple[int, bool]:
     """(num_warps, SPIN_PER_THREAD) for a row of block_words words: four words a thread, up to
-    16 warps (Llama's 2048 words: 2.5 µs per call in a chain of GEMVs, against 2.9 µs with the
-    vote loop on 8 warps; BENCHMARKS.md, fifteenth run). The per-thread wait reads two packets
-    per asm block, so it needs two or more words a thread."""
+    16 warps (Llama-3.1-8B's 2048 words: 2.5 µs per call in a chain of GEMVs, against 2.9 µs
+    with the vote loop on 8 warps; BENCHMARKS.md, fifteenth run). The per-thread wait reads two
+    packets per asm block, so it needs two or more words a thread; past four (rows of more
+    than 2048 words on 16 warps) a thread's asm blocks would wait one after another, which was
+    not measured, so those rows keep the vote loop."""
     num_warps = max(1, min(16, block_words // 128))
-    return num_warps, block_words >= 64 * num_warps
+    words_per_thread = block_words // (32 * num_warps)
+    return num_warps, 2 <= words_per_thread <= 4
 
 
 def all_reduce_add_rms_norm(
