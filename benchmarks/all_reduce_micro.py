@@ -16,36 +16,14 @@ from __future__ import annotations
 
 import argparse
 import socket
-import statistics
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.common import graph_seconds_per_call
+
 HIDDEN, O_IN, DOWN_IN, EPS = 4096, 2048, 7168, 1e-5
-
-
-def _median_graph_us(step: Callable[[], None], replays: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(replays):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def _rank_main(rank: int, port: int, layers: int, replays: int) -> None:
@@ -76,27 +54,26 @@ def _rank_main(rank: int, port: int, layers: int, replays: int) -> None:
         else:
             fused_add_rms_norm(x, residual, norm_weight, EPS)
 
-    def projections(all_reduce: bool) -> Callable[[], None]:
-        def step() -> None:
-            for o, down in zip(o_weights, down_weights):
-                norm(gemv(attention_out, o), all_reduce)
-                norm(gemv(mlp_hidden, down), all_reduce)
-        return step
-
-    def norms_alone(all_reduce: bool) -> Callable[[], None]:
-        def step() -> None:
-            for _ in range(2 * layers):
-                norm(hidden, all_reduce)
-        return step
+    def projection_then_norm(call: int, all_reduce: bool) -> None:
+        # Calls alternate between a layer's o and down projections.
+        layer, is_down = divmod(call, 2)
+        if is_down:
+            norm(gemv(mlp_hidden, down_weights[layer]), all_reduce)
+        else:
+            norm(gemv(attention_out, o_weights[layer]), all_reduce)
 
     calls = 2 * layers
-    rounds = []
-    for _ in range(2):
-        with_fused = _median_graph_us(projections(True), replays)
-        with_local = _median_graph_us(projections(False), replays)
-        rounds.append((with_fused - with_local) / calls)
-    fused_alone = _median_graph_us(norms_alone(True), replays) / calls
-    local_alone = _median_graph_us(norms_alone(False), replays) / calls
+
+    def us_per_call(fn) -> float:
+        return graph_seconds_per_call(fn, calls, replays, before_replay=dist.barrier) * 1e6
+
+    rounds = [
+        us_per_call(lambda call: projection_then_norm(call, True))
+        - us_per_call(lambda call: projection_then_norm(call, False))
+        for _ in range(2)
+    ]
+    fused_alone = us_per_call(lambda call: norm(hidden, True))
+    local_alone = us_per_call(lambda call: norm(hidden, False))
     for turn in range(2):
         if turn == rank:
             print(f"rank {rank}: all-reduce per call over the local norm, among the GEMVs: "

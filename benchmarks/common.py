@@ -149,10 +149,12 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"{name.ljust(width)}  {value}")
 
 
-def graph_seconds_per_call(fn: Callable[[int], object], calls_per_replay: int, replays: int = 30) -> float:
+def graph_seconds_per_call(fn: Callable[[int], object], calls_per_replay: int, replays: int = 30,
+                           before_replay: Callable[[], object] | None = None) -> float:
     """Median seconds per call of fn(i), i = 0..calls_per_replay-1, from replays of one CUDA
     graph holding all the calls (so launch overhead is not timed). fn(i) may rotate through
-    buffers by i so that successive calls do not hit a warm L2."""
+    buffers by i so that successive calls do not hit a warm L2. before_replay runs (untimed,
+    the GPU idle) before each timed replay: a barrier, so that ranks start together."""
     import statistics
 
     stream = torch.cuda.Stream()
@@ -168,6 +170,9 @@ def graph_seconds_per_call(fn: Callable[[int], object], calls_per_replay: int, r
     graph.replay()
     times = []
     for _ in range(replays):
+        if before_replay is not None:
+            before_replay()
+            torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

@@ -55,9 +55,9 @@ def _all_reduce_add_rms_norm_kernel(
     exchange buffer, laid out [2 slots][WORLD senders][region_words], row r of a region at
     r * words_per_row. epochs [rows] int32: how many calls each row has made on this rank.
     Grid: (rows,); each program waits for the same row's program on every peer, so rows stay
-    well below the SM count (symm_mem_all_reduce.MAX_FUSED_ROWS). SPIN_PER_THREAD: each thread
-    waits for its own packets (two to four words a thread: `launch_shape`); else the block
-    votes after each read.
+    well below the SM count (symm_mem_all_reduce.MAX_FUSED_ROWS). SPIN_PER_THREAD (compiled
+    kernels, two to four words a thread: `launch_shape`): each thread waits for its own
+    packets; else the block votes after each read.
     """
     start_after_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -93,7 +93,7 @@ def _all_reduce_add_rms_norm_kernel(
             words = own_words
         else:
             source = own_buffer + (slot * WORLD + sender) * region_words + row_in_region
-            if SPIN_PER_THREAD and not INTERPRETED:
+            if SPIN_PER_THREAD:
                 received = _wait_for_packets(source, epoch + tl.zeros_like(cols))
             else:
                 # The interpreter, and rows of fewer than two or more than four words a
@@ -198,6 +198,8 @@ def all_reduce_add_rms_norm(
     words_per_row = hidden_size // 2
     block_words = triton.next_power_of_2(words_per_row)
     num_warps, spin_per_thread = launch_shape(block_words)
+    # The interpreter has no inline assembly: it takes the vote loop.
+    spin_per_thread = spin_per_thread and not INTERPRETED
     _all_reduce_add_rms_norm_kernel[(rows,)](
         x, x.view(torch.int32), residual, weight, buffer_ptrs, epochs, words_per_row, region_words, eps,
         RANK=rank, WORLD=buffer_ptrs.numel(), BLOCK_WORDS=block_words, INTERPRETED=INTERPRETED,

@@ -389,6 +389,7 @@ def paged_decode_attention(
             head_size,
             NUM_SPLITS=num_splits,
             BLOCK_D=block_d,
+            GROUP=min(num_splits, 32),
             num_warps=4,
             **pdl_launch_options(query.device),
         )

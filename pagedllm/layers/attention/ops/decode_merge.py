@@ -69,11 +69,12 @@ def decode_merge_kernel(
     head_size,
     NUM_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Merge NUM_SPLITS partial softmax results of one (decode request, query head).
-
-    out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s.
+    """Merge NUM_SPLITS partial softmax results of one (decode request, query head) with
+    merge_splits, GROUP splits a step. Every split is read: without arrival counters the decode
+    kernel's splits past the context wrote m = -inf, l = 0, which add nothing.
     Grid: (num_reqs, num_heads). Bytes: NUM_SPLITS * (head_size + 2) * 4 read, head_size
     elements written, per (request, head).
     """
@@ -83,21 +84,11 @@ def decode_merge_kernel(
     q_start, skipped = decode_query(query_start_loc_ptr, req, num_tokens)
     if skipped:
         return
-    splits = tl.arange(0, NUM_SPLITS)
-    part_row = (req.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits
-    m_s = tl.load(part_max_ptr + part_row)
-    l_s = tl.load(part_sum_ptr + part_row)
-    m_max = tl.max(m_s, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    weight = tl.math.exp2(m_s - m_max)
-    total = tl.sum(weight * l_s, 0)
-    total = tl.where(total == 0.0, 1.0, total)
+    # One row: the head itself, merged as the decode kernel's last split merges its heads.
+    heads = head + tl.arange(0, 1)
     dims = tl.arange(0, BLOCK_D)
-    dim_valid = dims < head_size
-    acc_s = tl.load(part_out_ptr + part_row[:, None] * head_size + dims[None, :], mask=dim_valid[None, :], other=0.0)
-    out = tl.sum(acc_s * weight[:, None], 0) / total
-    tl.store(
-        out_ptr + q_start.to(tl.int64) * stride_out_token + head * stride_out_head + dims,
-        out.to(out_ptr.dtype.element_ty),
-        mask=dim_valid,
+    merge_splits(
+        out_ptr + q_start.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
+        part_out_ptr, part_max_ptr, part_sum_ptr, (req.to(tl.int64) * num_heads + heads) * NUM_SPLITS,
+        NUM_SPLITS, head_size, dims, dims < head_size, heads >= 0, GROUP,
     )
