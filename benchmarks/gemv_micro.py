@@ -51,6 +51,10 @@ SWEEP_CONFIGS = {
          for warps in (4, 8) for stages in (3, 4)]
         + [GemvConfig(bn, bk, DOT, 4, stages) for bn, bk in [(16, 128), (32, 128), (32, 256), (64, 128)] for stages in (3, 4)]
         + [GemvConfig(bn, bk, DOT_SWAPPED, 4, stages) for bn, bk in [(64, 128), (128, 128), (64, 256)] for stages in (3, 4)]
+        # Split K: more programs for the small weights (o: 64 programs of 64 rows).
+        + [GemvConfig(bn, bk, inner, 4, stages, split_k=split) for inner, bn, bk, stages in
+           [(FMA, 8, 512, 3), (DOT_SWAPPED, 64, 256, 4), (DOT_SWAPPED, 64, 128, 4), (DOT, 32, 256, 4)]
+           for split in (2, 4)]
     ),
     "fp8": (
         [GemvConfig(bn, bk, FMA, warps, stages) for bn, bk in [(8, 512), (8, 1024), (16, 512), (32, 256)]
