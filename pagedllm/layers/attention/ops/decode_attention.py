@@ -17,8 +17,17 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.attention.ops.common import LOG2_E, dot_precision
-from pagedllm.layers.attention.ops.decode_merge import decode_merge_kernel, decode_query, merge_splits
-from pagedllm.layers.ops.pdl import allow_next_kernel, pdl_launch_options, wait_for_previous_kernel
+from pagedllm.layers.attention.ops.decode_merge import (
+    decode_merge_kernel,
+    decode_query,
+    merge_group,
+    merge_splits,
+)
+from pagedllm.layers.ops.pdl import (
+    allow_next_kernel,
+    pdl_launch_options,
+    wait_for_previous_kernel,
+)
 
 MAX_NUM_SPLITS = 32
 """Upper bound on splits; also bounds the partial-result buffers (num_reqs x heads x splits)."""
@@ -362,8 +371,7 @@ def paged_decode_attention(
         QUERIES_PER_KV=queries_per_kv,
         BLOCK_M=block_m,
         MERGE_ROWS=merge_rows,
-        # [MERGE_ROWS, MERGE_GROUP, BLOCK_D] float32 partials in flight: 32 rows of head_size.
-        MERGE_GROUP=max(1, 32 // merge_rows),
+        MERGE_GROUP=merge_group(merge_rows),
         BLOCK_N=config.block_n,
         BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1],
@@ -389,7 +397,7 @@ def paged_decode_attention(
             head_size,
             NUM_SPLITS=num_splits,
             BLOCK_D=block_d,
-            GROUP=min(num_splits, 32),
+            GROUP=min(num_splits, merge_group(1)),
             num_warps=4,
             **pdl_launch_options(query.device),
         )

@@ -13,6 +13,14 @@ import triton.language as tl
 
 from pagedllm.layers.ops.pdl import start_after_previous_kernel
 
+# Partial rows (head_size float32 values each) a merge loads at once: [rows, GROUP, head_size].
+_PARTIAL_ROWS_IN_FLIGHT = 32
+
+
+def merge_group(rows: int) -> int:
+    """GROUP for merge_splits merging `rows` rows at once: 32 partial rows in flight."""
+    return max(1, _PARTIAL_ROWS_IN_FLIGHT // rows)
+
 
 @triton.jit
 def decode_query(query_start_loc_ptr, req, num_tokens):
