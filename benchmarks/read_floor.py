@@ -4,7 +4,7 @@ rotating through weight copies so that L2 holds none), against the engine's GEMV
 Llama-3.1-8B shape, bf16 and fp8 weights. Prints µs per call and the fraction of the
 device-to-device copy bandwidth for both, and the GEMV's time over the read's:
 
-    PYTHONPATH=. python3 benchmarks/read_floor.py [--programs-per-sm 4]
+    PYTHONPATH=. python3 benchmarks/read_floor.py [--programs-per-sm 2 4 8]
 
 The read sums each 4-byte word into a register per thread: no arithmetic to speak of, so
 its time is the fixed cost of a launch in the chain (ramp-up and tail) plus bytes over the
@@ -30,36 +30,41 @@ from pagedllm.layers.ops.pdl import (
     wait_for_previous_kernel,
 )
 
-_WORDS_PER_ITERATION = 2048
+_WORDS_PER_BLOCK = 2048
 
 
 @triton.jit
-def _read_kernel(words_ptr, sums_ptr, words_per_program, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    """sums[pid] = the int32 sum of words[pid * words_per_program:][:words_per_program]."""
+def _read_kernel(words_ptr, sums_ptr, num_blocks, blocks_per_program, BLOCK: tl.constexpr,
+                 NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+    """sums[pid] = the int32 sum of blocks [pid * blocks_per_program, ...) of BLOCK words, up to
+    num_blocks: every word read once, in whole aligned blocks (no masks)."""
     wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
-    start = words_ptr + pid.to(tl.int64) * words_per_program
+    first = pid * blocks_per_program
+    last = tl.minimum(first + blocks_per_program, num_blocks)
+    start = words_ptr + first.to(tl.int64) * BLOCK
     total = tl.zeros([BLOCK], dtype=tl.int32)
-    for offset in tl.range(0, words_per_program, BLOCK, num_stages=NUM_STAGES):
-        total += tl.load(start + offset + tl.arange(0, BLOCK))
+    for block in tl.range(0, last - first, num_stages=NUM_STAGES):
+        total += tl.load(start + block * BLOCK + tl.arange(0, BLOCK))
     allow_next_kernel(USE_PDL)
     tl.store(sums_ptr + pid, tl.sum(total, 0))
 
 
 def read_seconds(weights: list[torch.Tensor], programs: int) -> float:
-    """Seconds per read of one weight's bytes (rounded down to whole iterations of every
-    program, then scaled back to the whole weight)."""
+    """Seconds per read of one weight's bytes, all of them (each Llama-3.1-8B weight is a whole
+    number of blocks)."""
     words = [w.view(torch.int32).reshape(-1) for w in weights]
-    per_program = words[0].numel() // programs // _WORDS_PER_ITERATION * _WORDS_PER_ITERATION
+    if words[0].numel() % _WORDS_PER_BLOCK:
+        raise ValueError(f"a weight of {words[0].numel()} words is not a whole number of {_WORDS_PER_BLOCK}-word blocks")
+    num_blocks = words[0].numel() // _WORDS_PER_BLOCK
     sums = torch.empty(programs, dtype=torch.int32, device="cuda")
     options = pdl_launch_options(sums.device)
 
     def read(i: int) -> None:
-        _read_kernel[(programs,)](words[i % len(words)], sums, per_program, BLOCK=_WORDS_PER_ITERATION,
-                                  NUM_STAGES=3, num_warps=4, **options)
+        _read_kernel[(programs,)](words[i % len(words)], sums, num_blocks, triton.cdiv(num_blocks, programs),
+                                  BLOCK=_WORDS_PER_BLOCK, NUM_STAGES=3, num_warps=4, **options)
 
-    return graph_seconds_per_call(read, _CALLS_PER_GRAPH, 20) * words[0].numel() / (per_program * programs)
+    return graph_seconds_per_call(read, _CALLS_PER_GRAPH, 20)
 
 
 def gemv_seconds(name: str, weights: list[torch.Tensor], scale: torch.Tensor | None) -> float:
@@ -81,10 +86,11 @@ def gemv_seconds(name: str, weights: list[torch.Tensor], scale: torch.Tensor | N
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--programs-per-sm", type=int, default=4, help="programs of the read kernel per SM")
+    parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[2, 4, 8],
+                        help="programs of the read kernel per SM to try; the fastest is the floor")
     args = parser.parse_args()
     bandwidth = measure_copy_bandwidth()
-    programs = args.programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = [("measured copy bandwidth", f"{bandwidth / 1e12:.2f} TB/s")]
     for fp8 in (False, True):
         for name, in_features, out_features in SHAPES:
@@ -92,17 +98,17 @@ def main() -> None:
                 continue  # the engine keeps the LM head in bf16
             weights, scale = _weights(out_features, in_features, fp8)
             num_bytes = weights[0].numel() * weights[0].element_size()
-            floor = read_seconds(weights, programs)
+            floor, per_sm = min((read_seconds(weights, count * sms), count) for count in args.programs_per_sm)
             engine = gemv_seconds(name, weights, scale)
             rows.append((f"{'fp8' if fp8 else 'bf16'} {name} {in_features}->{out_features} ({num_bytes / 1e6:.1f} MB)", (
-                f"read {floor * 1e6:6.2f} us ({num_bytes / floor / bandwidth:6.1%})  "
+                f"read {floor * 1e6:6.2f} us ({num_bytes / floor / bandwidth:6.1%}, {per_sm}/SM)  "
                 f"GEMV {engine * 1e6:6.2f} us ({num_bytes / engine / bandwidth:6.1%})  "
                 f"GEMV / read {engine / floor:.2f}"
             )))
             del weights
             torch.cuda.empty_cache()
-    print_table(f"one-row GEMV against a read of its bytes, {args.programs_per_sm} read programs per SM, "
-                f"{torch.cuda.get_device_name()}", rows)
+    print_table(f"one-row GEMV against a read of its bytes (the fastest of {args.programs_per_sm} read programs "
+                f"per SM), {torch.cuda.get_device_name()}", rows)
 
 
 if __name__ == "__main__":
