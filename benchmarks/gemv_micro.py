@@ -41,7 +41,7 @@ def rank_shapes(tensor_parallel_size: int) -> list[tuple[str, int, int]]:
     return [(name, k // tensor_parallel_size, n) if name in _ROW_PARALLEL else (name, k, n // tensor_parallel_size)
             for name, k, n in SHAPES]
 
-_CALLS_PER_GRAPH = 20
+CALLS_PER_GRAPH = 20
 # Weight copies rotated through: enough bytes that L2 (50 MB) holds none of them between calls.
 _ROTATION_BYTES = 256 << 20
 
@@ -77,7 +77,9 @@ SWEEP_CONFIGS = {
 }
 
 
-def _weights(out_features: int, in_features: int, fp8: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def rotated_weights(out_features: int, in_features: int, fp8: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Copies of one random [out_features, in_features] weight, enough that calls rotating
+    through them find none in L2: bf16, or fp8 with its per-channel scales."""
     elem = 1 if fp8 else 2
     copies = max(1, min(8, math.ceil(_ROTATION_BYTES / (out_features * in_features * elem))))
     base = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
@@ -101,7 +103,7 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
 _SPLIT_COUNTS: dict[int, torch.Tensor] = {}
 
 
-def _counts(weight: torch.Tensor) -> torch.Tensor:
+def split_counts_for(weight: torch.Tensor) -> torch.Tensor:
     """One count buffer per output width, as each layer holds its own (made outside graphs)."""
     out_features = weight.shape[0]
     if out_features not in _SPLIT_COUNTS:
@@ -110,7 +112,7 @@ def _counts(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, config: GemvConfig | None):
-    return gemv(x, weight, weight_scale=scale, config=config, split_counts=_counts(weight))
+    return gemv(x, weight, weight_scale=scale, config=config, split_counts=split_counts_for(weight))
 
 
 def _prequantized_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, config: GemvConfig | None):
@@ -118,13 +120,13 @@ def _prequantized_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
     x_q, x_scale = per_token_quant(x, torch.float8_e4m3fn)
     return gemv(x_q, weight, weight_scale=scale, input_scale=x_scale, config=config, out_dtype=x.dtype,
-                split_counts=_counts(weight))
+                split_counts=split_counts_for(weight))
 
 
 def _quantized_input_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
                           config: GemvConfig | None):
     return gemv(x[0], weight, weight_scale=scale, input_scale=x[1], config=config, out_dtype=torch.bfloat16,
-                split_counts=_counts(weight))
+                split_counts=split_counts_for(weight))
 
 
 def _epilogue_costs(rows: list[int]) -> list[tuple[str, str]]:
@@ -143,7 +145,7 @@ def _epilogue_costs(rows: list[int]) -> list[tuple[str, str]]:
     table = []
     for fp8 in (False, True):
         for name, in_features, out_features in SHAPES[:3:2]:
-            weights, scale = _weights(out_features, in_features, fp8)
+            weights, scale = rotated_weights(out_features, in_features, fp8)
             for num_rows in rows:
                 x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)
                 operand = per_token_quant(x, torch.float8_e4m3fn) if fp8 else (x, None)
@@ -153,17 +155,17 @@ def _epilogue_costs(rows: list[int]) -> list[tuple[str, str]]:
 
                 def call(w, epilogue=None):
                     return gemv(operand[0], w, weight_scale=scale, input_scale=operand[1], epilogue=epilogue,
-                                out_dtype=torch.bfloat16, split_counts=_counts(w))
+                                out_dtype=torch.bfloat16, split_counts=split_counts_for(w))
 
-                plain = graph_seconds_per_call(lambda i: call(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
-                fused = graph_seconds_per_call(lambda i: call(weights[i % len(weights)], epilogue), _CALLS_PER_GRAPH, 20)
+                plain = graph_seconds_per_call(lambda i: call(weights[i % len(weights)]), CALLS_PER_GRAPH, 20)
+                fused = graph_seconds_per_call(lambda i: call(weights[i % len(weights)], epilogue), CALLS_PER_GRAPH, 20)
                 out = call(weights[0])
                 if name == "qkv":
                     separate = graph_seconds_per_call(lambda i: apply_rotary(
                         positions, out[:, :q_size], out[:, q_size:q_size + kv_size], cos, sin, head, head),
-                        _CALLS_PER_GRAPH, 20)
+                        CALLS_PER_GRAPH, 20)
                 else:
-                    separate = graph_seconds_per_call(lambda i: silu_and_mul(out), _CALLS_PER_GRAPH, 20)
+                    separate = graph_seconds_per_call(lambda i: silu_and_mul(out), CALLS_PER_GRAPH, 20)
                 table.append((f"{'fp8 ' if fp8 else ''}{name}, M={num_rows}", (
                     f"GEMV {plain * 1e6:.2f} us, with {'rope' if name == 'qkv' else 'SiLU-and-mul'} "
                     f"{fused * 1e6:.2f} us (+{(fused - plain) * 1e6:.2f}); the separate kernel {separate * 1e6:.2f} us"
@@ -185,7 +187,7 @@ def _activation_costs() -> list[tuple[str, str]]:
     for name, in_features, out_features in SHAPES:
         if name not in ("o", "down", "qkv"):
             continue
-        weights, scale = _weights(out_features, in_features, fp8=True)
+        weights, scale = rotated_weights(out_features, in_features, fp8=True)
         x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
         static_scale = torch.tensor([0.01], device="cuda")
         x_q, x_scale = per_token_quant(x, torch.float8_e4m3fn)
@@ -197,7 +199,7 @@ def _activation_costs() -> list[tuple[str, str]]:
         }
         cells = []
         for label, fn in variants.items():
-            seconds = graph_seconds_per_call(lambda i, fn=fn: fn(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
+            seconds = graph_seconds_per_call(lambda i, fn=fn: fn(weights[i % len(weights)]), CALLS_PER_GRAPH, 20)
             cells.append(f"{label} {seconds * 1e6:.2f} us ({out_features * in_features / seconds / bandwidth:.1%})")
         table.append((f"fp8 {name}, M=1", ", ".join(cells)))
         del weights
@@ -206,7 +208,7 @@ def _activation_costs() -> list[tuple[str, str]]:
 
 
 def _rate(fn, weights: list[torch.Tensor], num_bytes: int) -> float:
-    return num_bytes / graph_seconds_per_call(lambda i: fn(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
+    return num_bytes / graph_seconds_per_call(lambda i: fn(weights[i % len(weights)]), CALLS_PER_GRAPH, 20)
 
 
 def main() -> None:
@@ -248,7 +250,7 @@ def main() -> None:
         for name, in_features, out_features in rank_shapes(args.tensor_parallel_size):
             if args.shapes and name not in args.shapes:
                 continue
-            weights, scale = _weights(out_features, in_features, fp8)
+            weights, scale = rotated_weights(out_features, in_features, fp8)
             for num_rows in args.rows or ((1, 4, 8) if args.sweep else (1, 2, 4, 8)):
                 x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)
                 num_bytes = weights[0].numel() * weights[0].element_size() + x.numel() * 2 + num_rows * out_features * 2

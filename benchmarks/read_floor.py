@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.common import graph_seconds_per_call, measure_copy_bandwidth, print_table
-from benchmarks.gemv_micro import _CALLS_PER_GRAPH, SHAPES, _counts, _weights
+from benchmarks.gemv_micro import CALLS_PER_GRAPH, SHAPES, rotated_weights, split_counts_for
 from pagedllm.layers.ops.gemv import gemv
 from pagedllm.layers.ops.pdl import (
     allow_next_kernel,
@@ -64,24 +64,24 @@ def read_seconds(weights: list[torch.Tensor], programs: int) -> float:
         _read_kernel[(programs,)](words[i % len(words)], sums, num_blocks, triton.cdiv(num_blocks, programs),
                                   BLOCK=_WORDS_PER_BLOCK, NUM_STAGES=3, num_warps=4, **options)
 
-    return graph_seconds_per_call(read, _CALLS_PER_GRAPH, 20)
+    return graph_seconds_per_call(read, CALLS_PER_GRAPH, 20)
 
 
 def gemv_seconds(name: str, weights: list[torch.Tensor], scale: torch.Tensor | None) -> float:
     from pagedllm.layers.quantization.kernels.per_token_quant import per_token_quant
 
     x = torch.randn(1, weights[0].shape[1], device="cuda", dtype=torch.bfloat16)
-    if scale is not None and name in ("qkv", "gate_up", "lm_head"):
+    if scale is not None and name in ("qkv", "gate_up"):
         x_q, x_scale = per_token_quant(x, torch.float8_e4m3fn)
 
         def call(w: torch.Tensor) -> torch.Tensor:
             return gemv(x_q, w, weight_scale=scale, input_scale=x_scale, out_dtype=torch.bfloat16,
-                        split_counts=_counts(w))
+                        split_counts=split_counts_for(w))
     else:
         def call(w: torch.Tensor) -> torch.Tensor:
-            return gemv(x, w, weight_scale=scale, split_counts=_counts(w))
+            return gemv(x, w, weight_scale=scale, split_counts=split_counts_for(w))
 
-    return graph_seconds_per_call(lambda i: call(weights[i % len(weights)]), _CALLS_PER_GRAPH, 20)
+    return graph_seconds_per_call(lambda i: call(weights[i % len(weights)]), CALLS_PER_GRAPH, 20)
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
         for name, in_features, out_features in SHAPES:
             if fp8 and name == "lm_head":
                 continue  # the engine keeps the LM head in bf16
-            weights, scale = _weights(out_features, in_features, fp8)
+            weights, scale = rotated_weights(out_features, in_features, fp8)
             num_bytes = weights[0].numel() * weights[0].element_size()
             floor, per_sm = min((read_seconds(weights, count * sms), count) for count in args.programs_per_sm)
             engine = gemv_seconds(name, weights, scale)
