@@ -8,7 +8,8 @@ device-to-device copy bandwidth for both, and the GEMV's time over the read's:
 
 The read sums each 4-byte word into a register per thread: no arithmetic to speak of, so
 its time is the fixed cost of a launch in the chain (ramp-up and tail) plus bytes over the
-read bandwidth, the least any kernel of one launch per projection can take. fp8 rows reach
+read bandwidth: about the least a kernel that reads the projection's weight in one launch
+can take. fp8 rows reach
 the GEMV as the engine gives them: quantized by the norm before qkv and gate_up, quantized
 in the GEMV for o and down.
 """
