@@ -41,11 +41,12 @@ __all__ = ["AsyncLLM", "EngineDeadError"]
 class _RequestStream:
     """The latest output of one request, waiting for its consumer."""
 
-    __slots__ = ("latest", "error", "ready")
+    __slots__ = ("latest", "error", "aborted", "ready")
 
     def __init__(self) -> None:
         self.latest: RequestOutput | None = None
         self.error: BaseException | None = None
+        self.aborted = False
         self.ready = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
@@ -56,13 +57,22 @@ class _RequestStream:
         self.error = error
         self.ready.set()
 
+    def abort(self) -> None:
+        self.aborted = True
+        self.ready.set()
+
     async def get(self) -> RequestOutput | None:
-        """The newest output; None when the request was aborted."""
+        """The newest output; after it, the error the stream failed with is raised, or None
+        is returned when the request was aborted. An output put before the failure or abort
+        comes first: the event stays set for the end, so a failure that arrives between an
+        output and its consumer is not lost."""
         await self.ready.wait()
-        self.ready.clear()
-        if self.latest is None and self.error is not None:
-            raise self.error
         output, self.latest = self.latest, None
+        ended = self.error is not None or self.aborted
+        if not ended:
+            self.ready.clear()
+        if output is None and self.error is not None:
+            raise self.error
         return output
 
 
@@ -216,7 +226,7 @@ class AsyncLLM:
             if children:
                 logger.info("Aborted request %s.", request_id)
             if stream is not None:
-                stream.ready.set()  # wakes its consumer with nothing: the iterator ends
+                stream.abort()  # its consumer gets what was put before, then nothing: the iterator ends
         if child_ids and self._dead_error is None:
             self.engine_core.abort_requests(child_ids)
 

@@ -18,6 +18,7 @@ pytest.importorskip("zmq")  # the GPU machine runs the suite from source, maybe 
 
 from pagedllm import LLM, AsyncLLM, SamplingParams  # noqa: E402
 from pagedllm.engine.arg_utils import EngineArgs  # noqa: E402
+from pagedllm.engine.async_llm import _RequestStream  # noqa: E402
 from pagedllm.engine.core_client import EngineDeadError  # noqa: E402
 from pagedllm.engine.sampling_params import StructuredOutputsParams  # noqa: E402
 
@@ -162,6 +163,35 @@ def test_generation_config_defaults_and_every_eos_id_apply(engine, model_dir, tm
     assert first.outputs[0].finish_reason == "stop" and first.outputs[0].stop_reason is None
     assert first.num_cached_tokens == 0 and second.num_cached_tokens > 0
     assert second.outputs[0].token_ids == tokens[:end]
+
+
+def test_a_failure_or_abort_right_after_an_output_still_ends_the_stream():
+    # The server's Ctrl-C path: the engine fails the streams while an output waits for its
+    # consumer. The consumer gets that output, then the failure (or, aborted, the end), and
+    # never waits for an output that will not come.
+    pending = object()
+
+    async def run():
+        failed = _RequestStream()
+        failed.put(pending)
+        failed.fail(EngineDeadError("The engine was shut down."))
+        assert await asyncio.wait_for(failed.get(), 1) is pending
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(failed.get(), 1)
+
+        aborted = _RequestStream()
+        aborted.put(pending)
+        aborted.abort()
+        assert await asyncio.wait_for(aborted.get(), 1) is pending
+        assert await asyncio.wait_for(aborted.get(), 1) is None
+
+        live = _RequestStream()
+        live.put(pending)
+        assert await asyncio.wait_for(live.get(), 1) is pending
+        with pytest.raises(asyncio.TimeoutError):  # a live stream waits for its next output
+            await asyncio.wait_for(live.get(), 0.05)
+
+    asyncio.run(run())
 
 
 def test_dead_engine_core_fails_pending_requests(engine):
