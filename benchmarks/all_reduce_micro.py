@@ -15,13 +15,13 @@ pays for its norm.
 from __future__ import annotations
 
 import argparse
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import graph_seconds_per_call
+from pagedllm.executor.base import get_open_port
 
 HIDDEN, O_IN, DOWN_IN, EPS = 4096, 2048, 7168, 1e-5
 
@@ -84,12 +84,6 @@ def _rank_main(rank: int, port: int, layers: int, replays: int) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -97,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     if torch.cuda.device_count() < 2:
         raise SystemExit("all_reduce_micro.py needs two GPUs")
-    mp.spawn(_rank_main, args=(_free_port(), args.layers, args.replays), nprocs=2)
+    mp.spawn(_rank_main, args=(get_open_port(), args.layers, args.replays), nprocs=2)
 
 
 if __name__ == "__main__":

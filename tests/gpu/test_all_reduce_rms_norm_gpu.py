@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import time
 import pytest
 import torch
 from tiny_models import make_tiny_checkpoint
+
+from pagedllm.executor.base import get_open_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -86,16 +87,10 @@ print("ok", flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
-
-
 def test_fused_kernel_equals_the_unfused_chain_eager_and_in_graphs(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(_KERNEL_SCRIPT)
-    port = str(_free_port())
+    port = str(get_open_port())
     logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
     ranks = [subprocess.Popen([sys.executable, str(script), str(rank), port], stdout=log.open("w"),
                               stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]
