@@ -243,6 +243,10 @@ def _suggestions(
         if plan.quantization is None and plan.dtype in ("bfloat16", "float16") and plan.device == "cuda":
             other = replan(config, fp8=True)
             suggestions.append(_fix("quantization='fp8' (8-bit weights)", other, ok=other.fits))
+        if config.cache_config.cache_dtype == "auto" and config.model_config.dtype.itemsize > 1:
+            cache = dataclasses.replace(config.cache_config, cache_dtype="fp8")
+            other = replan(dataclasses.replace(config, cache_config=cache))
+            suggestions.append(_fix("kv_cache_dtype='fp8' (8-bit KV cache)", other, ok=other.fits))
     max_num_seqs = plan.max_num_seqs
     if plan.fits:
         # Everything starts, but not every scheduled request can reach max_model_len at once.

@@ -135,6 +135,19 @@ def log_cpu_budget(engine_config: EngineConfig, weights_bytes: int) -> None:
     )
 
 
+def _fp8_cache_hint(engine_config: EngineConfig, sizing: KVCacheSizing) -> str:
+    """", or pass kv_cache_dtype='fp8' ..." when the cache holds the model dtype and one byte a
+    value would make max_model_len fit in the same budget; else ""."""
+    itemsize = engine_config.model_config.dtype.itemsize
+    if engine_config.cache_config.cache_dtype != "auto" or itemsize == 1:
+        return ""
+    fp8_blocks = min(sizing.budget_bytes // (sizing.block_bytes // itemsize), sizing.usable_blocks)
+    fp8_tokens = fp8_blocks * sizing.block_size
+    if fp8_tokens < engine_config.model_config.max_model_len:
+        return ""
+    return f", or pass kv_cache_dtype='fp8' (one byte a value instead of {itemsize}: {fp8_tokens:,} tokens)"
+
+
 def check_and_log_kv_cache(engine_config: EngineConfig, sizing: KVCacheSizing, device: torch.device) -> int:
     """The number of blocks; fails when one request of max_model_len tokens does not fit
     (unless max_model_len='auto', which the engine then lowers to what fits)."""
@@ -144,6 +157,7 @@ def check_and_log_kv_cache(engine_config: EngineConfig, sizing: KVCacheSizing, d
                  f"{engine_config.cache_config.gpu_memory_utilization}) or kv_cache_memory_bytes")
     else:
         fixes = "raise PAGEDLLM_CPU_KVCACHE_SPACE (GiB) or kv_cache_memory_bytes"
+    fixes += _fp8_cache_hint(engine_config, sizing)
     if engine_config.model_config.max_model_len_auto:
         if sizing.num_blocks == 0:
             raise ValueError(f"The KV cache budget ({format_gib(sizing.budget_bytes)}) holds no block; {fixes}.")

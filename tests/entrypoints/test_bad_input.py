@@ -65,6 +65,17 @@ def test_max_model_len_that_does_not_fit_the_kv_cache_names_both_numbers(tiny_ch
             kv_cache_memory_bytes=2 * 2 * 16 * 2 * 16 * 4)
 
 
+def test_a_cache_that_fp8_would_fit_says_so(tiny_checkpoints):
+    # float32 KV holding 128 tokens; one byte a value holds 512 = max_model_len.
+    budget = 8 * 2 * 2 * 16 * 2 * 16 * 4
+    with pytest.raises(ValueError, match=r"holds 128 tokens.*kv_cache_dtype='fp8' \(one byte a value instead of 4: 512 tokens\)"):
+        LLM(str(tiny_checkpoints["llama"]), skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=budget)
+    llm = LLM(str(tiny_checkpoints["llama"]), skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=budget,
+              kv_cache_dtype="fp8")
+    out = llm.generate({"prompt_token_ids": [3 + i % 300 for i in range(500)]}, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
 def test_unknown_architecture_lists_the_supported_ones(tmp_path):
     import transformers
 

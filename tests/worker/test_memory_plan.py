@@ -154,6 +154,9 @@ def test_gpu_plan_of_a_real_size_model_names_the_settings_that_would_fit(tmp_pat
     fp8_plan = plan_memory(fp8_cache.create_planning_config("cuda"), parse_bytes("24GiB"))
     assert fp8_plan.kv_bytes_per_token == plan.kv_bytes_per_token // 2
     assert fp8_plan.kv_cache_dtype == "float8_e4m3fn" and plan.kv_cache_dtype == "bfloat16"
+    # The suggestion states the fp8 cache's own plan: twice the tokens in the same budget.
+    assert f"kv_cache_dtype='fp8' (8-bit KV cache): weights 14.96 GiB per rank, KV cache {fp8_plan.kv.num_tokens:,} tokens" in text
+    assert "kv_cache_dtype" not in "\n".join(fp8_plan.suggestions)
     roomy = plan_memory(config, parse_bytes("80GiB"))
     assert roomy.fits and roomy.kv.num_tokens > 131072
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 << 20
