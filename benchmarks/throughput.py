@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--no-async-scheduling", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-async-scheduling runs the synchronous loop")
     args = parser.parse_args()
     tp = args.tensor_parallel_size
 
@@ -127,7 +128,7 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     llm = LLM(folder, dtype="bfloat16", max_model_len=2048, max_num_seqs=args.max_num_seqs, skip_tokenizer_init=True,
-              enforce_eager=args.enforce_eager, tensor_parallel_size=tp, async_scheduling=not args.no_async_scheduling)
+              enforce_eager=args.enforce_eager, tensor_parallel_size=tp, async_scheduling=args.async_scheduling)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in requests]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up

@@ -25,6 +25,10 @@ from pagedllm.engine.config_builder import build_engine_config
 logger = logging.getLogger(__name__)
 
 
+# vLLM's short forms of its flags.
+_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "quantization": ("-q",), "compilation_config": ("-O",)}
+
+
 def _option(default: Any, help: str, cli_type: Any = None, **extra: Any) -> Any:
     """A field of EngineArgs: `help` is the flag's help; `cli_type` how the flag's text is read
     (default: the type of the default; "json" for dicts; bool flags get --x / --no-x)."""
@@ -93,7 +97,6 @@ class EngineArgs:
     generation_config: str = _option("auto", "'auto' (the model's generation_config.json sets the default sampling and EOS ids), 'vllm' (ignore its sampling fields), or a folder holding one", str)
     override_generation_config: dict[str, Any] | None = _option(None, "generation config fields that override the file's, as JSON, e.g. '{\"temperature\": 0.5}'", "json")
     hf_overrides: Any = _option(None, "dict merged into the model's config.json (or, from Python, a callable config -> config)", "json")
-    disable_custom_all_reduce: bool = _option(False, "use NCCL's all-reduce instead of the custom peer-to-peer one")
     max_seq_len_to_capture: int | None = _option(None, "longest sequence a decode CUDA graph runs; longer ones run eagerly (default max_model_len)", int)
     cudagraph_capture_sizes: list[int] | None = _option(None, "decode batch sizes captured as CUDA graphs, as JSON, e.g. '[1, 2, 4]' (same as compilation_config's key)", "json")
     cpu_offload_gb: float = _option(0.0, "GiB of weights kept in pinned host memory and streamed to the GPU per layer at each forward", float)
@@ -121,14 +124,14 @@ class EngineArgs:
         for option in dataclasses.fields(cls):
             if option.name in exclude:
                 continue
-            flag = "--" + option.name.replace("_", "-")
+            flags = ["--" + option.name.replace("_", "-"), *_SHORT_FLAGS.get(option.name, ())]
             help_text = option.metadata.get("help", "")
             cli_type = option.metadata.get("cli_type") or type(option.default)
             if cli_type is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
                 reader = {"json": _json_value, "max_model_len": _max_model_len_value}.get(cli_type, cli_type)
-                group.add_argument(flag, type=reader, default=None, help=help_text, metavar=option.name.upper())
+                group.add_argument(*flags, type=reader, default=None, help=help_text, metavar=option.name.upper())
 
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> EngineArgs:

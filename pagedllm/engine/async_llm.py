@@ -26,7 +26,7 @@ from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core_client import EngineCoreClient, EngineDeadError
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
 from pagedllm.engine.frontend import ModelFrontend
-from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
+from pagedllm.engine.output_processor import OutputProcessor, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.request import RequestStatus
 from pagedllm.engine.sampling_params import SamplingParams
@@ -193,11 +193,10 @@ class AsyncLLM:
             raise ValueError(f"Request id {request_id!r} is already running; give each request its own id.")
         processed = self.process_input(prompt, params)
         self._start_output_handler()
-        child_ids = child_request_ids(request_id, params.n)
         child_params = [child_sampling_params(params, index) for index in range(params.n)]
         arrival_time = time.time()
-        self.output_processor.add_request(
-            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params, arrival_time
+        child_ids = self.output_processor.add_request(
+            request_id, processed.prompt, processed.prompt_token_ids, child_params, arrival_time
         )
         stream = _RequestStream()
         self._streams[request_id] = stream

@@ -150,7 +150,8 @@ class KVCacheManager:
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the request's blocks that are full of computed KV (the first
         num_computed_tokens // block_size), so later requests can share them. Call once the
-        step that computed them has run; output tokens count like prompt tokens."""
+        step that computes them is scheduled (workers run steps in order); output tokens count
+        like prompt tokens once known."""
         if not self.enable_prefix_caching:
             return
         req_id = request.request_id

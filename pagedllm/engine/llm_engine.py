@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -15,7 +15,7 @@ from pagedllm.engine.core import EngineCore
 from pagedllm.engine.frontend import ModelFrontend
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt
 from pagedllm.engine.metrics import EngineStats, Metric
-from pagedllm.engine.output_processor import OutputProcessor, child_request_ids, child_sampling_params
+from pagedllm.engine.output_processor import OutputProcessor, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.request import RequestStatus
 from pagedllm.engine.sampling_params import SamplingParams
@@ -24,6 +24,9 @@ from pagedllm.executor.base import Executor
 from pagedllm.inputs import PromptType
 
 logger = logging.getLogger(__name__)
+
+# vLLM's factory arguments that configure nothing in this engine.
+_VLLM_FACTORY_OPTIONS = frozenset({"usage_context", "stat_loggers", "enable_multiprocessing"})
 
 
 class LLMEngine:
@@ -42,8 +45,26 @@ class LLMEngine:
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
-    def from_engine_args(cls, model: str | None = None, **kwargs: Any) -> LLMEngine:
-        return cls(EngineArgs.from_kwargs(model, **kwargs).create_engine_config())
+    def from_engine_args(cls, engine_args: EngineArgs | str | None = None, **kwargs: Any) -> LLMEngine:
+        """vLLM's form, `from_engine_args(EngineArgs(model=...))` (its `usage_context`,
+        `stat_loggers` and `enable_multiprocessing` are accepted and change nothing here), or
+        the shorthand `from_engine_args(model, **engine options)`."""
+        if isinstance(engine_args, EngineArgs):
+            unknown = set(kwargs) - _VLLM_FACTORY_OPTIONS
+            if unknown:
+                raise TypeError(f"from_engine_args(EngineArgs) takes no engine options; got {sorted(unknown)}: "
+                                "set them on the EngineArgs.")
+            return cls(engine_args.create_engine_config())
+        return cls(EngineArgs.from_kwargs(engine_args, **kwargs).create_engine_config())
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: EngineConfig, **_vllm_options: Any) -> LLMEngine:
+        return cls(vllm_config)
+
+    @property
+    def vllm_config(self) -> EngineConfig:
+        """vLLM's name for the engine's config (model, cache, parallel and scheduler configs)."""
+        return self.config
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.tokenizer
@@ -62,11 +83,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_input(prompt, params)
-        child_ids = child_request_ids(request_id, params.n)
         child_params = [child_sampling_params(params, index) for index in range(params.n)]
         arrival_time = time.time()
-        self.output_processor.add_request(
-            request_id, processed.prompt, processed.prompt_token_ids, child_ids, child_params, arrival_time
+        child_ids = self.output_processor.add_request(
+            request_id, processed.prompt, processed.prompt_token_ids, child_params, arrival_time
         )
         for child_id, child_param in zip(child_ids, child_params):
             self.engine_core.add_request(self.frontend.make_request(child_id, processed, child_param, arrival_time))
@@ -79,6 +99,24 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.engine_core.has_unfinished_requests() or self.output_processor.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        """Prompts added and not yet finished or aborted (one per add_request, whatever its n)."""
+        return self.output_processor.num_unfinished()
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        timeout: float | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Runs a Worker method (by name) or a callable (worker, *args, **kwargs) on every rank;
+        returns the results in rank order. Callables must pickle for the mp and ray executors.
+        `timeout` is vLLM's and is not applied."""
+        if callable(method):
+            return self.executor.collective_rpc("run_callable", (method, *args), kwargs)
+        return self.executor.collective_rpc(method, tuple(args), kwargs)
 
     def step(self, return_unfinished: bool = True) -> list[RequestOutput]:
         """Runs one scheduler step; returns the outputs of requests that changed (only the

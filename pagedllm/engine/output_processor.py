@@ -84,11 +84,6 @@ class _PromptState:
         )
 
 
-def child_request_ids(request_id: str, n: int) -> list[str]:
-    """Scheduler-level ids of the n completions of one prompt (vLLM's "{index}_{id}")."""
-    return [request_id] if n == 1 else [f"{index}_{request_id}" for index in range(n)]
-
-
 def child_sampling_params(params: SamplingParams, index: int) -> SamplingParams:
     """Each completion samples on its own; a seeded prompt gives completion i the seed + i so
     the n completions differ yet stay reproducible."""
@@ -113,16 +108,28 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._prompts: dict[str, _PromptState] = {}
         self._parent_of: dict[str, str] = {}
+        self._num_admitted = 0
 
     def add_request(
         self,
         request_id: str,
         prompt: str | None,
         prompt_token_ids: list[int],
-        child_ids: list[str],
         child_params: list[SamplingParams],
         arrival_time: float | None = None,
-    ) -> None:
+    ) -> list[str]:
+        """Starts tracking one prompt; returns the scheduler-level ids of its completions.
+
+        They are unique to this admission (vLLM's "{index}_{id}" plus "-{admission}"), like
+        vLLM's internal request ids: a request id reused right after an abort must not receive
+        the tokens the engine had already computed, or had in flight, for the aborted one."""
+        if request_id in self._prompts:
+            raise ValueError(f"Request id {request_id!r} is already running; give each request its own id.")
+        admission = self._num_admitted
+        self._num_admitted += 1
+        n = len(child_params)
+        child_ids = [f"{request_id}-{admission}" if n == 1 else f"{index}_{request_id}-{admission}"
+                     for index in range(n)]
         completions = {}
         for index, (child_id, params) in enumerate(zip(child_ids, child_params, strict=True)):
             detokenizer = None
@@ -146,9 +153,13 @@ class OutputProcessor:
             prompt_logprobs=[None] if wants_prompt_logprobs else None,
             metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
         )
+        return child_ids
 
     def has_unfinished(self) -> bool:
         return bool(self._prompts)
+
+    def num_unfinished(self) -> int:
+        return len(self._prompts)
 
     def process_outputs(self, outputs: list[EngineCoreOutput], return_unfinished: bool = True) -> ProcessedOutputs:
         """Detokenizes and gathers one step's outputs. A request whose output cannot be

@@ -232,6 +232,11 @@ class Scheduler:
         for req_id, num_tokens in num_scheduled_tokens.items():
             request = self.requests[req_id]
             request.num_computed_tokens += num_tokens
+            # As in vLLM, the blocks this step fills are shared from now on: a later step that
+            # reuses them runs after this one on the workers. So a prompt admitted while the
+            # step that computes its prefix is still in flight hits the cache under async
+            # scheduling exactly as it does under sync scheduling.
+            kv.cache_full_blocks(request, min(request.num_computed_tokens, request.num_tokens))
             if self.async_scheduling and request.num_computed_tokens == request.num_tokens_with_placeholders:
                 # It samples this step; its token is known to the host only after the step.
                 request.num_output_placeholders += 1

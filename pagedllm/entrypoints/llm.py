@@ -147,10 +147,8 @@ class LLM:
         kwargs: dict[str, Any] | None = None,
     ) -> list[Any]:
         """Runs a Worker method (by name) or a callable (worker, *args, **kwargs) on every rank;
-        returns the results in rank order. Callables must pickle for the mp and ray executors."""
-        if callable(method):
-            return self.llm_engine.executor.collective_rpc("run_callable", (method, *args), kwargs)
-        return self.llm_engine.executor.collective_rpc(method, tuple(args), kwargs)
+        returns the results in rank order (LLMEngine.collective_rpc)."""
+        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
 
     def apply_model(self, func: Callable[[Any], Any]) -> list[Any]:
         """func(model) on each rank's model (torch.nn.Module); the results in rank order."""

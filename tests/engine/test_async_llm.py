@@ -112,6 +112,25 @@ def test_abort_frees_the_kv_blocks(engine):
     asyncio.run(run())
 
 
+def test_a_request_id_reused_right_after_an_abort_gets_only_its_own_tokens(engine):
+    """The aborted request's outputs already on their way from the engine core (and its step
+    in flight) must not reach the new request of the same id."""
+    short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def run():
+        expected = await _final(engine, PROMPTS[2], short, "fresh")
+        for _ in range(3):
+            async for output in engine.generate(PROMPTS[0], SamplingParams(temperature=0.8, seed=1, max_tokens=200,
+                                                                           ignore_eos=True), "reused"):
+                if len(output.outputs[0].token_ids) >= 5:
+                    await engine.abort("reused")
+            again = await _final(engine, PROMPTS[2], short, "reused")
+            assert again.outputs[0].token_ids == expected.outputs[0].token_ids
+            assert again.outputs[0].finish_reason == "length"
+
+    asyncio.run(run())
+
+
 def test_prompt_and_grammar_validation_and_output_fields_match_llm_engine(engine):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
 

@@ -95,6 +95,18 @@ def test_preempted_requests_give_identical_tokens(tiny_checkpoints):
     assert asynchronous.llm_engine.scheduler.num_preemptions > 0
 
 
+def test_a_prefix_computed_by_the_step_in_flight_is_a_cache_hit_as_under_sync(tiny_checkpoints):
+    """The second prompt is admitted while the step computing the first one's first block is
+    in flight: it hits that block under both schedulings (blocks are shared once scheduled)."""
+    sync, asynchronous = _both(tiny_checkpoints["llama"], max_num_batched_tokens=16)
+    prompts = [{"prompt_token_ids": list(range(3, 31))}, {"prompt_token_ids": list(range(3, 34))}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    results = [[(o.num_cached_tokens, o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+               for llm in (sync, asynchronous)]
+    assert results[0] == results[1]
+    assert [cached for cached, _ in results[1]] == [0, 16]
+
+
 def test_stop_tokens_and_max_tokens_end_requests_where_sync_does(tiny_checkpoints):
     """A stop token taken from the unstopped output ends the request right after it, under
     both schedulings; max_tokens=1 and 2 give exactly 1 and 2 tokens."""
@@ -171,6 +183,34 @@ def test_abort_ends_a_request_and_discards_its_step_in_flight(tiny_checkpoints):
         assert llm_engine.executor.worker.model_runner.input_batch.num_reqs == 0
     assert final["async"]["keep"] == final["reference"]["keep"]
     assert final["async"]["abort"] == final["reference"]["abort"][:3]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_request_id_reused_after_an_abort_gets_only_its_own_tokens(tiny_checkpoints, async_scheduling):
+    """The aborted request's step in flight must not hand its token to the new request of the
+    same id (the engine keys its requests by an id unique to each admission)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    engine = LLMEngine.from_engine_args(str(tiny_checkpoints["llama"]), async_scheduling=async_scheduling, **ENGINE)
+    engine.add_request("fresh", {"prompt_token_ids": [50, 51]}, greedy)
+    with pytest.raises(ValueError, match="already running"):
+        engine.add_request("fresh", {"prompt_token_ids": [7]}, greedy)
+    expected = _run_to_end(engine)["fresh"]
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7, 8]},
+                       SamplingParams(temperature=0.8, seed=1, max_tokens=30, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    engine.abort_request("a")
+    engine.add_request("a", {"prompt_token_ids": [50, 51]}, greedy)
+    assert _run_to_end(engine)["a"] == expected
+
+
+def _run_to_end(engine: LLMEngine) -> dict[str, list[int]]:
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = list(output.outputs[0].token_ids)
+    return finished
 
 
 def test_sampled_logprobs_match_transformers_under_async_scheduling(tiny_checkpoints):

@@ -121,3 +121,6 @@ def test_engine_flags_come_from_engine_args_including_max_model_len_auto():
         args = parser.parse_args(["generate", "--max-model-len", value, "--kv-cache-headroom", "0.2"])
         engine_args = EngineArgs.from_cli_args(args)
         assert engine_args.max_model_len == expected and engine_args.kv_cache_headroom == 0.2
+    # vLLM's short flags.
+    engine_args = EngineArgs.from_cli_args(parser.parse_args(["generate", "-tp", "2", "-q", "fp8", "-O", "0"]))
+    assert (engine_args.tensor_parallel_size, engine_args.quantization, engine_args.compilation_config) == (2, "fp8", 0)

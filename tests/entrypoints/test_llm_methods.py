@@ -73,6 +73,30 @@ def test_collective_rpc_and_apply_model(llm):
     assert num_params[0] > 0 and isinstance(num_params, list)
 
 
+def test_llm_engine_takes_vllm_engine_args_and_has_its_accessors(model_dir):
+    from pagedllm import EngineArgs
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(model_dir), skip_tokenizer_init=True, dtype="float32",
+                                                   kv_cache_memory_bytes=1 << 20, async_scheduling=False),
+                                        usage_context=None)
+    assert engine.vllm_config is engine.config
+    assert not engine.vllm_config.scheduler_config.async_scheduling
+    assert engine.vllm_config.parallel_config.disable_custom_all_reduce is False
+    engine.add_request("one", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(n=2, max_tokens=2))
+    engine.add_request("two", {"prompt_token_ids": PROMPTS[1]}, SamplingParams(max_tokens=2))
+    assert engine.get_num_unfinished_requests() == 2
+    engine.abort_request("two")
+    assert engine.get_num_unfinished_requests() == 1
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.get_num_unfinished_requests() == 0
+    assert engine.collective_rpc("get_pid") == [os.getpid()]
+    with pytest.raises(TypeError, match="max_num_seqs"):
+        LLMEngine.from_engine_args(EngineArgs(model=str(model_dir)), max_num_seqs=4)
+    engine.shutdown()
+
+
 @pytest.mark.parametrize("level", [1, 2])
 def test_sleep_and_wake_up_keep_outputs(llm, level):
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]

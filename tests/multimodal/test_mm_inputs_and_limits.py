@@ -227,7 +227,8 @@ def test_scheduler_budgets_encoder_work_per_step(tiny_vl_checkpoints):
     processed = engine.llm_engine.process_input(prompt, GREEDY)
     engine.llm_engine.add_request("budget", processed, GREEDY)
     first_step = scheduler.schedule()
-    assert first_step.num_scheduled_tokens["budget"] == processed.mm_inputs.features[1].placeholder.offset
+    [num_scheduled] = first_step.num_scheduled_tokens.values()  # the scheduler's id is "budget-<admission>"
+    assert num_scheduled == processed.mm_inputs.features[1].placeholder.offset
     engine.llm_engine.abort_request("budget")
     engine.shutdown()
 
