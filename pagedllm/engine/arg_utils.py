@@ -77,6 +77,7 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (overrides gpu_memory_utilization)", int)
     kv_cache_headroom: float = _option(0.1, "KV cache beyond max_num_seqs x max_model_len tokens, as a fraction of them (prefix-cache reuse); the rest of the budget stays free")
     kv_cache_dtype: str = _option("auto", "auto (the model dtype) | fp8 | fp8_e4m3: KV cache element type", str)
+    calculate_kv_scales: bool = _option(False, "accepted for vLLM compatibility when False: fp8 KV scales come from the checkpoint (else 1.0)")
     swap_space: float | None = _option(None, "accepted for vLLM compatibility; pagedllm recomputes instead of swapping", float)
     enforce_eager: bool = _option(False, "no CUDA graphs")
     compilation_config: dict[str, Any] | int | None = _option(None, "CUDA graph settings as JSON, e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'", "json")

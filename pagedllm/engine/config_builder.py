@@ -24,7 +24,6 @@ from pagedllm.config import (
     MultiModalConfig,
     ParallelConfig,
     SchedulerConfig,
-    text_config_of,
 )
 from pagedllm.engine.hf_config import (
     apply_hf_overrides,
@@ -33,6 +32,7 @@ from pagedllm.engine.hf_config import (
     read_hf_config,
     resolve_dtype,
 )
+from pagedllm.engine.tensor_parallel_split import check_tensor_parallel_split
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def build_engine_config(model: str, args: dict[str, Any], planned_device: torch.
     if load_config.load_format == "sharded_state":
         from pagedllm.model_loader.sharded_state import check_sharded_state_folder
 
-        check_sharded_state_folder(resolved.model_path, parallel_config.tensor_parallel_size)
+        check_sharded_state_folder(resolved.model_path, parallel_config.tensor_parallel_size, model_config.quantization)
     compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs, model_config.max_model_len)
     if args["tokenizer"] is not None and not args["skip_tokenizer_init"]:
         tokenizer = resolve_tokenizer(args["tokenizer"], args["tokenizer_revision"], args["download_dir"])
@@ -270,9 +270,15 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
         raise ValueError(f"kv_cache_headroom must be a fraction >= 0 (e.g. 0.1), got {headroom!r}.")
     cache_dtype = str(args["kv_cache_dtype"]).lower()
     if cache_dtype not in _KV_CACHE_DTYPES:
+        why = " (the e5m2 format is not implemented: 'fp8' is e4m3 with per-layer scales)" if "e5m2" in cache_dtype else ""
         raise ValueError(
-            f"kv_cache_dtype={args['kv_cache_dtype']!r} is not supported; use one of "
+            f"kv_cache_dtype={args['kv_cache_dtype']!r} is not supported{why}; use one of "
             f"{', '.join(map(repr, _KV_CACHE_DTYPES))}."
+        )
+    if args["calculate_kv_scales"]:
+        raise ValueError(
+            "calculate_kv_scales=True is not supported: an fp8 KV cache takes its scales from the checkpoint "
+            "(k_scale / v_scale, else 1.0); pass calculate_kv_scales=False."
         )
     return CacheConfig(
         cache_dtype="auto" if cache_dtype == "auto" else "fp8",
@@ -322,46 +328,6 @@ def _build_parallel_config(
         disable_custom_all_reduce=bool(args["disable_custom_all_reduce"]),
     )
 
-
-def check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> None:
-    """Fail at start-up, before any process starts, when the model's layers cannot be split
-    into `tp_size` equal shards (the layers would only fail later, inside the workers)."""
-    if tp_size == 1:
-        return
-    architecture = (getattr(hf_config, "architectures", None) or ["the model"])[0]
-    hf_config = text_config_of(hf_config)
-    if getattr(hf_config, "num_attention_heads", None) is None:
-        return  # not a decoder config this check understands; the layers check when built
-    num_heads = int(hf_config.num_attention_heads)
-    num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
-    sizes = {"num_attention_heads": num_heads}
-    intermediate_size = getattr(hf_config, "intermediate_size", None)
-    if isinstance(intermediate_size, int):
-        sizes["intermediate_size"] = intermediate_size
-
-    def splits(size: int) -> bool:
-        return all(value % size == 0 for value in sizes.values()) and (
-            num_kv_heads % size == 0 if size <= num_kv_heads else size % num_kv_heads == 0
-        )
-
-    bad = [(name, value) for name, value in sizes.items() if value % tp_size]
-    kv_bad = num_kv_heads % tp_size if tp_size <= num_kv_heads else tp_size % num_kv_heads
-    if not bad and not kv_bad:
-        return
-    working = [size for size in range(1, num_heads + 1) if splits(size)]
-    if bad:
-        name, value = bad[0]
-        problem = f"{name} ({value}) of {architecture} is not divisible by tensor_parallel_size ({tp_size})"
-    else:
-        # Fewer KV heads than ranks is fine when each head is replicated a whole number of times.
-        problem = (
-            f"num_key_value_heads ({num_kv_heads}) of {architecture} and tensor_parallel_size "
-            f"({tp_size}) do not divide one another"
-        )
-    raise ValueError(
-        f"{problem}, so the model cannot be split across {tp_size} ranks; use "
-        f"tensor_parallel_size in {working}."
-    )
 
 
 def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int, max_model_len: int) -> CompilationConfig:

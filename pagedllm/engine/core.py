@@ -92,6 +92,12 @@ class EngineCore:
             self.structured_output_manager.accept_tokens(outputs)
         return outputs
 
+    def save_sharded_state(self, path: str, pattern: str | None = None, max_size: int | None = None) -> None:
+        """vLLM's `llm.llm_engine.engine_core.save_sharded_state(path=..., pattern=..., max_size=...)`:
+        each rank writes its parameters to `path` (the config and tokenizer files are the
+        caller's to copy, as in vLLM's example; `pagedllm save-sharded` copies them)."""
+        self.executor.save_sharded_state(path, pattern, max_size)
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 

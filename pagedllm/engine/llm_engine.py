@@ -140,6 +140,11 @@ class LLMEngine:
         return self.engine_core.executor
 
     @property
+    def model_executor(self) -> Executor:
+        """vLLM's older name for the executor (its save_sharded_state example uses it)."""
+        return self.engine_core.executor
+
+    @property
     def scheduler(self) -> Scheduler:
         return self.engine_core.scheduler
 

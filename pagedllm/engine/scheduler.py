@@ -253,24 +253,15 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Append the sampled tokens, register newly full blocks for prefix caching, check
-        stop conditions and free finished requests. Returns an output for every request that
-        got tokens or prompt logprobs, or finished."""
-        kv = self.kv_cache_manager
+        """Append the sampled tokens, check stop conditions and free finished requests (the
+        blocks the step filled were registered for prefix caching when it was scheduled).
+        Returns an output for every request that got tokens or prompt logprobs, or finished."""
         outputs: list[EngineCoreOutput] = []
         stopped: set[str] = set()
-        num_scheduled = scheduler_output.num_scheduled_tokens
-        # Where each request's tokens ended in THIS step (later steps may be in flight).
-        computed_after_step = {new.req_id: new.num_computed_tokens + num_scheduled[new.req_id]
-                               for new in scheduler_output.scheduled_new_reqs}
-        for cached in scheduler_output.scheduled_cached_reqs:
-            computed_after_step[cached.req_id] = cached.num_computed_tokens + num_scheduled[cached.req_id]
-        for req_id in num_scheduled:
+        for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished or preempted since the step was scheduled
-            # Before appending: the blocks filled by this step hold only known, computed tokens.
-            kv.cache_full_blocks(request, min(computed_after_step[req_id], request.num_tokens))
             new_token_ids = model_runner_output.sampled_token_ids.get(req_id) or []
             if self.async_scheduling and new_token_ids:
                 request.num_output_placeholders -= len(new_token_ids)

@@ -31,7 +31,7 @@ VLLM_LLM_METHODS = (
 )
 VLLM_ENGINE_OPTIONS = (
     "model", "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code", "download_dir",
-    "load_format", "dtype", "kv_cache_dtype", "seed", "max_model_len", "distributed_executor_backend",
+    "load_format", "dtype", "kv_cache_dtype", "calculate_kv_scales", "seed", "max_model_len", "distributed_executor_backend",
     "pipeline_parallel_size", "tensor_parallel_size", "data_parallel_size", "block_size",
     "enable_prefix_caching", "swap_space", "cpu_offload_gb", "gpu_memory_utilization",
     "kv_cache_memory_bytes", "max_num_batched_tokens", "max_num_seqs", "max_logprobs", "disable_log_stats",
@@ -74,6 +74,8 @@ NOTES: dict[str, dict[str, str]] = {
         "structured_outputs_config": "supported: backend 'auto' or 'xgrammar' (the one backend)",
         "tokenizer_mode": "supported: 'auto', 'slow'; 'mistral' refused with a ValueError",
         "cpu_offload_gb": "supported on CUDA (weights stream in per layer; no CUDA graphs); ValueError on CPU",
+        "kv_cache_dtype": "supported: 'auto', 'fp8', 'fp8_e4m3' ('fp8_e5m2' refused with a ValueError)",
+        "calculate_kv_scales": "False only: fp8 KV scales come from the checkpoint, else 1.0 (True: ValueError)",
     },
     "RequestOutput": {
         "lora_request": "always None: LoRA is not supported",

@@ -98,7 +98,9 @@ def _add_save_sharded_parser(commands: Any) -> Runner:
     help_text = "save each tensor-parallel rank's weights to its own files (load_format='sharded_state')"
     save = commands.add_parser("save-sharded", help=help_text, description=help_text)
     _add_debug_flag(save)
-    save.add_argument("--output", required=True, help="folder to write (new or empty)")
+    save.add_argument("--output", "-o", required=True, help="folder to write (new or empty)")
+    save.add_argument("--file-pattern", default=None,
+                      help="file names, with {rank} and {part} (default model-rank-{rank}-part-{part}.safetensors)")
     save.add_argument("--max-file-size", type=int, default=None,
                       help="largest file in bytes (default 5 GiB); a rank's state is split into parts")
     # Every engine option, as vLLM's save_sharded_state takes them: --model and
@@ -224,7 +226,7 @@ def run_save_sharded(args: argparse.Namespace) -> int:
     if model is None:
         raise ValueError("save-sharded needs --model: the model folder or hub id to split.")
     tensor_parallel_size = options.pop("tensor_parallel_size", 1)
-    save_sharded_checkpoint(model, args.output, tensor_parallel_size, args.max_file_size, **options)
+    save_sharded_checkpoint(model, args.output, tensor_parallel_size, args.max_file_size, args.file_pattern, **options)
     kept = "".join(f", {name}={options[name]!r}" for name in ("quantization", "kv_cache_dtype") if name in options)
     print(f"Saved {tensor_parallel_size} rank(s) of {model} to {args.output}; load it with "
           f"LLM(model={args.output!r}, load_format='sharded_state', tensor_parallel_size={tensor_parallel_size}"

@@ -95,10 +95,12 @@ def get_model(
     model.requires_grad_(False).eval()
     # The worker reports what this rank read (tests check that ranks read only their shards).
     model.load_stats = stats
+    weight_bytes = model_weight_bytes(model)
     logger.info(
-        "Loaded %s (%s, load_format %s) on %s: %s of weights, %s read from checkpoint files, in %.1f s.",
-        model_config.architecture, str(model_config.dtype).removeprefix("torch."), load_format,
-        device, format_gib(model_weight_bytes(model)), format_gib(stats.bytes_read),
+        "Loaded %s (%s%s, load_format %s) on %s: %s of weights (%s bytes), %s read from checkpoint files, in %.1f s.",
+        model_config.architecture, str(model_config.dtype).removeprefix("torch."),
+        f", quantization {model_config.quantization}" if model_config.quantization else "", load_format,
+        device, format_gib(weight_bytes), f"{weight_bytes:,}", format_gib(stats.bytes_read),
         time.perf_counter() - start,
     )
     return model
@@ -191,7 +193,7 @@ def _load_sharded_state(
     from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size
     from pagedllm.model_loader.sharded_state import check_sharded_state_folder, load_rank_state
 
-    check_sharded_state_folder(model_config.model_path, get_tp_size())
+    check_sharded_state_folder(model_config.model_path, get_tp_size(), model_config.quantization)
     load_rank_state(model, model_config.model_path, get_tp_rank(), stats)
 
 

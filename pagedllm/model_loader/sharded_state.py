@@ -40,7 +40,8 @@ _WEIGHT_FILE_PATTERNS = (
 )
 
 
-def rank_file_glob(rank: int, pattern: str = DEFAULT_FILE_PATTERN) -> str:
+def rank_file_glob(rank: int | str, pattern: str = DEFAULT_FILE_PATTERN) -> str:
+    """The files of one rank ("*": of every rank) under `pattern`."""
     return pattern.format(rank=rank, part="*")
 
 
@@ -51,10 +52,12 @@ def save_rank_state(
     tensor_parallel_size: int,
     pattern: str | None = None,
     max_file_size: int | None = None,
+    quantization: str | None = None,
 ) -> list[str]:
     """Write this rank's parameters (its shards, tied parameters once) into parts of at most
     `max_file_size` bytes (a single tensor larger than that gets a part of its own). Rank 0
-    also writes sharded_state.json. Returns the paths written."""
+    also writes sharded_state.json, which records `quantization` (the method the tensors are
+    quantized with, which loading must use too). Returns the paths written."""
     pattern = pattern or DEFAULT_FILE_PATTERN
     max_file_size = DEFAULT_MAX_FILE_SIZE if max_file_size is None else max_file_size
     if max_file_size < 1:
@@ -67,7 +70,7 @@ def save_rank_state(
         paths.append(path)
     if rank == 0:
         metadata = {"format": "pagedllm-sharded-state", "tensor_parallel_size": tensor_parallel_size,
-                    "file_pattern": pattern, "layout_version": LAYOUT_VERSION}
+                    "file_pattern": pattern, "layout_version": LAYOUT_VERSION, "quantization": quantization}
         with open(os.path.join(output_dir, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2)
     logger.info("Rank %d saved %d file(s) to %s.", rank, len(paths), output_dir)
@@ -118,9 +121,16 @@ def read_saved_tensor_parallel_size(folder: str) -> int | None:
         raise ValueError(f"Cannot read {path} ({error}); save the sharded state again.") from None
 
 
-def check_sharded_state_folder(folder: str, tensor_parallel_size: int) -> None:
+def check_sharded_state_folder(folder: str, tensor_parallel_size: int, quantization: str | None) -> None:
     """Start-up check for load_format='sharded_state': the folder holds a state saved with this
-    tensor_parallel_size."""
+    tensor_parallel_size and this quantization method (when its sharded_state.json says)."""
+    metadata = _read_metadata(folder) or {}
+    if "quantization" in metadata and metadata["quantization"] != quantization:
+        saved_method = metadata["quantization"]
+        raise ValueError(
+            f"The sharded state in {folder} holds weights quantized with quantization={saved_method!r} but it "
+            f"is loaded with quantization={quantization!r}; pass quantization={saved_method!r}."
+        )
     saved = read_saved_tensor_parallel_size(folder)
     if saved is None:
         # Folders written by vLLM's example carry no metadata: count the ranks' files instead.

@@ -257,8 +257,12 @@ class LlamaForCausalLM(nn.Module):
 
 
 # Checkpoint names of an fp8 KV cache's per-layer scales (compressed-tensors, ModelOpt /
-# AutoFP8, older vLLM) → the attention layer's scales they set.
+# AutoFP8, older vLLM, vLLM's own parameter names) → the attention layer's scales they set.
 _KV_SCALE_NAMES = (
+    (".self_attn.attn.k_scale", ("k_scale",)),
+    (".self_attn.attn.v_scale", ("v_scale",)),
+    (".self_attn.qkv_proj.k_scale", ("k_scale",)),
+    (".self_attn.qkv_proj.v_scale", ("v_scale",)),
     (".self_attn.k_scale", ("k_scale",)),
     (".self_attn.v_scale", ("v_scale",)),
     (".self_attn.k_proj.k_scale", ("k_scale",)),

@@ -213,7 +213,7 @@ def _suggestions(
 ) -> list[str]:
     """Settings that would make the plan fit (or hold max_num_seqs requests at once), each with
     its numbers, from re-planning with that one setting changed."""
-    from pagedllm.engine.config_builder import check_tensor_parallel_split
+    from pagedllm.engine.tensor_parallel_split import check_tensor_parallel_split
 
     def replan(changed: EngineConfig, fp8: bool = False) -> MemoryPlan:
         return _plan(changed, tensors, source, gpu_memory_bytes, fp8_weights=fp8)

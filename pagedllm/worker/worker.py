@@ -219,7 +219,8 @@ class Worker:
 
         model = self._runner().model
         assert model is not None
-        return save_rank_state(model, path, self.rank, self.world_size, pattern, max_size)
+        return save_rank_state(model, path, self.rank, self.world_size, pattern, max_size,
+                               self.config.model_config.quantization)
 
     def get_pid(self) -> int:
         return os.getpid()

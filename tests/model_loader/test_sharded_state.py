@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from safetensors import safe_open
@@ -100,3 +102,36 @@ def test_sharded_state_errors_name_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["save-sharded", "--output", str(tmp_path / "other")])
     assert "save-sharded needs --model" in capsys.readouterr().err
+
+
+def test_vllm_save_paths_file_pattern_and_module_entry_point(tmp_path, capsys):
+    """vLLM's example saves through llm.llm_engine.engine_core.save_sharded_state(path=,
+    pattern=, max_size=) and copies the config files itself; the command takes its -o and
+    --file-pattern; `python -m pagedllm.entrypoints.save_sharded` is the command."""
+    from pagedllm.model_loader.sharded_state import copy_metadata_files
+
+    source = make_tiny_checkpoint(tmp_path / "model", "llama")
+    expected = hf_greedy(source, PROMPTS, MAX_TOKENS)
+    llm = LLM(str(source), skip_tokenizer_init=True, **ENGINE)
+    assert llm.llm_engine.model_executor is llm.llm_engine.executor
+    by_python = tmp_path / "python"
+    llm.llm_engine.engine_core.save_sharded_state(path=str(by_python), pattern="w-{rank}-{part}.safetensors",
+                                                  max_size=MAX_FILE_SIZE)
+    llm.shutdown()
+    copy_metadata_files(str(source), str(by_python))
+    by_cli = tmp_path / "cli"
+    assert main(["save-sharded", "--model", str(source), "-o", str(by_cli), "--file-pattern",
+                 "x-{rank}-{part}.safetensors", "--distributed-executor-backend", "uni"]) == 0
+    assert "x-0-0.safetensors" in os.listdir(by_cli)
+    assert len([n for n in os.listdir(by_python) if n.startswith("w-0-")]) > 1
+    for folder in (by_python, by_cli):
+        loaded = LLM(str(folder), load_format="sharded_state", skip_tokenizer_init=True, **ENGINE)
+        outputs = loaded.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+    with pytest.raises(SystemExit):
+        main(["save-sharded", "--model", str(source), "-o", str(tmp_path / "bad"), "--file-pattern", "x.safetensors"])
+    assert "must contain {rank} and {part}" in capsys.readouterr().err
+    help_text = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.save_sharded", "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "--file-pattern" in help_text and "--tensor-parallel-size" in help_text
+

@@ -113,9 +113,31 @@ def test_checkpoint_kv_scales_are_loaded_and_applied(tiny_checkpoints, tmp_path)
     assert (runner(llm).kv_caches[0][0].float().abs() > 10).any()
 
 
+@pytest.mark.parametrize("names", [("self_attn.attn.k_scale", "self_attn.attn.v_scale"),
+                                   ("self_attn.qkv_proj.k_scale", "self_attn.qkv_proj.v_scale")])
+def test_kv_scales_under_vllm_parameter_names_load(tiny_checkpoints, tmp_path, names) -> None:
+    """vLLM's own parameter names (a checkpoint saved from a vLLM model) set the same scales."""
+    source = tiny_checkpoints["llama"]
+    target = tmp_path / "vllm_names"
+    shutil.copytree(source, target)
+    tensors = load_file(source / "model.safetensors")
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.{names[0]}"] = torch.tensor(0.02 + layer / 100)
+        tensors[f"model.layers.{layer}.{names[1]}"] = torch.tensor(0.04)
+    save_file(tensors, target / "model.safetensors")
+    layers = runner(make_llm(target, kv_cache_dtype="fp8")).attention_layers
+    assert [s.item() for a in layers for s in (a.k_scale, a.v_scale)] == pytest.approx([0.02, 0.04, 0.03, 0.04])
+
+
 def test_unknown_kv_cache_dtype_is_a_value_error_listing_the_choices(tiny_checkpoints) -> None:
     with pytest.raises(ValueError, match="kv_cache_dtype='int4'.*'auto', 'fp8', 'fp8_e4m3'"):
         make_llm(tiny_checkpoints["llama"], kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="e5m2 format is not implemented.*'fp8'"):
+        make_llm(tiny_checkpoints["llama"], kv_cache_dtype="fp8_e5m2")
+    # vLLM's calculate_kv_scales: False (its default) is accepted, True is refused with the reason.
+    make_llm(tiny_checkpoints["llama"], kv_cache_dtype="fp8", calculate_kv_scales=False)
+    with pytest.raises(ValueError, match="calculate_kv_scales=True is not supported.*checkpoint"):
+        make_llm(tiny_checkpoints["llama"], kv_cache_dtype="fp8", calculate_kv_scales=True)
 
 
 def test_fp8_cache_without_a_scale_would_miss_the_tolerance(tiny_checkpoints, tmp_path) -> None:

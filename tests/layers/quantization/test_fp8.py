@@ -83,6 +83,23 @@ def test_dynamic_fp8_matches_per_channel_reference(llama) -> None:
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == (128, 1)
 
 
+def test_the_load_log_states_the_weight_bytes(llama, caplog) -> None:
+    """The log line gives the exact bytes, so even a tiny model shows fp8's saving: each linear
+    weight drops from 4 bytes a value (float32) to 1 plus its per-channel scales."""
+    import re
+
+    logged = {}
+    for quantization in (None, "fp8"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pagedllm.model_loader.loaders"):
+            make_llm(llama, quantization=quantization)
+        [line] = [r.getMessage() for r in caplog.records if "of weights" in r.getMessage()]
+        logged[quantization] = int(re.search(r"of weights \(([\d,]+) bytes\)", line).group(1).replace(",", ""))
+        assert ("quantization fp8" in line) == (quantization == "fp8")
+    linear = sum(t.numel() for n, t in load_file(llama / "model.safetensors").items() if is_quantized_linear(n))
+    assert logged[None] - logged["fp8"] == pytest.approx(3 * linear, rel=0.02)
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_fp8_per_tensor_checkpoint_matches_reference(llama, tmp_path, static) -> None:
     path = pack_fp8(llama, tmp_path / "fp8", static=static)

@@ -62,3 +62,6 @@ def test_the_save_sharded_command_takes_the_quantization_option(tiny_checkpoints
     expected = engine_prompt_logprobs(LLM(str(source), quantization="fp8", **COMMON))
     loaded = LLM(str(output), load_format="sharded_state", quantization="fp8", **COMMON)
     assert engine_prompt_logprobs(loaded) == expected
+    # Its sharded_state.json records the method, so loading without it names the fix.
+    with pytest.raises(ValueError, match="quantized with quantization='fp8'.*loaded with quantization=None.*pass quantization='fp8'"):
+        LLM(str(output), load_format="sharded_state", **COMMON)
