@@ -83,7 +83,9 @@ def render_plan(plan: MemoryPlan, gpu_memory: int | None) -> str:
         f"weights from {plan.weights_source}):",
         f"  budget                 {format_gib(plan.budget_bytes)}",
         f"  weights                {format_gib(plan.weights_bytes)}  ("
-        + ", ".join(f"{name} {format_gib(size)}" for name, size in sorted(plan.weights_bytes_by_dtype.items())) + ")",
+        + ", ".join(f"{name} {format_gib(size)}" for name, size in sorted(plan.weights_bytes_by_dtype.items()))
+        + (f"; {format_gib(plan.offloaded_bytes)} of them in host memory (cpu_offload_gb)" if plan.offloaded_bytes else "")
+        + ")",
     ]
     if plan.device == "cuda":
         lines += [

@@ -21,10 +21,11 @@ _MAX_CACHED_GRAMMARS = 128
 def spec_key(spec: StructuredOutputsParams) -> tuple[Any, ...]:
     """A hashable key naming what the spec constrains to (equal specs share one grammar)."""
     if spec.json is not None:
-        schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json, sort_keys=True)
+        # Not sorted: xgrammar emits the properties in the schema's order, as vLLM does.
+        schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
         return ("json", schema, spec.disable_any_whitespace, spec.disable_additional_properties)
     if spec.json_object:
-        return ("json_object",)
+        return ("json_object", spec.disable_any_whitespace)
     if spec.regex is not None:
         return ("regex", spec.regex)
     if spec.choice is not None:
@@ -81,7 +82,8 @@ class GrammarCompiler:
             # strict_mode: no properties beyond the schema's (xgrammar's and vLLM's default).
             return self._compiler.compile_json_schema(schema, any_whitespace=not no_whitespace, strict_mode=True)
         if kind == "json_object":
-            return self._compiler.compile_builtin_json_grammar()
+            # Any JSON object, never a bare array or scalar (vLLM's xgrammar backend does the same).
+            return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=not key[1])
         if kind == "regex":
             return self._compiler.compile_regex(key[1])
         if kind == "choice":

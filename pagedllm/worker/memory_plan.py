@@ -45,6 +45,8 @@ class MemoryPlan:
     """Where the weight shapes came from: safetensors headers, GGUF metadata or config.json."""
     weights_bytes_by_dtype: dict[str, int]
     """Per rank, by the dtype the engine holds them in."""
+    offloaded_bytes: int
+    """Of those, the bytes cpu_offload_gb keeps in host memory (not in the GPU budget)."""
     budget_bytes: int
     """Per rank: total * gpu_memory_utilization on a GPU; the CPU KV budget on CPU."""
     activation_peak_bytes: int
@@ -61,7 +63,8 @@ class MemoryPlan:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(self.weights_bytes_by_dtype.values())
+        """On the device: cpu_offload_gb's share is left out."""
+        return sum(self.weights_bytes_by_dtype.values()) - self.offloaded_bytes
 
     @property
     def fits(self) -> bool:
@@ -88,7 +91,8 @@ def _plan(
     # quantization='fp8' on a 16-bit checkpoint quantizes its linear weights when loading.
     fp8_weights = fp8_weights or model_config.quantization == "fp8"
     weights = weights_bytes_per_rank(config, tensors, fp8_weights)
-    weights_bytes = sum(weights.values())
+    offloaded = offloaded_bytes(config, tensors, weights) if on_gpu else 0
+    weights_bytes = sum(weights.values()) - offloaded
     block_bytes = kv_block_bytes(config)
     activation = graph = non_torch = 0
     if on_gpu:
@@ -113,12 +117,19 @@ def _plan(
         model_config.max_model_len, cache_config.kv_cache_headroom,
     )
     problems = []
+    max_model_len = model_config.max_model_len
+    if model_config.max_model_len_auto and kv.num_blocks:
+        # The engine sizes the cache first, then takes the longest request it holds.
+        max_model_len = memory_policy.largest_max_model_len(kv.num_blocks, cache_config.block_size, max_model_len)
     if kv_budget <= 0:
         problems.append(
             f"weights, activations, non-torch memory and CUDA graphs take "
             f"{memory_policy.format_gib(budget - kv_budget)} of a {memory_policy.format_gib(budget)} budget: "
             "nothing is left for the KV cache"
         )
+    elif model_config.max_model_len_auto and kv.num_blocks == 0:
+        problems.append(f"the KV cache budget ({memory_policy.format_gib(kv_budget)}) holds no block of "
+                        f"{kv.block_bytes:,} bytes, so max_model_len='auto' finds no length")
     elif not model_config.max_model_len_auto and kv.num_tokens < model_config.max_model_len:
         problems.append(
             f"the KV cache holds {kv.num_tokens:,} tokens, less than one request of max_model_len "
@@ -131,13 +142,14 @@ def _plan(
         quantization="fp8" if fp8_weights else model_config.quantization,
         weights_source=source,
         weights_bytes_by_dtype=weights,
+        offloaded_bytes=offloaded,
         budget_bytes=budget,
         activation_peak_bytes=activation,
         non_torch_bytes=non_torch,
         cuda_graph_bytes=graph,
         kv_bytes_per_token=block_bytes // cache_config.block_size,
         kv_cache_dtype=str(cache_config.element_dtype(model_config.dtype)).removeprefix("torch."),
-        max_model_len=model_config.max_model_len,
+        max_model_len=max_model_len,
         max_num_seqs=scheduler_config.max_num_seqs,
         kv=kv,
         problems=problems,
@@ -191,6 +203,20 @@ def weights_bytes_per_rank(config: EngineConfig, tensors: list[CheckpointTensor]
             name, size = dtype_name, model_config.dtype.itemsize
         by_dtype[name] = by_dtype.get(name, 0) + numel * size
     return by_dtype
+
+
+def offloaded_bytes(config: EngineConfig, tensors: list[CheckpointTensor], weights: dict[str, int]) -> int:
+    """What cpu_offload_gb moves to host memory (worker/cpu_offload.py): up to its budget, of
+    everything but the vocabulary matrices."""
+    budget = config.load_config.cpu_offload_bytes
+    if budget <= 0:
+        return 0
+    vocabulary = sum(
+        _numel_per_rank(t, config.model_config.num_key_value_heads, config.parallel_config.tensor_parallel_size)
+        * config.model_config.dtype.itemsize
+        for t in tensors if t.name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    )
+    return min(budget, max(0, sum(weights.values()) - vocabulary))
 
 
 def _numel_per_rank(tensor: CheckpointTensor, num_kv_heads: int, tp_size: int) -> int:

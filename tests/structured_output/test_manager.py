@@ -57,7 +57,7 @@ def test_equal_specs_compile_once_and_bad_specs_are_value_errors(tokenizer):
     manager = StructuredOutputManager(tokenizer, vocab_size=512, stop_token_ids=[EOS])
     compiler = manager._get_compiler()
     first = compiler.compile(StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}}}))
-    again = compiler.compile(StructuredOutputsParams(json='{"properties": {"a": {"type": "integer"}}, "type": "object"}'))
+    again = compiler.compile(StructuredOutputsParams(json='{"type": "object", "properties": {"a": {"type": "integer"}}}'))
     assert first is again
     with pytest.raises(ValueError, match="regex"):
         manager.validate(SamplingParams(structured_outputs=StructuredOutputsParams(regex="(unclosed")))
@@ -67,3 +67,16 @@ def test_no_tokenizer_is_a_value_error():
     manager = StructuredOutputManager(None, vocab_size=512, stop_token_ids=[EOS])
     with pytest.raises(ValueError, match="skip_tokenizer_init"):
         manager.validate(SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"])))
+
+
+def test_json_object_starts_an_object_only(tokenizer):
+    """json_object is any JSON object (vLLM compiles {"type": "object"}), never an array or a
+    scalar: the first step allows only tokens that open an object."""
+    manager = StructuredOutputManager(tokenizer, vocab_size=600, stop_token_ids=[EOS])
+    manager.add_request("o", SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True,
+                                                                                       disable_any_whitespace=True)))
+    step = _step("o")
+    manager.grammar_bitmask(step)
+    allowed = _allowed(step.grammar_bitmask[0])
+    assert allowed and all(tokenizer.decode([t]).startswith("{") for t in allowed)
+

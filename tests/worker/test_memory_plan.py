@@ -120,6 +120,27 @@ def test_max_model_len_auto_is_the_longest_request_the_kv_cache_holds(tmp_path, 
         assert roomy.llm_engine.config.model_config.max_model_len == 512
     finally:
         roomy.shutdown()
+    # The plan picks the same length, and says when no block fits at all.
+    def planned(kv_bytes: int):
+        config = EngineArgs.from_kwargs(str(path), dtype="float32", max_model_len=auto,
+                                        kv_cache_memory_bytes=kv_bytes).create_planning_config("cpu")
+        return plan_memory(config)
+
+    assert (planned(10 * block_bytes).max_model_len, planned(10 * block_bytes).fits) == (160, True)
+    assert planned(64 * block_bytes).max_model_len == 512
+    empty = planned(block_bytes // 2)
+    assert not empty.fits and "holds no block" in empty.problems[0]
+
+
+def test_gpu_plan_counts_cpu_offload_out_of_the_gpu_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    plain = plan_memory(EngineArgs.from_kwargs(str(tmp_path), load_format="dummy", max_model_len=8192)
+                        .create_planning_config("cuda"), parse_bytes("24GiB"))
+    offload = plan_memory(EngineArgs.from_kwargs(str(tmp_path), load_format="dummy", max_model_len=8192,
+                                                 cpu_offload_gb=10).create_planning_config("cuda"), parse_bytes("24GiB"))
+    assert plain.weights_bytes - offload.weights_bytes == 10 << 30 == offload.offloaded_bytes
+    # The freed GPU memory goes to the KV cache (CUDA graphs are off with offloading, too).
+    assert offload.kv.budget_bytes - plain.kv.budget_bytes >= 10 << 30
 
 
 def test_sizing_policy_arithmetic():
@@ -135,13 +156,16 @@ def test_sizing_policy_arithmetic():
     )
 
 
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+}
+
+
 def test_gpu_plan_of_a_real_size_model_names_the_settings_that_would_fit(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-        "torch_dtype": "bfloat16", "tie_word_embeddings": False,
-    }))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
     config = EngineArgs.from_kwargs(str(tmp_path), load_format="dummy").create_planning_config("cuda")
     plan = plan_memory(config, parse_bytes("24GiB"))
     assert plan.weights_bytes == 8_030_261_248 * 2  # Llama-3.1-8B's parameters in bfloat16
