@@ -103,6 +103,8 @@ def image_token_spans(
 
 
 class Gemma3ForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
+    vision_checkpoint_prefixes = _VISION_CHECKPOINT_PREFIXES
+    """Checkpoint tensors of the vision tower and projector (skipped unread when not built)."""
     supports_multimodal = True
     family_name = "Gemma 3"
     packed_modules_mapping = {
@@ -123,7 +125,7 @@ class Gemma3ForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
         self.mm_tokens_per_image = int(hf_config.mm_tokens_per_image)
         self.multimodal_enabled = builds_vision_tower(multimodal_config)
         # Read by the loader: tensors under these prefixes are skipped without being read.
-        self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else _VISION_CHECKPOINT_PREFIXES
+        self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else self.vision_checkpoint_prefixes
         if self.multimodal_enabled:
             # The vision tower is small and runs once per image: unquantized.
             self.vision_tower = SiglipVisionModel(hf_config.vision_config, prefix=maybe_prefix(prefix, "vision_tower"))

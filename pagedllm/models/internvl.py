@@ -119,6 +119,8 @@ class InternVLProjector(nn.Sequential):
 
 
 class InternVLForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
+    vision_checkpoint_prefixes = _VISION_CHECKPOINT_PREFIXES
+    """Checkpoint tensors of the vision tower and projector (skipped unread when not built)."""
     supports_multimodal = True
     family_name = "InternVL"
 
@@ -143,7 +145,7 @@ class InternVLForConditionalGeneration(ImageTilesEmbeddingMixin, nn.Module):
             raise ValueError("vision_config.use_mean_pooling=false (a final vision LayerNorm) is not supported.")
         self.multimodal_enabled = builds_vision_tower(multimodal_config)
         # Read by the loader: tensors under these prefixes are skipped without being read.
-        self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else _VISION_CHECKPOINT_PREFIXES
+        self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else self.vision_checkpoint_prefixes
         self.num_vision_layers = _vision_layers_used(vision_config, int(hf_config.vision_feature_layer))
         if self.multimodal_enabled:
             self.vision_model = InternVisionModel(

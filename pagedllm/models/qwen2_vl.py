@@ -178,6 +178,9 @@ class Qwen2VisionTransformer(nn.Module):
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
+    vision_checkpoint_prefixes: tuple[str, ...] = ("model.visual.", "visual.")
+    """Checkpoint tensors of the vision tower: skipped unread when it is not built (and left
+    out of `pagedllm plan`'s weights)."""
     """The multi-modal model interface (what worker/multimodal_runner.py calls):
     `supports_multimodal`, `uses_mrope`, `get_input_embeddings(input_ids)`,
     `embed_multimodal(modality, data) -> [num_embeds, hidden]` for one item, and
@@ -206,9 +209,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         )
         if not self.multimodal_enabled:
             log_vision_tower_skipped(self.vision_tower_cls, hf_config.vision_config)
-        self.skipped_checkpoint_prefixes: tuple[str, ...] = (
-            () if self.multimodal_enabled else ("model.visual.", "visual.")
-        )
+        self.skipped_checkpoint_prefixes = () if self.multimodal_enabled else self.vision_checkpoint_prefixes
         self.model.language_model = LlamaModel(
             text_config, quant_config, prefix="model.language_model", decoder_layer_cls=Qwen2DecoderLayer
         )

@@ -189,9 +189,10 @@ def weights_bytes_per_rank(config: EngineConfig, tensors: list[CheckpointTensor]
     tp_size = config.parallel_config.tensor_parallel_size
     dtype_name = str(model_config.dtype).removeprefix("torch.")
     tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
+    skipped = _skipped_vision_prefixes(config)
     by_dtype: dict[str, int] = {}
     for tensor in tensors:
-        if tied and tensor.name.startswith("lm_head."):
+        if (tied and tensor.name.startswith("lm_head.")) or tensor.name.startswith(skipped):
             continue
         numel = _numel_per_rank(tensor, model_config.num_key_value_heads, tp_size)
         is_linear_weight = tensor.name.endswith(".weight") and any(f".{n}." in tensor.name for n in _LINEAR)
@@ -203,6 +204,17 @@ def weights_bytes_per_rank(config: EngineConfig, tensors: list[CheckpointTensor]
             name, size = dtype_name, model_config.dtype.itemsize
         by_dtype[name] = by_dtype.get(name, 0) + numel * size
     return by_dtype
+
+
+def _skipped_vision_prefixes(config: EngineConfig) -> tuple[str, ...]:
+    """The vision tower's checkpoint prefixes when limit_mm_per_prompt turns every modality off
+    (the family then skips those tensors unread: models/utils.builds_vision_tower)."""
+    multimodal_config = config.model_config.multimodal_config
+    if multimodal_config is None or not multimodal_config.is_text_only:
+        return ()
+    from pagedllm.models.registry import get_model_class
+
+    return tuple(getattr(get_model_class(config.model_config.architecture), "vision_checkpoint_prefixes", ()))
 
 
 def offloaded_bytes(config: EngineConfig, tensors: list[CheckpointTensor], weights: dict[str, int]) -> int:

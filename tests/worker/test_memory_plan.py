@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from tiny_models import make_tiny_checkpoint
+from tiny_vl_models import tiny_vl_checkpoints  # noqa: F401 - a fixture
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.arg_utils import EngineArgs
@@ -94,6 +95,20 @@ def test_the_log_says_how_much_of_the_kv_budget_stays_free(tmp_path):
         logger.removeHandler(handler)
     line = next(r for r in records if r.startswith("KV cache:"))
     assert "Capped at max_num_seqs x max_model_len plus 10% headroom" in line and "stays free" in line
+
+
+@pytest.mark.parametrize("limits", [None, {"image": 0, "video": 0}])
+def test_vl_plan_leaves_out_a_vision_tower_the_limits_turn_off(tiny_vl_checkpoints, limits):  # noqa: F811
+    """limit_mm_per_prompt 0 for every modality: the engine skips the tower's tensors unread,
+    and the plan leaves them out too (within 5% of what the engine holds, either way)."""
+    kwargs = dict(dtype="float32", kv_cache_memory_bytes=1 << 20, max_model_len=512, limit_mm_per_prompt=limits)
+    plan = _plan(tiny_vl_checkpoints["qwen2_vl"], **kwargs)
+    llm = LLM(str(tiny_vl_checkpoints["qwen2_vl"]), **kwargs)
+    try:
+        weights, _ = _engine_figures(llm)
+    finally:
+        llm.shutdown()
+    assert abs(plan.weights_bytes - weights) <= TOLERANCE * weights, (plan.weights_bytes, weights)
 
 
 @pytest.mark.parametrize("auto", ["auto", -1])
