@@ -31,7 +31,8 @@ class MultiModalConfig:
     """Keyword arguments of the model's image/video processor (e.g. max_pixels), overridable
     per request by the prompt's "mm_processor_kwargs"."""
     input_cache_bytes: int = 4 << 30
-    """Bound of the processed-input cache (PAGEDLLM_MM_INPUT_CACHE_GIB); 0 turns it off."""
+    """Bound of the processed-input cache (mm_processor_cache_gb, else
+    PAGEDLLM_MM_INPUT_CACHE_GIB); 0 turns it off."""
 
     def limit_of(self, modality: str) -> int:
         return self.limit_per_prompt.get(modality, DEFAULT_MM_LIMIT)

@@ -105,6 +105,7 @@ class EngineArgs:
     structured_outputs_config: dict[str, Any] | None = _option(None, "structured outputs settings as JSON; backend 'auto' or 'xgrammar' (the one backend)", "json")
     limit_mm_per_prompt: dict[str, int] | None = _option(None, "most multi-modal items per prompt, per modality, as JSON, e.g. '{\"image\": 3, \"video\": 0}' (default 999 each; 0 turns a modality off)", _mm_limits_value)
     mm_processor_kwargs: dict[str, Any] | None = _option(None, "multi-modal processor arguments as JSON, e.g. '{\"max_pixels\": 602112}' (a prompt's own mm_processor_kwargs override them)", "json")
+    mm_processor_cache_gb: float | None = _option(None, "GiB of processed multi-modal inputs kept for reuse; 0 turns the cache off (default: PAGEDLLM_MM_INPUT_CACHE_GIB, else 4)", float)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:

@@ -212,7 +212,7 @@ def _build_multimodal_config(args: dict[str, Any], hf_config: PretrainedConfig) 
         modalities=modalities,
         limit_per_prompt=limits,
         mm_processor_kwargs=dict(kwargs or {}),
-        input_cache_bytes=envs.mm_input_cache_bytes(),
+        input_cache_bytes=_mm_input_cache_bytes(args["mm_processor_cache_gb"]),
     )
     logger.info(
         "Multi-modal %s: items per prompt %s%s, processor kwargs %s, input cache %.1f GiB.",
@@ -221,6 +221,17 @@ def _build_multimodal_config(args: dict[str, Any], hf_config: PretrainedConfig) 
         config.mm_processor_kwargs, config.input_cache_bytes / (1 << 30),
     )
     return config
+
+
+def _mm_input_cache_bytes(cache_gib: Any) -> int:
+    """mm_processor_cache_gb when given, else the env var (which defaults to 4 GiB)."""
+    if cache_gib is None:
+        return envs.mm_input_cache_bytes()
+    if isinstance(cache_gib, bool) or not isinstance(cache_gib, (int, float)) or cache_gib < 0:
+        raise ValueError(
+            f"mm_processor_cache_gb must be a number of GiB >= 0 (e.g. 4; 0 turns the cache off), got {cache_gib!r}."
+        )
+    return int(cache_gib * (1 << 30))
 
 
 def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: torch.device) -> SchedulerConfig:

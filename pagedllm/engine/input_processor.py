@@ -110,9 +110,10 @@ class InputProcessor:
                     "is a text-only model; use a multi-modal model (e.g. Qwen2-VL) or drop the data."
                 )
             return None
-        if data is None and request_kwargs is None and not self._has_placeholders(token_ids):
+        uuids = prompt.get("multi_modal_uuids")
+        if data is None and request_kwargs is None and uuids is None and not self._has_placeholders(token_ids):
             return None
-        return self.mm_processor.process(token_ids, data or {}, request_kwargs)
+        return self.mm_processor.process(token_ids, data or {}, request_kwargs, uuids)
 
     def _has_placeholders(self, token_ids: list[int]) -> bool:
         adapter = self.mm_processor.adapter
@@ -148,7 +149,9 @@ class InputProcessor:
             )
         if not isinstance(text, str):
             raise TypeError(f"'prompt' must be a str, got {type(text).__name__}.")
-        return text, self.tokenizer.encode(text)
+        # The output keeps the user's text; only what is tokenized takes the family's marks.
+        to_tokenize = text if self.mm_processor is None else self.mm_processor.adapter.prompt_text(text)
+        return text, self.tokenizer.encode(to_tokenize)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         max_model_len = self.model_config.max_model_len

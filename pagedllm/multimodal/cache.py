@@ -1,6 +1,7 @@
-"""The processed-input cache: a repeated image (same bytes, same processor kwargs) is not
-run through the processor again. Bounded in bytes (PAGEDLLM_MM_INPUT_CACHE_GIB), least
-recently used entries evicted first; 0 bytes turns it off."""
+"""The processed-input cache: a repeated image (same bytes, or the same uuid, with the same
+processor kwargs) is not run through the processor again. Bounded in bytes
+(mm_processor_cache_gb, else PAGEDLLM_MM_INPUT_CACHE_GIB), least recently used entries
+evicted first; 0 bytes turns it off."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def hash_item(modality: str, item: Any, processor_kwargs: Mapping[str, Any]) -> 
     digest = hashlib.sha256(modality.encode())
     digest.update(json.dumps(dict(processor_kwargs), sort_keys=True, default=str).encode())
     _update_with(digest, item)
+    return digest.hexdigest()
+
+
+def item_key(modality: str, item: Any, uuid: str | None, processor_kwargs: Mapping[str, Any]) -> str:
+    """The item's cache key: its uuid from multi_modal_uuids when given (the item's content
+    is then never hashed), else its content hash. As vLLM does, a uuid is mixed with the
+    processor kwargs when there are any, since other kwargs make another processed item."""
+    if uuid is None:
+        return hash_item(modality, item, processor_kwargs)
+    if not processor_kwargs:
+        return uuid
+    digest = hashlib.sha256(f"uuid:{modality}".encode())
+    digest.update(json.dumps(dict(processor_kwargs), sort_keys=True, default=str).encode())
+    digest.update(uuid.encode())
     return digest.hexdigest()
 
 

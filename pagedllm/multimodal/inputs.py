@@ -3,8 +3,9 @@
 A prompt carries items as vLLM takes them: `{"prompt": ..., "multi_modal_data": {"image":
 PIL.Image | [PIL.Image, ...], "video": frames | [frames, ...]}, "mm_processor_kwargs": {...}}`.
 After processing, each item becomes a `MultiModalFeature`: its processed tensors, where its
-placeholder tokens sit in the prompt, and a content hash (for the input cache and for
-prefix caching, which must not share KV between different images at the same positions).
+placeholder tokens sit in the prompt, and an identifier: the content hash, or the user's
+uuid from "multi_modal_uuids" (for the input cache and for prefix caching, which must not
+share KV between different images at the same positions).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ class MultiModalFeature:
 
     modality: str
     identifier: str
-    """Hex digest of the item's content and the processor kwargs used (cache key; prefix
-    caching mixes it into the hash of every KV block the placeholder overlaps)."""
+    """Hex digest of the item's content and the processor kwargs used, or the item's uuid
+    from multi_modal_uuids (see cache.item_key). The input cache's key; prefix caching mixes
+    it into the hash of every KV block the placeholder overlaps."""
     data: dict[str, Any]
     """The processor's tensors for this item only (e.g. pixel_values, image_grid_thw): what
     the model's `embed_multimodal` takes."""
@@ -70,11 +72,49 @@ def items_of(multi_modal_data: Mapping[str, Any]) -> dict[str, list[Any]]:
         if value is None:
             continue
         if modality == "video":
-            is_many = isinstance(value, (list, tuple)) and value and _is_video(value[0])
+            # A None entry is an item sent before under its uuid (see uuids_of).
+            first = next((v for v in value if v is not None), None) if isinstance(value, (list, tuple)) else None
+            is_many = isinstance(value, (list, tuple)) and value and (first is None or _is_video(first))
             result[modality] = list(value) if is_many else [value]
         else:
             result[modality] = list(value) if isinstance(value, (list, tuple)) else [value]
     return result
+
+
+def uuids_of(
+    multi_modal_uuids: Mapping[str, Any] | None, multi_modal_data: Mapping[str, Any]
+) -> tuple[dict[str, list[Any]], dict[str, list[str | None]]]:
+    """The prompt's items and their uuids (vLLM's multi_modal_uuids: {"image": ["id-a", None,
+    ...]} or {"image": "id-a"} for one item; None falls back to the content hash). An item may
+    be None when its uuid names an item sent before; {"image": None} is then one None item
+    per uuid. Raises ValueError when a modality's uuids and items differ in number."""
+    if multi_modal_uuids is None:
+        return items_of(multi_modal_data), {}
+    if not isinstance(multi_modal_uuids, Mapping):
+        raise TypeError(
+            f"multi_modal_uuids must be a dict like {{'image': ['uuid-a']}}, got {type(multi_modal_uuids).__name__}."
+        )
+    uuids: dict[str, list[str | None]] = {}
+    for modality, value in multi_modal_uuids.items():
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)) or not all(v is None or isinstance(v, str) for v in values):
+            raise TypeError(
+                f"multi_modal_uuids[{modality!r}] must be a str or a list of str / None (one per item), got {value!r}."
+            )
+        uuids[modality] = list(values)
+    data = dict(multi_modal_data)
+    for modality, values in uuids.items():
+        if modality in data and data[modality] is None:
+            data[modality] = [None] * len(values)
+    items = items_of(data)
+    for modality, values in uuids.items():
+        num_items = len(items.get(modality, ()))
+        if len(values) != num_items:
+            raise ValueError(
+                f"multi_modal_uuids[{modality!r}] has {len(values)} uuid(s) but multi_modal_data has {num_items} "
+                f"{modality} item(s); give one uuid (or None) per item."
+            )
+    return items, uuids
 
 
 def _is_video(value: Any) -> bool:

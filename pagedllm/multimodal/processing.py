@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from pagedllm.config import ModelConfig, MultiModalConfig
-from pagedllm.multimodal.cache import ProcessedInputCache, hash_item
-from pagedllm.multimodal.inputs import MultiModalFeature, PlaceholderRange, items_of
+from pagedllm.multimodal.cache import ProcessedInputCache, item_key
+from pagedllm.multimodal.inputs import MultiModalFeature, PlaceholderRange, uuids_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class MultiModalProcessorAdapter:
         """What `LLM.chat` inserts in the text for one item (e.g. Qwen's
         "<|vision_start|><|image_pad|><|vision_end|>")."""
         raise NotImplementedError
+
+    def prompt_text(self, text: str) -> str:
+        """A prompt's text before it is tokenized: a family whose users mark items with text
+        its tokenizer splits (InternVL2's "<image>") rewrites it to the one-token mark here.
+        Default: unchanged."""
+        return text
 
     def placeholder_token_id(self, modality: str) -> int:
         """The token that marks one item in the tokenized prompt (replaced by `replacement`)."""
@@ -130,8 +136,9 @@ class MultiModalProcessor:
         token_ids: list[int],
         multi_modal_data: Mapping[str, Any],
         request_kwargs: Mapping[str, Any] | None = None,
+        multi_modal_uuids: Mapping[str, Any] | None = None,
     ) -> MultiModalPrompt:
-        items = items_of(multi_modal_data)
+        items, uuids = uuids_of(multi_modal_uuids, multi_modal_data)
         self.check_limits(items)
         kwargs = merge_processor_kwargs(self.mm_config.mm_processor_kwargs, request_kwargs)
         marks = {m: self.adapter.placeholder_token_id(m) for m in self.adapter.modalities}
@@ -153,10 +160,15 @@ class MultiModalProcessor:
             if modality is None:
                 new_ids.append(token)
                 continue
-            item = items[modality][next_index[modality]]
+            index = next_index[modality]
             next_index[modality] += 1
-            identifier = hash_item(modality, item, kwargs)
-            processed = self._process_cached(identifier, modality, item, kwargs)
+            item = items[modality][index]
+            uuid = uuids[modality][index] if modality in uuids else None
+            if item is None:
+                identifier, processed = self._cached_by_uuid(modality, index, uuid, kwargs)
+            else:
+                identifier = item_key(modality, item, uuid, kwargs)
+                processed = self._process_cached(identifier, modality, item, kwargs)
             replacement, is_embed = self.adapter.replacement(modality, processed)
             placeholder = PlaceholderRange(len(new_ids), len(replacement), is_embed)
             assert placeholder.num_embeds == processed.num_embeds, (placeholder, processed.num_embeds)
@@ -185,6 +197,26 @@ class MultiModalProcessor:
         if self.cache.capacity_bytes:
             self.cache.put(key, processed)
         return processed
+
+    def _cached_by_uuid(
+        self, modality: str, index: int, uuid: str | None, kwargs: Mapping[str, Any]
+    ) -> tuple[str, ProcessedItem]:
+        """An item sent as None: (its key, the processed item cached under its uuid)."""
+        where = f"multi_modal_data[{modality!r}][{index}] is None"
+        if uuid is None:
+            raise ValueError(
+                f"{where} and has no uuid; send the {modality}, or give the uuid it was sent with in "
+                f"multi_modal_uuids[{modality!r}][{index}]."
+            )
+        key = item_key(modality, None, uuid, kwargs)
+        cached = self.cache.get(key) if self.cache.capacity_bytes else None
+        if cached is None:
+            off = " (the cache is off: mm_processor_cache_gb=0)" if not self.cache.capacity_bytes else ""
+            raise ValueError(
+                f"{where}, but no processed {modality} with uuid {uuid!r} (and these mm_processor_kwargs) is "
+                f"cached{off}; send the {modality} itself with that uuid."
+            )
+        return key, cached
 
     def dummy_features(self, modality: str, kwargs: Mapping[str, Any] | None = None) -> ProcessedItem:
         """The processed largest item under the engine's kwargs (for profiling)."""

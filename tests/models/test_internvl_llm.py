@@ -109,3 +109,25 @@ def test_token_prompts_without_a_tokenizer_read_the_frame_tokens_from_its_files(
     assert output.prompt_token_ids == [40, start, *[context] * TOKENS_PER_TILE, end, 41]
     expected = hf_greedy(load_hf_internvl(checkpoints["hf"]), output.prompt_token_ids, [image])
     assert output.outputs[0].token_ids == expected
+
+
+def test_chat_checkpoint_takes_vllms_image_text_mark(checkpoints: dict[str, Path]) -> None:
+    """"<image>" (vLLM's and InternVL2's own prompt mark, several tokens to the tokenizer)
+    becomes the one-token <IMG_CONTEXT> mark before tokenizing: the same prompt tokens and
+    transformers' greedy tokens, while the output keeps the user's text."""
+    llm = LLM(str(checkpoints["chat"]), dtype="float32", kv_cache_memory_bytes=1 << 24, max_model_len=512)
+    images = [random_image(100, 40, seed=4), random_image(30, 30, seed=5)]
+    marked = [
+        {"prompt": "<image>\ndescribe", "multi_modal_data": {"image": images[0]}},
+        {"prompt": "a <image> and <image> b", "multi_modal_data": {"image": images}},
+    ]
+    outputs = llm.generate(marked, GREEDY, use_tqdm=False)
+    reference = llm.generate(
+        [{**p, "prompt": p["prompt"].replace("<image>", "<IMG_CONTEXT>")} for p in marked], GREEDY, use_tqdm=False
+    )
+    hf_model = load_hf_internvl(checkpoints["hf"])
+    for output, expected, prompt, used in zip(outputs, reference, marked, [images[:1], images]):
+        assert output.prompt == prompt["prompt"]
+        assert output.prompt_token_ids == expected.prompt_token_ids
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, output.prompt_token_ids, used)
+    assert sum(t == hf_model.config.image_token_id for t in outputs[1].prompt_token_ids) == 5 * TOKENS_PER_TILE  # 3 x 1 + thumbnail, 1

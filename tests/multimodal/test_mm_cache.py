@@ -8,7 +8,7 @@ import torch
 from pagedllm import envs
 from pagedllm.multimodal.cache import ProcessedInputCache, hash_item
 from pagedllm.multimodal.processing import ProcessedItem
-from tiny_vl_models import random_image
+from tiny_vl_models import random_image, tiny_vl_checkpoints  # noqa: F401 (fixture)
 
 
 def _item(num_floats: int) -> ProcessedItem:
@@ -65,3 +65,43 @@ def test_cli_takes_limits_as_json_or_pairs_and_processor_kwargs_as_json():
     assert args.mm_processor_kwargs == {"max_pixels": 1000}
     pairs = EngineArgs.from_cli_args(parser.parse_args(["--limit-mm-per-prompt", "image=2,video=1"]))
     assert pairs.limit_mm_per_prompt == {"image": 2, "video": 1}
+
+
+def test_mm_processor_cache_gb_sets_the_bound_over_the_env_var(tiny_vl_checkpoints, monkeypatch):
+    from pagedllm.engine.arg_utils import EngineArgs
+
+    def cache_bytes(**kwargs) -> int:
+        config = EngineArgs.from_kwargs(str(tiny_vl_checkpoints["qwen2_vl"]), **kwargs).create_engine_config()
+        return config.model_config.multimodal_config.input_cache_bytes
+
+    monkeypatch.setenv("PAGEDLLM_MM_INPUT_CACHE_GIB", "2")
+    assert cache_bytes() == 2 << 30
+    assert cache_bytes(mm_processor_cache_gb=0.5) == 1 << 29
+    assert cache_bytes(mm_processor_cache_gb=0) == 0
+    with pytest.raises(ValueError, match=r"mm_processor_cache_gb must be a number of GiB >= 0.*-1"):
+        cache_bytes(mm_processor_cache_gb=-1)
+
+
+def test_mm_processor_cache_gb_zero_turns_the_cache_off(tiny_vl_checkpoints, monkeypatch):
+    from pagedllm import LLM, SamplingParams
+
+    monkeypatch.setenv("PAGEDLLM_MM_INPUT_CACHE_GIB", "4")
+    engine = LLM(str(tiny_vl_checkpoints["qwen2_vl"]), dtype="float32", max_model_len=512, mm_processor_cache_gb=0)
+    processor = engine.llm_engine.input_processor.mm_processor
+    prompt = {"prompt": "look <|vision_start|><|image_pad|><|vision_end|>",
+              "multi_modal_data": {"image": random_image(56, 56, 3)}}
+    for _ in range(2):
+        engine.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert processor.num_processed_items == 2 and len(processor.cache) == 0
+    engine.shutdown()
+
+
+def test_cli_flag_mm_processor_cache_gb():
+    import argparse
+
+    from pagedllm.engine.arg_utils import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    assert EngineArgs.from_cli_args(parser.parse_args(["--mm-processor-cache-gb", "0.25"])).mm_processor_cache_gb == 0.25
+    assert EngineArgs.from_cli_args(parser.parse_args([])).mm_processor_cache_gb is None

@@ -3,7 +3,8 @@
 crop_to_patches, the PIL one); InternVL2's remote-code `InternVLChatModel` checkpoints use our
 implementation of InternVL's tiling (models/internvl_processing.py), which gives the same tiles.
 
-A prompt marks an image with `<IMG_CONTEXT>`; it becomes `<img>` + tiles x num_image_token
+A prompt marks an image with `<IMG_CONTEXT>` (InternVL2 chat checkpoints also take vLLM's
+text mark `<image>`, see `prompt_text`); it becomes `<img>` + tiles x num_image_token
 `<IMG_CONTEXT>` + `</img>`. mm_processor_kwargs: `max_dynamic_patch`, `min_dynamic_patch`,
 `use_thumbnail` (both layouts).
 """
@@ -48,9 +49,9 @@ class InternVLProcessorAdapter(MultiModalProcessorAdapter):
         return IMG_CONTEXT
 
     def prompt_text(self, text: str) -> str:
-        """InternVL2's own prompts mark an image with the text "<image>", which its tokenizer
-        splits into several tokens: for those checkpoints it becomes the one-token mark. (Call
-        before tokenizing a prompt's text.)"""
+        """InternVL2's own prompts (and vLLM's) mark an image with the text "<image>", which
+        its tokenizer splits into several tokens: for those checkpoints it becomes the one-token
+        mark before the engine tokenizes the prompt."""
         return text.replace("<image>", IMG_CONTEXT) if self.uses_own_tiling else text
 
     def placeholder_token_id(self, modality: str) -> int:
