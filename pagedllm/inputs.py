@@ -14,6 +14,9 @@ class TextPrompt(TypedDict):
     placeholder in the prompt (multi-modal models only)."""
     mm_processor_kwargs: NotRequired[dict[str, Any]]
     """This prompt's processor arguments (e.g. max_pixels), over the engine's."""
+    multi_modal_uuids: NotRequired[dict[str, Any]]
+    """{"image": ["uuid-a", None, ...]}: the items' cache keys instead of their content hashes."""
+    cache_salt: NotRequired[str]
 
 
 class TokensPrompt(TypedDict):
@@ -21,6 +24,8 @@ class TokensPrompt(TypedDict):
     prompt: NotRequired[str]
     multi_modal_data: NotRequired[dict[str, Any]]
     mm_processor_kwargs: NotRequired[dict[str, Any]]
+    multi_modal_uuids: NotRequired[dict[str, Any]]
+    cache_salt: NotRequired[str]
 
 
 PromptType = Union[str, TextPrompt, TokensPrompt]
