@@ -48,9 +48,38 @@ def apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> Pretra
         current = getattr(hf_config, key, None)
         if isinstance(value, dict) and isinstance(current, PretrainedConfig):
             apply_hf_overrides(current, value)
+        elif key in ("rope_theta", "rope_scaling") and isinstance(vars(hf_config).get("rope_parameters"), dict):
+            _override_rope_parameters(hf_config, key, value)
         else:
             setattr(hf_config, key, value)
     return hf_config
+
+
+def _override_rope_parameters(hf_config: PretrainedConfig, key: str, value: Any) -> None:
+    """transformers 5 reads the rope settings from `config.rope_parameters` alone: a
+    `rope_theta` attribute set afterwards is never read, and setting `rope_scaling` replaces
+    the dict, losing its rope_theta. The override goes into rope_parameters instead (into
+    each layer type's dict where they are nested, except Gemma 3's sliding layers, which the old
+    config.json set apart with rope_local_base_freq and no scaling)."""
+    params = hf_config.rope_parameters
+    nested = bool(params) and all(isinstance(v, dict) for v in params.values())
+    targets = [name for name in params if name != "sliding_attention"] if nested else [None]
+    for name in targets:
+        current = dict(params[name] if name is not None else params)
+        if key == "rope_theta":
+            current["rope_theta"] = value
+        else:
+            scaling = dict(value or {"rope_type": "default"})
+            if "type" in scaling:  # the old spelling of rope_type
+                scaling["rope_type"] = scaling.pop("type")
+            current = {"rope_theta": current.get("rope_theta"), **scaling}
+        if name is None:
+            params = current
+        else:
+            params[name] = current
+    hf_config.rope_parameters = params
+    if key == "rope_theta":
+        setattr(hf_config, key, value)  # also kept as an attribute, for code that reads it
 
 
 def resolve_dtype(requested: str | torch.dtype, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:

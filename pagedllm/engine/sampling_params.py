@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 # Temperatures below this are treated as greedy decoding, as in vLLM.
 GREEDY_TEMPERATURE_EPS = 1e-5
+# vLLM's _MAX_TEMP: a positive temperature below this divides logits into inf / nan, so it is
+# raised to this value.
+MIN_RANDOM_TEMPERATURE = 1e-2
+
+
+class SamplingType(enum.IntEnum):
+    """How a request picks its tokens (vLLM's enum of the same name)."""
+
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
 
 
 class RequestOutputKind(enum.Enum):
@@ -156,6 +172,20 @@ class SamplingParams:
     """bad_words tokenized by the engine (with and without a leading space)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < MIN_RANDOM_TEMPERATURE:
+            logger.warning(
+                "temperature %s is less than %s, which may cause numerical errors nan or inf in tensors; "
+                "it is raised to %s (temperature=0 means greedy).",
+                self.temperature, MIN_RANDOM_TEMPERATURE, MIN_RANDOM_TEMPERATURE,
+            )
+            self.temperature = MIN_RANDOM_TEMPERATURE
+        if self.seed == -1:
+            self.seed = None
+        # vLLM reads True as "the sampled token's logprob plus 1".
+        if self.logprobs is True:
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -184,45 +214,84 @@ class SamplingParams:
         if self.stop and not self.include_stop_str_in_output:
             self.output_text_buffer_length = max(len(s) for s in self.stop) - 1
         self.validate()
+        if self.greedy:
+            # As vLLM: greedy decoding ignores the filters, so they are reset to "off".
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    @classmethod
+    def from_optional(cls, **kwargs: Any) -> SamplingParams:
+        """vLLM's constructor for values that may be None (an OpenAI request's nulls): None
+        means the field's default, except for max_tokens, where None means up to max_model_len."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+        return cls(**{
+            name: value for name, value in kwargs.items()
+            if value is not None or name == "max_tokens" or defaults.get(name, None) is None
+        })
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.greedy:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
+
     def validate(self) -> None:
         def fail(name: str, value: object, expected: str) -> None:
             raise ValueError(f"SamplingParams.{name} must be {expected}, got {value!r}.")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            fail("n", self.n, "an integer >= 1")
+        # The messages of n, temperature, max_tokens, min_tokens, top_k, repetition_penalty and
+        # stop start with vLLM's own words, so that code matching them keeps working.
+        if not isinstance(self.n, int):
+            raise ValueError(f"n must be an int, got {self.n!r}.")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 fail(name, value, "in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
-            fail("repetition_penalty", self.repetition_penalty, "> 0 (1 disables it)")
-        if not self.temperature >= 0.0:
-            fail("temperature", self.temperature, ">= 0 (0 means greedy)")
+        if not math.isfinite(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be a finite number, got {self.repetition_penalty}.")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(
+                f"repetition_penalty must be greater than zero, got {self.repetition_penalty}. 1.0 disables it."
+            )
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature}.")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}. 0 means greedy.")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", self.top_p, "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            fail("top_k", self.top_k, "an integer >= 1, or 0 / -1 to disable it")
+        if not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}.")
+        if self.top_k < 0:  # -1 became 0 in __post_init__
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}. -1 disables it too.")
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", self.min_p, "in [0, 1]")
         if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", self.seed, "an integer or None")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            fail("max_tokens", self.max_tokens, "an integer >= 1 or None")
+            fail("seed", self.seed, "an integer, None or -1 (None)")
+        if self.max_tokens is not None and not isinstance(self.max_tokens, int):
+            raise ValueError(f"max_tokens must be an integer or None, got {self.max_tokens!r}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(
+                f"max_tokens must be at least 1, got {self.max_tokens}. None generates up to max_model_len."
+            )
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             fail("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            fail("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
+            )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < -1):
                 fail(name, value, "None, -1 (whole vocabulary) or an integer >= 0")
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            fail("stop", self.stop, "a non-empty string or a list of non-empty strings")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop cannot contain an empty string.")
+        if any(not isinstance(s, str) for s in self.stop):
+            fail("stop", self.stop, "a string or a list of strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", self.stop_token_ids, "a list of non-negative token ids")
         if self.stop and not self.detokenize:

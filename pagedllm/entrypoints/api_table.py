@@ -42,6 +42,7 @@ VLLM_ENGINE_OPTIONS = (
     "compilation_config", "cudagraph_capture_sizes", "structured_outputs_config", "async_scheduling",
     "scheduling_policy", "kv_transfer_config", "logits_processors", "enable_prompt_embeds", "device",
     "max_parallel_loading_workers", "disable_sliding_window", "logprobs_mode", "model_impl", "runner",
+    "mm_processor_cache_gb",
 )
 VLLM_REQUEST_OUTPUT_FIELDS = (
     "request_id", "prompt", "prompt_token_ids", "prompt_logprobs", "outputs", "finished", "metrics",
@@ -64,6 +65,10 @@ NOTES: dict[str, dict[str, str]] = {
     },
     "LLM": {
         "collective_rpc": "supported; a callable runs as f(worker, *args) and must pickle for mp / ray",
+        "generate": "supported; lora_request must be None (no LoRA), priority None or all zeros",
+        "enqueue": "supported; lora_request must be None (no LoRA), priority None or all zeros",
+        "chat": "supported, with tools and chat_template_content_format; lora_request must be None",
+        "beam_search": "supported, with concurrency_limit; lora_request must be None",
     },
     "EngineArgs": {
         "swap_space": "accepted, ignored: preempted requests are recomputed, never swapped",

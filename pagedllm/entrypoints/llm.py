@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,12 +18,20 @@ from pagedllm.engine.metrics import Metric
 from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, run_beam_search
-from pagedllm.entrypoints.chat_utils import ChatMessage, conversations_to_prompts
+from pagedllm.entrypoints.chat_utils import (
+    ChatMessage,
+    ChatTemplateContentFormat,
+    conversations_to_prompts,
+)
 from pagedllm.inputs import PromptType
 
 logger = logging.getLogger(__name__)
 
 POOLING_METHODS = ("encode", "embed", "classify", "score", "reward")
+
+ProgressBarFactory = Callable[..., Any]
+"""A tqdm-like class or function: called with total=, desc=, dynamic_ncols=; the bar it returns
+gets update(n), set_postfix_str(text, refresh=) and close()."""
 
 
 class LLM:
@@ -58,29 +67,39 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | ProgressBarFactory = True,
+        lora_request: Any = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Completes every prompt; the outputs are in the order of the prompts. Every prompt is
-        checked before any work starts: a bad one raises ValueError naming its index."""
-        return self._run_engine(self._add_requests(prompts, sampling_params), use_tqdm)
+        checked before any work starts: a bad one raises ValueError naming its index.
+        `use_tqdm` may be a tqdm-like factory used instead of tqdm, as in vLLM. `lora_request`
+        must be None (no LoRA) and `priority` None or all zeros (first-come, first-served)."""
+        return self._run_engine(self._add_requests(prompts, sampling_params, lora_request, priority), use_tqdm)
 
     def chat(
         self,
         messages: list[ChatMessage] | list[list[ChatMessage]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | ProgressBarFactory = True,
+        lora_request: Any = None,
         chat_template: str | None = None,
+        chat_template_content_format: ChatTemplateContentFormat = "auto",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation, then generates. Message
-        content may be OpenAI content parts (text, image_url, image_pil, video) for a
-        multi-modal model; mm_processor_kwargs apply to every conversation's items."""
+        """Applies the tokenizer's chat template to each conversation, then generates (vLLM's
+        arguments, in vLLM's order). Message content may be OpenAI content parts (text,
+        image_url, image_pil, video) for a multi-modal model; mm_processor_kwargs apply to every
+        conversation's items. `tools` (JSON schemas) go to the template as transformers' `tools`.
+        continue_final_message=True needs add_generation_prompt=False."""
+        _check_no_lora(lora_request)
         prompts = self.preprocess_chat(
             messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs,
-            mm_processor_kwargs,
+            mm_processor_kwargs, tools, chat_template_content_format,
         )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -92,6 +111,8 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_content_format: ChatTemplateContentFormat = "auto",
     ) -> list[PromptType]:
         """The prompts LLM.chat would generate from (text and token ids per conversation, and
         the multi-modal items of its content parts)."""
@@ -101,36 +122,53 @@ class LLM:
         return conversations_to_prompts(
             self.get_tokenizer(), messages, chat_template, add_generation_prompt,
             continue_final_message, chat_template_kwargs, placeholders, mm_processor_kwargs,
+            tools, chat_template_content_format,
         )
 
     def beam_search(
-        self, prompts: Sequence[PromptType], params: BeamSearchParams, use_tqdm: bool = False
+        self,
+        prompts: Sequence[PromptType],
+        params: BeamSearchParams,
+        lora_request: Any = None,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search (see entrypoints/beam_search.py): one BeamSearchOutput per prompt,
-        its beam_width best sequences first."""
+        its beam_width best sequences first. `concurrency_limit` prompts at most are searched
+        at a time (None: all of them)."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        _check_no_lora(lora_request)
+        if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be None or an integer >= 1, got {concurrency_limit!r}.")
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         probe = SamplingParams(max_tokens=1)
         token_ids = [self.llm_engine.process_input(p, probe).prompt_token_ids for p in prompt_list]
         tokenizer = self.get_tokenizer()
-        return run_beam_search(
-            lambda batch, step_params: self.generate(batch, step_params, use_tqdm=False),
-            token_ids, params, self.llm_engine.eos_token_id, tokenizer.decode if tokenizer is not None else None,
-        )
+        chunk = concurrency_limit or max(len(token_ids), 1)
+        outputs: list[BeamSearchOutput] = []
+        for start in range(0, len(token_ids), chunk):
+            outputs += run_beam_search(
+                lambda batch, step_params: self.generate(batch, step_params, use_tqdm=False),
+                token_ids[start : start + chunk], params, self.llm_engine.eos_token_id,
+                tokenizer.decode if tokenizer is not None else None,
+            )
+        return outputs
 
     def enqueue(
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | ProgressBarFactory = False,
+        lora_request: Any = None,
+        priority: Sequence[int] | None = None,
     ) -> list[str]:
         """Queues prompts without running them; `wait_for_completion()` runs and returns them."""
-        request_ids = self._add_requests(prompts, sampling_params)
+        request_ids = self._add_requests(prompts, sampling_params, lora_request, priority)
         self._enqueued.extend(request_ids)
         return request_ids
 
-    def wait_for_completion(self, use_tqdm: bool = True) -> list[RequestOutput]:
+    def wait_for_completion(self, use_tqdm: bool | ProgressBarFactory = True) -> list[RequestOutput]:
         """Runs every enqueued request to the end; outputs in the order they were enqueued."""
         request_ids, self._enqueued = self._enqueued, []
         return self._run_engine(request_ids, use_tqdm)
@@ -194,10 +232,14 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        lora_request: Any = None,
+        priority: Sequence[int] | None = None,
     ) -> list[str]:
         if self._sleeping:
             raise ValueError("The engine is asleep: call LLM.wake_up() before generating.")
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        _check_no_lora(lora_request)
+        _check_fcfs_priority(priority, len(prompt_list))
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
@@ -229,10 +271,15 @@ class LLM:
             )
         return params
 
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool | ProgressBarFactory) -> list[RequestOutput]:
         wanted = set(request_ids)
         finished = {r: self._finished_aside.pop(r) for r in request_ids if r in self._finished_aside}
-        progress = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        progress = None
+        if use_tqdm:
+            # As vLLM: a callable use_tqdm is a tqdm-like factory used instead of tqdm.
+            factory = use_tqdm if callable(use_tqdm) else tqdm
+            progress = factory(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
+        start = time.perf_counter()
         num_output_tokens = 0
         try:
             while len(finished) < len(wanted) and self.llm_engine.has_unfinished_requests():
@@ -242,15 +289,40 @@ class LLM:
                     elif output.finished:
                         finished[output.request_id] = output
                         num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
-                        progress.update(1)
-                        elapsed = progress.format_dict["elapsed"] or 1e-9
-                        progress.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} toks/s", refresh=False)
+                        if progress is not None:
+                            progress.update(1)
+                            elapsed = max(time.perf_counter() - start, 1e-9)
+                            progress.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} toks/s", refresh=False)
         except BaseException:
             self.llm_engine.abort_request([r for r in request_ids if r not in finished])
             raise
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _check_no_lora(lora_request: Any) -> None:
+    requests = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request]
+    if any(request is not None for request in requests):
+        raise ValueError(
+            f"LoRA is not supported by pagedllm: lora_request must be None, got {lora_request!r}. "
+            "Merge the adapter into the model's weights and load that checkpoint instead."
+        )
+
+
+def _check_fcfs_priority(priority: Sequence[int] | None, num_prompts: int) -> None:
+    if priority is None:
+        return
+    if len(priority) != num_prompts:
+        raise ValueError(
+            f"The lengths of prompts and priority must be the same: {num_prompts} prompts, {len(priority)} priorities."
+        )
+    if any(value != 0 for value in priority):
+        raise ValueError(
+            f"priority scheduling is not supported: requests run first come, first served, so priority must be "
+            f"None or all zeros, got {list(priority)}."
+        )
 
 
 def _pooling_refusal(name: str) -> Callable[..., Any]:

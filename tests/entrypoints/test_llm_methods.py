@@ -143,3 +143,53 @@ def test_reset_prefix_cache_forgets_cached_prefixes(llm):
     llm.generate(long_prompt, _greedy(1), use_tqdm=False)
     assert llm.reset_prefix_cache() is True
     assert llm.generate(long_prompt, _greedy(1), use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_lora_request_none_and_zero_priority_are_accepted_others_refused(llm):
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(), use_tqdm=False)]
+    same = llm.generate(prompts, _greedy(), use_tqdm=False, lora_request=None, priority=[0, 0])
+    assert [o.outputs[0].token_ids for o in same] == expected
+    assert llm.generate(prompts, _greedy(), use_tqdm=False, lora_request=[None, None], priority=None)
+    with pytest.raises(ValueError, match="LoRA is not supported"):
+        llm.generate(prompts, _greedy(), use_tqdm=False, lora_request=object())
+    with pytest.raises(ValueError, match="priority scheduling is not supported"):
+        llm.generate(prompts, _greedy(), use_tqdm=False, priority=[1, 0])
+    with pytest.raises(ValueError, match="lengths of prompts and priority"):
+        llm.generate(prompts, _greedy(), use_tqdm=False, priority=[0])
+    ids = llm.enqueue(prompts, _greedy(), lora_request=None, priority=[0, 0])
+    assert [o.outputs[0].token_ids for o in llm.wait_for_completion(use_tqdm=False)] == expected and len(ids) == 2
+    with pytest.raises(ValueError, match="LoRA is not supported"):
+        llm.enqueue(prompts, _greedy(), lora_request=object())
+    assert not llm.llm_engine.has_unfinished_requests()  # refused before any request was added
+
+
+def test_beam_search_takes_lora_none_and_a_concurrency_limit(llm):
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    together = llm.beam_search(prompts, params, lora_request=None, concurrency_limit=None)
+    one_at_a_time = llm.beam_search(prompts, params, concurrency_limit=1)
+    assert [[s.tokens for s in o.sequences] for o in one_at_a_time] == [[s.tokens for s in o.sequences] for o in together]
+    with pytest.raises(ValueError, match="LoRA is not supported"):
+        llm.beam_search(prompts, params, lora_request=object())
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search(prompts, params, concurrency_limit=0)
+
+
+def test_use_tqdm_may_be_a_tqdm_like_factory(llm):
+    import io
+
+    from tqdm import tqdm
+
+    bars = []
+
+    def factory(*args, **kwargs):
+        bars.append(tqdm(*args, file=io.StringIO(), **kwargs))
+        return bars[-1]
+
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy(), use_tqdm=factory)
+    assert len(outputs) == 2 and len(bars) == 1
+    assert bars[0].n == bars[0].total == 2 and bars[0].desc == "Processed prompts"
+    llm.enqueue([{"prompt_token_ids": PROMPTS[0]}], _greedy())
+    llm.wait_for_completion(use_tqdm=factory)
+    assert len(bars) == 2 and bars[1].n == 1

@@ -157,3 +157,52 @@ def test_a_request_whose_output_fails_ends_with_error_while_the_others_finish(ll
     for output in (outputs[0], outputs[2]):
         assert output.outputs[0].finish_reason == "length" and len(output.outputs[0].token_ids) == 4
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_TEMPLATE = (
+    "{% if tools %}<s>tools:{% for tool in tools %} {{ tool['function']['name'] }}{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def test_chat_passes_tools_to_the_template(llm):
+    messages = [{"role": "user", "content": "hello world"}]
+    prompt = llm.preprocess_chat(messages, chat_template=TOOL_TEMPLATE, tools=TOOLS)[0]["prompt"]
+    assert prompt == "<s>tools: get_weather\n<s>user: hello world\n<s>assistant:"
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    output = llm.chat(messages, params, use_tqdm=False, chat_template=TOOL_TEMPLATE, tools=TOOLS)[0]
+    assert output.prompt == prompt
+    assert llm.chat(messages, params, use_tqdm=False, chat_template=TOOL_TEMPLATE)[0].prompt.startswith("<s>user:")
+
+
+def test_continue_final_message_needs_add_generation_prompt_false(llm):
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the paged"}]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt are not compatible"):
+        llm.chat(messages, params, use_tqdm=False, continue_final_message=True)
+    output = llm.chat(messages, params, use_tqdm=False, continue_final_message=True, add_generation_prompt=False)[0]
+    assert output.prompt == "<s>user: hello\n<s>assistant: the paged"
+
+
+def test_chat_template_content_format_and_lora_request(llm):
+    parts_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}:{% for part in m['content'] %} {{ part['text'] }}{% endfor %}"
+        "{{ '\\n' }}{% endfor %}<s>assistant:"
+    )
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}]
+    # "auto" sees the loop over the content and hands the template the parts; "openai" forces it.
+    for content_format in ("auto", "openai"):
+        prompts = llm.preprocess_chat(messages, parts_template, chat_template_content_format=content_format)
+        assert prompts[0]["prompt"] == "<s>user: hello world\n<s>assistant:"
+    # A string template gets the text parts joined by newlines, as before.
+    assert llm.preprocess_chat(messages)[0]["prompt"] == "<s>user: hello\nworld\n<s>assistant:"
+    assert llm.preprocess_chat(messages, chat_template_content_format="string")[0]["prompt"].startswith("<s>user: hello\nworld")
+    with pytest.raises(ValueError, match="chat_template_content_format='xml'"):
+        llm.preprocess_chat(messages, chat_template_content_format="xml")
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    assert llm.chat(messages, params, use_tqdm=False, lora_request=None)
+    with pytest.raises(ValueError, match="LoRA is not supported"):
+        llm.chat(messages, params, use_tqdm=False, lora_request=object())

@@ -24,7 +24,7 @@ from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
 from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagedllm.entrypoints.openai.serving_engine import RequestError, error_response
+from pagedllm.entrypoints.openai.serving_engine import RequestError, ServingOptions, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +35,21 @@ def build_app(
     metrics: PrometheusStatLogger,
     api_key: str | None = None,
     chat_template: str | None = None,
+    options: ServingOptions | None = None,
+    disable_fastapi_docs: bool = False,
+    root_path: str = "",
 ) -> FastAPI:
+    """`root_path`: the prefix a proxy strips (--root-path); routes answer with and without it."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.shutdown()
 
-    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
-    completions = OpenAIServingCompletion(engine, served_model_names)
-    chat = OpenAIServingChat(engine, served_model_names, chat_template)
+    docs: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} if disable_fastapi_docs else {}
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan, root_path=root_path, **docs)
+    completions = OpenAIServingCompletion(engine, served_model_names, options)
+    chat = OpenAIServingChat(engine, served_model_names, chat_template, options)
 
     if api_key:
         app.add_middleware(_BearerKeyMiddleware, expected=f"Bearer {api_key}".encode())
@@ -116,7 +122,7 @@ class _BearerKeyMiddleware:
         self.expected = expected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _route_path(scope).startswith("/v1"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 response = error_response(
@@ -125,6 +131,14 @@ class _BearerKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: without the --root-path prefix, which Starlette strips."""
+    path, root_path = scope["path"], scope.get("root_path", "")
+    if root_path and (path == root_path or path.startswith(root_path + "/")):
+        return path[len(root_path):]
+    return path
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
 """`pagedllm serve [MODEL] [--host] [--port] [--api-key] [--served-model-name]
-[--chat-template] [engine options]`: the parser and the runner of the subcommand."""
+[--chat-template] [vLLM's server flags] [engine options]`: the parser and the runner of the
+subcommand."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import argparse
 import logging
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedllm import envs
 from pagedllm.engine.arg_utils import EngineArgs
+
+if TYPE_CHECKING:
+    from pagedllm.entrypoints.openai.serving_engine import ServingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,41 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug", "trace"))
     parser.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    parser.add_argument("--enable-log-requests", action="store_true",
+                        help="log each request's id, prompt and sampling parameters at INFO")
+    parser.add_argument("--disable-log-requests", action="store_true",
+                        help="vLLM's older flag: turns --enable-log-requests off (requests are not logged by default)")
+    parser.add_argument("--max-log-len", type=int, default=None,
+                        help="characters of the prompt and prompt token ids a logged request shows (default: all)")
+    parser.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                        help="accepted for vLLM compatibility: the engine core always runs in its own process")
+    parser.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs, /redoc or /openapi.json")
+    parser.add_argument("--root-path", default="", help="the path prefix a reverse proxy strips (FastAPI's root_path)")
+    parser.add_argument("--response-role", default="assistant", help="the role of chat answers (default assistant)")
+    parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="usage.prompt_tokens_details.cached_tokens: prompt tokens served from the prefix cache")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help='logprob tokens as "token_id:{id}" (a request\'s return_tokens_as_token_ids overrides it)')
+    parser.add_argument("--chat-template-content-format", default="auto", choices=("auto", "string", "openai"),
+                        help="message content as one string or as OpenAI's list of parts (auto: what the template reads)")
     EngineArgs.add_cli_args(parser)
+
+
+def serving_options(args: argparse.Namespace) -> ServingOptions:
+    """The endpoints' options from the parsed `serve` flags."""
+    from pagedllm.entrypoints.openai.request_logger import RequestLogger
+    from pagedllm.entrypoints.openai.serving_engine import ServingOptions
+
+    request_logger = None
+    if args.enable_log_requests and not args.disable_log_requests:
+        request_logger = RequestLogger(args.max_log_len)
+    return ServingOptions(
+        response_role=args.response_role,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        chat_template_content_format=args.chat_template_content_format,
+        request_logger=request_logger,
+    )
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -88,6 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}.")
     chat_template = load_chat_template(args.chat_template)
+    options = serving_options(args)
     engine_args = EngineArgs.from_cli_args(args)
     if engine_args.model is None:
         from pagedllm.model_loader.default_model import DEFAULT_MODEL_NAME
@@ -99,7 +138,8 @@ def run_serve(args: argparse.Namespace) -> int:
     metrics = PrometheusStatLogger(served_model_names[0])
     engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[metrics])
     try:
-        app = build_app(engine, served_model_names, metrics, args.api_key or envs.api_key(), chat_template)
+        app = build_app(engine, served_model_names, metrics, args.api_key or envs.api_key(), chat_template, options,
+                        disable_fastapi_docs=args.disable_fastapi_docs, root_path=args.root_path)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
             access_log=not args.disable_uvicorn_access_log,

@@ -60,10 +60,16 @@ class ResponseFormat(OpenAIBaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class PromptTokenUsageInfo(OpenAIBaseModel):
+    cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache (--enable-prompt-tokens-details)."""
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
 
 
 class SamplingFields(OpenAIBaseModel):
@@ -102,6 +108,8 @@ class SamplingFields(OpenAIBaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     return_token_ids: bool = False
+    return_tokens_as_token_ids: bool | None = None
+    """Logprob tokens as "token_id:{id}" (None: the server's --return-tokens-as-token-ids)."""
     request_id: str | None = None
 
 
@@ -165,6 +173,10 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    """Function definitions, given to the chat template as transformers' `tools` (the reply is
+    text: no tool-call parsing)."""
+    tool_choice: Any = None
 
 
 class ChatTopLogprob(OpenAIBaseModel):

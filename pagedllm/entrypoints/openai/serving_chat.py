@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
-from pagedllm.entrypoints.chat_utils import parse_content_parts
+from pagedllm.entrypoints.chat_utils import parse_content_parts, resolve_content_format
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -24,27 +24,30 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
     DeltaMessage,
+    UsageInfo,
     random_id,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
     RequestError,
-    cancel_on_disconnect,
+    ServingOptions,
     error_body,
     sse,
     token_text,
     top_entries,
-    usage_of,
 )
+from pagedllm.entrypoints.openai.streams import cancel_on_disconnect
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: str | None) -> None:
-        super().__init__(engine, served_model_names)
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: str | None,
+                 options: ServingOptions | None = None) -> None:
+        super().__init__(engine, served_model_names, options)
         self.chat_template = chat_template
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         self.check_model(request.model)
+        self.check_stream_options(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true.", param="top_logprobs")
         request_id = request.request_id or random_id("chatcmpl")
@@ -59,14 +62,15 @@ class OpenAIServingChat(OpenAIServing):
         processed = self.process_input(prompt, params)
         stream = self.generate(processed, params, request_id)
         if request.stream:
-            return StreamingResponse(self._stream(request, request_id, stream), media_type="text/event-stream")
+            return StreamingResponse(self._stream(request, request_id, stream, len(processed.prompt_token_ids)),
+                                     media_type="text/event-stream")
         final = await cancel_on_disconnect(self._last(stream), raw_request)
         if final is None:
             return JSONResponse({}, status_code=499)
         choices = [
             ChatCompletionChoice(
                 index=completion.index,
-                message=ChatResponseMessage(content=completion.text),
+                message=ChatResponseMessage(role=self._role(request), content=completion.text),
                 logprobs=self._logprobs(completion, 0, len(completion.token_ids), request),
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
@@ -75,7 +79,7 @@ class OpenAIServingChat(OpenAIServing):
             for completion in final.outputs
         ]
         return ChatCompletionResponse(
-            id=request_id, model=request.model or self.model_name, choices=choices, usage=usage_of([final]),
+            id=request_id, model=request.model or self.model_name, choices=choices, usage=self.usage([final]),
             prompt_token_ids=list(final.prompt_token_ids) if request.return_token_ids else None,
         )
 
@@ -92,8 +96,19 @@ class OpenAIServingChat(OpenAIServing):
             )
         messages = [message.model_dump(exclude_none=True) for message in request.messages]
         _check_media_urls(messages)
+        template_kwargs = dict(request.chat_template_kwargs or {})
+        if request.tools is not None:
+            if request.tool_choice not in (None, "none", "auto"):
+                raise RequestError(
+                    f"tool_choice={request.tool_choice!r} is not supported: tools go to the chat template and the "
+                    "reply is plain text (no tool-call parsing); use tool_choice 'auto' or 'none'.", param="tool_choice",
+                )
+            template_kwargs["tools"] = request.tools
         try:
-            conversation, mm_data = parse_content_parts(messages, self.placeholders())
+            # --chat-template-content-format: content as one string or as OpenAI's parts.
+            tools = template_kwargs.get("tools")
+            content_format = resolve_content_format(self.tokenizer, template, tools, self.options.chat_template_content_format)
+            conversation, mm_data = parse_content_parts(messages, self.placeholders(), content_format)
         except ValueError as error:
             raise RequestError(str(error), param="messages") from None
         try:
@@ -103,12 +118,18 @@ class OpenAIServingChat(OpenAIServing):
                 tokenize=False,
                 add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
                 continue_final_message=request.continue_final_message,
-                **(request.chat_template_kwargs or {}),
+                **template_kwargs,
             )
         except Exception as error:  # noqa: BLE001 - a template error is the request's fault
             raise RequestError(f"The chat template failed on these messages: {error}", param="messages") from None
         # The template holds the special tokens (BOS, role markers) itself, as in LLM.chat.
         return self.encode(text, add_special_tokens=False), text, mm_data
+
+    def _role(self, request: ChatCompletionRequest) -> str:
+        """vLLM's: --response-role for a new answer, the last message's role when continuing it."""
+        if request.add_generation_prompt:
+            return self.options.response_role
+        return request.messages[-1].role
 
     def placeholders(self) -> dict[str, str]:
         """The model's placeholder text per modality (none for a text-only model)."""
@@ -124,36 +145,44 @@ class OpenAIServingChat(OpenAIServing):
         assert final is not None
         return final
 
-    @staticmethod
-    def _logprobs(completion: CompletionOutput, start: int, end: int, request: ChatCompletionRequest) -> ChatLogProbs | None:
+    def _logprobs(self, completion: CompletionOutput, start: int, end: int, request: ChatCompletionRequest) -> ChatLogProbs | None:
         if not request.logprobs:
             return None
+        as_ids = self.tokens_as_ids(request)
         content = []
         for token_id, chosen, top in top_entries(completion, start, end, request.top_logprobs or 0):
-            text = token_text(token_id, chosen)
+            text = token_text(token_id, chosen, as_ids)
             content.append(ChatTokenLogprob(
                 token=text, logprob=chosen.logprob, bytes=list(text.encode("utf-8")),
                 top_logprobs=[
-                    ChatTopLogprob(token=token_text(t, lp), logprob=lp.logprob, bytes=list(token_text(t, lp).encode("utf-8")))
+                    ChatTopLogprob(token=(top_text := token_text(t, lp, as_ids)), logprob=lp.logprob,
+                                   bytes=list(top_text.encode("utf-8")))
                     for t, lp in top
                 ],
             ))
         return ChatLogProbs(content=content)
 
-    async def _stream(self, request: ChatCompletionRequest, request_id: str, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, stream: AsyncIterator[RequestOutput],
+                      num_prompt_tokens: int) -> AsyncIterator[str]:
         created = int(time.time())
         model = request.model or self.model_name
         include_usage = request.stream_options is not None and request.stream_options.include_usage
+        # As vLLM: per-chunk usage only together with include_usage.
+        continuous_usage = include_usage and request.stream_options is not None and request.stream_options.continuous_usage_stats
 
-        def chunk(choice: ChatStreamChoice) -> str:
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
+        def chunk(choice: ChatStreamChoice, num_completion_tokens: int) -> str:
+            usage = None
+            if continuous_usage:
+                usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                                  total_tokens=num_prompt_tokens + num_completion_tokens)
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice], usage=usage))
 
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         final: RequestOutput | None = None
         try:
             for index in range(request.n):
-                yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+                yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role=self._role(request), content="")), 0)
             async for output in stream:
                 final = output
                 for completion in output.outputs:
@@ -170,9 +199,9 @@ class OpenAIServingChat(OpenAIServing):
                         finish_reason=completion.finish_reason,
                         stop_reason=completion.stop_reason,
                         token_ids=list(completion.token_ids[start_token:end_token]) if request.return_token_ids else None,
-                    ))
+                    ), end_token)
             if include_usage and final is not None:
-                yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage_of([final])))
+                yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=self.usage([final])))
         except RequestError as error:
             yield sse(error_body(str(error), error.status, error.param))
         except Exception as error:  # noqa: BLE001 - the stream has started: report in-band

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pagedllm.engine.outputs import CompletionOutput, RequestOutput
+from pagedllm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -17,34 +18,40 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     PromptLogprob,
+    UsageInfo,
     random_id,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
     RequestError,
-    cancel_on_disconnect,
     error_body,
-    merge,
     sse,
     token_text,
-    top_entries,
-    usage_of,
 )
+from pagedllm.entrypoints.openai.streams import cancel_on_disconnect, merge
 
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Any:
         self.check_model(request.model)
+        self.check_stream_options(request)
         if request.suffix is not None:
             raise RequestError("suffix is not supported.", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise RequestError(f"best_of must equal n ({request.n}) or be left out, got {request.best_of}.", param="best_of")
         request_id = request.request_id or random_id("cmpl")
         prompts = self._prompts(request.prompt)
+        # echo with max_tokens=0 returns the prompt alone (OpenAI's and vLLM's): one token is
+        # generated, as vLLM does, and dropped.
+        max_tokens_asked = 1 if _echo_only(request) else request.max_tokens
+        # echo + logprobs covers the prompt too: its logprobs are asked for, as vLLM does.
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is None and request.echo:
+            prompt_logprobs = request.logprobs
         jobs = []
         for index, prompt in enumerate(prompts):
-            max_tokens = self.resolve_max_tokens(len(prompt["prompt_token_ids"]), request.max_tokens)
-            params = self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=request.prompt_logprobs)
+            max_tokens = self.resolve_max_tokens(len(prompt["prompt_token_ids"]), max_tokens_asked)
+            params = self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=prompt_logprobs)
             processed = self.process_input(prompt, params)
             jobs.append((processed, params, f"{request_id}-{index}" if len(prompts) > 1 else request_id))
         streams = [self.generate(prompt, params, rid) for prompt, params, rid in jobs]
@@ -82,41 +89,67 @@ class OpenAIServingCompletion(OpenAIServing):
     def _response(self, request: CompletionRequest, request_id: str, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
         for prompt_index, output in enumerate(finals):
-            prefix = self._echo(request, output)
             for completion in output.outputs:
+                part = self._part(request, output, completion, True, 0, 0, len(completion.token_ids))
+                logprobs = self._logprobs(request, part.token_ids, part.rows, 0)[0] if request.logprobs is not None else None
                 choices.append(CompletionChoice(
                     index=prompt_index * request.n + completion.index,
-                    text=prefix + completion.text,
-                    logprobs=self._logprobs(completion, 0, len(completion.token_ids), request.logprobs, len(prefix)),
-                    finish_reason=completion.finish_reason,
-                    stop_reason=completion.stop_reason,
-                    token_ids=list(completion.token_ids) if request.return_token_ids else None,
+                    text=part.text,
+                    logprobs=logprobs,
+                    finish_reason=part.finish_reason,
+                    stop_reason=part.stop_reason,
+                    token_ids=part.generated_ids if request.return_token_ids else None,
                     prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids else None,
                     prompt_logprobs=_prompt_logprobs(output),
                 ))
         return CompletionResponse(id=request_id, model=request.model or self.model_name, choices=choices,
-                                  usage=usage_of(finals))
+                                  usage=self.usage(finals, not _echo_only(request)))
 
-    def _echo(self, request: CompletionRequest, output: RequestOutput) -> str:
-        if not request.echo:
-            return ""
+    def _part(self, request: CompletionRequest, output: RequestOutput, completion: CompletionOutput,
+              first: bool, start_text: int, start: int, end: int) -> _Part:
+        """A completion's text from start_text and its tokens and logprob rows at [start, end),
+        with the prompt in front in the first part of an echo (the prompt alone for max_tokens=0)."""
+        prompt_ids = list(output.prompt_token_ids)
+        prompt_rows = output.prompt_logprobs if output.prompt_logprobs is not None else [None] * len(prompt_ids)
+        if _echo_only(request):
+            return _Part(self._echo(output), prompt_ids, list(prompt_rows), [], "length")
+        rows = (completion.logprobs or [])[start:end]
+        generated_ids = list(completion.token_ids[start:end])
+        part = _Part(completion.text[start_text:], generated_ids, rows, generated_ids, completion.finish_reason,
+                     completion.stop_reason)
+        if first and request.echo:
+            part.text = self._echo(output) + part.text
+            part.token_ids = prompt_ids + generated_ids
+            part.rows = list(prompt_rows) + rows
+        return part
+
+    def _echo(self, output: RequestOutput) -> str:
         if output.prompt is not None:
             return output.prompt
         return self.tokenizer.decode(output.prompt_token_ids) if self.tokenizer is not None else ""
 
-    @staticmethod
-    def _logprobs(completion: CompletionOutput, start: int, end: int, num_top: int | None, offset: int) -> CompletionLogProbs | None:
-        if num_top is None:
-            return None
+    def _logprobs(self, request: CompletionRequest, token_ids: list[int], rows: list[dict[int, Logprob] | None],
+                  offset: int) -> tuple[CompletionLogProbs, int]:
+        """OpenAI's completion logprobs, and the text offset after them. As in vLLM, each
+        top_logprobs entry is the sampled token plus the top `logprobs` ones (the engine's dicts
+        hold the sampled token first), and the first prompt token has null logprobs."""
+        num_top = request.logprobs or 0
+        as_ids = self.tokens_as_ids(request)
         result = CompletionLogProbs()
-        for token_id, chosen, top in top_entries(completion, start, end, num_top):
-            text = token_text(token_id, chosen)
+        for token_id, row in zip(token_ids, rows):
+            if row is None:
+                text = f"token_id:{token_id}" if as_ids or self.tokenizer is None else self.tokenizer.decode([token_id])
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+            else:
+                text = token_text(token_id, row[token_id], as_ids)
+                result.token_logprobs.append(_finite(row[token_id].logprob))
+                entries = list(row.items()) if num_top < 0 else list(row.items())[: num_top + 1]
+                result.top_logprobs.append({token_text(t, lp, as_ids): _finite(lp.logprob) for t, lp in entries})
             result.tokens.append(text)
-            result.token_logprobs.append(chosen.logprob)
-            result.top_logprobs.append({token_text(t, lp): lp.logprob for t, lp in top})
             result.text_offset.append(offset)
             offset += len(text)
-        return result
+        return result, offset
 
     async def _stream(self, request: CompletionRequest, request_id: str, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         created = int(time.time())
@@ -126,6 +159,9 @@ class OpenAIServingCompletion(OpenAIServing):
         text_offsets: dict[int, int] = {}
         finals: dict[int, RequestOutput] = {}
         include_usage = request.stream_options is not None and request.stream_options.include_usage
+        # As vLLM: per-chunk usage only together with include_usage.
+        continuous_usage = include_usage and request.stream_options is not None and request.stream_options.continuous_usage_stats
+        echo_only = _echo_only(request)
         try:
             async for prompt_index, output in merge(streams):
                 finals[prompt_index] = output
@@ -135,25 +171,35 @@ class OpenAIServingCompletion(OpenAIServing):
                     first = index not in sent_tokens
                     start_text, start_token = sent_text.get(index, 0), sent_tokens.get(index, 0)
                     end_token = len(completion.token_ids)
-                    if end_token == start_token and completion.finish_reason is None and not (first and request.echo):
+                    if echo_only and completion.finish_reason is None:
                         continue
-                    prefix = self._echo(request, output) if first else ""
-                    delta = prefix + completion.text[start_text:]
-                    offset = text_offsets.get(index, 0) + len(prefix)
-                    logprobs = self._logprobs(completion, start_token, end_token, request.logprobs, offset)
-                    text_offsets[index] = offset + len(completion.text) - start_text
+                    # Prompt logprobs are complete once the first token exists.
+                    prompt_pending = output.prompt_logprobs is not None and end_token == 0
+                    echo_now = first and request.echo and not prompt_pending
+                    if end_token == start_token and completion.finish_reason is None and not echo_now:
+                        continue
+                    part = self._part(request, output, completion, first, start_text, start_token, end_token)
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs, text_offsets[index] = self._logprobs(request, part.token_ids, part.rows,
+                                                                       text_offsets.get(index, 0))
                     sent_text[index], sent_tokens[index] = len(completion.text), end_token
-                    choices.append(CompletionChoice(
-                        index=index, text=delta, logprobs=logprobs,
-                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-                        token_ids=list(completion.token_ids[start_token:end_token]) if request.return_token_ids else None,
+                    usage = None
+                    if continuous_usage:
+                        num_prompt, num_completion = len(output.prompt_token_ids), 0 if echo_only else end_token
+                        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                                          total_tokens=num_prompt + num_completion)
+                    choices.append((usage, CompletionChoice(
+                        index=index, text=part.text, logprobs=logprobs,
+                        finish_reason=part.finish_reason, stop_reason=part.stop_reason,
+                        token_ids=part.generated_ids if request.return_token_ids else None,
                         prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids and first else None,
                         prompt_logprobs=_prompt_logprobs(output) if first else None,
-                    ))
-                for choice in choices:
-                    yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice]))
+                    )))
+                for usage, choice in choices:
+                    yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage))
             if include_usage:
-                usage = usage_of([finals[i] for i in sorted(finals)])
+                usage = self.usage([finals[i] for i in sorted(finals)], not echo_only)
                 yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         except RequestError as error:
             yield sse(error_body(str(error), error.status, error.param))
@@ -162,6 +208,28 @@ class OpenAIServingCompletion(OpenAIServing):
 
             yield sse(error_body(f"{type(error).__name__}: {error}", HTTPStatus.INTERNAL_SERVER_ERROR))
         yield "data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class _Part:
+    """What one choice (or one streamed chunk of it) returns."""
+
+    text: str
+    token_ids: list[int]
+    """The tokens the logprobs cover: the prompt's first when echoing."""
+    rows: list[dict[int, Logprob] | None]
+    generated_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+def _echo_only(request: CompletionRequest) -> bool:
+    return request.echo and request.max_tokens == 0
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -inf; vLLM sends -9999.0 for it.
+    return max(logprob, -9999.0)
 
 
 def _prompt_logprobs(output: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:

@@ -1,24 +1,28 @@
-"""What both generation endpoints share: model check, errors in OpenAI's shape, sampling
-parameters from a request body, prompt length checks, logprobs, and client disconnects."""
+"""What both generation endpoints share: the server's options, model check, errors in OpenAI's
+shape, sampling parameters from a request body, prompt length checks, usage and logprobs."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any
 
-from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.input_processor import ProcessedPrompt
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
 from pagedllm.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
-
-T = TypeVar("T")
+from pagedllm.entrypoints.openai.protocol import (
+    ErrorInfo,
+    ErrorResponse,
+    PromptTokenUsageInfo,
+    SamplingFields,
+    UsageInfo,
+)
+from pagedllm.entrypoints.openai.request_logger import RequestLogger
 
 # Request fields passed to SamplingParams as they are, and those that fall back to the model's
 # generation_config.json defaults when the client leaves them unset.
@@ -28,6 +32,17 @@ _PASSED_FIELDS = (
     "allowed_token_ids", "bad_words",
 )
 _DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass(frozen=True, slots=True)
+class ServingOptions:
+    """The `serve` flags the endpoints read, with vLLM's names and defaults."""
+
+    response_role: str = "assistant"
+    enable_prompt_tokens_details: bool = False
+    return_tokens_as_token_ids: bool = False
+    chat_template_content_format: str = "auto"
+    request_logger: RequestLogger | None = None
 
 
 class RequestError(Exception):
@@ -64,9 +79,10 @@ def sse(payload: Any) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str]) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], options: ServingOptions | None = None) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
+        self.options = options or ServingOptions()
         self.max_model_len = engine.model_config.max_model_len
         self.tokenizer = engine.tokenizer
         self.default_sampling = engine.frontend.sampling_overrides
@@ -82,6 +98,27 @@ class OpenAIServing:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    @staticmethod
+    def check_stream_options(request: SamplingFields) -> None:
+        # vLLM refuses a non-empty stream_options on a request that does not stream.
+        if request.stream_options is not None and request.stream_options.model_fields_set and not request.stream:
+            raise RequestError("Stream options can only be defined when `stream=True`.", param="stream_options")
+
+    def tokens_as_ids(self, request: SamplingFields) -> bool:
+        """Logprob tokens as "token_id:{id}": the request's return_tokens_as_token_ids, else the
+        server's --return-tokens-as-token-ids."""
+        if request.return_tokens_as_token_ids is not None:
+            return request.return_tokens_as_token_ids
+        return self.options.return_tokens_as_token_ids
+
+    def usage(self, outputs: list[RequestOutput], count_completion_tokens: bool = True) -> UsageInfo:
+        """usage_of, with prompt_tokens_details.cached_tokens under --enable-prompt-tokens-details."""
+        usage = usage_of(outputs, count_completion_tokens)
+        cached = sum(o.num_cached_tokens or 0 for o in outputs)
+        if self.options.enable_prompt_tokens_details and cached:
+            usage.prompt_tokens_details = PromptTokenUsageInfo(cached_tokens=cached)
+        return usage
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
@@ -181,6 +218,8 @@ class OpenAIServing:
             raise RequestError(str(error), param=param) from None
 
     async def generate(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        if self.options.request_logger is not None:
+            self.options.request_logger.log_inputs(request_id, prompt.prompt, prompt.prompt_token_ids, params)
         try:
             async for output in self.engine.generate(prompt, params, request_id):
                 yield output
@@ -188,9 +227,9 @@ class OpenAIServing:
             raise RequestError(str(error)) from None
 
 
-def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
+def usage_of(outputs: list[RequestOutput], count_completion_tokens: bool = True) -> UsageInfo:
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs) if count_completion_tokens else 0
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
@@ -207,61 +246,7 @@ def top_entries(completion: CompletionOutput, start: int, end: int, num_top: int
     return rows
 
 
-def token_text(token_id: int, logprob: Any) -> str:
-    return logprob.decoded_token if logprob.decoded_token is not None else f"token_id:{token_id}"
-
-
-async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Items of several async iterators as they come, tagged with the iterator's index."""
-    if len(iterators) == 1:
-        async for item in iterators[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
-
-    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
-        try:
-            async for item in iterator:
-                await queue.put((index, item, None, False))
-            await queue.put((index, None, None, True))
-        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
-            await queue.put((index, None, error, True))
-
-    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item, error, done = await queue.get()
-            if error is not None:
-                raise error
-            if done:
-                remaining -= 1
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def listen_for_disconnect(raw_request: Request) -> None:
-    while True:
-        message = await raw_request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def cancel_on_disconnect(work: Awaitable[T], raw_request: Request) -> T | None:
-    """Runs `work` until done, or cancels it (aborting its requests) when the client leaves."""
-    task = asyncio.ensure_future(work)
-    listener = asyncio.ensure_future(listen_for_disconnect(raw_request))
-    try:
-        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        listener.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        await asyncio.gather(task, return_exceptions=True)
-        return None
-    return task.result()
+def token_text(token_id: int, logprob: Any, as_token_id: bool = False) -> str:
+    if as_token_id or logprob.decoded_token is None:
+        return f"token_id:{token_id}"
+    return logprob.decoded_token

@@ -35,9 +35,10 @@ def test_unset_fields_take_the_generation_config_defaults():
 
 
 def test_fields_the_client_sets_win_and_max_new_tokens_caps_as_in_vllm():
-    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.0, top_k=5, max_tokens=80)
+    # Not temperature 0: greedy decoding resets top_k / top_p / min_p, as in vLLM.
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.5, top_k=5, max_tokens=80)
     params = _params(_serving(DEFAULTS), request)
-    assert params.temperature == 0.0 and params.top_k == 5 and params.top_p == 0.95
+    assert params.temperature == 0.5 and params.top_k == 5 and params.top_p == 0.95
     assert params.max_tokens == 50  # vLLM takes the smallest of max_tokens, max_new_tokens and the room left
     assert _params(_serving(DEFAULTS), CompletionRequest(prompt="hi")).max_tokens == 16  # completions' default
 
