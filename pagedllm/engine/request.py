@@ -62,6 +62,9 @@ class Request:
     num_cached_tokens: int = -1
     """Prompt tokens served from the prefix cache at first scheduling (-1: not yet scheduled)."""
     num_preemptions: int = 0
+    num_prompt_logprob_rows: int = 0
+    """Prompt positions whose logprobs have been sent: a recompute after a preemption scores
+    them again, and those rows are dropped."""
     num_output_placeholders: int = 0
     """With async scheduling: tokens sampled by steps in flight whose ids the host does not
     know yet. They count as computed-to-be inputs for the next step's scheduling."""

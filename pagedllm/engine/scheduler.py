@@ -258,6 +258,7 @@ class Scheduler:
         Returns an output for every request that got tokens or prompt logprobs, or finished."""
         outputs: list[EngineCoreOutput] = []
         stopped: set[str] = set()
+        chunk_starts = _chunk_starts(scheduler_output) if model_runner_output.prompt_logprobs else {}
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -274,6 +275,8 @@ class Scheduler:
                     new_token_ids = new_token_ids[:num_kept]
                     break
             prompt_logprobs = model_runner_output.prompt_logprobs.get(req_id)
+            if prompt_logprobs is not None:
+                prompt_logprobs = _unsent_prompt_rows(request, chunk_starts[req_id], prompt_logprobs)
             if status is not None:
                 request.status = status
                 stopped.add(req_id)
@@ -336,6 +339,24 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
+
+
+def _chunk_starts(scheduler_output: SchedulerOutput) -> dict[str, int]:
+    """Where each request's chunk of the step began (its computed tokens at scheduling)."""
+    starts = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}
+    starts.update((cached.req_id, cached.num_computed_tokens) for cached in scheduler_output.scheduled_cached_reqs)
+    return starts
+
+
+def _unsent_prompt_rows(request: Request, start: int, rows: TokenLogprobs) -> TokenLogprobs | None:
+    """The step's prompt-logprob rows (positions start, start + 1, ...) that were not sent
+    before: a request recomputed after a preemption scores its prompt again."""
+    sent = request.num_prompt_logprob_rows
+    request.num_prompt_logprob_rows = max(sent, start + len(rows.ranks))
+    skip = max(0, sent - start)
+    if skip >= len(rows.ranks):
+        return None
+    return rows.rows_from(skip) if skip else rows
 
 
 def _cap_for_items(

@@ -77,6 +77,10 @@ class TokenLogprobs:
     ranks: list[int]
     """Rank of the chosen token at each position (1 = most likely)."""
 
+    def rows_from(self, first: int) -> TokenLogprobs:
+        """The positions from `first` on."""
+        return TokenLogprobs(self.token_ids[first:], self.logprobs[first:], self.ranks[first:])
+
 
 @dataclass(slots=True)
 class ModelRunnerOutput:

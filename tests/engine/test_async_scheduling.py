@@ -107,6 +107,33 @@ def test_a_prefix_computed_by_the_step_in_flight_is_a_cache_hit_as_under_sync(ti
     assert [cached for cached, _ in results[1]] == [0, 16]
 
 
+@pytest.mark.parametrize("engine", [dict(), dict(max_num_batched_tokens=16), dict(async_scheduling=False)])
+def test_prompt_logprobs_come_once_per_prompt_token_through_preemptions(tiny_checkpoints, engine):
+    """A preempted request is recomputed from its first token, which scores its prompt again:
+    those rows are not sent twice, so every prompt has exactly one entry per token, equal to
+    an unpreempted run's (1e-4)."""
+    path = tiny_checkpoints["llama"]
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 380 + 3 for j in range(40 + 5 * i)]} for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=0)
+
+    def rows(llm: LLM) -> list[list]:
+        return [[None if row is None else {t: lp.logprob for t, lp in row.items()} for row in o.prompt_logprobs]
+                for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = rows(LLM(str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=256))
+    small = LLM(str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=256,
+                kv_cache_memory_bytes=20 * 16 * 2 * 2 * 2 * 16 * 4, **engine)
+    got = rows(small)
+    assert small.llm_engine.scheduler.num_preemptions > 0
+    assert [len(g) for g in got] == [len(p["prompt_token_ids"]) for p in prompts]
+    for got_prompt, expected_prompt in zip(got, expected):
+        for got_row, expected_row in zip(got_prompt, expected_prompt):
+            assert (got_row is None) == (expected_row is None)
+            if got_row is not None:
+                assert got_row.keys() == expected_row.keys()
+                assert all(math.isclose(got_row[t], expected_row[t], abs_tol=1e-4) for t in got_row)
+
+
 def test_stop_tokens_and_max_tokens_end_requests_where_sync_does(tiny_checkpoints):
     """A stop token taken from the unstopped output ends the request right after it, under
     both schedulings; max_tokens=1 and 2 give exactly 1 and 2 tokens."""
