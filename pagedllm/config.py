@@ -158,6 +158,9 @@ class CacheConfig:
     cache_dtype: str = "auto"
     """KV cache element type: "auto" (the model dtype) or "fp8" (float8_e4m3fn with per-layer
     key and value scales from the checkpoint, else 1.0)."""
+    num_gpu_blocks: int | None = None
+    """The KV cache's blocks once the engine has sized it (vLLM's name, on CPU too); None in
+    the config the engine starts from."""
 
     def element_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's element type for a model computing in `model_dtype` (what the
@@ -174,6 +177,16 @@ class ParallelConfig:
     disable_custom_all_reduce: bool = False
     """True: every all-reduce goes through NCCL; False: small ones (decode) use the one-shot
     peer-to-peer kernel over symmetric memory when the GPUs support it."""
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        """vLLM's: always 1 here (no pipeline parallelism)."""
+        return 1
+
+    @property
+    def world_size(self) -> int:
+        """vLLM's: the ranks of one engine (tensor x pipeline parallel)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

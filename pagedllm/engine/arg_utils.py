@@ -25,6 +25,26 @@ from pagedllm.engine.config_builder import build_engine_config
 logger = logging.getLogger(__name__)
 
 
+# vLLM options for features pagedllm does not have: the values that leave the feature off are
+# accepted (and change nothing), as a vLLM user may spell them out.
+VLLM_DEFAULT_ONLY_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "pipeline_parallel_size": ((1,), "no pipeline parallelism; use tensor_parallel_size"),
+    "data_parallel_size": ((1,), "no data parallelism: start one engine per replica"),
+    "enable_lora": ((False,), "no LoRA adapters"),
+    "speculative_config": ((None,), "no speculative decoding"),
+    "scheduling_policy": (("fcfs",), "first come, first served only"),
+    "kv_transfer_config": ((None,), "no disaggregated prefill"),
+    "enable_prompt_embeds": ((False,), "prompts are text or token ids"),
+    "disable_sliding_window": ((False,), "sliding-window layers keep their window"),
+    "logprobs_mode": (("raw_logprobs",), "logprobs are the model's raw log-softmax"),
+    "model_impl": (("auto", "vllm"), "pagedllm's own model files"),
+    "runner": (("auto", "generate"), "generative models only"),
+    "task": (("auto", "generate"), "generative models only"),
+    "code_revision": ((None,), "remote code comes with the model's revision"),
+    "hf_token": ((None,), "the hub token comes from HF_TOKEN or huggingface-cli login"),
+    "logits_processors": ((None,), "give logits_processors per request in SamplingParams"),
+}
+
 # vLLM's short forms of its flags.
 _SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "quantization": ("-q",), "compilation_config": ("-O",)}
 
@@ -109,7 +129,15 @@ class EngineArgs:
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
-        """`LLM(...)`'s keyword arguments; an unknown name is a TypeError listing the known."""
+        """`LLM(...)`'s keyword arguments; an unknown name is a TypeError listing the known.
+        vLLM options for features pagedllm lacks are accepted at the values that turn the
+        feature off (VLLM_DEFAULT_ONLY_OPTIONS); any other value is a ValueError."""
+        for name in sorted(set(kwargs) & set(VLLM_DEFAULT_ONLY_OPTIONS)):
+            accepted, feature = VLLM_DEFAULT_ONLY_OPTIONS[name]
+            value = kwargs.pop(name)
+            if value not in accepted:
+                raise ValueError(f"{name}={value!r} is not supported ({feature}); leave it out or pass "
+                                 f"{' / '.join(map(repr, accepted))}.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

@@ -83,6 +83,15 @@ def build_engine_config(model: str, args: dict[str, Any], planned_device: torch.
     scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
     cache_config = _build_cache_config(args, device)
     parallel_config = _build_parallel_config(args, hf_config, device, check_visible_gpus=planned_device is None)
+    if load_config.load_format in ("auto", "safetensors") and resolved.gguf_file is None:
+        from pagedllm.model_loader.sharded_state import METADATA_FILE
+
+        if os.path.isfile(os.path.join(resolved.model_path, METADATA_FILE)):
+            # Its files hold each rank's shards, which a whole-checkpoint load would misread.
+            raise ValueError(
+                f"{resolved.model_path} holds a sharded state ({METADATA_FILE}, written by save-sharded); "
+                "load it with load_format='sharded_state'."
+            )
     if load_config.load_format == "sharded_state":
         from pagedllm.model_loader.sharded_state import check_sharded_state_folder
 

@@ -34,6 +34,9 @@ class EngineCore:
             raise
         if engine_config.model_config.max_model_len_auto:
             self.config = engine_config = _with_auto_max_model_len(engine_config, self.num_kv_blocks)
+        self.config = engine_config = dataclasses.replace(
+            engine_config, cache_config=dataclasses.replace(engine_config.cache_config, num_gpu_blocks=self.num_kv_blocks)
+        )
         self.scheduler = Scheduler(
             engine_config.scheduler_config, engine_config.cache_config, self.num_kv_blocks
         )

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedllm.config import EngineConfig
+from pagedllm.config import CacheConfig, EngineConfig, ModelConfig
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.frontend import ModelFrontend
@@ -65,6 +65,14 @@ class LLMEngine:
     def vllm_config(self) -> EngineConfig:
         """vLLM's name for the engine's config (model, cache, parallel and scheduler configs)."""
         return self.config
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model_config
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self.config.cache_config
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.tokenizer

@@ -105,7 +105,7 @@ END_MARKER = "<!-- api-table:end -->"
 
 
 def _present_names() -> dict[str, set[str]]:
-    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.engine.arg_utils import VLLM_DEFAULT_ONLY_OPTIONS, EngineArgs
     from pagedllm.engine.outputs import CompletionOutput, RequestOutput
     from pagedllm.engine.sampling_params import SamplingParams
     from pagedllm.entrypoints.llm import LLM
@@ -114,7 +114,7 @@ def _present_names() -> dict[str, set[str]]:
     return {
         "SamplingParams": init_fields,
         "LLM": {name for name in dir(LLM) if not name.startswith("_") and callable(getattr(LLM, name))},
-        "EngineArgs": {f.name for f in dataclasses.fields(EngineArgs)},
+        "EngineArgs": {f.name for f in dataclasses.fields(EngineArgs)} | set(VLLM_DEFAULT_ONLY_OPTIONS),
         "RequestOutput": {f.name for f in dataclasses.fields(RequestOutput)},
         "CompletionOutput": {f.name for f in dataclasses.fields(CompletionOutput)},
     }
@@ -125,6 +125,15 @@ def _method_status(name: str) -> str | None:
 
     doc = getattr(getattr(LLM, name, None), "__doc__", "") or ""
     return "refused: ValueError (pooling models are not supported)" if doc.startswith("Refused") else None
+
+
+def _default_only_status(key: str, name: str) -> str | None:
+    from pagedllm.engine.arg_utils import VLLM_DEFAULT_ONLY_OPTIONS
+
+    if key != "EngineArgs" or name not in VLLM_DEFAULT_ONLY_OPTIONS:
+        return None
+    accepted, feature = VLLM_DEFAULT_ONLY_OPTIONS[name]
+    return f"accepted as {' / '.join(map(repr, accepted))} only ({feature}); other values: ValueError"
 
 
 def build_table() -> str:
@@ -144,7 +153,8 @@ def build_table() -> str:
             if name not in present[key]:
                 status = REFUSED[key]
             else:
-                status = (_method_status(name) if key == "LLM" else None) or NOTES[key].get(name, "supported")
+                status = (_method_status(name) if key == "LLM" else None) or _default_only_status(key, name) \
+                    or NOTES[key].get(name, "supported")
             counts["supported" if status.startswith("supported") else "other"] += 1
             rows.append(f"| `{name}` | {status} |")
         lines += [f"### {title} ({counts['supported']} of {len(names)} supported)", "", "| vLLM name | pagedllm |", "|---|---|", *rows, ""]

@@ -98,7 +98,7 @@ def _add_save_sharded_parser(commands: Any) -> Runner:
     help_text = "save each tensor-parallel rank's weights to its own files (load_format='sharded_state')"
     save = commands.add_parser("save-sharded", help=help_text, description=help_text)
     _add_debug_flag(save)
-    save.add_argument("--output", "-o", required=True, help="folder to write (new or empty)")
+    save.add_argument("--output", "-o", required=True, help="folder to write (the rank files of an earlier save there are replaced)")
     save.add_argument("--file-pattern", default=None,
                       help="file names, with {rank} and {part} (default model-rank-{rank}-part-{part}.safetensors)")
     save.add_argument("--max-file-size", type=int, default=None,
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status 2 and one line on stderr; any other failure with status 1, also in one line;
     `--debug` lets the exception (and its traceback) through."""
     parser, runners = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_dashed_options(sys.argv[1:] if argv is None else argv))
     try:
         return runners[args.command](args)
     except (ValueError, TypeError, OSError) as error:
@@ -252,6 +252,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         parser.exit(1, f"pagedllm: error: {type(error).__name__}: {_one_line(error)} (--debug shows the traceback)\n")
+
+
+def _dashed_options(argv: Sequence[str]) -> list[str]:
+    """vLLM's parser takes `--max_model_len` for `--max-model-len`: underscores in an option's
+    name (before any `=value`) become dashes."""
+    dashed = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        dashed.append(arg)
+    return dashed
 
 
 def _one_line(error: BaseException) -> str:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm import envs
+from pagedllm.config import ModelConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.outputs import RequestOutput
@@ -53,6 +54,11 @@ class LLM:
         self._sleeping = False
         # Workers are released when the LLM is garbage-collected or the interpreter exits.
         self._finalizer = weakref.finalize(self, self.llm_engine.shutdown)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """vLLM's `llm.model_config`: the model's resolved settings (max_model_len, dtype, ...)."""
+        return self.llm_engine.model_config
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.llm_engine.get_tokenizer()

@@ -47,10 +47,11 @@ def save_sharded_checkpoint(
     os.makedirs(output_dir, exist_ok=True)
     stale = glob.glob(os.path.join(glob.escape(output_dir), rank_file_glob("*", pattern)))
     if stale:
-        raise ValueError(
-            f"{output_dir} already holds {len(stale)} {rank_file_glob('*', pattern)} file(s); pass an "
-            "empty or new --output folder."
-        )
+        # Overwritten as vLLM's save overwrites; removed first, so that no part of an older
+        # save (which may have had more parts or ranks) is left to mix with this one.
+        logger.warning("%s holds %d file(s) of an earlier sharded state; they are replaced.", output_dir, len(stale))
+        for path in stale:
+            os.remove(path)
     executor = Executor.create(config)
     try:
         executor.collective_rpc("init_device")

@@ -135,13 +135,23 @@ def load_weights_strict(
     }
     missing = sorted(expected - loaded)
     if missing:
-        shown = ", ".join(missing[:_MAX_NAMES_SHOWN])
+        shown = ", ".join(_checkpoint_names(model, name) for name in missing[:_MAX_NAMES_SHOWN])
         more = f" and {len(missing) - _MAX_NAMES_SHOWN} more" if len(missing) > _MAX_NAMES_SHOWN else ""
         raise ValueError(
             f"The checkpoint {source} lacks {len(missing)} parameter(s) of {type(model).__name__}: "
             f"{shown}{more}. The checkpoint is incomplete or belongs to another architecture; "
             "use a complete checkpoint, or load_format='dummy' for random weights."
         )
+
+
+def _checkpoint_names(model: torch.nn.Module, name: str) -> str:
+    """A parameter's name, with the checkpoint tensors it is fused from (qkv_proj from q_proj,
+    k_proj and v_proj): one of those is what the checkpoint lacks."""
+    for fused, parts in (getattr(model, "packed_modules_mapping", None) or {}).items():
+        if f".{fused}." in name:
+            sources = ", ".join(name.replace(f".{fused}.", f".{part}.") for part in parts)
+            return f"{name} (from {sources})"
+    return name
 
 
 def _load_checkpoint(

@@ -89,8 +89,15 @@ def load_weights_by_mapping(
                 weight_loader(param, tensor)
             else:
                 weight_loader(param, tensor, shard_id)
-        except ValueError as error:
-            raise ValueError(f"Loading checkpoint tensor {name} into {param_name}: {error}") from error
+        except torch.OutOfMemoryError:
+            raise
+        except (ValueError, RuntimeError, IndexError) as error:
+            # A tensor of the wrong shape fails inside the slicing (narrow) with no name.
+            shape = getattr(tensor, "shape", None)
+            raise ValueError(
+                f"Loading checkpoint tensor {name}{'' if shape is None else f' of shape {tuple(shape)}'} into "
+                f"{param_name} {tuple(param.shape)}: {error}"
+            ) from error
         if shard_id is None:
             loaded.add(param_name)
             continue

@@ -121,6 +121,17 @@ def test_engine_flags_come_from_engine_args_including_max_model_len_auto():
         args = parser.parse_args(["generate", "--max-model-len", value, "--kv-cache-headroom", "0.2"])
         engine_args = EngineArgs.from_cli_args(args)
         assert engine_args.max_model_len == expected and engine_args.kv_cache_headroom == 0.2
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "pagedllm", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "save-sharded" in help_text  # `python -m pagedllm` is the command
+    # vLLM's parser takes underscores in option names too.
+    from pagedllm.entrypoints.cli import _dashed_options
+
+    dashed = _dashed_options(["generate", "--max_model_len", "64", "--kv_cache_dtype=fp8", "--prompt", "a_b"])
+    assert dashed == ["generate", "--max-model-len", "64", "--kv-cache-dtype=fp8", "--prompt", "a_b"]
     # vLLM's short flags.
     engine_args = EngineArgs.from_cli_args(parser.parse_args(["generate", "-tp", "2", "-q", "fp8", "-O", "0"]))
     assert (engine_args.tensor_parallel_size, engine_args.quantization, engine_args.compilation_config) == (2, "fp8", 0)

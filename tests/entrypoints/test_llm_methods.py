@@ -81,6 +81,8 @@ def test_llm_engine_takes_vllm_engine_args_and_has_its_accessors(model_dir):
                                                    kv_cache_memory_bytes=1 << 20, async_scheduling=False),
                                         usage_context=None)
     assert engine.vllm_config is engine.config
+    assert engine.model_config is engine.config.model_config and engine.cache_config is engine.config.cache_config
+    assert engine.cache_config.num_gpu_blocks == engine.engine_core.num_kv_blocks > 0
     assert not engine.vllm_config.scheduler_config.async_scheduling
     assert engine.vllm_config.parallel_config.disable_custom_all_reduce is False
     engine.add_request("one", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(n=2, max_tokens=2))
@@ -95,6 +97,18 @@ def test_llm_engine_takes_vllm_engine_args_and_has_its_accessors(model_dir):
     with pytest.raises(TypeError, match="max_num_seqs"):
         LLMEngine.from_engine_args(EngineArgs(model=str(model_dir)), max_num_seqs=4)
     engine.shutdown()
+
+
+def test_vllm_options_of_absent_features_are_accepted_when_they_leave_them_off(model_dir):
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_memory_bytes=1 << 20, skip_tokenizer_init=True,
+              enable_lora=False, pipeline_parallel_size=1, speculative_config=None, scheduling_policy="fcfs",
+              task="generate", model_impl="auto")
+    assert llm.model_config is llm.llm_engine.config.model_config and llm.model_config.max_model_len == 512
+    llm.shutdown()
+    with pytest.raises(ValueError, match="enable_lora=True is not supported .*LoRA.*pass False"):
+        LLM(str(model_dir), enable_lora=True)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported .*tensor_parallel_size"):
+        LLM(str(model_dir), pipeline_parallel_size=2)
 
 
 @pytest.mark.parametrize("level", [1, 2])

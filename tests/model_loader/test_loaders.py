@@ -378,3 +378,33 @@ def test_get_model_builds_on_cuda_in_bfloat16_and_restores_defaults(tmp_path: Pa
     expected_qkv = torch.cat([state[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
     torch.testing.assert_close(model.model.layers[0].self_attn.qkv_proj.weight.cpu(), expected_qkv.to(torch.bfloat16), rtol=0, atol=0)
     assert model_weight_bytes(model) == sum(t.numel() * 2 for t in state.values())
+
+
+def test_a_missing_tensor_of_a_fused_layer_is_named_by_its_checkpoint_names(tmp_path: Path) -> None:
+    """qkv_proj is filled from q_proj, k_proj and v_proj: the error names those, one of which
+    the checkpoint lacks."""
+    from safetensors.torch import load_file
+    from tiny_models import make_tiny_checkpoint
+
+    from pagedllm import LLM
+
+    path = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lacks 1 parameter.*qkv_proj\.weight \(from model\.layers\.0\.self_attn\.q_proj\.weight"):
+        LLM(str(path), skip_tokenizer_init=True, dtype="float32")
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from tiny_models import make_tiny_checkpoint
+
+    from pagedllm import LLM
+
+    path = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight of shape \(3, 3\)"):
+        LLM(str(path), skip_tokenizer_init=True, dtype="float32")

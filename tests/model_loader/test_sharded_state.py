@@ -135,3 +135,21 @@ def test_vllm_save_paths_file_pattern_and_module_entry_point(tmp_path, capsys):
                                capture_output=True, text=True, check=True).stdout
     assert "--file-pattern" in help_text and "--tensor-parallel-size" in help_text
 
+
+def test_saving_again_replaces_the_earlier_state_and_auto_loading_names_the_format(tmp_path):
+    """A second save into the same folder replaces the first (as vLLM's does), leaving no part of
+    it behind; loading the folder without load_format='sharded_state' says to pass it."""
+    source = make_tiny_checkpoint(tmp_path / "model", "llama")
+    output = tmp_path / "sharded"
+    common = ["save-sharded", "--model", str(source), "-o", str(output), "--distributed-executor-backend", "uni"]
+    assert main([*common, "--max-file-size", str(MAX_FILE_SIZE)]) == 0
+    assert len(_rank_files(output, 0)) > 1
+    assert main(common) == 0
+    assert _rank_files(output, 0) == ["model-rank-0-part-0.safetensors"]
+    with pytest.raises(ValueError, match="holds a sharded state.*load_format='sharded_state'"):
+        LLM(str(output), skip_tokenizer_init=True, **ENGINE)
+    llm = LLM(str(output), load_format="sharded_state", skip_tokenizer_init=True, **ENGINE)
+    assert llm.llm_engine.vllm_config.parallel_config.world_size == 1
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(source, PROMPTS, MAX_TOKENS)
+
