@@ -189,8 +189,6 @@ class AsyncLLM:
             raise self._dead_error
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
-        if request_id in self._streams:
-            raise ValueError(f"Request id {request_id!r} is already running; give each request its own id.")
         processed = self.process_input(prompt, params)
         self._start_output_handler()
         child_params = [child_sampling_params(params, index) for index in range(params.n)]

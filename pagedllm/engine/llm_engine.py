@@ -147,10 +147,8 @@ class LLMEngine:
     def executor(self) -> Executor:
         return self.engine_core.executor
 
-    @property
-    def model_executor(self) -> Executor:
-        """vLLM's older name for the executor (its save_sharded_state example uses it)."""
-        return self.engine_core.executor
+    # vLLM's older name for the executor (its save_sharded_state example uses it).
+    model_executor = executor
 
     @property
     def scheduler(self) -> Scheduler:

@@ -8,22 +8,14 @@ groups, and block-wise fp8 splits every layer in whole blocks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from transformers import PretrainedConfig
 
 from pagedllm.config import text_config_of
 
-
-@dataclass(frozen=True)
-class _QuantizationUnits:
-    input_unit: int
-    """Rows a row-parallel rank's input must hold a multiple of (a group, a block's columns)."""
-    output_unit: int
-    """Columns a column-parallel rank's output must hold a multiple of (a block's rows)."""
-    source: str
-    """The quantization_config field that sets them, for the error message."""
+if TYPE_CHECKING:
+    from pagedllm.layers.quantization.base import TensorParallelUnits
 
 
 def check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> None:
@@ -31,7 +23,7 @@ def check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> No
     if tp_size == 1:
         return
     architecture = (getattr(hf_config, "architectures", None) or ["the model"])[0]
-    units = _quantization_units(getattr(hf_config, "quantization_config", None))
+    units = _quantization_units(hf_config)
     hf_config = text_config_of(hf_config)
     if getattr(hf_config, "num_attention_heads", None) is None:
         return  # not a decoder config this check understands; the layers check when built
@@ -77,29 +69,16 @@ def check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> No
     )
 
 
-def _quantization_units(quantization_config: Any) -> _QuantizationUnits | None:
-    """The split units a checkpoint's quantization_config imposes, or None (none, per channel,
-    act order, or a format this check does not read; the layers then check when built)."""
-    if quantization_config is None:
+def _quantization_units(hf_config: PretrainedConfig) -> TensorParallelUnits | None:
+    """The units of the checkpoint's own quantization (from its quantization_config), read by
+    the scheme's QuantizationConfig; None for an unquantized checkpoint."""
+    from pagedllm.layers.quantization import (
+        checkpoint_quant_config,
+        quantization_config_class,
+        resolve_quantization,
+    )
+
+    method = resolve_quantization(None, hf_config)
+    if method is None:
         return None
-    config = dict(quantization_config) if isinstance(quantization_config, dict) else quantization_config.to_dict()
-    method = str(config.get("quant_method", "")).lower().replace("_", "-")
-    if method == "fp8":
-        block = config.get("weight_block_size")
-        if isinstance(block, (list, tuple)) and len(block) == 2:
-            return _QuantizationUnits(int(block[1]), int(block[0]), "weight_block_size")
-        return None
-    if method in ("gptq", "awq"):
-        group_size = config.get("group_size", config.get("q_group_size", -1))
-        if method == "gptq" and config.get("desc_act"):
-            return None  # act order: every rank keeps all groups' scales
-        return _QuantizationUnits(int(group_size), 1, "group_size") if int(group_size) > 0 else None
-    if method == "compressed-tensors":
-        for group in (config.get("config_groups") or {}).values():
-            weights = (group or {}).get("weights") or {}
-            block = weights.get("block_structure")
-            if isinstance(block, (list, tuple)) and len(block) == 2:
-                return _QuantizationUnits(int(block[1]), int(block[0]), "block_structure")
-            if weights.get("strategy") == "group" and weights.get("group_size") and not weights.get("actorder"):
-                return _QuantizationUnits(int(weights["group_size"]), 1, "group_size")
-    return None
+    return quantization_config_class(method).from_config(checkpoint_quant_config(hf_config) or {}).tensor_parallel_units()

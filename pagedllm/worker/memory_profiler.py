@@ -141,8 +141,7 @@ def _fp8_cache_hint(engine_config: EngineConfig, sizing: KVCacheSizing) -> str:
     itemsize = engine_config.model_config.dtype.itemsize
     if engine_config.cache_config.cache_dtype != "auto" or itemsize == 1:
         return ""
-    fp8_blocks = min(sizing.budget_bytes // (sizing.block_bytes // itemsize), sizing.usable_blocks)
-    fp8_tokens = fp8_blocks * sizing.block_size
+    fp8_tokens = size_kv_cache(engine_config, sizing.budget_bytes, sizing.block_bytes // itemsize).num_tokens
     if fp8_tokens < engine_config.model_config.max_model_len:
         return ""
     return f", or pass kv_cache_dtype='fp8' (one byte a value instead of {itemsize}: {fp8_tokens:,} tokens)"

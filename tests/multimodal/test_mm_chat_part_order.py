@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import pytest
-
-from pagedllm import LLM, SamplingParams
+from pagedllm import SamplingParams
 from tiny_vl_models import IMAGE_PLACEHOLDER, random_image, tiny_vl_checkpoints  # noqa: F401 (fixture)
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -20,14 +18,6 @@ QWEN2_VL_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_vl_checkpoints):
-    engine = LLM(str(tiny_vl_checkpoints["qwen2_vl"]), dtype="float32", max_model_len=512,
-                 limit_mm_per_prompt={"image": 2, "video": 0})
-    yield engine
-    engine.shutdown()
 
 
 def test_parts_reach_the_template_in_order(llm):

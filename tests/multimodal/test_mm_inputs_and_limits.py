@@ -17,14 +17,6 @@ from tiny_vl_models import IMAGE_PLACEHOLDER, random_image, tiny_vl_checkpoints 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_vl_checkpoints):
-    engine = LLM(str(tiny_vl_checkpoints["qwen2_vl"]), dtype="float32", max_model_len=512,
-                 limit_mm_per_prompt={"image": 2, "video": 0})
-    yield engine
-    engine.shutdown()
-
-
 def _image_prompt(num_placeholders: int, num_images: int, seed: int = 0, **extra) -> dict:
     return {
         "prompt": "look " + IMAGE_PLACEHOLDER * num_placeholders + " now",

@@ -15,14 +15,6 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 TEXT = "look " + IMAGE_PLACEHOLDER + " and tell me what is in the picture please now"
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_vl_checkpoints):
-    engine = LLM(str(tiny_vl_checkpoints["qwen2_vl"]), dtype="float32", max_model_len=512,
-                 limit_mm_per_prompt={"image": 2, "video": 0})
-    yield engine
-    engine.shutdown()
-
-
 def _prompt(image, uuids=None, text: str = TEXT) -> dict:
     prompt = {"prompt": text, "multi_modal_data": {"image": image}}
     return prompt if uuids is None else {**prompt, "multi_modal_uuids": {"image": uuids}}

@@ -74,14 +74,18 @@ def get_quantization_config(method: str | None, hf_config: Any) -> QuantizationC
     (an empty dict when the weights are quantized while loading, e.g. dynamic fp8)."""
     if method is None:
         return None
-    module_name, class_name = QUANTIZATION_METHODS[method].split(":")
-    config_class: type[QuantizationConfig] = getattr(importlib.import_module(module_name), class_name)
     checkpoint = checkpoint_quant_config(hf_config)
     logger.info(
         "Quantization %s: %s.", method,
         "from the checkpoint's quantization_config" if checkpoint else "weights quantized while loading",
     )
-    return config_class.from_config(checkpoint or {})
+    return quantization_config_class(method).from_config(checkpoint or {})
+
+
+def quantization_config_class(method: str) -> type[QuantizationConfig]:
+    """The QuantizationConfig subclass of a method name (imported on first use)."""
+    module_name, class_name = QUANTIZATION_METHODS[method].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 __all__ = [
@@ -89,5 +93,6 @@ __all__ = [
     "QuantizationConfig",
     "checkpoint_quant_config",
     "get_quantization_config",
+    "quantization_config_class",
     "resolve_quantization",
 ]

@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig, UnquantizedLinearMethod
+from pagedllm.layers.quantization.base import (
+    LinearMethodBase,
+    QuantizationConfig,
+    TensorParallelUnits,
+    UnquantizedLinearMethod,
+)
 from pagedllm.layers.quantization.int_group_linear import (
     IntGroupLinearMethod,
     check_input_packing,
@@ -55,6 +60,9 @@ class AWQConfig(QuantizationConfig):
 
     def get_name(self) -> str:
         return "awq"
+
+    def tensor_parallel_units(self) -> TensorParallelUnits | None:
+        return None if self.group_size == -1 else TensorParallelUnits(self.group_size, 1, "group_size")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> AWQConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,8 +113,25 @@ class LinearMethodBase(ABC):
         return None
 
 
+@dataclass(frozen=True)
+class TensorParallelUnits:
+    """What a scheme needs of a tensor-parallel split: whole groups or blocks per rank."""
+
+    input_unit: int
+    """Rows a row-parallel rank's input must hold a multiple of (a group, a block's columns)."""
+    output_unit: int
+    """Columns a column-parallel rank's output must hold a multiple of (a block's rows)."""
+    source: str
+    """The quantization_config field that sets them, for the error message."""
+
+
 class QuantizationConfig(ABC):
     """A checkpoint's quantization scheme; picks the linear method of each layer."""
+
+    def tensor_parallel_units(self) -> TensorParallelUnits | None:
+        """The split units the scheme imposes (engine/tensor_parallel_split.py); None for
+        none (per-tensor or per-channel scales, act order)."""
+        return None
 
     @abstractmethod
     def get_name(self) -> str:

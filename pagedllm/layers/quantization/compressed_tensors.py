@@ -26,6 +26,7 @@ from torch import nn
 from pagedllm.layers.quantization.base import (
     LinearMethodBase,
     QuantizationConfig,
+    TensorParallelUnits,
     UnquantizedLinearMethod,
     name_matches,
     checkpoint_names_of,
@@ -119,6 +120,16 @@ class CompressedTensorsConfig(QuantizationConfig):
                 format=fmt,
             ))
         return cls(tuple(groups), tuple(config.get("ignore") or ()))
+
+    def tensor_parallel_units(self) -> TensorParallelUnits | None:
+        for group in self.groups:
+            weights = group.weights
+            if weights.block_structure is not None:
+                block_n, block_k = weights.block_structure
+                return TensorParallelUnits(block_k, block_n, "block_structure")
+            if weights.strategy == "group" and weights.group_size and weights.actorder is None:
+                return TensorParallelUnits(weights.group_size, 1, "group_size")
+        return None
 
     def _group_of(self, prefix: str) -> ConfigGroup | None:
         names = checkpoint_names_of(prefix)

@@ -19,6 +19,7 @@ from torch import nn
 from pagedllm.layers.quantization.base import (
     LinearMethodBase,
     QuantizationConfig,
+    TensorParallelUnits,
     UnquantizedLinearMethod,
     is_layer_ignored,
 )
@@ -65,6 +66,12 @@ class Fp8Config(QuantizationConfig):
 
     def get_name(self) -> str:
         return "fp8"
+
+    def tensor_parallel_units(self) -> TensorParallelUnits | None:
+        if self.weight_block_size is None:
+            return None
+        block_n, block_k = self.weight_block_size
+        return TensorParallelUnits(block_k, block_n, "weight_block_size")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:

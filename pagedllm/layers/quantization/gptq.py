@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig, UnquantizedLinearMethod
+from pagedllm.layers.quantization.base import (
+    LinearMethodBase,
+    QuantizationConfig,
+    TensorParallelUnits,
+    UnquantizedLinearMethod,
+)
 from pagedllm.layers.quantization.int_group_linear import (
     FUSED_PARTS,
     IntGroupLinearMethod,
@@ -67,6 +72,12 @@ class GPTQConfig(QuantizationConfig):
 
     def get_name(self) -> str:
         return "gptq"
+
+    def tensor_parallel_units(self) -> TensorParallelUnits | None:
+        # Act order: every rank keeps all groups' scales and slices g_idx.
+        if self.desc_act or self.group_size == -1:
+            return None
+        return TensorParallelUnits(self.group_size, 1, "group_size")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GPTQConfig:

@@ -2,7 +2,8 @@
 
 Exports fixtures `serve_model_dir` (module: the checkpoint folder), `chat_template_file`,
 `server` (module: one `pagedllm serve` with the chat template and API_KEY) and `client` (an
-openai client on it), and the helpers `ServerProcess` (start, wait until healthy, stop) and `children_of(pid)`."""
+openai client on it), and the helpers `serve` (the body of a module's server fixture, with
+extra flags), `ServerProcess` (start, wait until healthy, stop) and `children_of(pid)`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -43,10 +45,16 @@ def chat_template_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(serve_model_dir, chat_template_file, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server_log") / "server.log"
+    yield from serve(serve_model_dir, chat_template_file, tmp_path_factory.mktemp("server_log") / "server.log")
+
+
+def serve(model_dir: Path, chat_template_file: Path, log: Path, extra_args: Sequence[str] = ()) -> Iterator[ServerProcess]:
+    """A healthy server on the tiny model (MODEL_NAME, the chat template, API_KEY, and
+    `extra_args`), stopped when the generator closes: `yield from` it in a fixture."""
     process = ServerProcess(
-        serve_model_dir,
-        ["--served-model-name", MODEL_NAME, "--chat-template", str(chat_template_file), "--api-key", API_KEY],
+        model_dir,
+        ["--served-model-name", MODEL_NAME, "--chat-template", str(chat_template_file), "--api-key", API_KEY,
+         *extra_args],
         log,
     )
     try:

@@ -7,11 +7,10 @@ top k), echo with logprobs over the prompt, and echo with max_tokens=0."""
 from __future__ import annotations
 
 import json
-import signal
 
 import httpx
 import pytest
-from conftest import API_KEY, MODEL_NAME, ServerProcess
+from conftest import API_KEY, MODEL_NAME, serve
 
 openai = pytest.importorskip("openai")
 for _package in ("fastapi", "uvicorn", "zmq", "prometheus_client"):
@@ -33,22 +32,8 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def server(serve_model_dir, chat_template_file, tmp_path_factory):
-    log = tmp_path_factory.mktemp("compat_log") / "server.log"
-    process = ServerProcess(
-        serve_model_dir,
-        ["--served-model-name", MODEL_NAME, "--chat-template", str(chat_template_file), "--api-key", API_KEY, *FLAGS],
-        log,
-    )
-    try:
-        process.wait_until_healthy()
-        yield process
-    finally:
-        process.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    # conftest's `client` then talks to this server.
+    yield from serve(serve_model_dir, chat_template_file, tmp_path_factory.mktemp("compat_log") / "server.log", FLAGS)
 
 
 def _post(server, path: str, body: dict) -> httpx.Response:
