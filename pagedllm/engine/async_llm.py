@@ -29,7 +29,7 @@ from pagedllm.engine.frontend import ModelFrontend
 from pagedllm.engine.output_processor import OutputProcessor, child_sampling_params
 from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.request import RequestStatus
-from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.engine.stats import IterationStats, SchedulerStats, StatLoggerBase
 from pagedllm.inputs import PromptType
 
@@ -39,18 +39,23 @@ __all__ = ["AsyncLLM", "EngineDeadError"]
 
 
 class _RequestStream:
-    """The latest output of one request, waiting for its consumer."""
+    """The latest output of one request, waiting for its consumer. DELTA outputs that arrive
+    before the consumer takes the one waiting are merged into it, so no text is lost."""
 
-    __slots__ = ("latest", "error", "aborted", "ready")
+    __slots__ = ("latest", "error", "aborted", "ready", "aggregate")
 
-    def __init__(self) -> None:
+    def __init__(self, aggregate: bool = False) -> None:
         self.latest: RequestOutput | None = None
         self.error: BaseException | None = None
         self.aborted = False
         self.ready = asyncio.Event()
+        self.aggregate = aggregate
 
     def put(self, output: RequestOutput) -> None:
-        self.latest = output
+        if self.latest is None:
+            self.latest = output
+        else:
+            self.latest.add(output, aggregate=self.aggregate)
         self.ready.set()
 
     def fail(self, error: BaseException) -> None:
@@ -111,7 +116,8 @@ class AsyncLLM:
         # The core's config: max_model_len="auto" is settled once the KV cache is sized.
         self.config = self.engine_core.engine_config
         self.model_config: ModelConfig = self.config.model_config
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer, self.structured_output_manager)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer, self.structured_output_manager,
+                                              "AsyncLLM's engine-core process")
         logger.info("AsyncLLM ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -151,12 +157,13 @@ class AsyncLLM:
         what generate() uses when it is given no sampling params."""
         return self.frontend.default_sampling_params()
 
-    def process_input(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> ProcessedPrompt:
+    def process_input(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                      tokenization_kwargs: dict[str, Any] | None = None) -> ProcessedPrompt:
         """Tokenizes and validates one prompt (ValueError when it cannot run), and compiles its
         structured-output grammar, as LLMEngine.process_input does."""
         if isinstance(prompt, ProcessedPrompt):
             return prompt
-        return self.input_processor.process(prompt, params)
+        return self.input_processor.process(prompt, params, tokenization_kwargs)
 
     async def generate(
         self,
@@ -164,7 +171,8 @@ class AsyncLLM:
         sampling_params: SamplingParams | None,
         request_id: str,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Yields the request's cumulative outputs until the last one (`finished=True`).
+        """Yields the request's outputs until the last one (`finished=True`): cumulative, or
+        as sampling_params.output_kind asks (DELTA: only what is new; FINAL_ONLY: the last).
         `sampling_params=None` uses get_default_sampling_params(). A bad prompt raises
         ValueError before anything runs; a dead engine core, EngineDeadError.
         Closing the generator (or cancelling its task, as a disconnecting client does) aborts
@@ -196,7 +204,7 @@ class AsyncLLM:
         child_ids = self.output_processor.add_request(
             request_id, processed.prompt, processed.prompt_token_ids, child_params, arrival_time
         )
-        stream = _RequestStream()
+        stream = _RequestStream(aggregate=params.output_kind == RequestOutputKind.DELTA)
         self._streams[request_id] = stream
         now = time.monotonic()
         requests = []

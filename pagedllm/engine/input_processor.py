@@ -44,22 +44,29 @@ class InputProcessor:
     def __init__(
         self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
         structured_output_manager: StructuredOutputManager | None = None,
+        sampler_process: str | None = None,
     ) -> None:
         """`structured_output_manager` compiles each request's grammar while its prompt is
-        checked, so a bad schema fails before any work."""
+        checked, so a bad schema fails before any work. `sampler_process`: None when the
+        sampler runs in this process; else where it runs, for the error that refuses
+        per-request logits_processors (callables do not cross processes)."""
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.structured_output_manager = structured_output_manager
+        self.sampler_process = sampler_process
         self.mm_processor = None
         if model_config.multimodal_config is not None:
             from pagedllm.multimodal.processing import MultiModalProcessor
 
             self.mm_processor = MultiModalProcessor(model_config, tokenizer)
 
-    def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
-        """Tokenize and validate; raises ValueError naming what is wrong and what would work."""
+    def process(self, prompt: PromptType, params: SamplingParams,
+                tokenization_kwargs: dict[str, Any] | None = None) -> ProcessedPrompt:
+        """Tokenize and validate; raises ValueError naming what is wrong and what would work.
+        A list of token ids is a prompt of those tokens. `tokenization_kwargs` go to the
+        tokenizer's encode (e.g. add_special_tokens, truncation with max_length)."""
         cache_salt, extra = self._check_keys(prompt)
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = self._tokenize(prompt, tokenization_kwargs)
         mm_inputs = self._process_multimodal(prompt, token_ids)
         if mm_inputs is not None:
             token_ids = mm_inputs.prompt_token_ids
@@ -67,6 +74,13 @@ class InputProcessor:
             # A multi-modal prompt is not truncated: that could cut an item's placeholders.
             token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         self._validate(token_ids, params)
+        if params.logits_processors and self.sampler_process is not None:
+            # A callable that cannot be rebuilt there would stop the worker, and every request with it.
+            raise ValueError(
+                f"SamplingParams.logits_processors run in the sampler's process, but it is {self.sampler_process}; "
+                "drop logits_processors (use logit_bias, allowed_token_ids or bad_words), or use "
+                "LLM(..., tensor_parallel_size=1) with the default in-process executor."
+            )
         validate_token_controls(params, self.tokenizer, self.model_config.vocab_size)
         if self.structured_output_manager is not None:
             self.structured_output_manager.validate(params)
@@ -120,10 +134,17 @@ class InputProcessor:
         marks = {adapter.placeholder_token_id(m) for m in adapter.modalities}
         return any(t in marks for t in token_ids)
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: PromptType, tokenization_kwargs: dict[str, Any] | None) -> tuple[str | None, list[int]]:
+        if tokenization_kwargs is not None and not isinstance(tokenization_kwargs, Mapping):
+            raise ValueError(
+                f"tokenization_kwargs must be a dict of tokenizer arguments (e.g. {{'add_special_tokens': False}}), "
+                f"got {tokenization_kwargs!r}."
+            )
         if isinstance(prompt, str):
             text: str | None = prompt
             token_ids = None
+        elif isinstance(prompt, (list, tuple)):
+            text, token_ids = None, prompt
         elif isinstance(prompt, Mapping):
             text = prompt.get("prompt")
             token_ids = prompt.get("prompt_token_ids")
@@ -133,7 +154,7 @@ class InputProcessor:
                 )
         else:
             raise TypeError(
-                f"A prompt must be a str, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
+                f"A prompt must be a str, a list of token ids, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
                 f"got {type(prompt).__name__}."
             )
         if token_ids is not None:
@@ -151,7 +172,10 @@ class InputProcessor:
             raise TypeError(f"'prompt' must be a str, got {type(text).__name__}.")
         # The output keeps the user's text; only what is tokenized takes the family's marks.
         to_tokenize = text if self.mm_processor is None else self.mm_processor.adapter.prompt_text(text)
-        return text, self.tokenizer.encode(to_tokenize)
+        try:
+            return text, list(self.tokenizer.encode(to_tokenize, **(tokenization_kwargs or {})))
+        except TypeError as error:
+            raise ValueError(f"tokenization_kwargs={tokenization_kwargs!r} were refused by the tokenizer: {error}") from None
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         max_model_len = self.model_config.max_model_len

@@ -39,7 +39,11 @@ class LLMEngine:
         self.engine_core = EngineCore(engine_config, self.structured_output_manager)
         # The core's config: max_model_len="auto" is settled once the KV cache is sized.
         self.config = self.engine_core.config
-        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.structured_output_manager)
+        parallel = self.config.parallel_config
+        sampler_process = None if parallel.distributed_executor_backend == "uni" else (
+            f"a worker of distributed_executor_backend={parallel.distributed_executor_backend!r}")
+        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.structured_output_manager,
+                                              sampler_process)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
@@ -81,10 +85,11 @@ class LLMEngine:
         """SamplingParams() with the model's generation_config.json sampling fields applied."""
         return self.frontend.default_sampling_params()
 
-    def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
+    def process_input(self, prompt: PromptType, params: SamplingParams,
+                      tokenization_kwargs: dict[str, Any] | None = None) -> ProcessedPrompt:
         """Tokenizes and validates one prompt (ValueError when it cannot run), and compiles its
         structured-output grammar."""
-        return self.input_processor.process(prompt, params)
+        return self.input_processor.process(prompt, params, tokenization_kwargs)
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams) -> None:
         """Queues one prompt; a bad prompt raises ValueError and leaves other requests alone."""

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, decode_logprobs
 from pagedllm.engine.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
-from pagedllm.engine.sampling_params import SamplingParams
+from pagedllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.engine.scheduler import EngineCoreOutput
 
 logger = logging.getLogger(__name__)
@@ -27,14 +27,23 @@ class _CompletionState:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_sent_tokens: int = 0
+    """Tokens (and logprob rows) already returned, for DELTA outputs."""
 
-    def to_output(self) -> CompletionOutput:
+    def to_output(self, delta: bool) -> CompletionOutput:
+        """All of the completion so far, or (delta) what was not returned before. While it
+        runs, text that could be the start of a stop string is held back, as in vLLM."""
+        # A failed completion's detokenizer may be what failed: its held text is not flushed.
+        finished = self.finish_reason not in (None, "error")
+        text = self.detokenizer.get_next_output_text(finished, delta) if self.detokenizer else ""
+        start = self.num_sent_tokens if delta else 0
+        self.num_sent_tokens = len(self.token_ids)
         return CompletionOutput(
             index=self.index,
-            text=self.detokenizer.output_text if self.detokenizer else "",
-            token_ids=list(self.token_ids),
+            text=text,
+            token_ids=self.token_ids[start:],
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
+            logprobs=None if self.logprobs is None else self.logprobs[start:],
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
@@ -51,6 +60,8 @@ class _PromptState:
     error: str | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
     num_cached_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    num_sent_prompt_logprobs: int = 0
 
     def record(self, output: EngineCoreOutput) -> None:
         """Timestamps and prefix-cache hits from one step's output."""
@@ -70,13 +81,23 @@ class _PromptState:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.completions.values())
 
-    def to_output(self) -> RequestOutput:
+    def to_output(self, updated_children: set[str]) -> RequestOutput:
+        """CUMULATIVE and FINAL_ONLY: every completion, whole. DELTA (vLLM's streaming kind):
+        the completions this step updated, each with what is new since the last output, and
+        the prompt logprobs not returned before."""
+        delta = self.output_kind == RequestOutputKind.DELTA
+        children = [child for child in self.completions if not delta or child in updated_children]
+        prompt_logprobs = self.prompt_logprobs
+        if delta and prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs[self.num_sent_prompt_logprobs :]
+            self.num_sent_prompt_logprobs += len(prompt_logprobs)
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=self.prompt_logprobs,
-            outputs=[c.to_output() for c in sorted(self.completions.values(), key=lambda c: c.index)],
+            prompt_logprobs=prompt_logprobs,
+            outputs=[self.completions[child].to_output(delta)
+                     for child in sorted(children, key=lambda child: self.completions[child].index)],
             finished=self.finished,
             error=self.error,
             metrics=self.metrics,
@@ -152,6 +173,7 @@ class OutputProcessor:
             # The first prompt token has no logprob: nothing comes before it.
             prompt_logprobs=[None] if wants_prompt_logprobs else None,
             metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
+            output_kind=child_params[0].output_kind,
         )
         return child_ids
 
@@ -164,7 +186,7 @@ class OutputProcessor:
     def process_outputs(self, outputs: list[EngineCoreOutput], return_unfinished: bool = True) -> ProcessedOutputs:
         """Detokenizes and gathers one step's outputs. A request whose output cannot be
         processed fails alone (finish_reason "error"); the others go on."""
-        updated: dict[str, _PromptState] = {}
+        updated: dict[str, set[str]] = {}
         result = ProcessedOutputs()
         for output in outputs:
             parent_id = self._parent_of.get(output.request_id)
@@ -175,21 +197,24 @@ class OutputProcessor:
             state.record(output)
             try:
                 if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None and completion.index == 0:
-                    state.prompt_logprobs.extend(decode_logprobs(self.tokenizer, output.new_prompt_logprobs))
+                    state.prompt_logprobs.extend(decode_logprobs(self._logprob_tokenizer(completion),
+                                                                 output.new_prompt_logprobs))
                 if self._append_tokens(completion, output):
                     result.stopped_by_string.append(output.request_id)
             except Exception as error:
                 logger.exception("Request %s failed while processing its output.", output.request_id)
                 self._fail(state, repr(error))
                 result.failed.extend(c for c, s in state.completions.items() if s.finish_reason == "error")
-            updated[parent_id] = state
-        for parent_id, state in updated.items():
+                updated.setdefault(parent_id, set()).update(state.completions)
+            updated.setdefault(parent_id, set()).add(output.request_id)
+        for parent_id, children in updated.items():
+            state = self._prompts[parent_id]
             if state.finished:
                 state.metrics.finished_time = time.time()
-                result.outputs.append(state.to_output())
+                result.outputs.append(state.to_output(children))
                 self._forget(parent_id)
-            elif return_unfinished:
-                result.outputs.append(state.to_output())
+            elif return_unfinished and state.output_kind != RequestOutputKind.FINAL_ONLY:
+                result.outputs.append(state.to_output(children))
         return result
 
     @staticmethod
@@ -204,7 +229,7 @@ class OutputProcessor:
             return False
         completion.token_ids.extend(output.new_token_ids)
         if output.new_logprobs is not None and completion.logprobs is not None:
-            completion.logprobs.extend(decode_logprobs(self.tokenizer, output.new_logprobs))
+            completion.logprobs.extend(decode_logprobs(self._logprob_tokenizer(completion), output.new_logprobs))
             completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + sum(
                 row[0] for row in output.new_logprobs.logprobs
             )
@@ -223,6 +248,10 @@ class OutputProcessor:
             completion.finish_reason = output.finish_reason
             completion.stop_reason = output.stop_reason
         return False
+
+    def _logprob_tokenizer(self, completion: _CompletionState) -> PreTrainedTokenizerBase | None:
+        """As in vLLM, detokenize=False leaves every Logprob.decoded_token None."""
+        return self.tokenizer if completion.params.detokenize else None
 
     def abort_request(self, request_id: str) -> list[str]:
         """Forgets a prompt; returns its child ids for the scheduler."""

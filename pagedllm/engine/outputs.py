@@ -42,6 +42,16 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def extend(self, delta: CompletionOutput) -> None:
+        """Appends a later DELTA output of this completion (RequestOutput.add)."""
+        self.text += delta.text
+        self.token_ids = [*self.token_ids, *delta.token_ids]
+        if delta.logprobs:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        self.cumulative_logprob = delta.cumulative_logprob
+        self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
+
 
 @dataclass
 class RequestMetrics:
@@ -129,3 +139,26 @@ class RequestOutput:
     multi_modal_placeholders: dict[str, Any] = field(default_factory=dict)
     kv_transfer_params: dict[str, Any] | None = None
     """Always None: disaggregated prefill is not supported."""
+
+    def add(self, next_output: RequestOutput, aggregate: bool) -> None:
+        """Folds a later output of the same request into this one, as vLLM's does when a
+        consumer falls behind: with `aggregate` (DELTA outputs) each completion's new text,
+        tokens and logprobs are appended to its own; otherwise a completion is replaced by its
+        newer version. A completion this output lacks is added."""
+        self.finished = self.finished or next_output.finished
+        self.error = next_output.error or self.error
+        self.metrics = next_output.metrics or self.metrics
+        if self.num_cached_tokens is None:
+            self.num_cached_tokens = next_output.num_cached_tokens
+        if aggregate and next_output.prompt_logprobs:
+            self.prompt_logprobs = (self.prompt_logprobs or []) + next_output.prompt_logprobs
+        by_index = {completion.index: position for position, completion in enumerate(self.outputs)}
+        for completion in next_output.outputs:
+            position = by_index.get(completion.index)
+            if position is None:
+                by_index[completion.index] = len(self.outputs)
+                self.outputs.append(completion)
+            elif aggregate:
+                self.outputs[position].extend(completion)
+            else:
+                self.outputs[position] = completion

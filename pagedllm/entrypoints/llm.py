@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -17,7 +17,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.outputs import RequestOutput
-from pagedllm.engine.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.engine.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, run_beam_search
 from pagedllm.entrypoints.chat_utils import (
     ChatMessage,
@@ -76,12 +76,16 @@ class LLM:
         use_tqdm: bool | ProgressBarFactory = True,
         lora_request: Any = None,
         priority: Sequence[int] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Completes every prompt; the outputs are in the order of the prompts. Every prompt is
-        checked before any work starts: a bad one raises ValueError naming its index.
+        """Completes every prompt; the outputs are in the order of the prompts. A prompt is a
+        string, a list of token ids, or a prompt dict. Every prompt is checked before any work
+        starts: a bad one raises ValueError naming its index.
         `use_tqdm` may be a tqdm-like factory used instead of tqdm, as in vLLM. `lora_request`
-        must be None (no LoRA) and `priority` None or all zeros (first-come, first-served)."""
-        return self._run_engine(self._add_requests(prompts, sampling_params, lora_request, priority), use_tqdm)
+        must be None (no LoRA) and `priority` None or all zeros (first-come, first-served).
+        `tokenization_kwargs` go to the tokenizer (e.g. {'add_special_tokens': False})."""
+        request_ids = self._add_requests(prompts, sampling_params, lora_request, priority, tokenization_kwargs)
+        return self._run_engine(request_ids, use_tqdm)
 
     def chat(
         self,
@@ -96,6 +100,7 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to each conversation, then generates (vLLM's
         arguments, in vLLM's order). Message content may be OpenAI content parts (text,
@@ -107,7 +112,7 @@ class LLM:
             messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs,
             mm_processor_kwargs, tools, chat_template_content_format,
         )
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, tokenization_kwargs=tokenization_kwargs)
 
     def preprocess_chat(
         self,
@@ -147,7 +152,7 @@ class LLM:
         _check_no_lora(lora_request)
         if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or an integer >= 1, got {concurrency_limit!r}.")
-        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompt_list = _as_prompt_list(prompts)
         probe = SamplingParams(max_tokens=1)
         token_ids = [self.llm_engine.process_input(p, probe).prompt_token_ids for p in prompt_list]
         tokenizer = self.get_tokenizer()
@@ -168,9 +173,10 @@ class LLM:
         use_tqdm: bool | ProgressBarFactory = False,
         lora_request: Any = None,
         priority: Sequence[int] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[str]:
         """Queues prompts without running them; `wait_for_completion()` runs and returns them."""
-        request_ids = self._add_requests(prompts, sampling_params, lora_request, priority)
+        request_ids = self._add_requests(prompts, sampling_params, lora_request, priority, tokenization_kwargs)
         self._enqueued.extend(request_ids)
         return request_ids
 
@@ -179,7 +185,7 @@ class LLM:
         request_ids, self._enqueued = self._enqueued, []
         return self._run_engine(request_ids, use_tqdm)
 
-    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """Forgets every cached prefix; False (with a warning) while requests hold blocks."""
         return self.llm_engine.scheduler.reset_prefix_cache()
 
@@ -240,10 +246,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         lora_request: Any = None,
         priority: Sequence[int] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[str]:
         if self._sleeping:
             raise ValueError("The engine is asleep: call LLM.wake_up() before generating.")
-        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompt_list = _as_prompt_list(prompts)
         _check_no_lora(lora_request)
         _check_fcfs_priority(priority, len(prompt_list))
         if sampling_params is None:
@@ -252,7 +259,7 @@ class LLM:
         processed = []
         for index, (prompt, params) in enumerate(zip(prompt_list, params_list)):
             try:
-                processed.append(self.llm_engine.process_input(prompt, params))
+                processed.append(self.llm_engine.process_input(prompt, params, tokenization_kwargs))
             except ValueError as error:
                 where = f"Prompt {index}: " if len(prompt_list) > 1 else ""
                 raise ValueError(f"{where}{error}") from None
@@ -268,14 +275,14 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams], num_prompts: int
     ) -> list[SamplingParams]:
         if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * num_prompts
+            return [_whole_outputs(sampling_params)] * num_prompts
         params = list(sampling_params)
         if len(params) != num_prompts:
             raise ValueError(
                 f"Got {len(params)} sampling_params for {num_prompts} prompts; pass one "
                 "SamplingParams, or one per prompt."
             )
-        return params
+        return [_whole_outputs(p) for p in params]
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool | ProgressBarFactory) -> list[RequestOutput]:
         wanted = set(request_ids)
@@ -306,6 +313,26 @@ class LLM:
             if progress is not None:
                 progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (a string, a prompt dict or a list of token ids) or a sequence of them."""
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    prompt_list = list(prompts)
+    if prompt_list and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_list):
+        return [prompt_list]
+    return prompt_list
+
+
+def _whole_outputs(params: SamplingParams) -> SamplingParams:
+    """LLM returns each request's whole output once, so a DELTA request (streaming's kind)
+    runs as FINAL_ONLY, as in vLLM; the caller's object is left as it was."""
+    if params.output_kind != RequestOutputKind.DELTA:
+        return params
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
 
 
 def _check_no_lora(lora_request: Any) -> None:

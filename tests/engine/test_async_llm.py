@@ -20,7 +20,7 @@ from pagedllm import LLM, AsyncLLM, SamplingParams  # noqa: E402
 from pagedllm.engine.arg_utils import EngineArgs  # noqa: E402
 from pagedllm.engine.async_llm import _RequestStream  # noqa: E402
 from pagedllm.engine.core_client import EngineDeadError  # noqa: E402
-from pagedllm.engine.sampling_params import StructuredOutputsParams  # noqa: E402
+from pagedllm.engine.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
 
 ENGINE_OPTIONS = dict(dtype="float32", device="cpu", max_model_len=256, kv_cache_memory_bytes=1 << 22, enable_prefix_caching=False)
 PROMPTS = ["hello world", "the paged attention model", "café naïve 中文 🙂"]
@@ -83,6 +83,48 @@ def test_outputs_are_cumulative_and_stop_strings_apply(engine):
     assert all(not o.finished for o in outputs[:-1])
     assert stopped.outputs[0].text == full[: full.index(stop)]
     assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == stop
+
+
+def test_output_kinds_delta_and_final_only(engine):
+    """vLLM's streaming pattern: DELTA outputs carry only what is new (their concatenation is
+    the cumulative output), FINAL_ONLY yields the last output alone."""
+    base = dict(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def run():
+        cumulative = await _final(engine, PROMPTS[0], SamplingParams(**base), "whole")
+        deltas = [o async for o in engine.generate(PROMPTS[0], SamplingParams(**base, output_kind=RequestOutputKind.DELTA), "delta")]
+        finals = [o async for o in engine.generate(PROMPTS[0], SamplingParams(**base, output_kind=RequestOutputKind.FINAL_ONLY), "final")]
+        return cumulative, deltas, finals
+
+    cumulative, deltas, finals = asyncio.run(run())
+    assert sum(len(o.outputs[0].token_ids) for o in deltas) == 12
+    assert [t for o in deltas for t in o.outputs[0].token_ids] == cumulative.outputs[0].token_ids
+    assert "".join(o.outputs[0].text for o in deltas) == cumulative.outputs[0].text
+    assert deltas[-1].finished and not any(o.finished for o in deltas[:-1])
+    assert len(finals) == 1 and finals[0].outputs[0].token_ids == cumulative.outputs[0].token_ids
+
+
+def test_delta_outputs_waiting_for_a_slow_consumer_are_merged():
+    from pagedllm.engine.outputs import CompletionOutput, RequestOutput
+
+    def delta(tokens, text, finished):
+        completion = CompletionOutput(0, text, tokens, None, None, "length" if finished else None)
+        return RequestOutput("r", None, [1], None, [completion], finished)
+
+    async def run():
+        stream = _RequestStream(aggregate=True)
+        stream.put(delta([5], "a", False))
+        stream.put(delta([6, 7], "bc", True))
+        return await asyncio.wait_for(stream.get(), 1)
+
+    merged = asyncio.run(run())
+    assert merged.outputs[0].token_ids == [5, 6, 7] and merged.outputs[0].text == "abc" and merged.finished
+
+
+def test_logits_processors_are_refused_across_processes(engine):
+    params = SamplingParams(max_tokens=2, logits_processors=[lambda ids, logits: logits])
+    with pytest.raises(ValueError, match="logits_processors"):
+        engine.process_input(PROMPTS[0], params)
 
 
 def test_bad_prompt_raises_and_others_go_on(engine):

@@ -206,3 +206,30 @@ def test_chat_template_content_format_and_lora_request(llm):
     assert llm.chat(messages, params, use_tqdm=False, lora_request=None)
     with pytest.raises(ValueError, match="LoRA is not supported"):
         llm.chat(messages, params, use_tqdm=False, lora_request=object())
+
+
+def test_token_id_lists_are_prompts_and_tokenization_kwargs_reach_the_tokenizer(llm):
+    tokenizer = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    expected = llm.generate([{"prompt_token_ids": i} for i in ids], greedy, use_tqdm=False)
+    [single] = llm.generate(ids[0], greedy, use_tqdm=False)  # one prompt of token ids, as vLLM takes it
+    batch = llm.generate(ids, greedy, use_tqdm=False)
+    assert single.prompt_token_ids == ids[0] and single.outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in batch] == [o.outputs[0].token_ids for o in expected]
+
+    text = "the paged attention model"
+    [truncated] = llm.generate(text, greedy, use_tqdm=False, tokenization_kwargs={"truncation": True, "max_length": 2})
+    assert truncated.prompt_token_ids == tokenizer.encode(text)[:2]
+    with pytest.raises(ValueError, match="tokenization_kwargs"):
+        llm.generate(text, greedy, use_tqdm=False, tokenization_kwargs="truncation")
+
+
+def test_delta_params_still_give_whole_outputs(llm):
+    from pagedllm import RequestOutputKind
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    [delta] = llm.generate(PROMPTS[0], params, use_tqdm=False)
+    [whole] = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert delta.outputs[0].token_ids == whole.outputs[0].token_ids and delta.outputs[0].text == whole.outputs[0].text
+    assert params.output_kind == RequestOutputKind.DELTA  # the caller's object is left alone
