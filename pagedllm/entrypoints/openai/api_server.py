@@ -1,5 +1,6 @@
 """The FastAPI app of `pagedllm serve`: /health, /v1/models, /v1/completions,
-/v1/chat/completions, /metrics; errors in OpenAI's shape; optional bearer-key auth."""
+/v1/chat/completions, /tokenize, /detokenize, /metrics; errors in OpenAI's shape; optional
+bearer-key auth; CORS."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,12 +24,30 @@ import pagedllm
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.core_client import EngineDeadError
 from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
-from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_engine import RequestError, ServingOptions, error_response
+from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CorsOptions:
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
 
 def build_app(
@@ -38,8 +59,11 @@ def build_app(
     options: ServingOptions | None = None,
     disable_fastapi_docs: bool = False,
     root_path: str = "",
+    cors: CorsOptions | None = None,
 ) -> FastAPI:
-    """`root_path`: the prefix a proxy strips (--root-path); routes answer with and without it."""
+    """`root_path`: the prefix a proxy strips (--root-path); routes answer with and without it.
+    `cors`: vLLM's --allowed-origins / --allowed-methods / --allowed-headers / --allow-credentials
+    (every origin by default, as in vLLM)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,9 +74,14 @@ def build_app(
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan, root_path=root_path, **docs)
     completions = OpenAIServingCompletion(engine, served_model_names, options)
     chat = OpenAIServingChat(engine, served_model_names, chat_template, options)
+    tokenization = OpenAIServingTokenization(chat)
 
     if api_key:
         app.add_middleware(_BearerKeyMiddleware, expected=f"Bearer {api_key}".encode())
+    cors = cors or CorsOptions()
+    # Added last, so it runs first: a browser's preflight never needs the key.
+    app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins), allow_methods=list(cors.allowed_methods),
+                       allow_headers=list(cors.allowed_headers), allow_credentials=cors.allow_credentials)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -99,6 +128,14 @@ def build_app(
         root = engine.model_config.model
         max_model_len = engine.model_config.max_model_len
         return ModelList(data=[ModelCard(id=name, root=root, max_model_len=max_model_len) for name in served_model_names])
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        return tokenization.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenization.detokenize(request)
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:

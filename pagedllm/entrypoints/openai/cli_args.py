@@ -5,6 +5,7 @@ subcommand."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ from pagedllm import envs
 from pagedllm.engine.arg_utils import EngineArgs
 
 if TYPE_CHECKING:
+    from pagedllm.entrypoints.openai.api_server import CorsOptions
     from pagedllm.entrypoints.openai.serving_engine import ServingOptions
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help='logprob tokens as "token_id:{id}" (a request\'s return_tokens_as_token_ids overrides it)')
     parser.add_argument("--chat-template-content-format", default="auto", choices=("auto", "string", "openai"),
                         help="message content as one string or as OpenAI's list of parts (auto: what the template reads)")
+    parser.add_argument("--allowed-origins", type=_json_list, default=["*"],
+                        help='CORS origins, a JSON list (default ["*"])')
+    parser.add_argument("--allowed-methods", type=_json_list, default=["*"],
+                        help='CORS methods, a JSON list (default ["*"])')
+    parser.add_argument("--allowed-headers", type=_json_list, default=["*"],
+                        help='CORS headers, a JSON list (default ["*"])')
+    parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     EngineArgs.add_cli_args(parser)
+
+
+def _json_list(value: str) -> list[str]:
+    """vLLM's form of the CORS flags: a JSON list of strings, e.g. '["https://a.example"]'."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+        raise argparse.ArgumentTypeError(f'expected a JSON list of strings, e.g. \'["*"]\', got {value!r}')
+    return parsed
+
+
+def cors_options(args: argparse.Namespace) -> CorsOptions:
+    from pagedllm.entrypoints.openai.api_server import CorsOptions
+
+    return CorsOptions(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),
+                       args.allow_credentials)
 
 
 def serving_options(args: argparse.Namespace) -> ServingOptions:
@@ -139,7 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[metrics])
     try:
         app = build_app(engine, served_model_names, metrics, args.api_key or envs.api_key(), chat_template, options,
-                        disable_fastapi_docs=args.disable_fastapi_docs, root_path=args.root_path)
+                        disable_fastapi_docs=args.disable_fastapi_docs, root_path=args.root_path,
+                        cors=cors_options(args))
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
             access_log=not args.disable_uvicorn_access_log,

@@ -33,9 +33,12 @@ class ModelCard(OpenAIBaseModel):
     id: str
     object: str = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "pagedllm"
+    owned_by: str = "vllm"
+    """vLLM's value, which clients may match on."""
     root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
+    permission: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ModelList(OpenAIBaseModel):
@@ -111,6 +114,9 @@ class SamplingFields(OpenAIBaseModel):
     return_tokens_as_token_ids: bool | None = None
     """Logprob tokens as "token_id:{id}" (None: the server's --return-tokens-as-token-ids)."""
     request_id: str | None = None
+    truncate_prompt_tokens: int | None = None
+    """Keep only the prompt's last k tokens (-1: as many as max_model_len allows)."""
+    prompt_logprobs: int | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -120,7 +126,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    prompt_logprobs: int | None = None
+    add_special_tokens: bool = True
 
 
 class CompletionLogProbs(OpenAIBaseModel):
@@ -177,6 +183,9 @@ class ChatCompletionRequest(SamplingFields):
     """Function definitions, given to the chat template as transformers' `tools` (the reply is
     text: no tool-call parsing)."""
     tool_choice: Any = None
+    add_special_tokens: bool = False
+    """Special tokens (a BOS) added when the templated text is tokenized; vLLM's default is
+    False, since the template writes them."""
 
 
 class ChatTopLogprob(OpenAIBaseModel):
@@ -215,6 +224,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class DeltaMessage(OpenAIBaseModel):
@@ -247,3 +257,34 @@ class CompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    """vLLM's /tokenize body: a prompt, or chat messages put through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    """Default: True for a prompt, False for messages (the template writes them)."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str

@@ -32,6 +32,7 @@ from pagedllm.entrypoints.openai.serving_engine import (
     RequestError,
     ServingOptions,
     error_body,
+    prompt_logprobs_of,
     sse,
     token_text,
     top_entries,
@@ -50,12 +51,18 @@ class OpenAIServingChat(OpenAIServing):
         self.check_stream_options(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true.", param="top_logprobs")
+        if request.continue_final_message and request.add_generation_prompt and (
+                "add_generation_prompt" in request.model_fields_set):
+            raise RequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                               param="continue_final_message")
         request_id = request.request_id or random_id("chatcmpl")
-        prompt_token_ids, prompt_text, mm_data = self._apply_chat_template(request)
+        prompt_token_ids, prompt_text, mm_data = self.apply_chat_template(request)
+        if not mm_data:  # truncating could cut an item's placeholders
+            prompt_token_ids = self.truncate_prompt(prompt_token_ids, request.truncate_prompt_tokens)
         name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), request.max_completion_tokens or request.max_tokens, name)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens, logprobs)
+        params = self.sampling_params(request, max_tokens, logprobs, prompt_logprobs=request.prompt_logprobs)
         prompt: dict[str, Any] = {"prompt": prompt_text, "prompt_token_ids": prompt_token_ids}
         if mm_data:
             prompt["multi_modal_data"] = mm_data
@@ -79,11 +86,12 @@ class OpenAIServingChat(OpenAIServing):
             for completion in final.outputs
         ]
         return ChatCompletionResponse(
-            id=request_id, model=request.model or self.model_name, choices=choices, usage=self.usage([final]),
+            id=request_id, model=self.model_name, choices=choices, usage=self.usage([final]),
             prompt_token_ids=list(final.prompt_token_ids) if request.return_token_ids else None,
+            prompt_logprobs=prompt_logprobs_of(final),
         )
 
-    def _apply_chat_template(self, request: ChatCompletionRequest) -> tuple[list[int], str, dict[str, list[Any]]]:
+    def apply_chat_template(self, request: ChatCompletionRequest) -> tuple[list[int], str, dict[str, list[Any]]]:
         """The templated prompt's token ids and text, and the images (or video) its content
         parts carry, by modality, with the model's placeholders standing for them in the text."""
         if self.tokenizer is None:
@@ -122,8 +130,9 @@ class OpenAIServingChat(OpenAIServing):
             )
         except Exception as error:  # noqa: BLE001 - a template error is the request's fault
             raise RequestError(f"The chat template failed on these messages: {error}", param="messages") from None
-        # The template holds the special tokens (BOS, role markers) itself, as in LLM.chat.
-        return self.encode(text, add_special_tokens=False), text, mm_data
+        # The template holds the special tokens (BOS, role markers) itself, as in LLM.chat, unless
+        # the request asks for add_special_tokens.
+        return self.encode(text, add_special_tokens=request.add_special_tokens), text, mm_data
 
     def _role(self, request: ChatCompletionRequest) -> str:
         """vLLM's: --response-role for a new answer, the last message's role when continuing it."""
@@ -165,7 +174,7 @@ class OpenAIServingChat(OpenAIServing):
     async def _stream(self, request: ChatCompletionRequest, request_id: str, stream: AsyncIterator[RequestOutput],
                       num_prompt_tokens: int) -> AsyncIterator[str]:
         created = int(time.time())
-        model = request.model or self.model_name
+        model = self.model_name
         include_usage = request.stream_options is not None and request.stream_options.include_usage
         # As vLLM: per-chunk usage only together with include_usage.
         continuous_usage = include_usage and request.stream_options is not None and request.stream_options.continuous_usage_stats

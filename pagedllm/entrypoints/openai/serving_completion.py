@@ -17,7 +17,6 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
-    PromptLogprob,
     UsageInfo,
     random_id,
 )
@@ -25,6 +24,7 @@ from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
     RequestError,
     error_body,
+    prompt_logprobs_of,
     sse,
     token_text,
 )
@@ -40,7 +40,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.best_of is not None and request.best_of != request.n:
             raise RequestError(f"best_of must equal n ({request.n}) or be left out, got {request.best_of}.", param="best_of")
         request_id = request.request_id or random_id("cmpl")
-        prompts = self._prompts(request.prompt)
+        prompts = self._prompts(request.prompt, request.add_special_tokens)
         # echo with max_tokens=0 returns the prompt alone (OpenAI's and vLLM's): one token is
         # generated, as vLLM does, and dropped.
         max_tokens_asked = 1 if _echo_only(request) else request.max_tokens
@@ -50,6 +50,7 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_logprobs = request.logprobs
         jobs = []
         for index, prompt in enumerate(prompts):
+            prompt["prompt_token_ids"] = self.truncate_prompt(prompt["prompt_token_ids"], request.truncate_prompt_tokens)
             max_tokens = self.resolve_max_tokens(len(prompt["prompt_token_ids"]), max_tokens_asked)
             params = self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=prompt_logprobs)
             processed = self.process_input(prompt, params)
@@ -62,7 +63,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return JSONResponse({}, status_code=499)
         return self._response(request, request_id, finals)
 
-    def _prompts(self, prompt: Any) -> list[dict[str, Any]]:
+    def _prompts(self, prompt: Any, add_special_tokens: bool) -> list[dict[str, Any]]:
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
         elif prompt and all(isinstance(t, int) for t in prompt):
@@ -74,7 +75,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = []
         for item in items:
             if isinstance(item, str):
-                prompts.append({"prompt": item, "prompt_token_ids": self.encode(item)})
+                prompts.append({"prompt": item, "prompt_token_ids": self.encode(item, add_special_tokens)})
             else:
                 prompts.append({"prompt_token_ids": list(item)})
         return prompts
@@ -100,9 +101,9 @@ class OpenAIServingCompletion(OpenAIServing):
                     stop_reason=part.stop_reason,
                     token_ids=part.generated_ids if request.return_token_ids else None,
                     prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids else None,
-                    prompt_logprobs=_prompt_logprobs(output),
+                    prompt_logprobs=prompt_logprobs_of(output),
                 ))
-        return CompletionResponse(id=request_id, model=request.model or self.model_name, choices=choices,
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                   usage=self.usage(finals, not _echo_only(request)))
 
     def _part(self, request: CompletionRequest, output: RequestOutput, completion: CompletionOutput,
@@ -153,7 +154,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _stream(self, request: CompletionRequest, request_id: str, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         created = int(time.time())
-        model = request.model or self.model_name
+        model = self.model_name
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         text_offsets: dict[int, int] = {}
@@ -194,7 +195,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         finish_reason=part.finish_reason, stop_reason=part.stop_reason,
                         token_ids=part.generated_ids if request.return_token_ids else None,
                         prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids and first else None,
-                        prompt_logprobs=_prompt_logprobs(output) if first else None,
+                        prompt_logprobs=prompt_logprobs_of(output) if first else None,
                     )))
                 for usage, choice in choices:
                     yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage))
@@ -230,16 +231,3 @@ def _echo_only(request: CompletionRequest) -> bool:
 def _finite(logprob: float) -> float:
     # JSON has no -inf; vLLM sends -9999.0 for it.
     return max(logprob, -9999.0)
-
-
-def _prompt_logprobs(output: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
-    """vLLM's shape: per prompt token (None for the first), token id -> its Logprob."""
-    if output.prompt_logprobs is None:
-        return None
-    return [
-        None if row is None else {
-            str(token_id): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
-            for token_id, lp in row.items()
-        }
-        for row in output.prompt_logprobs
-    ]

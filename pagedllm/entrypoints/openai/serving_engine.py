@@ -18,6 +18,7 @@ from pagedllm.engine.sampling_params import SamplingParams, StructuredOutputsPar
 from pagedllm.entrypoints.openai.protocol import (
     ErrorInfo,
     ErrorResponse,
+    PromptLogprob,
     PromptTokenUsageInfo,
     SamplingFields,
     UsageInfo,
@@ -124,6 +125,22 @@ class OpenAIServing:
         if self.tokenizer is None:
             raise RequestError("The server runs with --skip-tokenizer-init: send prompts as token ids.", param="prompt")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def truncate_prompt(self, token_ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: max_model_len - 1)."""
+        if truncate_prompt_tokens is None:
+            return token_ids
+        if truncate_prompt_tokens == -1:
+            keep = self.max_model_len - 1
+        elif 1 <= truncate_prompt_tokens < self.max_model_len:
+            keep = truncate_prompt_tokens
+        else:
+            raise RequestError(
+                f"truncate_prompt_tokens={truncate_prompt_tokens} must be -1 (as many as fit) or between 1 and "
+                f"{self.max_model_len - 1} (max_model_len {self.max_model_len} less one output token).",
+                param="truncate_prompt_tokens",
+            )
+        return token_ids[-keep:]
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, name: str = "max_tokens") -> int:
         """max_tokens, capped as vLLM caps it by the model's generation_config max_new_tokens,
@@ -250,3 +267,16 @@ def token_text(token_id: int, logprob: Any, as_token_id: bool = False) -> str:
     if as_token_id or logprob.decoded_token is None:
         return f"token_id:{token_id}"
     return logprob.decoded_token
+
+
+def prompt_logprobs_of(output: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
+    """vLLM's shape: per prompt token (None for the first), token id -> its Logprob."""
+    if output.prompt_logprobs is None:
+        return None
+    return [
+        None if row is None else {
+            str(token_id): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+            for token_id, lp in row.items()
+        }
+        for row in output.prompt_logprobs
+    ]

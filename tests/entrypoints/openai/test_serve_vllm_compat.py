@@ -2,7 +2,8 @@
 (request logging, --root-path, --disable-fastapi-docs, --response-role,
 --enable-prompt-tokens-details, --return-tokens-as-token-ids, --chat-template-content-format),
 stream_options checks and continuous usage, completions' logprobs (the sampled token plus the
-top k), echo with logprobs over the prompt, and echo with max_tokens=0."""
+top k), echo with logprobs over the prompt, echo with max_tokens=0, /tokenize and /detokenize,
+CORS, truncate_prompt_tokens, chat prompt_logprobs, and the continue_final_message check."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ FLAGS = [
     "--enable-log-requests", "--max-log-len", "7", "--disable-frontend-multiprocessing",
     "--disable-fastapi-docs", "--root-path", "/api", "--response-role", "bot", "--enable-prompt-tokens-details",
     "--return-tokens-as-token-ids", "--chat-template-content-format", "auto",
+    "--allowed-origins", '["https://a.example"]',
 ]
 
 
@@ -218,3 +220,57 @@ def test_echo_with_max_tokens_0_returns_the_prompt_only(server):
     # Without echo, max_tokens=0 stays an error.
     response = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0})
     assert response.status_code == 400 and "max_tokens" in response.json()["error"]["message"]
+
+
+def test_tokenize_and_detokenize(server, serve_model_dir, chat_template_file):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(serve_model_dir)
+    # As in vLLM, these two routes sit outside /v1 and need no key.
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+    assert tokens["tokens"] == tokenizer.encode(PROMPT) and tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] > 0 and tokens["token_strs"] == tokenizer.convert_ids_to_tokens(tokens["tokens"])
+    templated = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}).json()
+    expected = tokenizer.apply_chat_template(MESSAGES, chat_template=chat_template_file.read_text(),
+                                             add_generation_prompt=True, tokenize=False)
+    assert templated["tokens"] == tokenizer.encode(expected, add_special_tokens=False)
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == tokenizer.decode(tokens["tokens"])
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [10**9]}).status_code == 400
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "a", "model": "nope"}).status_code == 404
+
+
+def test_cors_answers_allowed_origins_only(server):
+    preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}
+    response = httpx.options(server.url + "/v1/completions", headers=preflight)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://a.example"
+    other = httpx.get(server.url + "/v1/models", headers={**HEADERS, "Origin": "https://b.example"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+
+
+def test_truncate_prompt_tokens_and_chat_prompt_logprobs(server, client):
+    long_prompt = " ".join([PROMPT] * 10)
+    truncated = client.completions.create(model=MODEL_NAME, prompt=long_prompt, max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 5})
+    assert truncated.usage.prompt_tokens == 5
+    assert _post(server, "/v1/completions", {"prompt": PROMPT, "truncate_prompt_tokens": 0}).status_code == 400
+    body = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "prompt_logprobs": 1}).json()
+    rows = body["prompt_logprobs"]
+    assert len(rows) == body["usage"]["prompt_tokens"] and rows[0] is None
+    assert all(1 <= len(row) <= 2 for row in rows[1:])
+
+
+def test_continue_final_message_with_add_generation_prompt_is_a_400(server):
+    messages = [*MESSAGES, {"role": "assistant", "content": "The answer"}]
+    both = _post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 2, "continue_final_message": True,
+                                                   "add_generation_prompt": True})
+    assert both.status_code == 400
+    assert "Cannot set both `continue_final_message` and `add_generation_prompt` to True." in both.json()["error"]["message"]
+    alone = _post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 2, "continue_final_message": True})
+    assert alone.status_code == 200
+
+
+def test_model_cards_carry_vllms_fields(server):
+    card = httpx.get(server.url + "/v1/models", headers=HEADERS).json()["data"][0]
+    assert card["owned_by"] == "vllm" and card["permission"] == [] and "parent" in card
