@@ -67,6 +67,14 @@ def test_video_matches_transformers(family_llm):
     _assert_greedy_equals_transformers(family_llm, f"watch {VIDEO_PLACEHOLDER} now", {"video": frames})
 
 
+@pytest.mark.parametrize("prompt", [f"watch {VIDEO_PLACEHOLDER} now", VIDEO_PLACEHOLDER])
+def test_a_video_longer_than_the_text_after_it_matches_transformers(family_llm, prompt):
+    """Eight small frames: the video's time positions run past the positions of the text that
+    follows it, so decoding must continue from the last prompt token, not from the largest."""
+    frames = [random_image(56, 56, seed=40 + i) for i in range(8)]
+    _assert_greedy_equals_transformers(family_llm, prompt, {"video": frames})
+
+
 def test_batch_mixing_text_and_images_gives_each_alone(family_llm):
     _, llm = family_llm
     prompts = [

@@ -109,7 +109,9 @@ class Qwen2VLProcessorAdapter(MultiModalProcessorAdapter):
     def mrope_positions(self, token_ids: list[int], features: list[MultiModalFeature]) -> tuple[np.ndarray, int]:
         """transformers' get_rope_index for one prompt: text tokens count up in all three rows;
         an item's tokens take (t, h, w) grid coordinates offset by the position before it,
-        and the text after it resumes at that position + max(h, w)."""
+        and the text after it resumes at that position + max(h, w). Decoding continues one
+        past the last prompt token, as transformers' generate does (it steps the last column):
+        a video whose scaled time positions run past the text after it does not move it."""
         rows: list[np.ndarray] = []
         cursor, position = 0, 0
         for feature in sorted(features, key=lambda f: f.placeholder.offset):
@@ -130,7 +132,7 @@ class Qwen2VLProcessorAdapter(MultiModalProcessorAdapter):
         if cursor < len(token_ids):
             rows.append(np.broadcast_to(np.arange(len(token_ids) - cursor) + position, (3, len(token_ids) - cursor)))
         positions = np.ascontiguousarray(np.concatenate(rows, axis=1), dtype=np.int64)
-        return positions, int(positions.max()) + 1 - len(token_ids)
+        return positions, int(positions[:, -1].max()) + 1 - len(token_ids)
 
 
 class Qwen2_5_VLProcessorAdapter(Qwen2VLProcessorAdapter):
