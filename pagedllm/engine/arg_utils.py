@@ -62,8 +62,34 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg})") from None
 
 
+# vLLM's human-readable lengths: lower-case suffixes are powers of 1000, upper-case of 1024.
+_DECIMAL_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+_BINARY_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
 def _max_model_len_value(text: str) -> int | str:
-    return "auto" if text.strip().lower() == "auto" else int(text)
+    """'auto', -1, an integer, or vLLM's human-readable form: '32k' (32,000), '32K' (32,768),
+    '25.6k' (25,600)."""
+    text = text.strip()
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    suffix, number = text[-1:], text[:-1]
+    try:
+        if suffix in _BINARY_SUFFIXES:
+            return int(number) * _BINARY_SUFFIXES[suffix]
+        if suffix in _DECIMAL_SUFFIXES:
+            value = float(number) * _DECIMAL_SUFFIXES[suffix]
+            if value == int(value):
+                return int(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a length: give an integer, 'auto', or a number with k/m/g (x1000) or K/M/G (x1024), e.g. 32k"
+    )
 
 
 def _mm_limits_value(text: str) -> Any:

@@ -21,7 +21,6 @@ from pagedllm.config import (
     EngineConfig,
     LoadConfig,
     ModelConfig,
-    MultiModalConfig,
     ParallelConfig,
     SchedulerConfig,
 )
@@ -32,6 +31,7 @@ from pagedllm.engine.hf_config import (
     read_hf_config,
     resolve_dtype,
 )
+from pagedllm.engine.multimodal_config_builder import build_multimodal_config
 from pagedllm.engine.tensor_parallel_split import check_tensor_parallel_split
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
     from pagedllm.layers.quantization import resolve_quantization
 
     quantization = resolve_quantization(args["quantization"], hf_config)
-    multimodal_config = _build_multimodal_config(args, hf_config)
+    multimodal_config = build_multimodal_config(args, hf_config)
     tokenizer = resolved.model_path
     return ModelConfig(
         model=model,
@@ -193,54 +193,6 @@ def _build_model_config(model: str, resolved: Any, hf_config: PretrainedConfig, 
         override_generation_config=args["override_generation_config"],
         multimodal_config=multimodal_config,
     )
-
-
-def _build_multimodal_config(args: dict[str, Any], hf_config: PretrainedConfig) -> MultiModalConfig | None:
-    from pagedllm.multimodal.registry import modalities_of
-
-    architecture = (getattr(hf_config, "architectures", None) or [""])[0]
-    modalities = modalities_of(architecture)
-    limits, kwargs = args["limit_mm_per_prompt"], args["mm_processor_kwargs"]
-    if not modalities:
-        if limits or kwargs:
-            name = "limit_mm_per_prompt" if limits else "mm_processor_kwargs"
-            raise ValueError(f"{name} was given, but {architecture or 'the model'} is not a multi-modal model; drop {name}.")
-        return None
-    limits = dict(limits or {})
-    for modality, limit in limits.items():
-        if modality not in modalities:
-            raise ValueError(
-                f"limit_mm_per_prompt has modality {modality!r}, which {architecture} does not take; "
-                f"use {', '.join(modalities)}."
-            )
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be an integer >= 0 (0 turns it off), got {limit!r}.")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"mm_processor_kwargs must be a dict, e.g. {{'max_pixels': 602112}}, got {kwargs!r}.")
-    config = MultiModalConfig(
-        modalities=modalities,
-        limit_per_prompt=limits,
-        mm_processor_kwargs=dict(kwargs or {}),
-        input_cache_bytes=_mm_input_cache_bytes(args["mm_processor_cache_gb"]),
-    )
-    logger.info(
-        "Multi-modal %s: items per prompt %s%s, processor kwargs %s, input cache %.1f GiB.",
-        architecture, {m: config.limit_of(m) for m in modalities},
-        " (text only: the vision tower is not loaded)" if config.is_text_only else "",
-        config.mm_processor_kwargs, config.input_cache_bytes / (1 << 30),
-    )
-    return config
-
-
-def _mm_input_cache_bytes(cache_gib: Any) -> int:
-    """mm_processor_cache_gb when given, else the env var (which defaults to 4 GiB)."""
-    if cache_gib is None:
-        return envs.mm_input_cache_bytes()
-    if isinstance(cache_gib, bool) or not isinstance(cache_gib, (int, float)) or cache_gib < 0:
-        raise ValueError(
-            f"mm_processor_cache_gb must be a number of GiB >= 0 (e.g. 4; 0 turns the cache off), got {cache_gib!r}."
-        )
-    return int(cache_gib * (1 << 30))
 
 
 def _build_scheduler_config(args: dict[str, Any], max_model_len: int, device: torch.device) -> SchedulerConfig:

@@ -47,3 +47,15 @@ def test_cpu_kv_cache_space_env_and_vllm_alias(bf16_checkpoint, monkeypatch):
     monkeypatch.setenv("PAGEDLLM_CPU_KVCACHE_SPACE", "1")
     config = EngineArgs.from_kwargs(str(bf16_checkpoint), load_format="dummy", device="cpu").create_engine_config()
     assert config.cache_config.cpu_kv_cache_bytes == 1 << 30
+
+
+def test_max_model_len_takes_vllms_human_readable_lengths():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    for text, expected in [("1k", 1000), ("1K", 1024), ("25.6k", 25600), ("32K", 32768), ("-1", -1), ("auto", "auto"),
+                           ("4096", 4096)]:
+        assert parser.parse_args(["--max-model-len", text]).max_model_len == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-model-len", "1.5K"])

@@ -193,12 +193,24 @@ def test_profiling_encodes_the_largest_allowed_items(tiny_vl_checkpoints):
     assert profiled_rows(limit_mm_per_prompt={"image": 0, "video": 0}) == []
 
 
-def test_limits_are_validated_at_start_up(tiny_vl_checkpoints):
+def test_limits_are_validated_at_start_up(tiny_vl_checkpoints, caplog):
     path = str(tiny_vl_checkpoints["qwen2_vl"])
-    with pytest.raises(ValueError, match="limit_mm_per_prompt has modality 'audio'"):
-        LLM(path, limit_mm_per_prompt={"audio": 1})
     with pytest.raises(ValueError, match=r"limit_mm_per_prompt\['image'\] must be an integer >= 0"):
         LLM(path, limit_mm_per_prompt={"image": -1})
+    with pytest.raises(ValueError, match="needs a 'count'"):
+        LLM(path, limit_mm_per_prompt={"image": {"width": 64}})
+    # vLLM's forms: {"count": n} (with its dummy-size keys), and a limit for a modality the model
+    # lacks, which is ignored with a warning.
+    with caplog.at_level("WARNING"):
+        engine = LLM(path, dtype="float32", max_model_len=256,
+                     limit_mm_per_prompt={"image": {"count": 1, "width": 64, "height": 64}, "audio": 0})
+    assert "limit_mm_per_prompt['audio'] is ignored" in caplog.text
+    config = engine.llm_engine.model_config.multimodal_config
+    assert config.limit_of("image") == 1 and "audio" not in config.limit_per_prompt
+    with pytest.raises(ValueError, match="at most 1 image"):
+        engine.generate({"prompt": f"{IMAGE_PLACEHOLDER}{IMAGE_PLACEHOLDER}",
+                         "multi_modal_data": {"image": [random_image(28, 28, 0)] * 2}}, GREEDY, use_tqdm=False)
+    engine.shutdown()
 
 
 def test_text_model_rejects_multi_modal_data(tiny_checkpoints):
