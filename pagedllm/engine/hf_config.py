@@ -4,6 +4,8 @@ config itself with `hf_overrides` applied, its dtype and context length, and vLL
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any
 
@@ -11,6 +13,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedllm.config import text_config_of
+
+logger = logging.getLogger(__name__)
 
 _STR_TO_DTYPE = {
     "float32": torch.float32,
@@ -139,4 +143,40 @@ def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bo
     native = read_remote_code_config(config_path)
     if native is not None:
         return native
-    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
+    _adopt_quantization_config(config, model_path)
+    return config
+
+
+# Quantization configs older tools wrote beside config.json, and the method each one means.
+_QUANTIZATION_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
+
+
+def _adopt_quantization_config(config: PretrainedConfig, model_path: str) -> None:
+    """Where vLLM also finds a checkpoint's quantization config when config.json has no
+    quantization_config: the older `compression_config` key (compressed-tensors), the text
+    config's (multi-modal wrappers), and AutoGPTQ's quantize_config.json or AutoAWQ's
+    quant_config.json. It becomes config.quantization_config, so that every reader sees it."""
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    found = getattr(config, "compression_config", None)
+    if found is not None:
+        found = dict(found) if isinstance(found, dict) else found.to_dict()
+        if found.get("quant_method") in (None, "", "sparseml"):  # what older llm-compressor wrote
+            found["quant_method"] = "compressed-tensors"
+    text_config = getattr(config, "text_config", None)
+    if found is None and text_config is not None:
+        found = getattr(text_config, "quantization_config", None)
+    if found is None:
+        for file_name, method in _QUANTIZATION_FILES:
+            path = os.path.join(model_path, file_name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as file:
+                    data = json.load(file)
+                if "w_bit" in data:  # AutoAWQ's keys, under either file name
+                    method = "awq"
+                found = {"quant_method": method, **data}
+                logger.info("Quantization config read from %s.", file_name)
+                break
+    if found is not None:
+        config.quantization_config = found if isinstance(found, dict) else found.to_dict()

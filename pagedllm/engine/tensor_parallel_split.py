@@ -46,8 +46,8 @@ def check_tensor_parallel_split(hf_config: PretrainedConfig, tp_size: int) -> No
             # Fewer KV heads than ranks is fine when each head is replicated a whole number of times.
             return (f"num_key_value_heads ({num_kv_heads}) of {architecture} and tensor_parallel_size ({size}) "
                     "do not divide one another")
-        if units is None:
-            return None
+        if units is None or size == 1:
+            return None  # one rank holds whole layers: a last partial group is its own
         for name, value in row_inputs.items():
             if (value // size) % units.input_unit:
                 return (f"{name}'s input ({value}) split over tensor_parallel_size={size} gives {value // size} "

@@ -60,3 +60,11 @@ def test_block_fp8_needs_whole_blocks_on_both_sides():
     narrow_blocks = {**block, "weight_block_size": [256, 128]}
     with pytest.raises(ValueError, match=r"q_proj's output \(512\).*128 columns per rank.*weight_block_size \(256\)"):
         check_tensor_parallel_split(_config(narrow_blocks, hidden_size=512, intermediate_size=1024), 4)
+
+
+def test_one_rank_is_always_proposed_even_with_a_partial_last_group():
+    # 192 rows in groups of 128: one rank holds the partial group whole, two would split it.
+    config = _config({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+                     intermediate_size=192)
+    with pytest.raises(ValueError, match=r"use tensor_parallel_size in \[1\]"):
+        check_tensor_parallel_split(config, 2)

@@ -34,6 +34,7 @@ from pagedllm.layers.quantization.int_group_linear import (
     dummy_g_idx,
     input_groups,
     is_layer_excluded,
+    is_layer_named,
     make_g_idx_param,
     make_param,
 )
@@ -54,6 +55,9 @@ class GPTQConfig(QuantizationConfig):
     modules_to_not_convert: tuple[str, ...] = ()
     # GPTQModel's per-module overrides: regex -> {} ("-:" prefix: leave unquantized).
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # GPTQModel / AutoRound: the block's layers that are quantized (names within a decoder
+    # layer, e.g. "self_attn.q_proj"); the others hold plain weights. Empty: all of them.
+    modules_in_block_to_quantize: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "GPTQ bits")
@@ -98,6 +102,7 @@ class GPTQConfig(QuantizationConfig):
             checkpoint_format=str(config.get("checkpoint_format") or config.get("format") or "gptq").lower(),
             modules_to_not_convert=tuple(config.get("modules_to_not_convert") or ()),
             dynamic=dict(config.get("dynamic") or {}),
+            modules_in_block_to_quantize=_flat_names(config.get("modules_in_block_to_quantize")),
         )
 
     def _dynamic_override(self, prefix: str) -> dict[str, Any] | None:
@@ -114,6 +119,9 @@ class GPTQConfig(QuantizationConfig):
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
         if is_layer_excluded(prefix, self.modules_to_not_convert):
             return UnquantizedLinearMethod()
+        if self.modules_in_block_to_quantize and not is_layer_named(
+                prefix, self.modules_in_block_to_quantize, "(modules_in_block_to_quantize) quantizes"):
+            return UnquantizedLinearMethod()
         override = self._dynamic_override(prefix)
         if override is None:
             return UnquantizedLinearMethod()
@@ -122,6 +130,13 @@ class GPTQConfig(QuantizationConfig):
             known = {"bits": "weight_bits", "group_size": "group_size", "desc_act": "desc_act", "sym": "sym"}
             config = replace(self, **{known[k]: v for k, v in override.items() if k in known})
         return GPTQLinearMethod(config)
+
+
+def _flat_names(groups: Any) -> tuple[str, ...]:
+    """modules_in_block_to_quantize as written: a list of names, or of lists of them."""
+    if not groups:
+        return ()
+    return tuple(name for group in groups for name in ([group] if isinstance(group, str) else group))
 
 
 class GPTQLinearMethod(IntGroupLinearMethod):

@@ -47,6 +47,12 @@ def _names_module(name: str, pattern: str) -> bool:
 def is_layer_excluded(prefix: str, patterns: list[str] | tuple[str, ...]) -> bool:
     """Whether the layer `prefix` (or every checkpoint part of a fused one) is named by one of
     `patterns` (module names or dotted parts of them, as AWQ and GPTQ tools write them)."""
+    return is_layer_named(prefix, patterns, "excludes")
+
+
+def is_layer_named(prefix: str, patterns: list[str] | tuple[str, ...], verb: str) -> bool:
+    """is_layer_excluded for any list of names; `verb` says what the list does, for the error
+    when it names only some parts of a fused layer."""
     if not patterns:
         return False
     head, _, last = prefix.rpartition(".")
@@ -54,9 +60,9 @@ def is_layer_excluded(prefix: str, patterns: list[str] | tuple[str, ...]) -> boo
     matched = [any(_names_module(name, pattern) for pattern in patterns) for name in names]
     if any(matched) and not all(matched):
         raise ValueError(
-            f"The quantization config excludes only some parts of the fused layer {prefix} "
+            f"The quantization config {verb} only some parts of the fused layer {prefix} "
             f"({', '.join(n for n, m in zip(names, matched) if m)}); pagedllm fuses them into "
-            "one matrix, so exclude all of them or none."
+            "one matrix, so the checkpoint must treat all of them alike."
         )
     return all(matched)
 

@@ -35,21 +35,54 @@ def test_gptq_checkpoint_matches_dequantized_transformers(source, tmp_path, vari
 
 def test_modules_to_not_convert_leaves_layers_in_full_precision(source, tmp_path):
     """A checkpoint that keeps the MLP unquantized: the loader expects plain weights there."""
+    reference = write_quantized_checkpoint(source, tmp_path / "gptq", "gptq", bits=4)
+    config = _keep_mlp_unquantized(tmp_path / "gptq", reference)
+    config["quantization_config"]["modules_to_not_convert"] = ["mlp"]
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
+    assert_engine_matches_reference(tmp_path / "gptq", reference)
+
+
+def _keep_mlp_unquantized(folder, reference) -> dict:
+    """The checkpoint's MLP as plain weights; returns its config.json, to be edited."""
     from safetensors.torch import load_file, save_file
 
-    reference = write_quantized_checkpoint(source, tmp_path / "gptq", "gptq", bits=4)
-    state = load_file(str(tmp_path / "gptq" / "model.safetensors"))
+    state = load_file(str(folder / "model.safetensors"))
     for key in [k for k in state if ".mlp." in k]:
         del state[key]
     for name, tensor in reference.state_dict().items():
         if ".mlp." in name:
             state[name] = tensor.contiguous()
-    save_file(state, str(tmp_path / "gptq" / "model.safetensors"))
-    config_path = tmp_path / "gptq" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"]["modules_to_not_convert"] = ["mlp"]
-    config_path.write_text(json.dumps(config))
-    assert_engine_matches_reference(tmp_path / "gptq", reference)
+    save_file(state, str(folder / "model.safetensors"))
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_modules_in_block_to_quantize_leaves_the_others_in_full_precision(source, tmp_path):
+    """GPTQModel's and AutoRound's list of the block's quantized layers (here attention only)."""
+    folder = tmp_path / "gptq"
+    reference = write_quantized_checkpoint(source, folder, "gptq", bits=4)
+    config = _keep_mlp_unquantized(folder, reference)
+    config["quantization_config"]["modules_in_block_to_quantize"] = [
+        ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.o_proj"]]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_engine_matches_reference(folder, reference)
+    # A fused layer listed in part cannot be loaded as one matrix.
+    config["quantization_config"]["modules_in_block_to_quantize"] = [["self_attn.q_proj"], ["self_attn.o_proj"]]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="only some parts of the fused layer"):
+        LLM(str(folder), skip_tokenizer_init=True, dtype="float32")
+
+
+@pytest.mark.parametrize("file_name, method", [("quantize_config.json", "gptq"), ("quant_config.json", "awq")])
+def test_a_quantization_config_beside_config_json_is_read(source, tmp_path, file_name, method):
+    """Older AutoGPTQ and AutoAWQ checkpoints keep their config in a file of its own."""
+    folder = tmp_path / method
+    reference = write_quantized_checkpoint(source, folder, method, bits=4)
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config.pop("quantization_config")
+    quantization.pop("quant_method")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / file_name).write_text(json.dumps(quantization))
+    assert_engine_matches_reference(folder, reference)
 
 
 def test_quantization_option_contradicting_checkpoint_is_a_value_error(source, tmp_path):
