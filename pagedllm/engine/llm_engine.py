@@ -45,7 +45,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.structured_output_manager,
                                               sampler_process)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.stats = EngineStats()
+        self.stats = EngineStats(self.config.model_config.max_model_len)
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -101,6 +101,7 @@ class LLMEngine:
         child_ids = self.output_processor.add_request(
             request_id, processed.prompt, processed.prompt_token_ids, child_params, arrival_time
         )
+        self.stats.record_added(request_id, params.n, params.max_tokens)
         for child_id, child_param in zip(child_ids, child_params):
             self.engine_core.add_request(self.frontend.make_request(child_id, processed, child_param, arrival_time))
 
@@ -108,6 +109,7 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for request_id in ids:
             child_ids = self.output_processor.abort_request(request_id)
+            self.stats.forget(request_id, child_ids)
             self.engine_core.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
@@ -135,11 +137,13 @@ class LLMEngine:
         """Runs one scheduler step; returns the outputs of requests that changed (only the
         finished ones with return_unfinished=False, which saves building the others)."""
         core_outputs = self.engine_core.step()
+        self.stats.record_step(core_outputs)
         processed = self.output_processor.process_outputs(core_outputs, return_unfinished)
         if processed.stopped_by_string:
             self.engine_core.finish_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
         if processed.failed:
             self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+        self.stats.forget(None, processed.stopped_by_string + processed.failed)
         for output in processed.outputs:
             if output.finished:
                 self.stats.record_finished(output)

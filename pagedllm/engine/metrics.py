@@ -4,13 +4,14 @@ Counter, Gauge, Histogram, Vector) with vLLM's metric names, so code reading the
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagedllm.engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
-    from pagedllm.engine.scheduler import Scheduler
+    from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
 
 # Seconds; vLLM's buckets for request latencies.
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -46,11 +47,25 @@ class Histogram(Metric):
     """Upper bound ("+Inf" last) -> cumulative count of observations at or below it."""
 
 
+def _one_two_five_buckets(largest: int) -> tuple[int, ...]:
+    """vLLM's buckets for counts: 1, 2, 5, 10, 20, 50, ... up to `largest`."""
+    bounds, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > largest:
+                return tuple(bounds)
+            bounds.append(step * scale)
+        scale *= 10
+
+
 @dataclass
 class _Histogram:
     bounds: tuple[float, ...] = _LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BUCKETS) + 1))
+    counts: list[int] = field(default_factory=list)
     total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float | None) -> None:
         if value is None:
@@ -66,30 +81,75 @@ class _Histogram:
         return Histogram(name=name, labels={}, count=running, sum=self.total, buckets=cumulative)
 
 
-@dataclass
 class EngineStats:
-    """Counts since start-up, updated from finished RequestOutputs."""
+    """Counts since start-up, updated from each step's outputs and from finished requests."""
 
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    finished_by_reason: dict[str, int] = field(default_factory=dict)
-    time_to_first_token: _Histogram = field(default_factory=_Histogram)
-    e2e_latency: _Histogram = field(default_factory=_Histogram)
-    queue_time: _Histogram = field(default_factory=_Histogram)
-    prefill_time: _Histogram = field(default_factory=_Histogram)
+    def __init__(self, max_model_len: int) -> None:
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished_by_reason: dict[str, int] = {}
+        self.time_to_first_token = _Histogram()
+        self.e2e_latency = _Histogram()
+        self.queue_time = _Histogram()
+        self.prefill_time = _Histogram()
+        self.decode_time = _Histogram()
+        self.inference_time = _Histogram()
+        self.inter_token_latency = _Histogram()
+        token_buckets = _one_two_five_buckets(max_model_len)
+        self.request_prompt_tokens = _Histogram(token_buckets)
+        self.request_generation_tokens = _Histogram(token_buckets)
+        self.request_max_tokens = _Histogram(token_buckets)
+        self.request_n = _Histogram((1, 2, 5, 10, 20))
+        self._params: dict[str, tuple[int, int | None]] = {}
+        """Per running request id: its n and max_tokens."""
+        self._last_token_time: dict[str, float] = {}
+        """Per running child id: when its last token came (monotonic seconds)."""
+
+    def record_added(self, request_id: str, n: int, max_tokens: int | None) -> None:
+        self._params[request_id] = (n, max_tokens)
+
+    def record_step(self, core_outputs: list[EngineCoreOutput]) -> None:
+        """Inter-token latencies: per child, the time between the steps that gave it tokens."""
+        now = time.monotonic()
+        for output in core_outputs:
+            if output.new_token_ids:
+                last = self._last_token_time.get(output.request_id)
+                if last is not None:
+                    self.inter_token_latency.observe(now - last)
+                self._last_token_time[output.request_id] = now
+            if output.finish_reason is not None:
+                self._last_token_time.pop(output.request_id, None)
+
+    def forget(self, request_id: str | None, child_ids: list[str]) -> None:
+        """An aborted request, or children the front end finished (a stop string, a failure)."""
+        if request_id is not None:
+            self._params.pop(request_id, None)
+        for child_id in child_ids:
+            self._last_token_time.pop(child_id, None)
 
     def record_finished(self, output: RequestOutput) -> None:
         self.prompt_tokens += len(output.prompt_token_ids)
         for completion in output.outputs:
-            self.generation_tokens += len(completion.token_ids)
             reason = completion.finish_reason or "abort"
             self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         metrics = output.metrics
+        # The metrics count every token, also those of earlier DELTA outputs.
+        generated = metrics.num_generation_tokens if metrics is not None else sum(
+            len(c.token_ids) for c in output.outputs)
+        self.generation_tokens += generated
+        self.request_prompt_tokens.observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.observe(generated)
+        n, max_tokens = self._params.pop(output.request_id, (len(output.outputs), None))
+        self.request_n.observe(n)
+        self.request_max_tokens.observe(max_tokens)
         if metrics is not None:
             self.time_to_first_token.observe(metrics.first_token_latency)
             self.e2e_latency.observe(metrics.e2e_latency)
             self.queue_time.observe(metrics.time_in_queue)
             self.prefill_time.observe(metrics.prefill_time)
+            self.decode_time.observe(metrics.decode_time)
+            if metrics.finished_time is not None and metrics.first_scheduled_time is not None:
+                self.inference_time.observe(metrics.finished_time - metrics.first_scheduled_time)
 
     def snapshot(self, scheduler: Scheduler) -> list[Metric]:
         kv = scheduler.kv_cache_manager
@@ -111,5 +171,12 @@ class EngineStats:
             self.e2e_latency.to_metric("vllm:e2e_request_latency_seconds"),
             self.queue_time.to_metric("vllm:request_queue_time_seconds"),
             self.prefill_time.to_metric("vllm:request_prefill_time_seconds"),
+            self.decode_time.to_metric("vllm:request_decode_time_seconds"),
+            self.inference_time.to_metric("vllm:request_inference_time_seconds"),
+            self.inter_token_latency.to_metric("vllm:inter_token_latency_seconds"),
+            self.request_prompt_tokens.to_metric("vllm:request_prompt_tokens"),
+            self.request_generation_tokens.to_metric("vllm:request_generation_tokens"),
+            self.request_n.to_metric("vllm:request_params_n"),
+            self.request_max_tokens.to_metric("vllm:request_params_max_tokens"),
         ]
         return metrics

@@ -139,6 +139,19 @@ def test_get_metrics_counts_requests_and_tokens(llm):
     ttft = after[("vllm:time_to_first_token_seconds", ())]
     assert isinstance(ttft, Histogram) and ttft.count >= 2 and ttft.buckets["+Inf"] == ttft.count
 
+    def grew(name):
+        new, old = after[(name, ())], before[(name, ())]
+        return new.count - old.count, new.sum - old.sum, new.buckets["+Inf"] - old.buckets["+Inf"]
+
+    # Per request, as vLLM's own engine-metrics test reads them: two prompts of 4 tokens each.
+    assert grew("vllm:request_generation_tokens") == (2, 8, 2)
+    assert grew("vllm:request_prompt_tokens") == (2, sum(map(len, PROMPTS)), 2)
+    assert grew("vllm:request_params_n") == (2, 2, 2)
+    assert grew("vllm:request_params_max_tokens") == (2, 8, 2)
+    assert grew("vllm:inter_token_latency_seconds")[0] == 2 * 3  # between each request's 4 tokens
+    for name in ("vllm:request_decode_time_seconds", "vllm:request_inference_time_seconds"):
+        assert grew(name)[0] == 2
+
 
 def test_profile_writes_a_trace_and_needs_the_directory(llm, tmp_path, monkeypatch):
     monkeypatch.delenv("PAGEDLLM_TORCH_PROFILER_DIR", raising=False)
