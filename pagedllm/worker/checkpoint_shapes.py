@@ -5,10 +5,13 @@ load_format='dummy') from config.json's sizes. For `pagedllm plan`."""
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,43 @@ def _gguf_tensors(gguf_file: str) -> list[CheckpointTensor]:
 
 def config_tensors(config: EngineConfig) -> list[CheckpointTensor]:
     """The decoder's parameters from config.json (Llama layout; Qwen2's q/k/v biases and
-    Qwen3's q/k norms): for load_format='dummy' and checkpoints without readable headers."""
+    Qwen3's q/k norms), and a multi-modal model's vision tower: for load_format='dummy' and
+    checkpoints without readable headers."""
+    return _decoder_tensors(config) + _vision_tensors(config)
+
+
+def _vision_tensors(config: EngineConfig) -> list[CheckpointTensor]:
+    """The vision tower and projector of a multi-modal model, named as its checkpoint names
+    them: transformers' own model of the architecture, built on the meta device (no memory),
+    keeps the parameters under the family's vision checkpoint prefixes."""
+    model_config = config.model_config
+    if model_config.multimodal_config is None:
+        return []
+    import torch
+    import transformers
+
+    from pagedllm.models.registry import get_model_class
+
+    prefixes = tuple(getattr(get_model_class(model_config.architecture), "vision_checkpoint_prefixes", ()))
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(model_config.hf_config)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        # A remote-code layout (InternVL2's chat checkpoints) has no transformers class.
+        logger.warning("The plan leaves out %s's vision tower (%s: %s).", model_config.architecture,
+                       type(error).__name__, error)
+        return []
+    return [CheckpointTensor(name, tuple(parameter.shape), "F32") for name, parameter in model.named_parameters()
+            if name.startswith(prefixes)]
+
+
+def _decoder_tensors(config: EngineConfig) -> list[CheckpointTensor]:
     model_config = config.model_config
     hf_config = model_config.hf_config
     hidden, head_dim = model_config.hidden_size, model_config.head_dim
     q_size = model_config.num_attention_heads * head_dim
     kv_size = model_config.num_key_value_heads * head_dim
-    # A multi-modal model's decoder sizes are in its text config (its vision tower is not counted).
+    # A multi-modal model's decoder sizes are in its text config.
     intermediate = int(model_config.text_config.intermediate_size)
     architecture = model_config.architecture
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (model_config.vocab_size, hidden)}
