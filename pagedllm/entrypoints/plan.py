@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.worker.memory_plan import MemoryPlan, plan_memory
+from pagedllm.worker.memory_plan import NOT_ENOUGH_ALONE, MemoryPlan, plan_memory
 from pagedllm.worker.memory_policy import format_gib
 
 _DEFAULT_GPU_MEMORY = "80GiB"
@@ -105,7 +105,13 @@ def render_plan(plan: MemoryPlan, gpu_memory: int | None) -> str:
     ]
     lines.append("Fits." if plan.fits else "Does not fit: " + "; ".join(plan.problems) + ".")
     if plan.suggestions:
-        lines.append("Settings that would " + ("fit:" if not plan.fits else "help:"))
+        if plan.fits:
+            heading = "Settings that would help:"
+        elif all(suggestion.endswith(NOT_ENOUGH_ALONE) for suggestion in plan.suggestions):
+            heading = "Settings that would help (none is enough alone):"
+        else:
+            heading = "Settings that would fit:"
+        lines.append(heading)
         lines += [f"  - {suggestion}" for suggestion in plan.suggestions]
     return "\n".join(lines)
 
@@ -134,6 +140,8 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"--gpu-memory={text!r} is not a size; use e.g. 80GiB, 24GB or 40960MiB.") from None
     if value <= 0:
         raise ValueError(f"--gpu-memory={text!r} must be positive, e.g. 80GiB.")
+    if scale == 1 and value < 1 << 20:
+        raise ValueError(f"--gpu-memory={text!r} has no unit and is under 1 MiB; did you mean {text.strip()}GiB?")
     return int(value)
 
 

@@ -21,6 +21,8 @@ from pagedllm.worker.memory_policy import KVCacheSizing
 # Memory this process takes outside torch's allocator after start-up (kernel modules,
 # library handles); NCCL's buffers add to it with several ranks.
 NON_TORCH_BYTES = 256 << 20
+# The end of a suggestion that would not make the plan fit by itself.
+NOT_ENOUGH_ALONE = " (not enough alone)"
 NCCL_BYTES = 512 << 20
 # Bytes per logit row element live at the sampler's peak: float32 logits, probabilities,
 # a full sort's values and int64 indices, and the float64 running mass of top-p.
@@ -305,7 +307,7 @@ def _suggestions(
 
 
 def _fix(setting: str, plan: MemoryPlan, ok: bool = True) -> str:
-    verdict = "" if ok else " (not enough alone)"
+    verdict = "" if ok else NOT_ENOUGH_ALONE
     return (
         f"{setting}: weights {memory_policy.format_gib(plan.weights_bytes)} per rank, KV cache "
         f"{plan.kv.num_tokens:,} tokens ({plan.kv.max_concurrency(plan.max_model_len):.2f}x max_model_len){verdict}"

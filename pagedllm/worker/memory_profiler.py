@@ -151,11 +151,16 @@ def check_and_log_kv_cache(engine_config: EngineConfig, sizing: KVCacheSizing, d
     """The number of blocks; fails when one request of max_model_len tokens does not fit
     (unless max_model_len='auto', which the engine then lowers to what fits)."""
     max_model_len = engine_config.model_config.max_model_len
-    if device.type == "cuda":
+    override = engine_config.cache_config.kv_cache_memory_bytes
+    if override is not None:
+        # The option decides the budget alone: the device's settings would change nothing.
+        needed = -(-max_model_len // sizing.block_size) * sizing.block_bytes
+        fixes = f"raise kv_cache_memory_bytes (now {override:,}) to at least {needed:,} ({format_gib(needed)})"
+    elif device.type == "cuda":
         fixes = ("raise gpu_memory_utilization (now "
                  f"{engine_config.cache_config.gpu_memory_utilization}) or kv_cache_memory_bytes")
     else:
-        fixes = "raise PAGEDLLM_CPU_KVCACHE_SPACE (GiB) or kv_cache_memory_bytes"
+        fixes = "raise PAGEDLLM_CPU_KVCACHE_SPACE (GiB) or pass kv_cache_memory_bytes"
     fixes += _fp8_cache_hint(engine_config, sizing)
     if engine_config.model_config.max_model_len_auto:
         if sizing.num_blocks == 0:

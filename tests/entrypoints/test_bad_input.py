@@ -60,9 +60,12 @@ def test_bad_request_added_to_a_running_engine_leaves_others_running(llm):
 
 
 def test_max_model_len_that_does_not_fit_the_kv_cache_names_both_numbers(tiny_checkpoints):
-    with pytest.raises(ValueError, match=r"holds 16 tokens.*max_model_len is 512.*PAGEDLLM_CPU_KVCACHE_SPACE"):
+    # kv_cache_memory_bytes decides the budget alone, so the error names it and the bytes that fit.
+    with pytest.raises(ValueError, match=r"holds 16 tokens.*max_model_len is 512.*"
+                                         r"raise kv_cache_memory_bytes \(now 8,192\) to at least 262,144"):
         LLM(str(tiny_checkpoints["llama"]), skip_tokenizer_init=True, dtype="float32",
             kv_cache_memory_bytes=2 * 2 * 16 * 2 * 16 * 4)
+    LLM(str(tiny_checkpoints["llama"]), skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=262_144).shutdown()
 
 
 def test_a_cache_that_fp8_would_fit_says_so(tiny_checkpoints):

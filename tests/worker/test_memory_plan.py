@@ -13,7 +13,7 @@ from tiny_vl_models import tiny_vl_checkpoints  # noqa: F401 - a fixture
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.worker import memory_policy
-from pagedllm.entrypoints.plan import parse_bytes
+from pagedllm.entrypoints.plan import parse_bytes, render_plan
 from pagedllm.worker.memory_plan import MemoryPlan, plan_memory
 
 TOLERANCE = 0.05
@@ -204,3 +204,6 @@ def test_gpu_plan_of_a_real_size_model_names_the_settings_that_would_fit(tmp_pat
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 << 20
     with pytest.raises(ValueError, match="--gpu-memory"):
         parse_bytes("lots")
+    with pytest.raises(ValueError, match="did you mean 80GiB"):
+        parse_bytes("80")
+    assert "Settings that would fit:" in render_plan(plan, parse_bytes("24GiB"))
