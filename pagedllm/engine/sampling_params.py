@@ -124,6 +124,8 @@ class SamplingParams:
     skip_reading_prefix_cache: bool | None = None
     """Compute the whole prompt even where the prefix cache holds it (None: only when
     prompt_logprobs are asked for)."""
+    logprob_token_ids: list[int] | None = None
+    """vLLM's logprobs of chosen token ids: not implemented, so only None is accepted."""
     output_text_buffer_length: int = field(init=False, default=0)
     """Characters held back from streaming so a stop string is never emitted partially."""
     bad_words_token_ids: list[list[int]] | None = field(init=False, default=None, repr=False)
@@ -278,6 +280,9 @@ class SamplingParams:
             fail("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             fail("extra_args", self.extra_args, "a dict or None")
+        if self.logprob_token_ids is not None:
+            fail("logprob_token_ids", self.logprob_token_ids,
+                 "None: the logprobs of chosen tokens are not implemented (logprobs=k gives the k most likely)")
 
     @property
     def has_token_controls(self) -> bool:

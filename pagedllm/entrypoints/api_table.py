@@ -21,7 +21,7 @@ VLLM_SAMPLING_PARAMS = (
     "prompt_logprobs", "flat_logprobs", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",
     "logits_processors", "include_stop_str_in_output", "truncate_prompt_tokens", "output_kind", "skip_clone",
     "structured_outputs", "guided_decoding", "logit_bias", "allowed_token_ids", "extra_args", "bad_words",
-    "skip_reading_prefix_cache",
+    "skip_reading_prefix_cache", "logprob_token_ids",
 )
 VLLM_LLM_METHODS = (
     "generate", "chat", "beam_search", "enqueue", "wait_for_completion", "get_tokenizer", "set_tokenizer",
@@ -58,14 +58,15 @@ NOTES: dict[str, dict[str, str]] = {
     "SamplingParams": {
         "flat_logprobs": "accepted, ignored: logprobs are always a list of dicts",
         "skip_clone": "accepted, ignored: cloning is cheap here",
-        "output_kind": "accepted; LLM.generate returns final outputs whatever the kind",
+        "output_kind": "supported (AsyncLLM, LLMEngine.step); LLM.generate returns whole outputs whatever the kind",
+        "logprob_token_ids": "accepted as None only (not implemented); other values: ValueError",
         "extra_args": "accepted, carried along, unused (for extensions)",
-        "logits_processors": "supported in-process (executor 'uni'); callables do not cross processes",
+        "logits_processors": "supported in-process (executor 'uni'); elsewhere a ValueError (callables do not cross processes)",
         "guided_decoding": "supported: the old name of structured_outputs",
     },
     "LLM": {
         "collective_rpc": "supported; a callable runs as f(worker, *args) and must pickle for mp / ray",
-        "generate": "supported; lora_request must be None (no LoRA), priority None or all zeros",
+        "generate": "supported, with token-id prompts and tokenization_kwargs; lora_request must be None (no LoRA), priority None or all zeros",
         "enqueue": "supported; lora_request must be None (no LoRA), priority None or all zeros",
         "chat": "supported, with tools and chat_template_content_format; lora_request must be None",
         "beam_search": "supported, with concurrency_limit; lora_request must be None",
