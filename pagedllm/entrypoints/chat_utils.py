@@ -132,7 +132,7 @@ def parse_content_parts(
     holding the model's placeholders (then the text parts, as vLLM joins them). "openai": the
     content is a list of parts in their order, {"type": "image"} / {"type": "video"} where an
     item was, for a template that renders the placeholder of each part itself."""
-    from pagedllm.multimodal.inputs import parse_chat_content
+    from pagedllm.multimodal.inputs import content_part_type, parse_chat_content
 
     parsed: list[ChatMessage] = []
     mm_data: dict[str, list[Any]] = {}
@@ -149,7 +149,7 @@ def parse_content_parts(
             continue
         parts: list[dict[str, Any]] = []
         for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if part.get("type") == "text":
+            if content_part_type(part) == "text":
                 parts.append({"type": "text", "text": part["text"]})
                 continue
             _, items = parse_chat_content([part], placeholders)  # one item: loads and checks it

@@ -154,6 +154,21 @@ def load_image(url: str) -> Any:
     return image
 
 
+# vLLM's other names of content parts (OpenAI's Responses API), as the part types here.
+_PART_TYPE_ALIASES = {"input_text": "text", "input_image": "image_url"}
+_PART_KEYS = ("text", "image_url", "image_pil", "video")
+
+
+def content_part_type(part: Mapping[str, Any]) -> str | None:
+    """A content part's type: its "type" (vLLM's aliases mapped), or, as vLLM infers it for a
+    part without one, the one known key it has ({"image_url": {...}})."""
+    kind = part.get("type")
+    if kind is None:
+        present = [key for key in _PART_KEYS if key in part]
+        kind = present[0] if len(present) == 1 else None
+    return _PART_TYPE_ALIASES.get(kind, kind)
+
+
 def parse_chat_content(
     content: str | Sequence[Mapping[str, Any]], placeholders: Mapping[str, str]
 ) -> tuple[str, dict[str, list[Any]]]:
@@ -166,7 +181,7 @@ def parse_chat_content(
     marks: list[str] = []
     items: dict[str, list[Any]] = {}
     for part in content:
-        kind = part.get("type")
+        kind = content_part_type(part)
         if kind == "text":
             texts.append(part["text"])
             continue

@@ -23,6 +23,21 @@ def test_content_parts_become_placeholders_then_text():
     assert items == {"image": [image]}
 
 
+def test_vllms_other_part_forms_parse_like_the_openai_ones(tmp_path):
+    """{"type": "input_text"} / {"type": "input_image", "image_url": url} (OpenAI's Responses
+    API) and parts without a type ({"image_url": {...}}), which vLLM infers from the key."""
+    image = random_image(12, 8, 2)
+    image.save(tmp_path / "b.png")
+    url = str(tmp_path / "b.png")
+    expected = parse_chat_content([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}],
+                                  PLACEHOLDERS)
+    for parts in ([{"type": "input_image", "image_url": url}, {"type": "input_text", "text": "hi"}],
+                  [{"image_url": {"url": url}}, {"text": "hi"}]):
+        text, items = parse_chat_content(parts, PLACEHOLDERS)
+        assert text == expected[0] == "<IMG>\nhi"
+        assert [i.tobytes() for i in items["image"]] == [i.tobytes() for i in expected[1]["image"]]
+
+
 def test_data_url_and_path_images_decode(tmp_path):
     image = random_image(12, 8, 1)
     buffer = io.BytesIO()
