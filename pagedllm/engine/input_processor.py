@@ -91,6 +91,14 @@ class InputProcessor:
             mm_inputs=mm_inputs,
         )
 
+    def as_token_prompt(self, prompt: PromptType) -> dict[str, Any]:
+        """The prompt as a token-id prompt dict, its multi-modal keys kept: the ids are those
+        before the items' placeholders are expanded (beam search extends them step by step)."""
+        _, token_ids = self._tokenize(prompt, None)
+        extra = {k: v for k, v in prompt.items() if k not in ("prompt", "prompt_token_ids")} if isinstance(
+            prompt, Mapping) else {}
+        return {**extra, "prompt_token_ids": token_ids}
+
     @staticmethod
     def _check_keys(prompt: PromptType) -> tuple[str | None, dict | None]:
         if not isinstance(prompt, Mapping):

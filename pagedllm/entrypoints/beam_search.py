@@ -51,41 +51,52 @@ def beam_search_score(tokens: list[int], cum_logprob: float, eos_token_id: int |
 
 def run_beam_search(
     generate: Callable[[list[dict], SamplingParams], list[RequestOutput]],
-    prompt_token_ids: Sequence[list[int]],
+    prompts: Sequence[dict[str, Any]],
     params: BeamSearchParams,
     eos_token_id: int | None,
     decode: Callable[[list[int]], str] | None,
 ) -> list[BeamSearchOutput]:
+    """`prompts`: token-id prompt dicts (their ids before any multi-modal expansion); their
+    other keys (multi_modal_data, mm_processor_kwargs, ...) go with every step's request, so a
+    multi-modal beam keeps its items."""
     def score(beam: BeamSearchSequence) -> float:
         return beam_search_score(beam.tokens, beam.cum_logprob, eos_token_id, params.length_penalty)
 
     step_params = SamplingParams(
         logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature, detokenize=False
     )
-    instances = [_Instance(beams=[BeamSearchSequence(tokens=list(ids), logprobs=[])]) for ids in prompt_token_ids]
+    instances = []
+    for prompt in prompts:
+        extra = {key: value for key, value in prompt.items() if key != "prompt_token_ids"}
+        first = BeamSearchSequence(tokens=list(prompt["prompt_token_ids"]), logprobs=[],
+                                   multi_modal_data=extra.get("multi_modal_data"),
+                                   mm_processor_kwargs=extra.get("mm_processor_kwargs"))
+        instances.append((_Instance(beams=[first]), extra))
     for _ in range(params.max_tokens):
-        live = [(instance, beam) for instance in instances for beam in instance.beams]
+        live = [(instance, extra, beam) for instance, extra in instances for beam in instance.beams]
         if not live:
             break
-        results = generate([{"prompt_token_ids": beam.tokens} for _, beam in live], step_params)
-        candidates: dict[int, list[BeamSearchSequence]] = {id(instance): [] for instance in instances}
-        for (instance, beam), result in zip(live, results):
+        results = generate([{**extra, "prompt_token_ids": beam.tokens} for _, extra, beam in live], step_params)
+        candidates: dict[int, list[BeamSearchSequence]] = {id(instance): [] for instance, _ in instances}
+        for (instance, _, beam), result in zip(live, results):
             step_logprobs = result.outputs[0].logprobs[0]
             for token_id, logprob in step_logprobs.items():
                 extended = BeamSearchSequence(
                     tokens=beam.tokens + [token_id],
                     logprobs=beam.logprobs + [step_logprobs],
                     cum_logprob=beam.cum_logprob + logprob.logprob,
+                    multi_modal_data=beam.multi_modal_data,
+                    mm_processor_kwargs=beam.mm_processor_kwargs,
                 )
                 if token_id == eos_token_id and not params.ignore_eos:
                     extended.finish_reason = "stop"
                     instance.completed.append(extended)
                 else:
                     candidates[id(instance)].append(extended)
-        for instance in instances:
+        for instance, _ in instances:
             instance.beams = sorted(candidates[id(instance)], key=score, reverse=True)[: params.beam_width]
     outputs = []
-    for instance in instances:
+    for instance, _ in instances:
         for beam in instance.beams:
             beam.finish_reason = beam.finish_reason or "length"
         best = sorted(instance.completed + instance.beams, key=score, reverse=True)[: params.beam_width]

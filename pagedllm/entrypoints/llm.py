@@ -154,14 +154,16 @@ class LLM:
             raise ValueError(f"concurrency_limit must be None or an integer >= 1, got {concurrency_limit!r}.")
         prompt_list = _as_prompt_list(prompts)
         probe = SamplingParams(max_tokens=1)
-        token_ids = [self.llm_engine.process_input(p, probe).prompt_token_ids for p in prompt_list]
+        for prompt in prompt_list:
+            self.llm_engine.process_input(prompt, probe)  # a bad prompt fails before any step
+        beam_prompts = [self.llm_engine.input_processor.as_token_prompt(prompt) for prompt in prompt_list]
         tokenizer = self.get_tokenizer()
-        chunk = concurrency_limit or max(len(token_ids), 1)
+        chunk = concurrency_limit or max(len(beam_prompts), 1)
         outputs: list[BeamSearchOutput] = []
-        for start in range(0, len(token_ids), chunk):
+        for start in range(0, len(beam_prompts), chunk):
             outputs += run_beam_search(
                 lambda batch, step_params: self.generate(batch, step_params, use_tqdm=False),
-                token_ids[start : start + chunk], params, self.llm_engine.eos_token_id,
+                beam_prompts[start : start + chunk], params, self.llm_engine.eos_token_id,
                 tokenizer.decode if tokenizer is not None else None,
             )
         return outputs

@@ -146,3 +146,15 @@ def test_pre_4_52_checkpoint_names_load(tiny_vl_checkpoints, tmp_path):
         outputs.append(llm.generate(prompt, _greedy(), use_tqdm=False)[0].outputs[0].token_ids)
         llm.shutdown()
     assert outputs[0] == outputs[1]
+
+
+def test_beam_search_keeps_the_images(family_llm):
+    """Each beam step sends the prompt's items along: one beam is greedy decoding."""
+    from pagedllm import BeamSearchParams
+
+    _, llm = family_llm
+    prompt = {"prompt": f"look {IMAGE_PLACEHOLDER} there", "multi_modal_data": {"image": random_image(70, 50, seed=11)}}
+    [beams] = llm.beam_search([prompt], BeamSearchParams(beam_width=1, max_tokens=4, ignore_eos=True))
+    greedy = llm.generate(prompt, _greedy(4), use_tqdm=False)[0].outputs[0].token_ids
+    assert beams.sequences[0].tokens[-4:] == list(greedy)
+    assert beams.sequences[0].multi_modal_data is prompt["multi_modal_data"]
