@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -17,8 +17,14 @@ from pagedllm.config import ModelConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.outputs import RequestOutput
-from pagedllm.engine.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from pagedllm.engine.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, run_beam_search
+from pagedllm.entrypoints.llm_requests import (
+    as_prompt_list,
+    check_fcfs_priority,
+    check_no_lora,
+    params_per_prompt,
+)
 from pagedllm.entrypoints.chat_utils import (
     ChatMessage,
     ChatTemplateContentFormat,
@@ -107,7 +113,7 @@ class LLM:
         image_url, image_pil, video) for a multi-modal model; mm_processor_kwargs apply to every
         conversation's items. `tools` (JSON schemas) go to the template as transformers' `tools`.
         continue_final_message=True needs add_generation_prompt=False."""
-        _check_no_lora(lora_request)
+        check_no_lora(lora_request)
         prompts = self.preprocess_chat(
             messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs,
             mm_processor_kwargs, tools, chat_template_content_format,
@@ -149,10 +155,10 @@ class LLM:
         at a time (None: all of them)."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
-        _check_no_lora(lora_request)
+        check_no_lora(lora_request)
         if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or an integer >= 1, got {concurrency_limit!r}.")
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = as_prompt_list(prompts)
         probe = SamplingParams(max_tokens=1)
         for prompt in prompt_list:
             self.llm_engine.process_input(prompt, probe)  # a bad prompt fails before any step
@@ -252,12 +258,12 @@ class LLM:
     ) -> list[str]:
         if self._sleeping:
             raise ValueError("The engine is asleep: call LLM.wake_up() before generating.")
-        prompt_list = _as_prompt_list(prompts)
-        _check_no_lora(lora_request)
-        _check_fcfs_priority(priority, len(prompt_list))
+        prompt_list = as_prompt_list(prompts)
+        check_no_lora(lora_request)
+        check_fcfs_priority(priority, len(prompt_list))
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params_list = self._params_per_prompt(sampling_params, len(prompt_list))
+        params_list = params_per_prompt(sampling_params, len(prompt_list))
         processed = []
         for index, (prompt, params) in enumerate(zip(prompt_list, params_list)):
             try:
@@ -271,20 +277,6 @@ class LLM:
             self.llm_engine.add_request(request_id, item, params)
             request_ids.append(request_id)
         return request_ids
-
-    @staticmethod
-    def _params_per_prompt(
-        sampling_params: SamplingParams | Sequence[SamplingParams], num_prompts: int
-    ) -> list[SamplingParams]:
-        if isinstance(sampling_params, SamplingParams):
-            return [_whole_outputs(sampling_params)] * num_prompts
-        params = list(sampling_params)
-        if len(params) != num_prompts:
-            raise ValueError(
-                f"Got {len(params)} sampling_params for {num_prompts} prompts; pass one "
-                "SamplingParams, or one per prompt."
-            )
-        return [_whole_outputs(p) for p in params]
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool | ProgressBarFactory) -> list[RequestOutput]:
         wanted = set(request_ids)
@@ -315,49 +307,6 @@ class LLM:
             if progress is not None:
                 progress.close()
         return [finished[request_id] for request_id in request_ids]
-
-
-def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
-    """One prompt (a string, a prompt dict or a list of token ids) or a sequence of them."""
-    if isinstance(prompts, (str, Mapping)):
-        return [prompts]
-    prompt_list = list(prompts)
-    if prompt_list and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_list):
-        return [prompt_list]
-    return prompt_list
-
-
-def _whole_outputs(params: SamplingParams) -> SamplingParams:
-    """LLM returns each request's whole output once, so a DELTA request (streaming's kind)
-    runs as FINAL_ONLY, as in vLLM; the caller's object is left as it was."""
-    if params.output_kind != RequestOutputKind.DELTA:
-        return params
-    params = params.clone()
-    params.output_kind = RequestOutputKind.FINAL_ONLY
-    return params
-
-
-def _check_no_lora(lora_request: Any) -> None:
-    requests = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request]
-    if any(request is not None for request in requests):
-        raise ValueError(
-            f"LoRA is not supported by pagedllm: lora_request must be None, got {lora_request!r}. "
-            "Merge the adapter into the model's weights and load that checkpoint instead."
-        )
-
-
-def _check_fcfs_priority(priority: Sequence[int] | None, num_prompts: int) -> None:
-    if priority is None:
-        return
-    if len(priority) != num_prompts:
-        raise ValueError(
-            f"The lengths of prompts and priority must be the same: {num_prompts} prompts, {len(priority)} priorities."
-        )
-    if any(value != 0 for value in priority):
-        raise ValueError(
-            f"priority scheduling is not supported: requests run first come, first served, so priority must be "
-            f"None or all zeros, got {list(priority)}."
-        )
 
 
 def _pooling_refusal(name: str) -> Callable[..., Any]:
