@@ -52,10 +52,10 @@ class _RequestStream:
         self.aggregate = aggregate
 
     def put(self, output: RequestOutput) -> None:
-        if self.latest is None:
-            self.latest = output
+        if self.aggregate and self.latest is not None:
+            self.latest.add(output, aggregate=True)
         else:
-            self.latest.add(output, aggregate=self.aggregate)
+            self.latest = output  # a whole snapshot: the newer one replaces it
         self.ready.set()
 
     def fail(self, error: BaseException) -> None:

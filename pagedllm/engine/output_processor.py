@@ -43,7 +43,7 @@ class _CompletionState:
             text=text,
             token_ids=self.token_ids[start:],
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=None if self.logprobs is None else self.logprobs[start:],
+            logprobs=self.logprobs[start:] if delta and self.logprobs is not None else self.logprobs,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
