@@ -82,9 +82,16 @@ class EngineCoreClient:
             kind, value, *rest = ready_reader.recv()
         except (EOFError, OSError):
             self.process.join(timeout=5.0)
+            hint = ""
+            if self.process.exitcode == 1:
+                # The usual cause: the spawned process imports the user's script again, and a
+                # script without a main guard then starts a second engine from inside it.
+                hint = (" If your script creates the engine at the top level, put that code under "
+                        "`if __name__ == \"__main__\":`: the engine core is a spawned process, which "
+                        "imports the script again.")
             raise EngineDeadError(
                 f"The engine core process died during start-up with "
-                f"{describe_exit_code(self.process.exitcode)}; see its log above."
+                f"{describe_exit_code(self.process.exitcode)}; see its log above.{hint}"
             ) from None
         if kind == ERROR:
             raise RuntimeError(f"The engine core failed to start: {value}")

@@ -298,6 +298,20 @@ def test_engine_core_exits_when_the_front_process_is_killed(model_dir, tmp_path)
         front.kill()
 
 
+def test_a_script_without_a_main_guard_is_told_to_add_one(model_dir, tmp_path):
+    """The spawned engine core imports the script again, which starts a second engine there."""
+    script = textwrap.dedent(f"""
+        from pagedllm import AsyncLLM
+        from pagedllm.engine.arg_utils import EngineArgs
+        engine = AsyncLLM.from_engine_args(EngineArgs(model={str(model_dir)!r}, **{ENGINE_OPTIONS!r}))
+    """)
+    (tmp_path / "unguarded.py").write_text(script)
+    result = subprocess.run([sys.executable, str(tmp_path / "unguarded.py")], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode != 0
+    assert 'put that code under `if __name__ == "__main__":`' in result.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
