@@ -10,8 +10,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def request_id_of(prefix: str, header_id: str | None, body_id: str | None) -> str:
+    """vLLM's response and request id: "{prefix}-" and the X-Request-Id header, else the body's
+    request_id, else a random hex."""
+    return f"{prefix}-{header_id or body_id or uuid.uuid4().hex}"
 
 
 class OpenAIBaseModel(BaseModel):

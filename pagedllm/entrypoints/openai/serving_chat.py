@@ -25,7 +25,7 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatTopLogprob,
     DeltaMessage,
     UsageInfo,
-    random_id,
+    request_id_of,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
@@ -55,7 +55,7 @@ class OpenAIServingChat(OpenAIServing):
                 "add_generation_prompt" in request.model_fields_set):
             raise RequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                                param="continue_final_message")
-        request_id = request.request_id or random_id("chatcmpl")
+        request_id = request_id_of("chatcmpl", raw_request.headers.get("X-Request-Id"), request.request_id)
         prompt_token_ids, prompt_text, mm_data = self.apply_chat_template(request)
         if not mm_data:  # truncating could cut an item's placeholders
             prompt_token_ids = self.truncate_prompt(prompt_token_ids, request.truncate_prompt_tokens)

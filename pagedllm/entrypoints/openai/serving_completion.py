@@ -18,7 +18,7 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     UsageInfo,
-    random_id,
+    request_id_of,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
@@ -39,7 +39,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise RequestError("suffix is not supported.", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise RequestError(f"best_of must equal n ({request.n}) or be left out, got {request.best_of}.", param="best_of")
-        request_id = request.request_id or random_id("cmpl")
+        request_id = request_id_of("cmpl", raw_request.headers.get("X-Request-Id"), request.request_id)
         prompts = self._prompts(request.prompt, request.add_special_tokens)
         # echo with max_tokens=0 returns the prompt alone (OpenAI's and vLLM's): one token is
         # generated, as vLLM does, and dropped.

@@ -64,10 +64,11 @@ def test_vllm_server_flags_are_accepted_and_act(server, client):
     chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3, stream=True))
     assert chunks[0].choices[0].delta.role == "bot"
     # --enable-log-requests with --max-log-len 7: one INFO line per request, the prompt cut to 7.
-    client.completions.create(model=MODEL_NAME, prompt="a prompt that is longer than seven", max_tokens=2,
-                              extra_body={"request_id": "logged-request"})
+    logged = client.completions.create(model=MODEL_NAME, prompt="a prompt that is longer than seven", max_tokens=2,
+                                       extra_body={"request_id": "logged-request"})
+    assert logged.id == "cmpl-logged-request"  # vLLM's id: the prefix, then the body's request_id
     log = server.log()
-    assert "Received request logged-request: prompt: 'a promp'" in log
+    assert "Received request cmpl-logged-request: prompt: 'a promp'" in log
     assert "that is longer" not in log
 
 
@@ -274,3 +275,12 @@ def test_continue_final_message_with_add_generation_prompt_is_a_400(server):
 def test_model_cards_carry_vllms_fields(server):
     card = httpx.get(server.url + "/v1/models", headers=HEADERS).json()["data"][0]
     assert card["owned_by"] == "vllm" and card["permission"] == [] and "parent" in card
+
+
+def test_x_request_id_names_the_response(server):
+    headers = {**HEADERS, "X-Request-Id": "from-header"}
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2, "request_id": "from-body"}
+    completion = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60).json()
+    assert completion["id"] == "cmpl-from-header"
+    chat = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}).json()
+    assert chat["id"].startswith("chatcmpl-")
