@@ -118,6 +118,8 @@ class SamplingFields(OpenAIBaseModel):
     request_id: str | None = None
     truncate_prompt_tokens: int | None = None
     """Keep only the prompt's last k tokens (-1: as many as max_model_len allows)."""
+    use_beam_search: bool = False
+    """vLLM's beam search over HTTP: not served here (a 400 says so; LLM.beam_search has it)."""
     prompt_logprobs: int | None = None
 
 
@@ -185,6 +187,8 @@ class ChatCompletionRequest(SamplingFields):
     """Function definitions, given to the chat template as transformers' `tools` (the reply is
     text: no tool-call parsing)."""
     tool_choice: Any = None
+    echo: bool = False
+    """vLLM's: the answer starts with the last message's text when that message has its role."""
     add_special_tokens: bool = False
     """Special tokens (a BOS) added when the templated text is tokenized; vLLM's default is
     False, since the template writes them."""

@@ -77,7 +77,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = [
             ChatCompletionChoice(
                 index=completion.index,
-                message=ChatResponseMessage(role=self._role(request), content=completion.text),
+                message=ChatResponseMessage(role=self._role(request), content=self._echoed(request) + completion.text),
                 logprobs=self._logprobs(completion, 0, len(completion.token_ids), request),
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
@@ -133,6 +133,18 @@ class OpenAIServingChat(OpenAIServing):
         # The template holds the special tokens (BOS, role markers) itself, as in LLM.chat, unless
         # the request asks for add_special_tokens.
         return self.encode(text, add_special_tokens=request.add_special_tokens), text, mm_data
+
+    def _echoed(self, request: ChatCompletionRequest) -> str:
+        """vLLM's chat `echo`: the last message's text, when it has the answer's role (the
+        answer then continues it); else ""."""
+        if not request.echo:
+            return ""
+        last = request.messages[-1]
+        if last.role != self._role(request):
+            return ""
+        if isinstance(last.content, list):
+            return "\n".join(part.get("text", "") for part in last.content if part.get("type") == "text")
+        return last.content or ""
 
     def _role(self, request: ChatCompletionRequest) -> str:
         """vLLM's: --response-role for a new answer, the last message's role when continuing it."""
@@ -190,8 +202,11 @@ class OpenAIServingChat(OpenAIServing):
         sent_tokens: dict[int, int] = {}
         final: RequestOutput | None = None
         try:
+            echoed = self._echoed(request)
             for index in range(request.n):
                 yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role=self._role(request), content="")), 0)
+                if echoed:
+                    yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(content=echoed)), 0)
             async for output in stream:
                 final = output
                 for completion in output.outputs:

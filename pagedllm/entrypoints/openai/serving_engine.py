@@ -169,6 +169,10 @@ class OpenAIServing:
         """The SamplingParams of a request body; a bad value is a 400 naming the field. Fields
         the client leaves unset take the model's generation_config.json defaults, as vLLM's
         server does, then SamplingParams' own."""
+        if request.use_beam_search:
+            raise RequestError("use_beam_search is not supported by this server: it samples (the offline "
+                               "LLM.beam_search() has beam search); leave use_beam_search false.",
+                               param="use_beam_search")
         defaults = self.default_sampling
         fields: dict[str, Any] = {name: getattr(request, name) for name in _PASSED_FIELDS}
         fields.update(max_tokens=max_tokens, logprobs=logprobs, **extra)

@@ -284,3 +284,17 @@ def test_x_request_id_names_the_response(server):
     assert completion["id"] == "cmpl-from-header"
     chat = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}).json()
     assert chat["id"].startswith("chatcmpl-")
+
+
+def test_chat_echo_and_use_beam_search(server):
+    messages = [*MESSAGES, {"role": "assistant", "content": "The answer is"}]
+    body = {"messages": messages, "max_tokens": 3, "temperature": 0, "add_generation_prompt": False,
+            "continue_final_message": True}
+    plain = _post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    echoed = _post(server, "/v1/chat/completions", {**body, "echo": True}).json()["choices"][0]["message"]["content"]
+    assert echoed == "The answer is" + plain
+    streamed = "".join(e["choices"][0]["delta"].get("content") or ""
+                       for e in _events(server, "/v1/chat/completions", {**body, "echo": True}) if e["choices"])
+    assert streamed == echoed
+    refused = _post(server, "/v1/completions", {"prompt": PROMPT, "use_beam_search": True, "n": 2})
+    assert refused.status_code == 400 and "use_beam_search" in refused.json()["error"]["message"]
