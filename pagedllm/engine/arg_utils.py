@@ -46,7 +46,30 @@ VLLM_DEFAULT_ONLY_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 # vLLM's short forms of its flags.
-_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "quantization": ("-q",), "compilation_config": ("-O",)}
+_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "quantization": ("-q",), "compilation_config": ("-O",),
+                "pipeline_parallel_size": ("-pp",), "data_parallel_size": ("-dp",)}
+
+
+def _check_default_only(name: str, value: Any) -> None:
+    accepted, feature = VLLM_DEFAULT_ONLY_OPTIONS[name]
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported ({feature}); leave it out or pass "
+                         f"{' / '.join(map(repr, accepted))}.")
+
+
+def _add_default_only_flags(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags of features pagedllm lacks, so a ported command line parses: each is
+    accepted at the value that leaves its feature off."""
+    group = parser.add_argument_group("vLLM options of features pagedllm lacks (only their 'off' values)")
+    for name, (accepted, feature) in VLLM_DEFAULT_ONLY_OPTIONS.items():
+        flags = ["--" + name.replace("_", "-"), *_SHORT_FLAGS.get(name, ())]
+        example = accepted[0]
+        help_text = f"{feature}: {' / '.join(map(repr, accepted))}"
+        if isinstance(example, bool):
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            reader = int if isinstance(example, int) else _json_value if name.endswith("_config") else str
+            group.add_argument(*flags, type=reader, default=None, help=help_text, metavar=name.upper())
 
 
 def _option(default: Any, help: str, cli_type: Any = None, **extra: Any) -> Any:
@@ -67,12 +90,10 @@ _DECIMAL_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
 _BINARY_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-def _max_model_len_value(text: str) -> int | str:
-    """'auto', -1, an integer, or vLLM's human-readable form: '32k' (32,000), '32K' (32,768),
-    '25.6k' (25,600)."""
+def _human_int(text: str) -> int:
+    """An integer, or vLLM's human-readable form: '32k' (32,000), '32K' (32,768), '25.6k'
+    (25,600), '4M' (4 MiB) for lengths, token counts and byte sizes."""
     text = text.strip()
-    if text.lower() == "auto":
-        return "auto"
     try:
         return int(text)
     except ValueError:
@@ -88,8 +109,13 @@ def _max_model_len_value(text: str) -> int | str:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(
-        f"{text!r} is not a length: give an integer, 'auto', or a number with k/m/g (x1000) or K/M/G (x1024), e.g. 32k"
+        f"{text!r} is not a whole number: give an integer, or one with k/m/g (x1000) or K/M/G (x1024), e.g. 32k"
     )
+
+
+def _max_model_len_value(text: str) -> int | str:
+    """'auto', -1, or a length as _human_int reads it."""
+    return "auto" if text.strip().lower() == "auto" else _human_int(text)
 
 
 def _mm_limits_value(text: str) -> Any:
@@ -120,7 +146,7 @@ class EngineArgs:
     tokenizer_revision: str | None = _option(None, "hub revision of the tokenizer", str)
     seed: int | None = _option(0, "engine random seed: same seed, same samples", int)
     gpu_memory_utilization: float = _option(0.9, "fraction of GPU memory this engine may use")
-    kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (overrides gpu_memory_utilization)", int)
+    kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (overrides gpu_memory_utilization; 4G = 4 GiB)", "human_int")
     kv_cache_headroom: float = _option(0.1, "KV cache beyond max_num_seqs x max_model_len tokens, as a fraction of them (prefix-cache reuse); the rest of the budget stays free")
     kv_cache_dtype: str = _option("auto", "auto (the model dtype) | fp8 | fp8_e4m3: KV cache element type", str)
     calculate_kv_scales: bool = _option(False, "accepted for vLLM compatibility when False: fp8 KV scales come from the checkpoint (else 1.0)")
@@ -129,7 +155,7 @@ class EngineArgs:
     compilation_config: dict[str, Any] | int | None = _option(None, "CUDA graph settings as JSON, e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'", "json")
     max_model_len: int | str | None = _option(None, "longest sequence (prompt + output) in tokens (default: the model's; 'auto' or -1: the longest the KV cache holds)", "max_model_len")
     max_num_seqs: int | None = _option(None, "most requests in one step (default 256)", int)
-    max_num_batched_tokens: int | None = _option(None, "most tokens in one step (default 8192 on GPU, 4096 on CPU)", int)
+    max_num_batched_tokens: int | None = _option(None, "most tokens in one step (default 8192 on GPU, 4096 on CPU; 8k = 8,000)", "human_int")
     enable_chunked_prefill: bool = _option(True, "split long prompts into chunks of max_num_batched_tokens")
     async_scheduling: bool | None = _option(None, "schedule step N+1 while step N runs; sampled ids reach the host one step later (default on)", bool)
     disable_custom_all_reduce: bool = _option(False, "use NCCL for every all-reduce, not the peer-to-peer one-shot kernel for small ones")
@@ -159,11 +185,7 @@ class EngineArgs:
         vLLM options for features pagedllm lacks are accepted at the values that turn the
         feature off (VLLM_DEFAULT_ONLY_OPTIONS); any other value is a ValueError."""
         for name in sorted(set(kwargs) & set(VLLM_DEFAULT_ONLY_OPTIONS)):
-            accepted, feature = VLLM_DEFAULT_ONLY_OPTIONS[name]
-            value = kwargs.pop(name)
-            if value not in accepted:
-                raise ValueError(f"{name}={value!r} is not supported ({feature}); leave it out or pass "
-                                 f"{' / '.join(map(repr, accepted))}.")
+            _check_default_only(name, kwargs.pop(name))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -174,8 +196,11 @@ class EngineArgs:
         return cls(model=model, **kwargs)
 
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-        """One `--dashed-name` flag per option (default None: "not given")."""
+    def add_cli_args(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        """One `--dashed-name` flag per option (default None: "not given"), and vLLM's flags of
+        the features pagedllm lacks (VLLM_DEFAULT_ONLY_OPTIONS, checked as LLM(...) checks
+        them). Returns the parser, as vLLM's does."""
+        _add_default_only_flags(parser)
         group = parser.add_argument_group("engine options (LLM(...) keyword arguments)")
         for option in dataclasses.fields(cls):
             if option.name in exclude:
@@ -186,8 +211,10 @@ class EngineArgs:
             if cli_type is bool:
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
-                reader = {"json": _json_value, "max_model_len": _max_model_len_value}.get(cli_type, cli_type)
+                reader = {"json": _json_value, "max_model_len": _max_model_len_value, "human_int": _human_int}.get(
+                    cli_type, cli_type)
                 group.add_argument(*flags, type=reader, default=None, help=help_text, metavar=option.name.upper())
+        return parser
 
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> EngineArgs:
@@ -196,7 +223,11 @@ class EngineArgs:
 
     @classmethod
     def given_cli_options(cls, namespace: argparse.Namespace) -> dict[str, Any]:
-        """The engine options of `add_cli_args` that the command line gave, by name."""
+        """The engine options of `add_cli_args` that the command line gave, by name (vLLM's
+        flags of features pagedllm lacks are checked here, then dropped)."""
+        for name in VLLM_DEFAULT_ONLY_OPTIONS:
+            if getattr(namespace, name, None) is not None:
+                _check_default_only(name, getattr(namespace, name))
         return {
             option.name: getattr(namespace, option.name)
             for option in dataclasses.fields(cls)

@@ -94,6 +94,8 @@ class EngineCoreClient:
                 f"{describe_exit_code(self.process.exitcode)}; see its log above.{hint}"
             ) from None
         if kind == ERROR:
+            if rest and rest[0]:  # bad input: the ValueError the engine raises in-process
+                raise ValueError(value)
             raise RuntimeError(f"The engine core failed to start: {value}")
         assert kind == READY, kind
         return int(value), rest[0]

@@ -51,7 +51,12 @@ def run_engine_core(
         manager = ModelFrontend.load(engine_config.model_config).structured_output_manager()
         engine_core = EngineCore(engine_config, manager)
     except BaseException as error:  # noqa: BLE001 - every start-up failure goes to the front
-        ready_conn.send((ERROR, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+        # Bad input (a ValueError naming the option) is raised again as itself in the front
+        # process; the traceback goes to this process's log for anything else.
+        bad_input = isinstance(error, (ValueError, TypeError))
+        if not bad_input:
+            logger.error("The engine core failed to start:\n%s", traceback.format_exc())
+        ready_conn.send((ERROR, str(error) if bad_input else f"{type(error).__name__}: {error}", bad_input))
         ready_conn.close()
         raise SystemExit(1) from None
     context = zmq.Context(io_threads=1)

@@ -176,7 +176,7 @@ def _adopt_quantization_config(config: PretrainedConfig, model_path: str) -> Non
                 if "w_bit" in data:  # AutoAWQ's keys, under either file name
                     method = "awq"
                 found = {"quant_method": method, **data}
-                logger.info("Quantization config read from %s.", file_name)
+                logger.debug("Quantization config read from %s.", file_name)
                 break
     if found is not None:
         config.quantization_config = found if isinstance(found, dict) else found.to_dict()

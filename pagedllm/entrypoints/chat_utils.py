@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -158,3 +159,18 @@ def parse_content_parts(
             parts.append({"type": modality})
         parsed.append({**message, "content": parts})
     return parsed, mm_data
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's content, or the template text itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as file:
+            return file.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(
+        f"--chat-template {value!r} is neither a file nor a Jinja template; pass a path to a "
+        "template file or the template text (with {{ ... }} / {% ... %})."
+    )

@@ -63,12 +63,15 @@ _SAMPLING_NAMES = (
 )
 
 
-def sampling_params_from_args(args: argparse.Namespace) -> Any:
-    """SamplingParams of the options given; a bad value is SamplingParams' ValueError."""
+def sampling_params_from_args(args: argparse.Namespace, model_defaults: dict[str, Any] | None = None) -> Any:
+    """SamplingParams of the options given over `model_defaults` (the model's
+    generation_config.json fields, which LLM.generate uses when given no params); a bad value
+    is SamplingParams' ValueError. Called once before the model loads (no defaults: the
+    options alone are checked) and once after."""
     from pagedllm.engine.sampling_params import SamplingParams
 
     given = {name: getattr(args, name) for name in _SAMPLING_NAMES if getattr(args, name, None) is not None}
-    return SamplingParams(**given)
+    return SamplingParams(**{**(model_defaults or {}), **given})
 
 
 def _add_model_parser(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -91,6 +94,8 @@ def _add_chat_parser(commands: Any) -> Runner:
     parser = _add_model_parser(commands, "chat", "chat with the model through its chat template, as LLM.chat")
     parser.add_argument("--prompt", help="one user message (default: a conversation read from stdin until EOF)")
     parser.add_argument("--system-prompt", help="a system message in front of the conversation")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
     return run_chat
 
 
@@ -140,8 +145,11 @@ def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
     """The parser and each subcommand's runner."""
+    import pagedllm
+
     parser = CliArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache.")
     parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
+    parser.add_argument("-v", "--version", action="version", version=pagedllm.__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=CliArgumentParser)
     runners: dict[str, Runner] = {
         "generate": _add_generate_parser(commands),
@@ -168,13 +176,19 @@ def _read_lines() -> list[str]:
     return [line.rstrip("\n") for line in sys.stdin if line.strip()]
 
 
+def _model_defaults(llm: Any) -> dict[str, Any]:
+    return llm.llm_engine.frontend.sampling_overrides
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    params = sampling_params_from_args(args)
+    sampling_params_from_args(args)  # bad sampling options fail before the model loads
     prompts = args.prompt if args.prompt is not None else _read_lines()
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT, or prompts on stdin, one per line.")
     llm = _make_llm(args)
     try:
+        # As LLM.generate(prompts) uses them: the model's generation_config defaults.
+        params = sampling_params_from_args(args, _model_defaults(llm))
         outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.shutdown()
@@ -188,16 +202,21 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    params = sampling_params_from_args(args)
+    from pagedllm.entrypoints.chat_utils import load_chat_template
+
+    if (sampling_params_from_args(args).n or 1) > 1:
+        raise ValueError("chat keeps one reply per turn: use --n 1 (generate prints every completion).")
+    chat_template = load_chat_template(args.chat_template)
     llm = _make_llm(args)
     try:
+        params = sampling_params_from_args(args, _model_defaults(llm))
         conversation: list[dict[str, str]] = []
         if args.system_prompt is not None:
             conversation.append({"role": "system", "content": args.system_prompt})
         messages = [args.prompt] if args.prompt is not None else _user_messages()
         for message in messages:
             conversation.append({"role": "user", "content": message})
-            reply = llm.chat(conversation, params, use_tqdm=False)[0].outputs[0].text
+            reply = llm.chat(conversation, params, use_tqdm=False, chat_template=chat_template)[0].outputs[0].text
             conversation.append({"role": "assistant", "content": reply})
             print(reply, flush=True)
     finally:
@@ -239,7 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     status 2 and one line on stderr; any other failure with status 1, also in one line;
     `--debug` lets the exception (and its traceback) through."""
     parser, runners = build_parser()
-    args = parser.parse_args(_dashed_options(sys.argv[1:] if argv is None else argv))
+    try:
+        argv = _with_config_file(list(sys.argv[1:] if argv is None else argv), parser)
+    except (ValueError, OSError) as error:
+        parser.exit(BAD_INPUT_STATUS, f"pagedllm: error: {_one_line(error)}\n")
+    args = parser.parse_args(_dashed_options(argv))
     try:
         return runners[args.command](args)
     except (ValueError, TypeError, OSError) as error:
@@ -252,6 +275,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         parser.exit(1, f"pagedllm: error: {type(error).__name__}: {_one_line(error)} (--debug shows the traceback)\n")
+
+
+def _with_config_file(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """vLLM's `--config FILE.yaml`: the file's options (long names as keys) go in front of the
+    command line's, right after the subcommand, so that a flag given on the command line wins
+    over the file, and the file over the defaults. `true` is the bare flag, `false` its `--no-`
+    form where the flag has one (else nothing), a list several values, a dict JSON."""
+    subcommands: dict[str, argparse.ArgumentParser] = next(
+        action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for index, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            break
+    else:
+        return argv
+    if arg == "--config":
+        if index + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file, e.g. --config config.yaml.")
+        path, rest = argv[index + 1], argv[:index] + argv[index + 2:]
+    else:
+        path, rest = arg.split("=", 1)[1], argv[:index] + argv[index + 1:]
+    import json
+
+    import yaml
+
+    with open(path, encoding="utf-8") as file:
+        options = yaml.safe_load(file) or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"--config {path}: the file must map option names to values, e.g. 'port: 8000'.")
+    command = next((a for a in rest if a in subcommands), None)
+    known = subcommands[command]._option_string_actions if command is not None else {}
+    from_file: list[str] = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if isinstance(value, bool):
+            if value or "--no-" + flag[2:] in known:
+                from_file.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            from_file += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            from_file += [flag, json.dumps(value)]
+        elif value is not None:
+            from_file += [flag, str(value)]
+    after = next((i + 1 for i, a in enumerate(rest) if a in subcommands), 0)
+    return rest[:after] + from_file + rest[after:]
 
 
 def _dashed_options(argv: Sequence[str]) -> list[str]:

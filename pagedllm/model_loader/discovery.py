@@ -62,10 +62,10 @@ def resolve_model(
     local = _local_path(model, "model")
     if local is not None:
         if os.path.isdir(local):
-            logger.info("Model %s: local folder %s.", model, local)
+            logger.debug("Model %s: local folder %s.", model, local)
             return ResolvedModel(model_path=local, gguf_file=None)
         if local.endswith(".gguf"):
-            logger.info("Model %s: local GGUF file %s.", model, local)
+            logger.debug("Model %s: local GGUF file %s.", model, local)
             return ResolvedModel(model_path=os.path.dirname(local), gguf_file=local)
         raise ValueError(
             f"model={model!r} is a file but not a .gguf file; pass the folder that holds "
@@ -84,7 +84,7 @@ def resolve_tokenizer(tokenizer: str, revision: str | None, download_dir: str | 
     files for a hub id."""
     local = _local_path(tokenizer, "tokenizer")
     if local is not None:
-        logger.info("Tokenizer %s: local %s.", tokenizer, local)
+        logger.debug("Tokenizer %s: local %s.", tokenizer, local)
         return local
     repo_id = _check_hub_id(tokenizer, "tokenizer")
     offline = envs.hf_hub_offline()

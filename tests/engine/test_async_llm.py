@@ -298,6 +298,15 @@ def test_engine_core_exits_when_the_front_process_is_killed(model_dir, tmp_path)
         front.kill()
 
 
+def test_bad_input_found_by_the_engine_core_is_a_value_error(model_dir):
+    """The engine core sizes the KV cache in its own process: its ValueError comes back as one,
+    with the message that names the option (`serve` then exits 2 with one line)."""
+    options = {**ENGINE_OPTIONS, "kv_cache_memory_bytes": 1000}
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes") as error:
+        AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), **options))
+    assert "Traceback" not in str(error.value)
+
+
 def test_a_script_without_a_main_guard_is_told_to_add_one(model_dir, tmp_path):
     """The spawned engine core imports the script again, which starts a second engine there."""
     script = textwrap.dedent(f"""

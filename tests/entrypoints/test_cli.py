@@ -135,3 +135,71 @@ def test_engine_flags_come_from_engine_args_including_max_model_len_auto():
     # vLLM's short flags.
     engine_args = EngineArgs.from_cli_args(parser.parse_args(["generate", "-tp", "2", "-q", "fp8", "-O", "0"]))
     assert (engine_args.tensor_parallel_size, engine_args.quantization, engine_args.compilation_config) == (2, "fp8", 0)
+
+
+def test_generate_and_chat_use_the_models_generation_config_as_llm_generate_does(chat_model, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "with_defaults"
+    shutil.copytree(chat_model, model)
+    (model / "generation_config.json").write_text(json.dumps({"top_k": 1, "temperature": 0.7, "max_new_tokens": 3}))
+    llm = LLM(str(model), dtype="float32", kv_cache_memory_bytes=1 << 22)
+    expected = llm.generate("hello world", use_tqdm=False)[0].outputs[0]
+    assert len(expected.token_ids) == 3
+    assert main(["generate", "--model", str(model), *ENGINE_FLAGS, "--prompt", "hello world"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    # A flag given still wins over the file.
+    assert main(["generate", "--model", str(model), *ENGINE_FLAGS, "--prompt", "hello world", "--max-tokens", "5"]) == 0
+    longer = llm.generate("hello world", SamplingParams(top_k=1, temperature=0.7, max_tokens=5), use_tqdm=False)
+    assert capsys.readouterr().out == longer[0].outputs[0].text + "\n"
+    llm.shutdown()
+
+
+def test_an_error_after_the_model_is_found_is_still_one_line_in_a_real_process(chat_model):
+    result = subprocess.run(
+        [sys.executable, "-m", "pagedllm", "generate", "--model", str(chat_model), "--prompt", "x",
+         "--max-model-len", "100000"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pagedllm: error: max_model_len=100000"), result.stderr
+
+
+def test_vllm_command_lines_port(chat_model, llm, tmp_path, capsys):
+    """--version, --config FILE.yaml (the command line wins over the file), vLLM's flags of
+    features pagedllm lacks at their 'off' values, human-readable sizes, chat --chat-template."""
+    from pagedllm import __version__
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.entrypoints.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == __version__
+
+    config = tmp_path / "config.yaml"
+    config.write_text("dtype: float32\nkv-cache-memory-bytes: 4M\nmax_tokens: 6\ntemperature: 0.8\ntop-p: 0.9\n"
+                      "seed: 7\nenable-prefix-caching: false\nignore-eos: false\n")
+    assert main(["generate", "--config", str(config), "--model", str(chat_model), "--seed", "3", "--prompt", "hello"]) == 0
+    assert capsys.readouterr().out == llm.generate("hello", PARAMS, use_tqdm=False)[0].outputs[0].text + "\n"
+
+    assert main(["generate", "--model", str(chat_model), *ENGINE_FLAGS, *SAMPLING_FLAGS, "--prompt", "hello",
+                 "-pp", "1", "--data-parallel-size", "1", "--task", "generate", "--scheduling-policy", "fcfs"]) == 0
+    capsys.readouterr()
+    line = _fails_with_one_line(["generate", "--model", str(chat_model), "--prompt", "x", "-pp", "2"], capsys)
+    assert "pipeline_parallel_size=2 is not supported" in line
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["generate", "--kv-cache-memory-bytes", "4M", "--max-num-batched-tokens", "2k"])
+    assert (args.kv_cache_memory_bytes, args.max_num_batched_tokens) == (4 << 20, 2000)
+    import argparse
+
+    assert isinstance(EngineArgs.add_cli_args(argparse.ArgumentParser()), argparse.ArgumentParser)
+
+    line = _fails_with_one_line(["chat", "--model", str(chat_model), "--prompt", "x", "--n", "2"], capsys)
+    assert "--n 1" in line
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    assert main(["chat", "--model", str(chat_model), *ENGINE_FLAGS, *SAMPLING_FLAGS, "--prompt", "hello",
+                 "--chat-template", template]) == 0
+    expected = llm.chat([{"role": "user", "content": "hello"}], PARAMS, use_tqdm=False, chat_template=template)
+    assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"

@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
 from pagedllm import envs
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.entrypoints.chat_utils import load_chat_template
 
 if TYPE_CHECKING:
     from pagedllm.entrypoints.openai.api_server import CorsOptions
@@ -105,21 +105,6 @@ def serving_options(args: argparse.Namespace) -> ServingOptions:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         chat_template_content_format=args.chat_template_content_format,
         request_logger=request_logger,
-    )
-
-
-def load_chat_template(value: str | None) -> str | None:
-    """--chat-template: a file's content, or the template text itself."""
-    if value is None:
-        return None
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as file:
-            return file.read()
-    if "{{" in value or "{%" in value:
-        return value
-    raise ValueError(
-        f"--chat-template {value!r} is neither a file nor a Jinja template; pass a path to a "
-        "template file or the template text (with {{ ... }} / {% ... %})."
     )
 
 

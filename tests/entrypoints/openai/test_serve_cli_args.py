@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.entrypoints.openai.cli_args import add_serve_parser, load_chat_template
+from pagedllm.entrypoints.chat_utils import load_chat_template
+from pagedllm.entrypoints.openai.cli_args import add_serve_parser
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
