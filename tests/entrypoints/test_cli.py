@@ -128,9 +128,9 @@ def test_engine_flags_come_from_engine_args_including_max_model_len_auto():
                                check=True).stdout
     assert "save-sharded" in help_text  # `python -m pagedllm` is the command
     # vLLM's parser takes underscores in option names too.
-    from pagedllm.entrypoints.cli import _dashed_options
+    from pagedllm.entrypoints.cli_argv import dashed_options
 
-    dashed = _dashed_options(["generate", "--max_model_len", "64", "--kv_cache_dtype=fp8", "--prompt", "a_b"])
+    dashed = dashed_options(["generate", "--max_model_len", "64", "--kv_cache_dtype=fp8", "--prompt", "a_b"])
     assert dashed == ["generate", "--max-model-len", "64", "--kv-cache-dtype=fp8", "--prompt", "a_b"]
     # vLLM's short flags.
     engine_args = EngineArgs.from_cli_args(parser.parse_args(["generate", "-tp", "2", "-q", "fp8", "-O", "0"]))
