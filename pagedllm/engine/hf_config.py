@@ -118,14 +118,31 @@ def config_dtype_of(hf_config: PretrainedConfig) -> torch.dtype | None:
 
 
 def derive_max_model_len(hf_config: PretrainedConfig) -> int:
-    """The model's context length from config.json (the smallest of the keys present)."""
+    """The model's context length from config.json (the smallest of the keys present), times
+    its rope scaling factor as vLLM derives it: linear scaling stretches the positions it was
+    trained on, YaRN extends original_max_position_embeddings; llama3-type scaling, and
+    Gemma 3, whose max_position_embeddings is already the scaled length, are taken as given."""
     hf_config = text_config_of(hf_config)
     lengths = [
         int(value)
         for key in _CONTEXT_LENGTH_KEYS
         if isinstance(value := getattr(hf_config, key, None), (int, float)) and value > 0
     ]
-    return min(lengths) if lengths else 2048
+    length = min(lengths) if lengths else 2048
+    if "gemma3" in str(getattr(hf_config, "model_type", "")):
+        return length
+    from pagedllm.layers.rotary_embedding import rope_parameters_of
+
+    try:
+        rope = rope_parameters_of(hf_config)
+    except ValueError:  # rope settings per layer type: no single scaling to apply
+        return length
+    factor = rope.get("factor")
+    if rope["rope_type"] not in ("linear", "yarn") or not isinstance(factor, (int, float)) or factor <= 1:
+        return length
+    if rope["rope_type"] == "yarn":
+        length = int(rope.get("original_max_position_embeddings") or length)
+    return int(length * factor)
 
 
 def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bool, revision: str | None) -> PretrainedConfig:

@@ -183,6 +183,8 @@ def get_rope(head_size: int, max_position: int, rope_parameters: dict[str, Any])
     attention_scaling = 1.0
     if rope_type == "linear":
         inv_freq = inv_freq / rope_parameters["factor"]
+        # The context the scaling stretches to (hf_config.derive_max_model_len's length).
+        max_position = max(max_position, int(max_position * rope_parameters["factor"]))
     elif rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_parameters)
     elif rope_type == "yarn":

@@ -59,3 +59,17 @@ def test_rope_theta_override_changes_the_logprobs_as_transformers(tiny_checkpoin
         logits = model(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
     expected = logits.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
     torch.testing.assert_close(overridden, expected, rtol=0, atol=1e-4)
+
+
+def test_max_model_len_takes_the_rope_scaling_factor_as_vllm_derives_it():
+    from pagedllm.engine.hf_config import derive_max_model_len
+
+    def llama(**rope):
+        return transformers.LlamaConfig(max_position_embeddings=256, rope_parameters={"rope_theta": 10000.0, **rope})
+
+    assert derive_max_model_len(llama(rope_type="default")) == 256
+    assert derive_max_model_len(llama(rope_type="linear", factor=2.0)) == 512
+    assert derive_max_model_len(llama(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)) == 256
+    llama3 = llama(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+    assert derive_max_model_len(llama3) == 256  # llama3-type scaling: max_position_embeddings as given

@@ -129,3 +129,22 @@ def test_outputs_keep_input_order_and_n_completions(tiny_checkpoints):
         assert output.finished
     again = llm.generate(token_prompts(PROMPTS), params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def test_linear_rope_scaling_extends_max_model_len_and_matches_transformers_past_it(tmp_path):
+    """max_position_embeddings 512 with linear scaling by 2: vLLM's max_model_len is 1,024, and a
+    prompt past 512 positions gives transformers' greedy tokens."""
+    import json
+
+    path = make_tiny_checkpoint(tmp_path / "linear", "llama", seed=3)
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config.pop("rope_scaling", None)
+    (path / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 22)
+    assert llm.llm_engine.model_config.max_model_len == 1024
+    prompt = [3 + (i * 7) % 300 for i in range(700)]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == hf_greedy(path, [prompt], 4)[0]
+    llm.shutdown()

@@ -45,6 +45,10 @@ CASES = {
         "LlamaForCausalLM", "LlamaConfig",
         dict(tie_word_embeddings=False, rope_parameters=_LLAMA3_ROPE),
     ),
+    "llama-linear-rope": (
+        "LlamaForCausalLM", "LlamaConfig",
+        dict(tie_word_embeddings=False, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    ),
     "mistral-sliding-window": (
         "MistralForCausalLM", "MistralConfig", dict(tie_word_embeddings=False, sliding_window=5),
     ),
