@@ -230,6 +230,11 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
     block_size = 16 if block_size is None else _check_positive_int("block_size", block_size)
     if block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two (e.g. 16), got {block_size}.")
+    swap_space = args["swap_space"]
+    if swap_space is not None and (isinstance(swap_space, bool) or not isinstance(swap_space, (int, float))
+                                   or swap_space < 0):
+        raise ValueError(f"swap_space must be a number of GiB >= 0 (pagedllm recomputes instead of swapping), "
+                         f"got {swap_space!r}.")
     utilization = args["gpu_memory_utilization"]
     if not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}.")

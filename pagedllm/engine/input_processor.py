@@ -190,10 +190,12 @@ class InputProcessor:
         if not token_ids:
             raise ValueError("The prompt is empty: give at least one token.")
         if len(token_ids) >= max_model_len:
+            # vLLM's words first (tests match on them), then what would work.
             raise ValueError(
-                f"The prompt has {len(token_ids)} tokens, but max_model_len is {max_model_len} "
-                "and at least one token must remain for the output: shorten the prompt or raise "
-                "max_model_len."
+                f"The decoder prompt (length {len(token_ids)}) plus the number of requested output tokens "
+                f"(at least 1) is longer than the maximum model length of {max_model_len}: the prompt has "
+                f"{len(token_ids)} tokens, but max_model_len is {max_model_len} and at least one token must "
+                "remain for the output; shorten the prompt or raise max_model_len."
             )
         vocab_size = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab_size]

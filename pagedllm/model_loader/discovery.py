@@ -126,7 +126,17 @@ def _check_hub_id(name: str, option: str) -> str:
 
 
 def _cache_dir(download_dir: str | None) -> str:
-    return os.path.abspath(os.path.expanduser(download_dir)) if download_dir else constants.HF_HUB_CACHE
+    """download_dir, else the hub cache as the environment names it now (huggingface_hub fixes
+    its constant at import; a variable set later, as a test's monkeypatch does, still counts,
+    as HF_HUB_OFFLINE does)."""
+    if download_dir:
+        return os.path.abspath(os.path.expanduser(download_dir))
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return os.path.expanduser(os.environ[variable])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
 
 
 def _snapshot_for_weights(
@@ -187,7 +197,7 @@ def _snapshot(
         return snapshot_download(
             repo_id,
             revision=revision,
-            cache_dir=download_dir,
+            cache_dir=_cache_dir(download_dir),
             allow_patterns=allow_patterns,
             local_files_only=offline,
         )

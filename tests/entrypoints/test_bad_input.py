@@ -86,3 +86,13 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         LLM(str(tmp_path), skip_tokenizer_init=True, load_format="dummy")
+
+
+def test_a_prompt_of_max_model_len_tokens_says_it_in_vllms_words_and_bad_swap_space(tiny_checkpoints):
+    llm = LLM(str(tiny_checkpoints["llama"]), skip_tokenizer_init=True, dtype="float32", max_model_len=64,
+              kv_cache_memory_bytes=1 << 22)
+    with pytest.raises(ValueError, match="longer than the maximum model length of 64"):
+        llm.generate({"prompt_token_ids": list(range(3, 67))}, use_tqdm=False)
+    llm.shutdown()
+    with pytest.raises(ValueError, match="swap_space must be a number of GiB >= 0"):
+        LLM(str(tiny_checkpoints["llama"]), skip_tokenizer_init=True, swap_space=-1)

@@ -137,6 +137,12 @@ def test_hub_id_is_resolved_offline_from_the_cache(text_model, tmp_path, monkeyp
         llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
         LLM("tiny-org/absent", download_dir=str(tmp_path))
+    # The cache as the environment names it when the LLM is made (a monkeypatch after import).
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    env_llm = LLM("tiny-org/tiny-qwen3", dtype="float32", kv_cache_memory_bytes=1 << 22)
+    assert env_llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids == \
+        llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    env_llm.shutdown()
 
 
 def test_a_request_whose_output_fails_ends_with_error_while_the_others_finish(llm, monkeypatch):
