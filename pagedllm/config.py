@@ -161,6 +161,9 @@ class CacheConfig:
     num_gpu_blocks: int | None = None
     """The KV cache's blocks once the engine has sized it (vLLM's name, on CPU too); None in
     the config the engine starts from."""
+    num_gpu_blocks_override: int | None = None
+    """Blocks to allocate instead of those the budget gives (vLLM's knob for tests that want a
+    small cache, e.g. to force preemption); on CPU too."""
 
     def element_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's element type for a model computing in `model_dtype` (what the

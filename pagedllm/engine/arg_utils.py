@@ -147,6 +147,7 @@ class EngineArgs:
     seed: int | None = _option(0, "engine random seed: same seed, same samples", int)
     gpu_memory_utilization: float = _option(0.9, "fraction of GPU memory this engine may use")
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (overrides gpu_memory_utilization; 4G = 4 GiB)", "human_int")
+    num_gpu_blocks_override: int | None = _option(None, "KV cache blocks to allocate, whatever the memory budget gives (vLLM's testing knob)", int)
     kv_cache_headroom: float = _option(0.1, "KV cache beyond max_num_seqs x max_model_len tokens, as a fraction of them (prefix-cache reuse); the rest of the budget stays free")
     kv_cache_dtype: str = _option("auto", "auto (the model dtype) | fp8 | fp8_e4m3: KV cache element type", str)
     calculate_kv_scales: bool = _option(False, "accepted for vLLM compatibility when False: fp8 KV scales come from the checkpoint (else 1.0)")

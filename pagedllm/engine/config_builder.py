@@ -241,6 +241,9 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
     kv_bytes = args["kv_cache_memory_bytes"]
     if kv_bytes is not None:
         kv_bytes = _check_positive_int("kv_cache_memory_bytes", kv_bytes)
+    blocks_override = args["num_gpu_blocks_override"]
+    if blocks_override is not None:
+        blocks_override = _check_positive_int("num_gpu_blocks_override", blocks_override)
     enable_prefix_caching = args["enable_prefix_caching"]
     headroom = args["kv_cache_headroom"]
     if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0.0 <= headroom:
@@ -263,6 +266,7 @@ def _build_cache_config(args: dict[str, Any], device: torch.device) -> CacheConf
         enable_prefix_caching=True if enable_prefix_caching is None else bool(enable_prefix_caching),
         gpu_memory_utilization=float(utilization),
         kv_cache_memory_bytes=kv_bytes,
+        num_gpu_blocks_override=blocks_override,
         cpu_kv_cache_bytes=envs.cpu_kvcache_space_bytes() if device.type == "cpu" else 0,
         kv_cache_headroom=float(headroom),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -149,7 +149,13 @@ def _fp8_cache_hint(engine_config: EngineConfig, sizing: KVCacheSizing) -> str:
 
 def check_and_log_kv_cache(engine_config: EngineConfig, sizing: KVCacheSizing, device: torch.device) -> int:
     """The number of blocks; fails when one request of max_model_len tokens does not fit
-    (unless max_model_len='auto', which the engine then lowers to what fits)."""
+    (unless max_model_len='auto', which the engine then lowers to what fits).
+    num_gpu_blocks_override replaces the blocks the budget gives, as in vLLM."""
+    blocks_override = engine_config.cache_config.num_gpu_blocks_override
+    if blocks_override is not None:
+        logger.info("KV cache: num_gpu_blocks_override=%d replaces the %d blocks the budget gives.",
+                    blocks_override, sizing.num_blocks)
+        sizing = replace(sizing, num_blocks=blocks_override)
     max_model_len = engine_config.model_config.max_model_len
     override = engine_config.cache_config.kv_cache_memory_bytes
     if override is not None:

@@ -148,3 +148,16 @@ def test_linear_rope_scaling_extends_max_model_len_and_matches_transformers_past
                        use_tqdm=False)[0]
     assert list(out.outputs[0].token_ids) == hf_greedy(path, [prompt], 4)[0]
     llm.shutdown()
+
+
+def test_num_gpu_blocks_override_sizes_the_cache_and_preemption_keeps_the_tokens(tiny_checkpoints, hf_reference,
+                                                                                caplog):
+    """vLLM's knob for a small cache: 8 blocks (128 tokens), whatever the budget, for five
+    prompts that together need more, so requests are preempted and recomputed."""
+    llm = LLM(str(tiny_checkpoints["qwen3"]), skip_tokenizer_init=True, dtype="float32", max_model_len=128,
+              num_gpu_blocks_override=8, enable_prefix_caching=False)
+    assert llm.llm_engine.cache_config.num_gpu_blocks == 8
+    with caplog.at_level("WARNING", logger="pagedllm"):
+        assert generate_tokens(llm, PROMPTS) == hf_reference["qwen3"]
+    assert any("preempted" in record.getMessage() for record in caplog.records)
+    llm.shutdown()
