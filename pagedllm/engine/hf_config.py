@@ -131,18 +131,13 @@ def derive_max_model_len(hf_config: PretrainedConfig) -> int:
     length = min(lengths) if lengths else 2048
     if "gemma3" in str(getattr(hf_config, "model_type", "")):
         return length
-    from pagedllm.layers.rotary_embedding import rope_parameters_of
+    from pagedllm.layers.rotary_embedding import rope_parameters_of, scaled_context_length
 
     try:
         rope = rope_parameters_of(hf_config)
     except ValueError:  # rope settings per layer type: no single scaling to apply
         return length
-    factor = rope.get("factor")
-    if rope["rope_type"] not in ("linear", "yarn") or not isinstance(factor, (int, float)) or factor <= 1:
-        return length
-    if rope["rope_type"] == "yarn":
-        length = int(rope.get("original_max_position_embeddings") or length)
-    return int(length * factor)
+    return scaled_context_length(rope, length)
 
 
 def read_hf_config(model_path: str, gguf_file: str | None, trust_remote_code: bool, revision: str | None) -> PretrainedConfig:

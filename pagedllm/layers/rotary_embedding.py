@@ -173,6 +173,19 @@ class RotaryEmbedding(nn.Module):
         )
 
 
+def scaled_context_length(rope_parameters: dict[str, Any], length: int) -> int:
+    """A context of `length` positions as vLLM scales it: linear scaling stretches it by its
+    factor, YaRN extends original_max_position_embeddings by it; other rope types (llama3's
+    included) leave it as given."""
+    factor = rope_parameters.get("factor")
+    rope_type = rope_parameters.get("rope_type")
+    if rope_type not in ("linear", "yarn") or not isinstance(factor, (int, float)) or factor <= 1:
+        return length
+    if rope_type == "yarn":
+        length = int(rope_parameters.get("original_max_position_embeddings") or length)
+    return int(length * factor)
+
+
 def get_rope(head_size: int, max_position: int, rope_parameters: dict[str, Any]) -> RotaryEmbedding:
     """A rope table for positions 0..max_position-1 (more for YaRN, which extends the context
     to original_max_position_embeddings * factor)."""
@@ -183,8 +196,6 @@ def get_rope(head_size: int, max_position: int, rope_parameters: dict[str, Any])
     attention_scaling = 1.0
     if rope_type == "linear":
         inv_freq = inv_freq / rope_parameters["factor"]
-        # The context the scaling stretches to (hf_config.derive_max_model_len's length).
-        max_position = max(max_position, int(max_position * rope_parameters["factor"]))
     elif rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_parameters)
     elif rope_type == "yarn":

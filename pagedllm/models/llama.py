@@ -16,7 +16,7 @@ from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.logits_processor import LogitsProcessor
 from pagedllm.layers.quantization.base import QuantizationConfig
-from pagedllm.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_parameters_of
+from pagedllm.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_parameters_of, scaled_context_length
 from pagedllm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.utils import (
     head_dim_of,
@@ -164,9 +164,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "embed_tokens")
         )
-        # One rope table shared by every layer.
+        # One rope table shared by every layer, over the context the rope scaling gives (the
+        # engine's max_model_len is derived the same way).
+        rope_parameters = rope_parameters_of(config)
         self.rotary_emb = get_rope(
-            head_dim_of(config), config.max_position_embeddings, rope_parameters_of(config)
+            head_dim_of(config), scaled_context_length(rope_parameters, config.max_position_embeddings),
+            rope_parameters,
         )
         self.layers = nn.ModuleList(
             decoder_layer_cls(
