@@ -138,6 +138,9 @@ class LoadConfig:
     cpu_offload_bytes: int = 0
     """Bytes of weights kept in pinned host memory and copied to the GPU per layer at each
     forward (cpu_offload_gb)."""
+    sharded_state_pattern: str | None = None
+    """The file names of a sharded state (model_loader_extra_config's "pattern"); None: the
+    one its sharded_state.json records, else model-rank-{rank}-part-{part}.safetensors."""
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,7 @@ class EngineArgs:
     enable_prefix_caching: bool | None = _option(None, "share KV blocks of common prefixes (default on)", bool)
     load_format: str = _option("auto", "auto | safetensors | pt | dummy | gguf | sharded_state", str)
     download_dir: str | None = _option(None, "hub cache folder to read and download into", str)
+    model_loader_extra_config: dict | None = _option(None, "the loader's extra settings: {'pattern': ...} names a sharded state's files (load_format='sharded_state')", "json")
     device: str = _option("auto", "auto | cuda | cpu", str)
     max_logprobs: int = _option(20, "largest logprobs / prompt_logprobs a request may ask for (-1: no limit)")
     disable_log_stats: bool = _option(True, "accepted for vLLM compatibility")

@@ -19,7 +19,6 @@ from pagedllm.config import (
     CompilationConfig,
     DeviceConfig,
     EngineConfig,
-    LoadConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -31,6 +30,7 @@ from pagedllm.engine.hf_config import (
     read_hf_config,
     resolve_dtype,
 )
+from pagedllm.engine.load_config_builder import build_load_config, check_sharded_state
 from pagedllm.engine.multimodal_config_builder import build_multimodal_config
 from pagedllm.engine.tensor_parallel_split import check_tensor_parallel_split
 
@@ -60,42 +60,14 @@ def build_engine_config(model: str, args: dict[str, Any], planned_device: torch.
         )
     _check_choice("tokenizer_mode", args["tokenizer_mode"], TOKENIZER_MODES)
     resolved = resolve_model(model, args["revision"], args["download_dir"], load_format)
-    if resolved.gguf_file is not None and load_format not in ("auto", "gguf"):
-        raise ValueError(f"model={model!r} is a GGUF file: use load_format='auto' or 'gguf', not {load_format!r}.")
-    if resolved.gguf_file is None and load_format == "gguf":
-        raise ValueError(f"load_format='gguf' needs model= to be a .gguf file, got {model!r}.")
-    cpu_offload_gb = args["cpu_offload_gb"]
-    if isinstance(cpu_offload_gb, bool) or not isinstance(cpu_offload_gb, (int, float)) or cpu_offload_gb < 0:
-        raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0, got {cpu_offload_gb!r}.")
-    if cpu_offload_gb > 0 and device.type != "cuda":
-        raise ValueError(
-            f"cpu_offload_gb={cpu_offload_gb} offloads weights from a GPU to host memory, but the "
-            f"device is {device}; use cpu_offload_gb=0 on CPU."
-        )
-    load_config = LoadConfig(
-        load_format="gguf" if resolved.gguf_file else load_format,
-        download_dir=args["download_dir"],
-        cpu_offload_bytes=int(cpu_offload_gb * (1 << 30)),
-    )
+    load_config = build_load_config(model, resolved, args, device)
     hf_config = read_hf_config(resolved.model_path, resolved.gguf_file, args["trust_remote_code"], args["revision"])
     hf_config = apply_hf_overrides(hf_config, args["hf_overrides"])
     model_config = _build_model_config(model, resolved, hf_config, args, device)
     scheduler_config = _build_scheduler_config(args, model_config.max_model_len, device)
     cache_config = _build_cache_config(args, device)
     parallel_config = _build_parallel_config(args, hf_config, device, check_visible_gpus=planned_device is None)
-    if load_config.load_format in ("auto", "safetensors") and resolved.gguf_file is None:
-        from pagedllm.model_loader.sharded_state import METADATA_FILE
-
-        if os.path.isfile(os.path.join(resolved.model_path, METADATA_FILE)):
-            # Its files hold each rank's shards, which a whole-checkpoint load would misread.
-            raise ValueError(
-                f"{resolved.model_path} holds a sharded state ({METADATA_FILE}, written by save-sharded); "
-                "load it with load_format='sharded_state'."
-            )
-    if load_config.load_format == "sharded_state":
-        from pagedllm.model_loader.sharded_state import check_sharded_state_folder
-
-        check_sharded_state_folder(resolved.model_path, parallel_config.tensor_parallel_size, model_config.quantization)
+    check_sharded_state(load_config, resolved.model_path, parallel_config.tensor_parallel_size, model_config.quantization)
     compilation_config = _build_compilation_config(args, device, scheduler_config.max_num_seqs, model_config.max_model_len)
     if args["tokenizer"] is not None and not args["skip_tokenizer_init"]:
         tokenizer = resolve_tokenizer(args["tokenizer"], args["tokenizer_revision"], args["download_dir"])

@@ -42,7 +42,7 @@ VLLM_ENGINE_OPTIONS = (
     "compilation_config", "cudagraph_capture_sizes", "structured_outputs_config", "async_scheduling",
     "scheduling_policy", "kv_transfer_config", "logits_processors", "enable_prompt_embeds", "device",
     "max_parallel_loading_workers", "disable_sliding_window", "logprobs_mode", "model_impl", "runner",
-    "mm_processor_cache_gb", "num_gpu_blocks_override",
+    "mm_processor_cache_gb", "num_gpu_blocks_override", "model_loader_extra_config",
 )
 VLLM_REQUEST_OUTPUT_FIELDS = (
     "request_id", "prompt", "prompt_token_ids", "prompt_logprobs", "outputs", "finished", "metrics",

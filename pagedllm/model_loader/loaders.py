@@ -203,8 +203,9 @@ def _load_sharded_state(
     from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size
     from pagedllm.model_loader.sharded_state import check_sharded_state_folder, load_rank_state
 
-    check_sharded_state_folder(model_config.model_path, get_tp_size(), model_config.quantization)
-    load_rank_state(model, model_config.model_path, get_tp_rank(), stats)
+    pattern = load_config.sharded_state_pattern
+    check_sharded_state_folder(model_config.model_path, get_tp_size(), model_config.quantization, pattern)
+    load_rank_state(model, model_config.model_path, get_tp_rank(), stats, pattern)
 
 
 _Loader = Callable[[torch.nn.Module, ModelConfig, LoadConfig, ReadStats], None]

@@ -14,6 +14,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -45,6 +46,12 @@ def rank_file_glob(rank: int | str, pattern: str = DEFAULT_FILE_PATTERN) -> str:
     return pattern.format(rank=rank, part="*")
 
 
+def saved_ranks(folder: str, pattern: str = DEFAULT_FILE_PATTERN) -> set[int]:
+    """The ranks whose files under `pattern` the folder holds."""
+    regex = re.compile(re.escape(pattern).replace(r"\{rank\}", r"(?P<rank>\d+)").replace(r"\{part\}", r"\d+"))
+    return {int(match["rank"]) for name in os.listdir(folder) if (match := regex.fullmatch(name))}
+
+
 def save_rank_state(
     model: torch.nn.Module,
     output_dir: str,
@@ -63,6 +70,9 @@ def save_rank_state(
     if max_file_size < 1:
         raise ValueError(f"max_file_size must be a positive number of bytes, got {max_file_size}.")
     os.makedirs(output_dir, exist_ok=True)
+    # An earlier save's parts of this rank would be read along with these.
+    for stale in glob.glob(os.path.join(glob.escape(output_dir), rank_file_glob(rank, pattern))):
+        os.remove(stale)
     paths = []
     for part, tensors in enumerate(_parts(model, max_file_size)):
         path = os.path.join(output_dir, pattern.format(rank=rank, part=part))
@@ -121,9 +131,11 @@ def read_saved_tensor_parallel_size(folder: str) -> int | None:
         raise ValueError(f"Cannot read {path} ({error}); save the sharded state again.") from None
 
 
-def check_sharded_state_folder(folder: str, tensor_parallel_size: int, quantization: str | None) -> None:
+def check_sharded_state_folder(folder: str, tensor_parallel_size: int, quantization: str | None,
+                               pattern: str | None = None) -> None:
     """Start-up check for load_format='sharded_state': the folder holds a state saved with this
-    tensor_parallel_size and this quantization method (when its sharded_state.json says)."""
+    tensor_parallel_size and this quantization method (when its sharded_state.json says).
+    `pattern`: the files' names (model_loader_extra_config's), else the saved or default one."""
     metadata = _read_metadata(folder) or {}
     if "quantization" in metadata and metadata["quantization"] != quantization:
         saved_method = metadata["quantization"]
@@ -134,14 +146,13 @@ def check_sharded_state_folder(folder: str, tensor_parallel_size: int, quantizat
     saved = read_saved_tensor_parallel_size(folder)
     if saved is None:
         # Folders written by vLLM's example carry no metadata: count the ranks' files instead.
-        ranks = {
-            int(name.split("-")[2]) for name in os.listdir(folder)
-            if fnmatch.fnmatch(name, "model-rank-*-part-*.safetensors") and name.split("-")[2].isdigit()
-        }
+        pattern = pattern or DEFAULT_FILE_PATTERN
+        ranks = saved_ranks(folder, pattern)
         if not ranks:
             raise ValueError(
-                f"load_format='sharded_state' but {folder} holds no model-rank-*-part-*.safetensors "
-                "files; write them with `pagedllm save-sharded`, or use load_format='auto'."
+                f"load_format='sharded_state' but {folder} holds no {rank_file_glob('*', pattern)} files; write "
+                "them with `pagedllm save-sharded`, name their pattern with model_loader_extra_config="
+                "{'pattern': ...}, or use load_format='auto'."
             )
         saved = max(ranks) + 1
     if saved != tensor_parallel_size:
@@ -166,13 +177,20 @@ def load_rank_state(model: torch.nn.Module, folder: str, rank: int, stats: ReadS
             f"{folder} has no files for rank {rank} ({rank_file_glob(rank, pattern)}); the sharded "
             "state is incomplete: save it again with `pagedllm save-sharded`."
         )
-    params = dict(model.named_parameters())
+    # Every name of a tied parameter: vLLM saves a tied embedding under lm_head.weight.
+    params = dict(model.named_parameters(remove_duplicate=False))
     buffers = _persistent_buffers(model)
-    filled: set[str] = set()
+    filled: dict[int, str] = {}
+    """id of each tensor filled -> the saved name it came from."""
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 param = params.get(name, buffers.get(name))
+                if param is not None and id(param) in filled:
+                    raise ValueError(
+                        f"{path} holds {name!r}, which {filled[id(param)]!r} of another file already filled: "
+                        "the folder mixes two saved states; save it again into an empty folder."
+                    )
                 if param is None:
                     raise ValueError(
                         f"{path} holds {name!r}, which is no parameter of {type(model).__name__}; "
@@ -187,8 +205,8 @@ def load_rank_state(model: torch.nn.Module, folder: str, rank: int, stats: ReadS
                 param.data.copy_(tensor)
                 stats.num_tensors += 1
                 stats.bytes_read += tensor.numel() * tensor.element_size()
-                filled.add(name)
-    missing = sorted(set(params) - filled)
+                filled[id(param)] = name
+    missing = sorted(name for name, param in model.named_parameters() if id(param) not in filled)
     if missing:
         raise ValueError(
             f"The sharded state in {folder} lacks {len(missing)} parameter(s) of rank {rank}: "

@@ -153,3 +153,51 @@ def test_saving_again_replaces_the_earlier_state_and_auto_loading_names_the_form
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(source, PROMPTS, MAX_TOKENS)
 
+
+
+def test_vllm_made_states_load_and_a_folder_mixing_two_states_is_refused(tmp_path):
+    """A state as vLLM writes it: no sharded_state.json, a custom file pattern named by
+    model_loader_extra_config, a tied embedding saved under lm_head.weight; a running engine's
+    second save into the same folder replaces its first; a folder that still mixes two states
+    is refused rather than loaded wrong."""
+    from safetensors.torch import load_file, save_file
+
+    source = make_tiny_checkpoint(tmp_path / "model", "qwen2", tie_word_embeddings=True)
+    expected = hf_greedy(source, PROMPTS, MAX_TOKENS)
+    llm = LLM(str(source), skip_tokenizer_init=True, **ENGINE)
+    state = tmp_path / "state"
+    save = llm.llm_engine.engine_core.save_sharded_state
+    save(path=str(state), pattern="w-{rank}-{part}.safetensors", max_size=MAX_FILE_SIZE)
+    save(path=str(state), pattern="w-{rank}-{part}.safetensors")  # replaces the first: one part now
+    assert sorted(n for n in os.listdir(state) if n.startswith("w-")) == ["w-0-0.safetensors"]
+    llm.shutdown()
+    os.remove(state / "sharded_state.json")
+    tensors = load_file(str(state / "w-0-0.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")  # vLLM keeps the tied copy's name
+    save_file(tensors, str(state / "w-0-0.safetensors"))
+    from pagedllm.model_loader.sharded_state import copy_metadata_files
+
+    copy_metadata_files(str(source), str(state))
+    with pytest.raises(ValueError, match="holds no .*name their pattern with model_loader_extra_config"):
+        LLM(str(state), load_format="sharded_state", skip_tokenizer_init=True, **ENGINE)
+    extra = {"pattern": "w-{rank}-{part}.safetensors"}
+    loaded = LLM(str(state), load_format="sharded_state", model_loader_extra_config=extra, skip_tokenizer_init=True,
+                 **ENGINE)
+    outputs = loaded.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    loaded.shutdown()
+    with pytest.raises(ValueError, match="unexpected key"):
+        LLM(str(state), load_format="sharded_state", model_loader_extra_config={"pattern": "x", "other": 1})
+
+    # Another state's part written beside it by hand: two files fill the same tensor.
+    save_file({"lm_head.weight": tensors["lm_head.weight"]}, str(state / "w-0-1.safetensors"))
+    with pytest.raises(ValueError, match="mixes two saved states"):
+        LLM(str(state), load_format="sharded_state", model_loader_extra_config=extra, skip_tokenizer_init=True,
+            **ENGINE)
+    # vLLM's rank files without sharded_state.json are named as a sharded state when loaded plainly.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    copy_metadata_files(str(source), str(plain))
+    save_file(tensors, str(plain / "model-rank-0-part-0.safetensors"))
+    with pytest.raises(ValueError, match="load_format='sharded_state'"):
+        LLM(str(plain), skip_tokenizer_init=True, **ENGINE)
