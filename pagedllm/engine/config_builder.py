@@ -283,12 +283,34 @@ def _build_parallel_config(
 
 
 
+# vLLM CompilationConfig fields about torch.compile and its passes: accepted, no effect here.
+_VLLM_COMPILATION_ONLY_KEYS = frozenset({
+    "backend", "custom_ops", "splitting_ops", "use_inductor", "compile_sizes", "inductor_compile_config",
+    "inductor_passes", "cudagraph_num_of_warmups", "cudagraph_copy_inputs", "full_cuda_graph", "pass_config",
+    "debug_dump_path", "cache_dir", "compile_cache_save_format", "use_inductor_graph_partition",
+    "cudagraph_specialize_lora", "local_cache_dir",
+})
+
+
 def _build_compilation_config(args: dict[str, Any], device: torch.device, max_num_seqs: int, max_model_len: int) -> CompilationConfig:
     raw = args["compilation_config"] or {}
     if isinstance(raw, int):
         raw = {"mode": raw}
+    if isinstance(raw, CompilationConfig):
+        raw = dataclasses.asdict(raw)
     if not isinstance(raw, dict):
         raise ValueError(f"compilation_config must be a dict (e.g. {{'cudagraph_capture_sizes': [1, 2, 4]}}), got {raw!r}.")
+    if "use_cudagraph" in raw or "max_seq_len_to_capture" in raw:
+        # This package's CompilationConfig, passed as vLLM users pass vLLM's (EngineArgs turns
+        # it into a dict): its fields in the dict's terms.
+        raw = dict(raw)
+        if not raw.pop("use_cudagraph", True):
+            raw["cudagraph_mode"] = "NONE"
+        if not raw.get("cudagraph_capture_sizes"):
+            raw.pop("cudagraph_capture_sizes", None)
+        captured_len = raw.pop("max_seq_len_to_capture", None)
+        if args["max_seq_len_to_capture"] is None and captured_len is not None:
+            args = {**args, "max_seq_len_to_capture": min(int(captured_len), max_model_len)}
     if args["cudagraph_capture_sizes"] is not None:
         if "cudagraph_capture_sizes" in raw:
             raise ValueError(
@@ -301,7 +323,11 @@ def _build_compilation_config(args: dict[str, Any], device: torch.device, max_nu
     else:
         max_seq_len_to_capture = min(_check_positive_int("max_seq_len_to_capture", max_seq_len_to_capture), max_model_len)
     known = {"cudagraph_capture_sizes", "max_cudagraph_capture_size", "cudagraph_mode", "mode", "level"}
-    unknown = sorted(set(raw) - known)
+    ignored = sorted(set(raw) & _VLLM_COMPILATION_ONLY_KEYS)
+    if ignored:
+        # vLLM's torch.compile settings: pagedllm's step runs Triton kernels and CUDA graphs.
+        logger.info("compilation_config: %s do not apply here (no torch.compile) and are ignored.", ignored)
+    unknown = sorted(set(raw) - known - _VLLM_COMPILATION_ONLY_KEYS)
     if unknown:
         raise ValueError(f"compilation_config has unknown key(s) {unknown}; known keys: {sorted(known)}.")
     mode = str(raw.get("cudagraph_mode", "FULL")).upper()

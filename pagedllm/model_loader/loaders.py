@@ -123,7 +123,13 @@ def load_weights_strict(
 ) -> None:
     """Feed `weights` to `model.load_weights` and check that every parameter was filled;
     `source` (the checkpoint folder or file) goes into the error."""
-    loaded = cast(LoadableModel, model).load_weights(weights)
+    from pagedllm.models.utils import UnexpectedTensorsError
+
+    unexpected_error = None
+    try:
+        loaded = cast(LoadableModel, model).load_weights(weights)
+    except UnexpectedTensorsError as error:  # named together with what is missing, if anything
+        loaded, unexpected_error = error.loaded, error
     if not isinstance(loaded, set):
         raise TypeError(
             f"{type(model).__name__}.load_weights must return the set of parameter names it filled."
@@ -137,11 +143,14 @@ def load_weights_strict(
     if missing:
         shown = ", ".join(_checkpoint_names(model, name) for name in missing[:_MAX_NAMES_SHOWN])
         more = f" and {len(missing) - _MAX_NAMES_SHOWN} more" if len(missing) > _MAX_NAMES_SHOWN else ""
+        also = f" {unexpected_error}" if unexpected_error is not None else ""
         raise ValueError(
             f"The checkpoint {source} lacks {len(missing)} parameter(s) of {type(model).__name__}: "
             f"{shown}{more}. The checkpoint is incomplete or belongs to another architecture; "
-            "use a complete checkpoint, or load_format='dummy' for random weights."
+            f"use a complete checkpoint, or load_format='dummy' for random weights.{also}"
         )
+    if unexpected_error is not None:
+        raise ValueError(str(unexpected_error))
 
 
 def _checkpoint_names(model: torch.nn.Module, name: str) -> str:

@@ -105,12 +105,22 @@ def load_weights_by_mapping(
         if len(parts_seen[param_name]) == num_parts:
             loaded.add(param_name)
     if unexpected:
-        raise ValueError(
+        raise UnexpectedTensorsError(
             f"The checkpoint has {len(unexpected)} tensor(s) that match no parameter of "
             f"{type(model).__name__}: {', '.join(unexpected)}. The checkpoint and its "
-            "config.json (architectures, tie_word_embeddings, layer counts) disagree."
+            "config.json (architectures, tie_word_embeddings, layer counts) disagree.",
+            loaded,
         )
     return loaded
+
+
+class UnexpectedTensorsError(ValueError):
+    """Checkpoint tensors no parameter takes; `loaded` holds what was filled, so that the
+    loader can name the parameters left empty in the same error."""
+
+    def __init__(self, message: str, loaded: set[str]) -> None:
+        super().__init__(message)
+        self.loaded = loaded
 
 
 def builds_vision_tower(multimodal_config: Any) -> bool:

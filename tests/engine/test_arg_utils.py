@@ -59,3 +59,23 @@ def test_max_model_len_takes_vllms_human_readable_lengths():
         assert parser.parse_args(["--max-model-len", text]).max_model_len == expected
     with pytest.raises(SystemExit):
         parser.parse_args(["--max-model-len", "1.5K"])
+
+
+def test_compilation_config_takes_vllms_compile_fields_and_this_packages_class():
+    import dataclasses
+
+    from pagedllm.config import CompilationConfig
+    from pagedllm.engine.config_builder import _build_compilation_config
+
+    base = dict(compilation_config=None, cudagraph_capture_sizes=None, max_seq_len_to_capture=None,
+                enforce_eager=False, cpu_offload_gb=0)
+    cuda = torch.device("cuda")
+    ignored = _build_compilation_config({**base, "compilation_config": {"full_cuda_graph": True, "use_inductor": False}},
+                                        cuda, 8, 512)
+    assert ignored.cudagraph_capture_sizes == (1, 2, 4, 8)
+    ours = dataclasses.asdict(CompilationConfig(cudagraph_capture_sizes=(1, 2)))  # as EngineArgs passes it
+    assert _build_compilation_config({**base, "compilation_config": ours}, cuda, 8, 512).cudagraph_capture_sizes == (1, 2)
+    off = _build_compilation_config({**base, "compilation_config": CompilationConfig(use_cudagraph=False)}, cuda, 8, 512)
+    assert not off.use_cudagraph
+    with pytest.raises(ValueError, match="unknown key"):
+        _build_compilation_config({**base, "compilation_config": {"no_such_key": 1}}, cuda, 8, 512)

@@ -174,6 +174,16 @@ def test_unexpected_checkpoint_tensor_is_named_in_the_error() -> None:
         model.load_weights(weights)
 
 
+def test_a_checkpoint_with_missing_and_unexpected_tensors_names_both() -> None:
+    from pagedllm.model_loader.loaders import load_weights_strict
+
+    hf_model, model = build_pair("llama-gqa-untied")
+    weights = [(n, t) for n, t in hf_model.state_dict().items() if n != "model.layers.1.mlp.up_proj.weight"]
+    weights.append(("model.extra.weight", torch.zeros(4, 4)))
+    with pytest.raises(ValueError, match=r"lacks 1 parameter.*up_proj.*model\.extra\.weight"):
+        load_weights_strict(model, weights, "the test checkpoint")
+
+
 def test_tied_model_ignores_checkpoint_lm_head_copy() -> None:
     hf_model, model = build_pair("qwen2-tied-qkv-bias")
     weights = dict(hf_model.state_dict())
