@@ -52,6 +52,10 @@ def __getattr__(name: str) -> object:
         from pagedllm.engine.llm_engine import LLMEngine
 
         return LLMEngine
+    if name == "ModelRegistry":
+        from pagedllm.models.registry import ModelRegistry
+
+        return ModelRegistry
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
 
 
@@ -64,6 +68,7 @@ __all__ = [
     "AsyncLLM",
     "AsyncLLMEngine",
     "LLMEngine",
+    "ModelRegistry",
     "EngineArgs",
     "AsyncEngineArgs",
     "CompletionOutput",

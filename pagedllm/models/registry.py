@@ -43,11 +43,22 @@ def read_remote_code_config(config_path: str) -> PretrainedConfig | None:
     return getattr(module, function_name)(config_dict, os.path.dirname(config_path))
 
 
+# Out-of-tree families added with ModelRegistry.register_model: architecture → the class, or
+# "package.module:Class" imported on first use (vLLM's two forms).
+_REGISTERED: dict[str, type[nn.Module] | str] = {}
+
+
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    return sorted({*_MODELS, *_REGISTERED})
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
+    if architecture in _REGISTERED:
+        registered = _REGISTERED[architecture]
+        if isinstance(registered, str):
+            module_name, _, class_name = registered.partition(":")
+            return getattr(importlib.import_module(module_name), class_name)
+        return registered
     if architecture not in _MODELS:
         raise ValueError(
             f"Model architecture {architecture!r} (config.json 'architectures') is not "
@@ -56,3 +67,21 @@ def get_model_class(architecture: str) -> type[nn.Module]:
     module_name, class_name = _MODELS[architecture]
     module = importlib.import_module(f"pagedllm.models.{module_name}")
     return getattr(module, class_name)
+
+
+class ModelRegistry:
+    """vLLM's `ModelRegistry`: the architectures pagedllm runs, and a way to add a family
+    written against pagedllm's layers (its constructor and load_weights as models/llama.py's).
+    Worker processes see a registration made when a module they import is imported (or with
+    forked ranks, one made before the LLM is created)."""
+
+    @staticmethod
+    def get_supported_archs() -> list[str]:
+        return supported_architectures()
+
+    @staticmethod
+    def register_model(model_arch: str, model_cls: type[nn.Module] | str) -> None:
+        """`model_cls`: the class, or "package.module:Class" (imported when first used)."""
+        if isinstance(model_cls, str) and ":" not in model_cls:
+            raise ValueError(f"model_cls={model_cls!r}: give the class, or 'package.module:ClassName'.")
+        _REGISTERED[model_arch] = model_cls
