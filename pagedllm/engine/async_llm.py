@@ -30,7 +30,7 @@ from pagedllm.engine.output_processor import OutputProcessor, child_sampling_par
 from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.request import RequestStatus
 from pagedllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.engine.stats import IterationStats, SchedulerStats, StatLoggerBase
+from pagedllm.engine.stats import CompletionClock, SchedulerStats, StatLoggerBase
 from pagedllm.inputs import PromptType
 
 logger = logging.getLogger(__name__)
@@ -81,15 +81,6 @@ class _RequestStream:
         return output
 
 
-class _CompletionTimes:
-    __slots__ = ("arrival", "num_prompt_tokens", "last_token")
-
-    def __init__(self, arrival: float, num_prompt_tokens: int) -> None:
-        self.arrival = arrival
-        self.num_prompt_tokens = num_prompt_tokens
-        self.last_token: float | None = None
-
-
 class AsyncLLM:
     def __init__(
         self,
@@ -107,7 +98,7 @@ class AsyncLLM:
         self.scheduler_stats = SchedulerStats()
         """The engine core's latest load figures."""
         self._streams: dict[str, _RequestStream] = {}
-        self._times: dict[str, _CompletionTimes] = {}
+        self._clock = CompletionClock()
         """Per child request id (one per completion), for the latency metrics."""
         self._dead_error: EngineDeadError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -206,11 +197,9 @@ class AsyncLLM:
         )
         stream = _RequestStream(aggregate=params.output_kind == RequestOutputKind.DELTA)
         self._streams[request_id] = stream
-        now = time.monotonic()
-        requests = []
-        for child_id, child_param in zip(child_ids, child_params):
-            self._times[child_id] = _CompletionTimes(now, len(processed.prompt_token_ids))
-            requests.append(self.frontend.make_request(child_id, processed, child_param, arrival_time))
+        self._clock.start(child_ids, len(processed.prompt_token_ids))
+        requests = [self.frontend.make_request(child_id, processed, child_param, arrival_time)
+                    for child_id, child_param in zip(child_ids, child_params)]
         self.engine_core.add_requests(requests)
         return stream
 
@@ -225,8 +214,7 @@ class AsyncLLM:
         for request_id in request_ids:
             children = self.output_processor.abort_request(request_id)
             child_ids.extend(children)
-            for child_id in children:
-                self._times.pop(child_id, None)
+            self._clock.forget(children)
             stream = self._streams.pop(request_id, None)
             if children:
                 logger.info("Aborted request %s.", request_id)
@@ -258,18 +246,14 @@ class AsyncLLM:
 
     def _process(self, core_outputs: list[Any], scheduler_stats: SchedulerStats) -> None:
         self.scheduler_stats = scheduler_stats
-        iteration_stats = self._measure(core_outputs)
+        iteration_stats = self._clock.measure(core_outputs)
         processed = self.output_processor.process_outputs(core_outputs)
         # Finished here, not in the engine core: it must stop them, and sends no last output.
-        now = time.monotonic()
         for status, child_ids in ((RequestStatus.FINISHED_STOPPED, processed.stopped_by_string),
                                   (RequestStatus.FINISHED_ERROR, processed.failed)):
             if child_ids:
                 self.engine_core.abort_requests(child_ids, status)
-            for child_id in child_ids:
-                times = self._times.pop(child_id, None)
-                if times is not None:
-                    iteration_stats.finished_requests.append((status.finish_reason or "", now - times.arrival))
+            self._clock.finish(child_ids, status.finish_reason or "", iteration_stats)
         for output in processed.outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -279,26 +263,6 @@ class AsyncLLM:
             stream.put(output)
         for stat_logger in self.stat_loggers:
             stat_logger.record(scheduler_stats, iteration_stats)
-
-    def _measure(self, core_outputs: list[Any]) -> IterationStats:
-        stats = IterationStats()
-        now = time.monotonic()
-        for output in core_outputs:
-            times = self._times.get(output.request_id)
-            if times is None:
-                continue
-            if output.new_token_ids:
-                stats.num_generation_tokens += len(output.new_token_ids)
-                if times.last_token is None:
-                    stats.num_prompt_tokens += times.num_prompt_tokens
-                    stats.time_to_first_tokens.append(now - times.arrival)
-                else:
-                    stats.inter_token_latencies.append(now - times.last_token)
-                times.last_token = now
-            if output.finish_reason is not None:
-                stats.finished_requests.append((output.finish_reason, now - times.arrival))
-                del self._times[output.request_id]
-        return stats
 
     def _on_engine_core_death(self, message: str) -> None:
         """Called from the watcher thread when the engine-core process dies."""
@@ -320,7 +284,7 @@ class AsyncLLM:
             self.output_processor.abort_request(request_id)
             stream.fail(self._dead_error)
         self._streams.clear()
-        self._times.clear()
+        self._clock.clear()
         if self._output_task is not None and self._output_task is not asyncio.current_task():
             self._output_task.cancel()
 

@@ -20,6 +20,7 @@ from pagedllm.engine.outputs import RequestOutput
 from pagedllm.engine.request import RequestStatus
 from pagedllm.engine.sampling_params import SamplingParams
 from pagedllm.engine.scheduler import Scheduler
+from pagedllm.engine.stats import CompletionClock
 from pagedllm.executor.base import Executor
 from pagedllm.inputs import PromptType
 
@@ -46,6 +47,7 @@ class LLMEngine:
                                               sampler_process)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(self.config.model_config.max_model_len)
+        self._clock = CompletionClock()
         logger.info("Engine ready in %.1f s.", time.perf_counter() - start)
 
     @classmethod
@@ -102,6 +104,7 @@ class LLMEngine:
             request_id, processed.prompt, processed.prompt_token_ids, child_params, arrival_time
         )
         self.stats.record_added(request_id, params.n, params.max_tokens)
+        self._clock.start(child_ids, len(processed.prompt_token_ids))
         for child_id, child_param in zip(child_ids, child_params):
             self.engine_core.add_request(self.frontend.make_request(child_id, processed, child_param, arrival_time))
 
@@ -109,7 +112,8 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for request_id in ids:
             child_ids = self.output_processor.abort_request(request_id)
-            self.stats.forget(request_id, child_ids)
+            self.stats.forget(request_id)
+            self._clock.forget(child_ids)
             self.engine_core.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
@@ -137,13 +141,13 @@ class LLMEngine:
         """Runs one scheduler step; returns the outputs of requests that changed (only the
         finished ones with return_unfinished=False, which saves building the others)."""
         core_outputs = self.engine_core.step()
-        self.stats.record_step(core_outputs)
+        self.stats.record_step(self._clock.measure(core_outputs))
         processed = self.output_processor.process_outputs(core_outputs, return_unfinished)
         if processed.stopped_by_string:
             self.engine_core.finish_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
         if processed.failed:
             self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
-        self.stats.forget(None, processed.stopped_by_string + processed.failed)
+        self._clock.forget(processed.stopped_by_string + processed.failed)
         for output in processed.outputs:
             if output.finished:
                 self.stats.record_finished(output)

@@ -4,14 +4,14 @@ Counter, Gauge, Histogram, Vector) with vLLM's metric names, so code reading the
 from __future__ import annotations
 
 import bisect
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagedllm.engine.outputs import RequestOutput
+from pagedllm.engine.stats import IterationStats
 
 if TYPE_CHECKING:
-    from pagedllm.engine.scheduler import EngineCoreOutput, Scheduler
+    from pagedllm.engine.scheduler import Scheduler
 
 # Seconds; vLLM's buckets for request latencies.
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -102,30 +102,18 @@ class EngineStats:
         self.request_n = _Histogram((1, 2, 5, 10, 20))
         self._params: dict[str, tuple[int, int | None]] = {}
         """Per running request id: its n and max_tokens."""
-        self._last_token_time: dict[str, float] = {}
-        """Per running child id: when its last token came (monotonic seconds)."""
 
     def record_added(self, request_id: str, n: int, max_tokens: int | None) -> None:
         self._params[request_id] = (n, max_tokens)
 
-    def record_step(self, core_outputs: list[EngineCoreOutput]) -> None:
-        """Inter-token latencies: per child, the time between the steps that gave it tokens."""
-        now = time.monotonic()
-        for output in core_outputs:
-            if output.new_token_ids:
-                last = self._last_token_time.get(output.request_id)
-                if last is not None:
-                    self.inter_token_latency.observe(now - last)
-                self._last_token_time[output.request_id] = now
-            if output.finish_reason is not None:
-                self._last_token_time.pop(output.request_id, None)
+    def record_step(self, iteration: IterationStats) -> None:
+        """A step's inter-token latencies (engine/stats.CompletionClock measures them)."""
+        for latency in iteration.inter_token_latencies:
+            self.inter_token_latency.observe(latency)
 
-    def forget(self, request_id: str | None, child_ids: list[str]) -> None:
-        """An aborted request, or children the front end finished (a stop string, a failure)."""
-        if request_id is not None:
-            self._params.pop(request_id, None)
-        for child_id in child_ids:
-            self._last_token_time.pop(child_id, None)
+    def forget(self, request_id: str) -> None:
+        """An aborted request."""
+        self._params.pop(request_id, None)
 
     def record_finished(self, output: RequestOutput) -> None:
         self.prompt_tokens += len(output.prompt_token_ids)
