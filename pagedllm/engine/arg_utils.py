@@ -236,6 +236,11 @@ class EngineArgs:
             if getattr(namespace, option.name, None) is not None
         }
 
+    def _option_values(self) -> dict[str, Any]:
+        """Each option's value as given (not dataclasses.asdict, which would turn a
+        CompilationConfig passed as compilation_config into a dict)."""
+        return {option.name: getattr(self, option.name) for option in dataclasses.fields(self)}
+
     def create_engine_config(self) -> EngineConfig:
         """Builds and validates every config; a bad value is a ValueError naming the option."""
         model = self.model
@@ -243,7 +248,7 @@ class EngineArgs:
             from pagedllm.model_loader.default_model import default_model_path
 
             model = default_model_path()
-        return build_engine_config(str(model), dataclasses.asdict(self))
+        return build_engine_config(str(model), self._option_values())
 
     def create_planning_config(self, device: str = "cuda") -> EngineConfig:
         """The config an engine on `device` ("cuda" or "cpu") would get, built on any machine
@@ -254,7 +259,7 @@ class EngineArgs:
             from pagedllm.model_loader.default_model import default_model_path
 
             model = default_model_path()
-        args = dataclasses.asdict(self)
+        args = self._option_values()
         if not os.path.exists(str(model)):
             args["load_format"] = "dummy"
         return build_engine_config(str(model), args, planned_device=torch.device(device))

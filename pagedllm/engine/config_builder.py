@@ -296,21 +296,11 @@ def _build_compilation_config(args: dict[str, Any], device: torch.device, max_nu
     raw = args["compilation_config"] or {}
     if isinstance(raw, int):
         raw = {"mode": raw}
-    if isinstance(raw, CompilationConfig):
-        raw = dataclasses.asdict(raw)
+    if isinstance(raw, CompilationConfig):  # this package's class, as vLLM takes its own
+        raw = {"cudagraph_mode": "FULL" if raw.use_cudagraph else "NONE",
+               **({"cudagraph_capture_sizes": list(raw.cudagraph_capture_sizes)} if raw.cudagraph_capture_sizes else {})}
     if not isinstance(raw, dict):
         raise ValueError(f"compilation_config must be a dict (e.g. {{'cudagraph_capture_sizes': [1, 2, 4]}}), got {raw!r}.")
-    if "use_cudagraph" in raw or "max_seq_len_to_capture" in raw:
-        # This package's CompilationConfig, passed as vLLM users pass vLLM's (EngineArgs turns
-        # it into a dict): its fields in the dict's terms.
-        raw = dict(raw)
-        if not raw.pop("use_cudagraph", True):
-            raw["cudagraph_mode"] = "NONE"
-        if not raw.get("cudagraph_capture_sizes"):
-            raw.pop("cudagraph_capture_sizes", None)
-        captured_len = raw.pop("max_seq_len_to_capture", None)
-        if args["max_seq_len_to_capture"] is None and captured_len is not None:
-            args = {**args, "max_seq_len_to_capture": min(int(captured_len), max_model_len)}
     if args["cudagraph_capture_sizes"] is not None:
         if "cudagraph_capture_sizes" in raw:
             raise ValueError(

@@ -73,8 +73,10 @@ def test_compilation_config_takes_vllms_compile_fields_and_this_packages_class()
     ignored = _build_compilation_config({**base, "compilation_config": {"full_cuda_graph": True, "use_inductor": False}},
                                         cuda, 8, 512)
     assert ignored.cudagraph_capture_sizes == (1, 2, 4, 8)
-    ours = dataclasses.asdict(CompilationConfig(cudagraph_capture_sizes=(1, 2)))  # as EngineArgs passes it
+    ours = CompilationConfig(cudagraph_capture_sizes=(1, 2))
     assert _build_compilation_config({**base, "compilation_config": ours}, cuda, 8, 512).cudagraph_capture_sizes == (1, 2)
+    # Through EngineArgs, as LLM(compilation_config=...) passes it (the instance, not a dict).
+    assert dataclasses.fields(EngineArgs) and EngineArgs(compilation_config=ours)._option_values()["compilation_config"] is ours
     off = _build_compilation_config({**base, "compilation_config": CompilationConfig(use_cudagraph=False)}, cuda, 8, 512)
     assert not off.use_cudagraph
     with pytest.raises(ValueError, match="unknown key"):
